@@ -1,0 +1,301 @@
+"""Running a registered HTTP tool: ``POST url`` with the model's arguments as the JSON body.
+
+Outcome of :meth:`HTTPToolExecutor.call`:
+
+- 2xx with a JSON body → the parsed value; 2xx with any other body → ``{"result": text}``;
+- anything else raises :class:`ToolError`, whose ``message`` becomes the failed step's error and
+  the ``tool`` message the model sees next, so it can correct itself.
+
+``ToolError.type``::
+
+    invalid_arguments      the arguments are not JSON, or do not match the tool's parameters
+    blocked_url            the URL's host is not allowed, or it targets a blocked loopback port
+    configuration_error    a header names an environment variable that is not set (or unusable)
+    timeout                no complete answer within the tool's ``timeout_s``
+    connection_error       the connection failed (refused, reset, protocol error, …)
+    http_error             a non-2xx status (``status`` set)
+    response_too_large     the body is larger than ``max_response_bytes``
+    unknown_tool           (raised by the loop) the model named a tool that is not registered
+
+Header values of the form ``env:NAME`` are read from the environment at call time. Header values
+(resolved or literal) never appear in a message or a log line, and environment secrets that
+a tool echoes back are replaced by ``***`` in its output before it is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import jsonschema
+import jsonschema.exceptions
+import jsonschema.validators
+import orjson
+
+__all__ = ["ENV_PREFIX", "HTTPToolExecutor", "ToolError", "resolve_headers"]
+
+logger = logging.getLogger("stepchain.tools")
+
+ENV_PREFIX = "env:"
+# How much of a non-2xx body goes into the error message the model sees.
+_SNIPPET_CHARS = 500
+# Secrets shorter than this are not scrubbed from bodies (they would match ordinary text).
+_MIN_SCRUBBED = 4
+
+
+class ToolError(Exception):
+    """A tool call that failed; ``message`` is what the model sees, ``status`` the HTTP status."""
+
+    def __init__(self, type: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.type = type
+        self.message = message
+        self.status = status
+
+
+def resolve_headers(headers: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` with every ``env:NAME`` value replaced by ``environ[NAME]``.
+
+    Raises ToolError ``configuration_error`` naming the variable (never a value) when it is unset
+    or holds a line break.
+    """
+    return _resolve(headers, environ)[0]
+
+
+def _resolve(
+    headers: Mapping[str, str], environ: Mapping[str, str]
+) -> tuple[dict[str, str], list[bytes]]:
+    """The resolved headers and the secret values read from the environment (to scrub)."""
+    resolved: dict[str, str] = {}
+    secrets: list[bytes] = []
+    for key, value in headers.items():
+        if value.startswith(ENV_PREFIX):
+            var = value[len(ENV_PREFIX) :]
+            secret = environ.get(var)
+            if secret is None:
+                raise ToolError(
+                    "configuration_error",
+                    f"header {key!r} needs the environment variable {var}, which is not set",
+                )
+            if "\r" in secret or "\n" in secret:
+                raise ToolError(
+                    "configuration_error",
+                    f"the environment variable {var} (header {key!r}) contains a line break",
+                )
+            value = secret
+            if len(secret) >= _MIN_SCRUBBED:
+                secrets.append(secret.encode())
+        resolved[key] = value
+    return resolved, secrets
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_unspecified
+
+
+def _host_allowed(host: str, allowed: Collection[str]) -> bool:
+    host = host.rstrip(".").lower()
+    for pattern in allowed:
+        pattern = pattern.lower()
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]):
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
+class HTTPToolExecutor:
+    """Calls HTTP tools over one shared ``httpx.AsyncClient`` (one instance per process).
+
+    ``max_response_bytes`` caps the (decoded) response body; ``allowed_hosts`` (None = any) lists
+    host names, ``*.example.com`` matching subdomains; ``blocked_ports`` are ports no tool may
+    reach on a loopback host (the gateway's own). Redirects are not followed, so a 3xx is an
+    ``http_error`` and cannot lead around the allow-list.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient | None = None,
+        *,
+        max_response_bytes: int = 5_000_000,
+        allowed_hosts: Collection[str] | None = None,
+        blocked_ports: Collection[int] = (),
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.AsyncClient()
+        self.max_response_bytes = max_response_bytes
+        self.allowed_hosts = None if allowed_hosts is None else frozenset(allowed_hosts)
+        self.blocked_ports = frozenset(blocked_ports)
+        self.environ = environ
+        # tool name -> (the schema it was compiled from, its validator)
+        self._validators: dict[str, tuple[dict[str, Any], Any]] = {}
+
+    async def aclose(self) -> None:
+        """Close the client if this executor created it."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    # -- the call ----------------------------------------------------------------------------
+
+    async def call(self, definition: Mapping[str, Any], arguments: str) -> Any:
+        """Run the HTTP tool ``definition`` (a validated registry definition) with the model's
+        raw ``arguments`` JSON text (empty text means ``{}``). Returns the output; raises
+        ToolError."""
+        name = definition["name"]
+        args = self._parse_arguments(name, arguments)
+        self._validate_arguments(name, definition.get("parameters"), args)
+        url = definition["url"]
+        self._check_url(name, url)
+        headers, secrets = _resolve(definition.get("headers") or {}, self.environ)
+        if not any(key.lower() == "content-type" for key in headers):
+            headers["content-type"] = "application/json"
+        timeout_s = float(definition.get("timeout_s", 30))
+        body = orjson.dumps(args)
+
+        with self._map_errors(name, url, timeout_s):
+            # The httpx timeout bounds each read; the outer one the whole call (a slow drip).
+            async with asyncio.timeout(timeout_s):
+                async with self._client.stream(
+                    "POST",
+                    url,
+                    content=body,
+                    headers=headers,
+                    timeout=httpx.Timeout(timeout_s),
+                    follow_redirects=False,
+                ) as response:
+                    return await self._read(name, response, secrets)
+
+    def _parse_arguments(self, name: str, arguments: str) -> Any:
+        if not arguments or arguments.isspace():
+            return {}
+        try:
+            return orjson.loads(arguments)
+        except orjson.JSONDecodeError as exc:
+            raise ToolError(
+                "invalid_arguments", f"arguments for tool {name!r} are not valid JSON: {exc}"
+            ) from exc
+
+    def _validate_arguments(self, name: str, schema: Any, args: Any) -> None:
+        if schema is None:
+            return
+        cached = self._validators.get(name)
+        if cached is not None and (cached[0] is schema or cached[0] == schema):
+            validator = cached[1]
+        else:
+            cls = jsonschema.validators.validator_for(
+                schema, default=jsonschema.Draft202012Validator
+            )
+            validator = cls(schema)
+            self._validators[name] = (schema, validator)
+        try:
+            error = jsonschema.exceptions.best_match(validator.iter_errors(args))
+        except Exception as exc:  # e.g. a $ref that cannot be resolved: the schema's fault
+            raise ToolError(
+                "configuration_error",
+                f"the parameters schema of tool {name!r} cannot be applied: {exc}",
+            ) from exc
+        if error is None:
+            return
+        where = error.json_path if error.path else "the top level"
+        raise ToolError(
+            "invalid_arguments",
+            f"arguments for tool {name!r} do not match its parameters at {where}: {error.message}",
+        )
+
+    def _check_url(self, name: str, url: str) -> None:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if self.allowed_hosts is not None and not _host_allowed(host, self.allowed_hosts):
+            raise ToolError(
+                "blocked_url", f"tool {name!r}: host {host!r} is not in the allowed hosts"
+            )
+        if self.blocked_ports and _is_loopback(host):
+            try:
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+            except ValueError:
+                port = None
+            if port in self.blocked_ports:
+                raise ToolError(
+                    "blocked_url", f"tool {name!r}: port {port} on {host!r} may not be called"
+                )
+
+    async def _read(self, name: str, response: httpx.Response, secrets: list[bytes]) -> Any:
+        status = response.status_code
+        ok = 200 <= status < 300
+        limit = self.max_response_bytes if ok else _SNIPPET_CHARS * 4
+        declared = response.headers.get("content-length")
+        if ok and declared is not None and declared.isdigit() and int(declared) > limit:
+            raise self._too_large(name)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            chunks.append(chunk)
+            if size > limit:
+                if ok:
+                    raise self._too_large(name)
+                break
+        content = b"".join(chunks)
+        for secret in secrets:  # a tool that echoes its key must not put it in a step payload
+            content = content.replace(secret, b"***")
+        encoding = response.charset_encoding or "utf-8"
+        if not ok:
+            text = content.decode(encoding, errors="replace").strip()
+            snippet = text[:_SNIPPET_CHARS] + ("…" if len(text) > _SNIPPET_CHARS else "")
+            logger.info("tool %s returned HTTP %d", name, status)
+            raise ToolError(
+                "http_error",
+                f"tool {name!r} returned HTTP {status}" + (f": {snippet}" if snippet else ""),
+                status=status,
+            )
+        try:
+            return orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return {"result": content.decode(encoding, errors="replace")}
+
+    def _too_large(self, name: str) -> ToolError:
+        return ToolError(
+            "response_too_large",
+            f"tool {name!r} returned more than {self.max_response_bytes} bytes",
+        )
+
+    @contextlib.contextmanager
+    def _map_errors(self, name: str, url: str, timeout_s: float) -> Iterator[None]:
+        """The one place httpx (and timeout) exceptions become ToolErrors."""
+        where = urlsplit(url)._replace(query="", fragment="").geturl()
+        try:
+            yield
+        except ToolError:
+            raise
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            raise ToolError(
+                "timeout", f"tool {name!r} did not answer within {timeout_s:g} s"
+            ) from exc
+        except httpx.LocalProtocolError as exc:
+            # Its text may quote a header value: never pass it on.
+            raise ToolError(
+                "connection_error", f"tool {name!r}: the request to {where} could not be sent"
+            ) from exc
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise ToolError(
+                "connection_error", f"tool {name!r}: request to {where} failed: {detail}"
+            ) from exc

@@ -1,0 +1,1 @@
+"""The ASGI gateway: routes, Responses <-> Chat Completions conversion, streaming events, the loop."""

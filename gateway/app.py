@@ -1,0 +1,176 @@
+"""The Starlette application: lifespan-owned resources, routes and the one error renderer.
+
+``create_app(settings)`` builds the app. Its lifespan opens the store, the shared
+``httpx.AsyncClient``, the tool registry and the upstream client, and on shutdown lets in-flight
+responses finish within a grace period before closing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from executors.http_tool import HTTPToolExecutor
+from executors.registry import ToolRegistry
+from executors.upstream import UpstreamClient
+from store.base import Store
+from store.sqlite import SQLiteStore
+
+from .config import Settings, load_settings
+from .errors import GatewayError
+from .loop import LoopDeps
+from .routes import api_routes
+from .service import ResponsesService
+from .tools_api import tool_routes
+
+logger = logging.getLogger("stepchain")
+
+__all__ = ["TaskSet", "create_app", "app_from_environment"]
+
+
+class TaskSet:
+    """Background tasks the app owns (streamed responses keep running if the client leaves)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if not isinstance(exc, GatewayError):
+                logger.error("background task failed: %r", exc)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, grace_s: float) -> None:
+        """Wait up to ``grace_s`` seconds for the tasks, then cancel the rest."""
+        if not self._tasks:
+            return
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+
+
+def _error_response(exc: GatewayError) -> Response:
+    return Response(exc.to_json(), status_code=exc.status_code, media_type="application/json")
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return _error_response(exc)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error = GatewayError(str(exc.detail))
+    error.status_code = exc.status_code  # type: ignore[misc]
+    error.error_type = "invalid_request_error"  # type: ignore[misc]
+    return _error_response(error)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error_response(GatewayError("The server had an error while processing your request."))
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    """The gateway app for ``settings``. ``store`` overrides the SQLite store built from
+    ``settings.db`` (e.g. a PostgreSQL store); ``upstream_transport`` replaces the HTTP
+    transport to the upstream (the demo's in-process scripted model)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        the_store = store or SQLiteStore(settings.db, synchronous=settings.sqlite_synchronous)
+        await the_store.open()
+        client = httpx.AsyncClient(
+            transport=upstream_transport,
+            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=500),
+            timeout=httpx.Timeout(
+                settings.upstream_read_timeout, connect=settings.upstream_connect_timeout
+            ),
+        )
+        tool_client = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+        )
+        upstream = UpstreamClient(
+            settings.upstream_base_url or "http://127.0.0.1:9/v1",
+            settings.upstream_api_key,
+            client=client,
+            connect_timeout=settings.upstream_connect_timeout,
+            read_timeout=settings.upstream_read_timeout,
+            idle_timeout=settings.upstream_idle_timeout,
+        )
+        registry = ToolRegistry(the_store)
+        if settings.tools:
+            await registry.upsert_many(list(settings.tools))
+        await registry.load()
+        http_tools = HTTPToolExecutor(
+            tool_client,
+            max_response_bytes=settings.tool_max_response_bytes,
+            blocked_ports=(settings.port,),
+        )
+        deps = LoopDeps(
+            store=the_store,
+            upstream=upstream,
+            registry=registry,
+            http_tools=http_tools,
+            max_iterations=settings.max_response_iterations,
+            max_depth=settings.max_response_step_depth,
+            tool_output_max_bytes=settings.tool_output_max_bytes,
+            tool_output_max_lines=settings.tool_output_max_lines,
+        )
+        app.state.settings = settings
+        app.state.store = the_store
+        app.state.upstream = upstream
+        app.state.registry = registry
+        app.state.tasks = TaskSet()
+        app.state.service = ResponsesService(deps)
+        try:
+            yield
+        finally:
+            await app.state.tasks.drain(grace_s=30.0)
+            await client.aclose()
+            await tool_client.aclose()
+            await the_store.close()
+
+    app = Starlette(
+        routes=[*api_routes(), *tool_routes()],
+        lifespan=lifespan,
+        exception_handlers={
+            GatewayError: _gateway_error,
+            HTTPException: _http_exception,
+            Exception: _unexpected,
+        },
+    )
+    app.state.settings = settings
+    return app
+
+
+def app_from_environment() -> Starlette:
+    """App factory for ``uvicorn --factory`` (several workers): settings from STEPCHAIN_*."""
+    return create_app(load_settings(environ=os.environ))

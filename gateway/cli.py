@@ -1,0 +1,104 @@
+"""The ``stepchain`` command: ``serve`` (the gateway), ``demo`` (everything, offline), ``bench``.
+
+Every ``serve`` option is also the environment variable ``STEPCHAIN_<NAME>`` and a key of the
+``--config`` TOML file; a bad value stops start-up with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError, Settings, load_settings
+
+_SERVE_OPTIONS: tuple[tuple[str, type, str], ...] = (
+    ("host", str, "interface to listen on (default 127.0.0.1)"),
+    ("port", int, "port to listen on (default 8080)"),
+    ("upstream-base-url", str, "Chat Completions base URL, e.g. http://127.0.0.1:9000/v1"),
+    ("upstream-api-key", str, "API key sent to the upstream as a Bearer token"),
+    ("db", str, "SQLite database path (default ./stepchain.db)"),
+    ("config", str, "TOML file with the same settings and [[tools]]"),
+    ("max-response-iterations", int, "cap on transitions per loop level (default 10)"),
+    ("max-response-step-depth", int, "cap on agent-tool recursion (default 8)"),
+    ("workers", int, "worker processes (default 1)"),
+    ("admin-key", str, "Bearer key required by the /v1/tools admin API"),
+    ("log-level", str, "uvicorn log level (default info)"),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepchain",
+        description="An OpenAI Responses API gateway over any Chat Completions upstream.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    for name, kind, text in _SERVE_OPTIONS:
+        serve.add_argument(f"--{name}", type=str, default=None, help=f"{text} [{kind.__name__}]")
+    commands.add_parser("demo", help="run the gateway against a built-in scripted model, offline")
+    bench = commands.add_parser("bench", help="run the benchmarks (same as python -m bench)")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def serve(settings: Settings) -> None:
+    """Run the gateway under uvicorn (uvloop and httptools where installed)."""
+    import uvicorn
+
+    if settings.upstream_base_url is None:
+        raise ConfigError(
+            "upstream_base_url: required (--upstream-base-url or STEPCHAIN_UPSTREAM_BASE_URL); "
+            "try `stepchain demo` to run without one"
+        )
+    common = dict(
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    if settings.workers > 1:
+        # Worker processes build their own app from the environment.
+        for name, value in _as_environment(settings).items():
+            os.environ[name] = value
+        uvicorn.run("gateway.app:app_from_environment", factory=True, workers=settings.workers, **common)
+        return
+    from .app import create_app
+
+    uvicorn.run(create_app(settings), **common)
+
+
+def _as_environment(settings: Settings) -> dict[str, str]:
+    out = {}
+    for name in Settings.__dataclass_fields__:
+        value = getattr(settings, name)
+        if name == "tools" or value is None:
+            continue
+        out[f"STEPCHAIN_{name.upper()}"] = str(value)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            cli = {k: v for k, v in vars(args).items() if k != "command"}
+            serve(load_settings(cli))
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo()
+        elif args.command == "bench":
+            from bench.__main__ import main as bench_main
+
+            return bench_main(args.args)
+    except ConfigError as exc:
+        print(f"stepchain: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""One typed settings object, built from CLI flags, ``STEPCHAIN_*`` variables and a TOML file.
+
+Precedence, highest first: command-line flag, environment variable ``STEPCHAIN_<NAME>``, the
+``--config`` TOML file (top-level keys named as the fields below, plus ``[[tools]]`` tables),
+the default. Every value is validated once at start-up; a bad one raises :class:`ConfigError`
+with one line naming the setting, its source and what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+
+class ConfigError(ValueError):
+    """A setting with a bad value; the message is one line meant for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the gateway process is configured with. Times are seconds, sizes bytes."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upstream_base_url: str | None = None
+    upstream_api_key: str | None = None
+    db: str = "./stepchain.db"
+    config: str | None = None
+    max_response_iterations: int = 10
+    max_response_step_depth: int = 8
+    workers: int = 1
+    admin_key: str | None = None
+    tool_output_max_bytes: int = 50_000
+    tool_output_max_lines: int = 2_000
+    tool_max_response_bytes: int = 5_000_000
+    max_body_bytes: int = 20_000_000
+    upstream_connect_timeout: float = 10.0
+    upstream_read_timeout: float = 600.0
+    upstream_idle_timeout: float = 120.0
+    sqlite_synchronous: str = "NORMAL"
+    log_level: str = "info"
+    tools: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_SECRET = {"upstream_api_key", "admin_key"}
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    default = _FIELDS[name].default
+    kind = type(default) if default is not None and default is not dataclasses.MISSING else str
+    try:
+        if kind is int and not isinstance(value, bool):
+            value = int(value)
+        elif kind is float:
+            value = float(value)
+        elif kind is str:
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{name} from {source}: expected {kind.__name__}, got {value!r}"
+        ) from None
+    return value
+
+
+def _validate(s: Settings) -> None:
+    positive = (
+        "port",
+        "max_response_iterations",
+        "max_response_step_depth",
+        "workers",
+        "tool_output_max_bytes",
+        "tool_output_max_lines",
+        "tool_max_response_bytes",
+        "max_body_bytes",
+    )
+    for name in positive:
+        if getattr(s, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1, got {getattr(s, name)}")
+    if s.port > 65535:
+        raise ConfigError(f"port: must be at most 65535, got {s.port}")
+    for name in ("upstream_connect_timeout", "upstream_read_timeout", "upstream_idle_timeout"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name}: must be more than 0 seconds, got {getattr(s, name)}")
+    if s.upstream_base_url is not None:
+        parts = urlsplit(s.upstream_base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(
+                f"upstream_base_url: expected an http(s) URL such as http://127.0.0.1:9000/v1, "
+                f"got {s.upstream_base_url!r}"
+            )
+    if s.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ConfigError(f"sqlite_synchronous: one of OFF NORMAL FULL EXTRA, got {s.sqlite_synchronous!r}")
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Merge CLI values (None = not given), the environment and the config file into Settings.
+
+    Raises ConfigError for an unknown config key, a value of the wrong type, an unreadable
+    config file, or a value out of range.
+    """
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    env_values = {
+        name: environ[f"STEPCHAIN_{name.upper()}"]
+        for name in _FIELDS
+        if name != "tools" and f"STEPCHAIN_{name.upper()}" in environ
+    }
+    config_path = cli.get("config") or env_values.get("config")
+    if config_path:
+        try:
+            with open(config_path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {config_path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {config_path} is not valid TOML: {exc}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in _FIELDS:
+                raise ConfigError(f"config: unknown setting {key!r} in {config_path}")
+            if name == "tools":
+                if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                    raise ConfigError(f"tools in {config_path}: expected [[tools]] tables")
+                values["tools"] = tuple(value)
+                continue
+            values[name] = value
+            sources[name] = config_path
+    for name, value in env_values.items():
+        values[name] = value
+        sources[name] = f"STEPCHAIN_{name.upper()}"
+    for name, value in cli.items():
+        if name not in _FIELDS:
+            continue
+        values[name] = value
+        sources[name] = f"--{name.replace('_', '-')}"
+    for name, value in list(values.items()):
+        if name != "tools":
+            values[name] = _convert(name, value, sources.get(name, "default"))
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The settings as a dict with secrets replaced by ``"***"`` (for logs)."""
+    out = dataclasses.asdict(settings)
+    for name in _SECRET:
+        if out.get(name):
+            out[name] = "***"
+    out["tools"] = [t.get("name") for t in settings.tools]
+    return out

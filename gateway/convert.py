@@ -1,0 +1,722 @@
+"""Responses API requests → Chat Completions requests, and Chat Completions usage → Responses usage.
+
+Pure functions, no I/O. The mapping follows ``shared/reference/responses-api.md`` ("Mapping to
+Chat Completions"):
+
+* ``normalize_input`` — the request's ``input`` as a list of Responses input items, validated,
+  each with a stable ``id`` (the client's, or ``<prefix>_<response-hex>_<position>``);
+* ``items_to_messages`` — input items (and earlier output items) → Chat Completions messages;
+* ``tools_to_chat`` / ``build_chat_request`` — tools and the whole upstream body;
+* ``validate_request`` — type checks of the top-level fields the gateway reads;
+* ``chat_usage_to_response_usage`` / ``add_usage`` — token accounting.
+
+Every problem with the client's request raises :class:`gateway.errors.InvalidRequestError` with
+``param`` naming the offending field the way OpenAI does (``input[2].content[0].text``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from executors.truncation import tool_output_text, truncate_for_model
+
+from .errors import InvalidRequestError
+
+__all__ = [
+    "add_chat_usage",
+    "add_usage",
+    "build_chat_request",
+    "chat_usage_to_response_usage",
+    "items_to_messages",
+    "normalize_input",
+    "tools_to_chat",
+    "validate_request",
+    "zero_usage",
+]
+
+_ROLES = ("user", "assistant", "system", "developer")
+_TEXT_PARTS = ("input_text", "output_text")
+_ID_PREFIX = {
+    "message": "msg",
+    "function_call": "fc",
+    "function_call_output": "fco",
+    "reasoning": "rs",
+    "mcp_call": "mcp",
+}
+
+
+def _hex(response_id: str) -> str:
+    return response_id.split("_", 1)[1] if "_" in response_id else response_id
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# -- input items ------------------------------------------------------------------------------
+
+
+def normalize_input(input: str | list[Any], response_id: str) -> list[dict[str, Any]]:
+    """The request's ``input`` as a list of Responses input items, each with an ``id``.
+
+    A string becomes one user ``message`` with an ``input_text`` part. Messages get
+    ``"type": "message"`` and ``"status": "completed"`` when missing, and string content becomes one
+    ``input_text`` part (``output_text`` with ``annotations: []`` for the assistant). Items without
+    an ``id`` get ``<prefix>_<response-id hex>_<position>`` (``msg``, ``fc``, ``fco``, ``rs``,
+    ``mcp``), so listing the same stored request always gives the same ids. The client's dicts
+    are not modified.
+
+    Raises InvalidRequestError (param ``input``, ``input[i].role``, ``input[i].content[j].type``,
+    …) for malformed items and for item kinds this gateway cannot send to a Chat Completions
+    upstream (``item_reference``, ``file_id`` images and files, OpenAI-hosted tool calls).
+    """
+    hex_id = _hex(response_id)
+    if isinstance(input, str):
+        return [
+            {
+                "type": "message",
+                "id": f"msg_{hex_id}_0",
+                "role": "user",
+                "status": "completed",
+                "content": [{"type": "input_text", "text": input}],
+            }
+        ]
+    if not isinstance(input, list):
+        raise InvalidRequestError("'input' must be a string or a list of input items.", param="input")
+    items = []
+    for i, raw in enumerate(input):
+        param = f"input[{i}]"
+        if not isinstance(raw, dict):
+            raise InvalidRequestError(f"Invalid type for '{param}': expected an object.", param=param)
+        item = dict(raw)
+        kind = item.get("type")
+        if kind is None and "role" in item:
+            kind = item["type"] = "message"
+        if not isinstance(kind, str):
+            raise InvalidRequestError(
+                f"Invalid type for '{param}.type': expected a string.", param=f"{param}.type"
+            )
+        validator = _ITEM_VALIDATORS.get(kind)
+        if validator is None:
+            raise InvalidRequestError(
+                f"Input items of type '{kind}' are not supported by this gateway.",
+                param=f"{param}.type",
+                code="unsupported_value",
+            )
+        validator(item, param)
+        item_id = item.get("id")
+        if item_id is None:
+            item["id"] = f"{_ID_PREFIX[kind]}_{hex_id}_{i}"
+        elif not isinstance(item_id, str) or not item_id:
+            raise InvalidRequestError(
+                f"Invalid type for '{param}.id': expected a non-empty string.", param=f"{param}.id"
+            )
+        items.append(item)
+    return items
+
+
+def _require_str(item: dict[str, Any], key: str, param: str, *, empty: bool = False) -> None:
+    value = item.get(key)
+    if not isinstance(value, str) or (not empty and not value):
+        what = "a string" if empty else "a non-empty string"
+        raise InvalidRequestError(
+            f"Invalid value for '{param}.{key}': expected {what}.", param=f"{param}.{key}"
+        )
+
+
+def _validate_message(item: dict[str, Any], param: str) -> None:
+    role = item.get("role")
+    if role not in _ROLES:
+        raise InvalidRequestError(
+            f"Invalid value for '{param}.role': expected one of {', '.join(_ROLES)}.",
+            param=f"{param}.role",
+        )
+    item.setdefault("status", "completed")
+    content = item.get("content")
+    if isinstance(content, str):
+        if role == "assistant":
+            item["content"] = [{"type": "output_text", "text": content, "annotations": []}]
+        else:
+            item["content"] = [{"type": "input_text", "text": content}]
+        return
+    if not isinstance(content, list):
+        raise InvalidRequestError(
+            f"Invalid type for '{param}.content': expected a string or a list of content parts.",
+            param=f"{param}.content",
+        )
+    for j, part in enumerate(content):
+        _validate_part(part, f"{param}.content[{j}]", media=role == "user")
+
+
+def _validate_part(part: Any, param: str, *, media: bool) -> None:
+    """One content part of a message (``media``: images and files allowed) or a tool output."""
+    if not isinstance(part, dict):
+        raise InvalidRequestError(f"Invalid type for '{param}': expected an object.", param=param)
+    kind = part.get("type")
+    if kind in _TEXT_PARTS:
+        _require_str(part, "text", param, empty=True)
+    elif kind == "refusal":
+        _require_str(part, "refusal", param, empty=True)
+    elif kind in ("input_image", "input_file") and not media:
+        raise InvalidRequestError(
+            f"Content parts of type '{kind}' are only supported in user messages and tool outputs.",
+            param=f"{param}.type",
+        )
+    elif kind == "input_image":
+        if part.get("file_id") is not None:
+            raise InvalidRequestError(
+                "Images given by 'file_id' are not supported by this gateway; use 'image_url' "
+                "(a URL or a data URL).",
+                param=f"{param}.file_id",
+                code="unsupported_value",
+            )
+        _require_str(part, "image_url", param)
+        detail = part.get("detail")
+        if detail is not None and detail not in ("auto", "low", "high", "original"):
+            raise InvalidRequestError(
+                f"Invalid value for '{param}.detail': expected auto, low, high or original.",
+                param=f"{param}.detail",
+            )
+    elif kind == "input_file":
+        for key in ("file_id", "file_url"):
+            if part.get(key) is not None:
+                raise InvalidRequestError(
+                    f"Files given by '{key}' are not supported by this gateway; use 'file_data'.",
+                    param=f"{param}.{key}",
+                    code="unsupported_value",
+                )
+        _require_str(part, "file_data", param)
+        if part.get("filename") is not None:
+            _require_str(part, "filename", param)
+    else:
+        raise InvalidRequestError(
+            f"Content parts of type '{kind}' are not supported by this gateway.",
+            param=f"{param}.type",
+            code="unsupported_value",
+        )
+
+
+def _validate_function_call(item: dict[str, Any], param: str) -> None:
+    _require_str(item, "call_id", param)
+    _require_str(item, "name", param)
+    _require_str(item, "arguments", param, empty=True)
+    item.setdefault("status", "completed")
+
+
+def _validate_function_call_output(item: dict[str, Any], param: str) -> None:
+    _require_str(item, "call_id", param)
+    output = item.get("output")
+    if isinstance(output, list):
+        for j, part in enumerate(output):
+            _validate_part(part, f"{param}.output[{j}]", media=True)
+    elif not isinstance(output, str):
+        raise InvalidRequestError(
+            f"Invalid type for '{param}.output': expected a string or a list of content parts.",
+            param=f"{param}.output",
+        )
+    item.setdefault("status", "completed")
+
+
+def _validate_reasoning(item: dict[str, Any], param: str) -> None:
+    # Dropped before the upstream call; only the shape that openai-agents resends is checked.
+    for key in ("summary", "content"):
+        if item.get(key) is not None and not isinstance(item[key], list):
+            raise InvalidRequestError(
+                f"Invalid type for '{param}.{key}': expected a list.", param=f"{param}.{key}"
+            )
+
+
+def _validate_mcp_call(item: dict[str, Any], param: str) -> None:
+    _require_str(item, "name", param)
+    _require_str(item, "arguments", param, empty=True)
+    if item.get("output") is not None and not isinstance(item["output"], str):
+        raise InvalidRequestError(
+            f"Invalid type for '{param}.output': expected a string or null.", param=f"{param}.output"
+        )
+
+
+def _reject_reference(item: dict[str, Any], param: str) -> None:
+    raise InvalidRequestError(
+        "Input items of type 'item_reference' are not supported by this gateway; send the item "
+        "itself, or use 'previous_response_id'.",
+        param=f"{param}.type",
+        code="unsupported_value",
+    )
+
+
+_ITEM_VALIDATORS = {
+    "message": _validate_message,
+    "function_call": _validate_function_call,
+    "function_call_output": _validate_function_call_output,
+    "reasoning": _validate_reasoning,
+    "mcp_call": _validate_mcp_call,
+    "item_reference": _reject_reference,
+}
+
+
+# -- items → Chat Completions messages ---------------------------------------------------------
+
+
+def items_to_messages(
+    items: list[dict[str, Any]],
+    *,
+    tool_output_max_bytes: int = 50_000,
+    tool_output_max_lines: int = 2_000,
+) -> list[dict[str, Any]]:
+    """Normalized Responses items (see :func:`normalize_input`) → Chat Completions messages.
+
+    * ``message`` → a message of the same role, ``developer`` → ``system`` (many upstreams do
+      not know ``developer``); all-text content is sent as one string (parts joined by ``\\n``;
+      refusals become text), otherwise as ``text`` / ``image_url`` / ``file`` parts;
+    * consecutive ``function_call`` and ``mcp_call`` items → one assistant message with
+      ``tool_calls``, merged into the assistant message right before them if there is one;
+      reasoning items in between are skipped, they never split a turn;
+    * right after that assistant message comes one ``tool`` message per call: a
+      ``function_call_output``'s output (found anywhere later in ``items``), or an ``mcp_call``'s
+      own output (``"Error: …"`` if it failed), truncated like live tool outputs;
+    * the tool-call id of a ``function_call`` is its ``call_id``; of an ``mcp_call`` its
+      ``call_id`` if it carries one, else its ``id`` (the gateway's own ``mcp_…`` items carry none);
+    * ``reasoning`` items are dropped.
+
+    Chat upstreams reject an assistant ``tool_calls`` message that is not followed by exactly one
+    tool message per id, so history that breaks that rule is repaired, never sent as is: a
+    ``function_call`` with no later output is dropped, an output with no earlier call is dropped,
+    and a repeated ``call_id`` within one assistant message is kept once. Images in tool outputs
+    (which ``tool`` messages cannot carry) follow the tool messages as one user message.
+    Never raises for items that :func:`normalize_input` accepted.
+    """
+    outputs: dict[str, list[int]] = {}
+    for position, item in enumerate(items):
+        if item.get("type") == "function_call_output":
+            outputs.setdefault(item["call_id"], []).append(position)
+    claimed: set[int] = set()
+    messages: list[dict[str, Any]] = []
+    limits = (tool_output_max_bytes, tool_output_max_lines)
+    i, n = 0, len(items)
+    while i < n:
+        item = items[i]
+        kind = item.get("type")
+        if kind == "message":
+            if item["role"] == "assistant" and _next_call(items, i + 1) is not None:
+                i = _tool_turn(items, i + 1, _message(item), outputs, claimed, messages, limits)
+                continue
+            messages.append(_message(item))
+        elif kind in ("function_call", "mcp_call"):
+            assistant = {"role": "assistant", "content": None}
+            i = _tool_turn(items, i, assistant, outputs, claimed, messages, limits)
+            continue
+        # function_call_output items are placed with their call; reasoning items are dropped.
+        i += 1
+    return messages
+
+
+def _next_call(items: list[dict[str, Any]], i: int) -> int | None:
+    """Index of the next function/mcp call if only reasoning items come before it."""
+    while i < len(items):
+        kind = items[i].get("type")
+        if kind in ("function_call", "mcp_call"):
+            return i
+        if kind != "reasoning":
+            return None
+        i += 1
+    return None
+
+
+def _tool_turn(
+    items: list[dict[str, Any]],
+    i: int,
+    assistant: dict[str, Any],
+    outputs: dict[str, list[int]],
+    claimed: set[int],
+    messages: list[dict[str, Any]],
+    limits: tuple[int, int],
+) -> int:
+    """Append one assistant message with the calls starting at ``items[i]`` and their tool
+    messages; return the index of the first item after the calls."""
+    calls: list[dict[str, Any]] = []
+    answers: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while i < len(items) and items[i].get("type") in ("function_call", "mcp_call", "reasoning"):
+        item = items[i]
+        kind = item["type"]
+        if kind == "function_call":
+            call_id = item["call_id"]
+            answer = None
+            if call_id not in seen:
+                answer = _claim_output(outputs.get(call_id, ()), i, claimed)
+            if answer is not None:
+                seen.add(call_id)
+                calls.append(_tool_call(call_id, item))
+                content, found = _tool_output_content(items[answer]["output"])
+                answers.append({"role": "tool", "tool_call_id": call_id, "content": content})
+                if found:
+                    images.append({"type": "text", "text": f"Images returned by tool call {call_id}:"})
+                    images.extend(found)
+        elif kind == "mcp_call":
+            call_id = item.get("call_id") or item["id"]
+            if call_id not in seen:
+                seen.add(call_id)
+                calls.append(_tool_call(call_id, item))
+                text = truncate_for_model(_mcp_output_text(item), max_bytes=limits[0], max_lines=limits[1])
+                answers.append({"role": "tool", "tool_call_id": call_id, "content": text})
+        i += 1
+    if calls:
+        assistant["tool_calls"] = calls
+    if calls or assistant.get("content"):
+        messages.append(assistant)
+    messages.extend(answers)
+    if images:
+        messages.append({"role": "user", "content": images})
+    return i
+
+
+def _claim_output(positions: Any, after: int, claimed: set[int]) -> int | None:
+    for position in positions:
+        if position > after and position not in claimed:
+            claimed.add(position)
+            return position
+    return None
+
+
+def _tool_call(call_id: str, item: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": item["name"], "arguments": item.get("arguments") or ""},
+    }
+
+
+def _mcp_output_text(item: dict[str, Any]) -> str:
+    """What the model saw for a hosted tool call: its output, or ``Error: <message>``."""
+    error = item.get("error")
+    output = item.get("output")
+    if error is None and output is not None and item.get("status") in (None, "completed"):
+        return output
+    if isinstance(error, dict):
+        error = error.get("content", error.get("message"))
+    if error is None or error == "":
+        message = "the tool call failed" if item.get("status") == "failed" else "the tool call did not finish"
+    else:
+        message = tool_output_text(error)
+    return f"Error: {message}"
+
+
+def _tool_output_content(output: str | list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """A ``function_call_output``'s output as tool-message text, plus any image/file parts."""
+    if isinstance(output, str):
+        return output, []
+    texts = []
+    media = []
+    for part in output:
+        kind = part.get("type")
+        if kind in _TEXT_PARTS:
+            texts.append(part["text"])
+        elif kind == "refusal":
+            texts.append(part["refusal"])
+        else:
+            media.append(_chat_part(part))
+    return "\n".join(texts), media
+
+
+def _chat_part(part: dict[str, Any]) -> dict[str, Any]:
+    kind = part["type"]
+    if kind == "input_image":
+        return {
+            "type": "image_url",
+            "image_url": {"url": part["image_url"], "detail": part.get("detail") or "auto"},
+        }
+    if kind == "input_file":
+        file: dict[str, Any] = {"file_data": part["file_data"]}
+        if part.get("filename"):
+            file["filename"] = part["filename"]
+        return {"type": "file", "file": file}
+    text = part["refusal"] if kind == "refusal" else part["text"]
+    return {"type": "text", "text": text}
+
+
+def _message(item: dict[str, Any]) -> dict[str, Any]:
+    role = "system" if item["role"] == "developer" else item["role"]
+    parts = item["content"]
+    if all(part["type"] in _TEXT_PARTS or part["type"] == "refusal" for part in parts):
+        text = "\n".join(part["refusal"] if part["type"] == "refusal" else part["text"] for part in parts)
+        return {"role": role, "content": text}
+    return {"role": role, "content": [_chat_part(part) for part in parts]}
+
+
+# -- tools and the request body ----------------------------------------------------------------
+
+
+def tools_to_chat(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Responses function tools → Chat Completions tools.
+
+    ``{"type":"function","name","description","parameters","strict"}`` →
+    ``{"type":"function","function":{"name","description","parameters","strict"}}`` with None
+    fields omitted. Any other tool type raises InvalidRequestError (param ``tools[i].type``).
+    """
+    chat = []
+    for i, tool in enumerate(tools or ()):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise InvalidRequestError(
+                f"Tools of type '{kind}' are not supported by this gateway; use function tools.",
+                param=f"tools[{i}].type",
+                code="unsupported_value",
+            )
+        function = {
+            key: tool[key]
+            for key in ("name", "description", "parameters", "strict")
+            if tool.get(key) is not None
+        }
+        chat.append({"type": "function", "function": function})
+    return chat
+
+
+def build_chat_request(
+    request: dict[str, Any], messages: list[dict[str, Any]], tools: list[dict[str, Any]], *, stream: bool
+) -> dict[str, Any]:
+    """The Chat Completions body for a validated Responses ``request``.
+
+    ``messages`` come from :func:`items_to_messages`, ``tools`` from :func:`tools_to_chat`.
+    ``instructions`` become the first (system) message; ``tools``, ``tool_choice`` and
+    ``parallel_tool_calls`` are sent only with tools; ``max_output_tokens`` → ``max_tokens``;
+    ``text.format`` → ``response_format``; ``reasoning.effort`` → ``reasoning_effort``; streaming
+    asks for ``stream_options.include_usage``. Absent or null fields are omitted, unknown
+    request fields ignored.
+    """
+    instructions = request.get("instructions")
+    if instructions:
+        messages = [{"role": "system", "content": instructions}, *messages]
+    body: dict[str, Any] = {"model": request["model"], "messages": messages}
+    if tools:
+        body["tools"] = tools
+        choice = request.get("tool_choice")
+        if isinstance(choice, dict):
+            body["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+        elif choice is not None:
+            body["tool_choice"] = choice
+        if request.get("parallel_tool_calls") is not None:
+            body["parallel_tool_calls"] = request["parallel_tool_calls"]
+    for source, target in (
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("max_output_tokens", "max_tokens"),
+    ):
+        if request.get(source) is not None:
+            body[target] = request[source]
+    text_format = (request.get("text") or {}).get("format") or {}
+    if text_format.get("type") == "json_schema":
+        schema = {
+            key: text_format[key]
+            for key in ("name", "description", "schema", "strict")
+            if text_format.get(key) is not None
+        }
+        body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif text_format.get("type") == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    effort = (request.get("reasoning") or {}).get("effort")
+    if effort is not None:
+        body["reasoning_effort"] = effort
+    body["stream"] = stream
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+# -- request validation ------------------------------------------------------------------------
+
+
+def _bad(param: str, expected: str) -> InvalidRequestError:
+    return InvalidRequestError(f"Invalid value for '{param}': expected {expected}.", param=param)
+
+
+def validate_request(body: dict[str, Any]) -> None:
+    """Type-check the top-level fields of a ``POST /v1/responses`` body that the gateway reads.
+
+    Null means absent for every optional field; unknown fields are ignored. Input items are
+    checked by :func:`normalize_input`. Raises InvalidRequestError with ``param`` naming the field
+    (``model``, ``temperature``, ``metadata``, ``text.format.schema``, ``tools[1].name``, …).
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model", "a non-empty string")
+    if "input" in body and not isinstance(body["input"], (str, list)):
+        raise _bad("input", "a string or a list of input items")
+    get = body.get
+    for key in ("instructions", "previous_response_id", "user", "safety_identifier", "prompt_cache_key"):
+        if get(key) is not None and not isinstance(get(key), str):
+            raise _bad(key, "a string")
+    for key in ("store", "stream", "parallel_tool_calls", "background"):
+        if get(key) is not None and not isinstance(get(key), bool):
+            raise _bad(key, "a boolean")
+    for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
+        value = get(key)
+        if value is not None and not (_is_number(value) and low <= value <= high):
+            raise _bad(key, f"a number from {low} to {high}")
+    for key in ("max_output_tokens", "max_tool_calls"):
+        value = get(key)
+        if value is not None and not (_is_int(value) and value >= 1):
+            raise _bad(key, "an integer of at least 1")
+    if get("truncation") is not None and get("truncation") not in ("auto", "disabled"):
+        raise _bad("truncation", "'auto' or 'disabled'")
+    _validate_metadata(get("metadata"))
+    _validate_tools(get("tools"))
+    _validate_tool_choice(get("tool_choice"))
+    _validate_text(get("text"))
+    reasoning = get("reasoning")
+    if reasoning is not None:
+        if not isinstance(reasoning, dict):
+            raise _bad("reasoning", "an object")
+        if reasoning.get("effort") is not None and not isinstance(reasoning["effort"], str):
+            raise _bad("reasoning.effort", "a string")
+    include = get("include")
+    if include is not None and not (
+        isinstance(include, list) and all(isinstance(x, str) for x in include)
+    ):
+        raise _bad("include", "a list of strings")
+
+
+def _validate_metadata(metadata: Any) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise _bad("metadata", "an object of string keys and string values")
+    if len(metadata) > 16:
+        raise _bad("metadata", "at most 16 keys")
+    for key, value in metadata.items():
+        if len(key) > 64:
+            raise _bad("metadata", "keys of at most 64 characters")
+        if not isinstance(value, str) or len(value) > 512:
+            raise _bad(f"metadata.{key}", "a string of at most 512 characters")
+
+
+def _validate_tools(tools: Any) -> None:
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise _bad("tools", "a list of tools")
+    for i, tool in enumerate(tools):
+        param = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise _bad(param, "an object")
+        if not isinstance(tool.get("type"), str):
+            raise _bad(f"{param}.type", "a string")
+        if tool["type"] != "function":
+            continue  # other tool types are the tool registry's to offer or refuse
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise _bad(f"{param}.name", "a non-empty string")
+        if tool.get("description") is not None and not isinstance(tool["description"], str):
+            raise _bad(f"{param}.description", "a string")
+        if tool.get("parameters") is not None and not isinstance(tool["parameters"], dict):
+            raise _bad(f"{param}.parameters", "a JSON Schema object")
+        if tool.get("strict") is not None and not isinstance(tool["strict"], bool):
+            raise _bad(f"{param}.strict", "a boolean")
+
+
+def _validate_tool_choice(choice: Any) -> None:
+    if choice is None or choice in ("none", "auto", "required"):
+        return
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        if not isinstance(choice.get("name"), str) or not choice["name"]:
+            raise _bad("tool_choice.name", "a non-empty string")
+        return
+    raise _bad("tool_choice", "'none', 'auto', 'required' or {\"type\": \"function\", \"name\": ...}")
+
+
+def _validate_text(text: Any) -> None:
+    if text is None:
+        return
+    if not isinstance(text, dict):
+        raise _bad("text", "an object")
+    fmt = text.get("format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict):
+        raise _bad("text.format", "an object")
+    kind = fmt.get("type")
+    if kind not in ("text", "json_schema", "json_object"):
+        raise _bad("text.format.type", "'text', 'json_schema' or 'json_object'")
+    if kind == "json_schema":
+        if not isinstance(fmt.get("name"), str) or not fmt["name"]:
+            raise _bad("text.format.name", "a non-empty string")
+        if not isinstance(fmt.get("schema"), dict):
+            raise _bad("text.format.schema", "a JSON Schema object")
+        if fmt.get("strict") is not None and not isinstance(fmt["strict"], bool):
+            raise _bad("text.format.strict", "a boolean")
+
+
+# -- usage -------------------------------------------------------------------------------------
+
+
+def zero_usage() -> dict[str, Any]:
+    """A Responses usage object with every count 0."""
+    return {
+        "input_tokens": 0,
+        # cache_write_tokens: the installed SDK's InputTokensDetails requires it.
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": 0,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 0,
+    }
+
+
+def _count(value: Any) -> int:
+    return value if _is_int(value) and value > 0 else 0
+
+
+def chat_usage_to_response_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
+    """Chat Completions ``usage`` → Responses ``usage``, both detail objects always present.
+
+    ``prompt_tokens`` → ``input_tokens``, ``completion_tokens`` → ``output_tokens``,
+    ``prompt_tokens_details.cached_tokens`` → ``input_tokens_details.cached_tokens``,
+    ``completion_tokens_details.reasoning_tokens`` → ``output_tokens_details.reasoning_tokens``;
+    ``total_tokens`` is the upstream's, or input + output. None (or missing counts) → 0. A usage
+    object already in the Responses shape is passed through normalized.
+    """
+    result = zero_usage()
+    if not isinstance(usage, dict):
+        return result
+    if "input_tokens" in usage and "prompt_tokens" not in usage:
+        in_details = usage.get("input_tokens_details") or {}
+        out_details = usage.get("output_tokens_details") or {}
+        inputs, outputs = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+    else:
+        in_details = usage.get("prompt_tokens_details") or {}
+        out_details = usage.get("completion_tokens_details") or {}
+        inputs, outputs = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    result["input_tokens"] = inputs
+    result["output_tokens"] = outputs
+    result["total_tokens"] = _count(usage.get("total_tokens")) or inputs + outputs
+    if isinstance(in_details, dict):
+        result["input_tokens_details"]["cached_tokens"] = _count(in_details.get("cached_tokens"))
+        result["input_tokens_details"]["cache_write_tokens"] = _count(
+            in_details.get("cache_write_tokens")
+        )
+    if isinstance(out_details, dict):
+        result["output_tokens_details"]["reasoning_tokens"] = _count(
+            out_details.get("reasoning_tokens")
+        )
+    return result
+
+
+def add_usage(total: dict[str, Any] | None, usage: dict[str, Any] | None) -> dict[str, Any]:
+    """The sum of two Responses usage objects (None counts as zero); a new dict."""
+    a = chat_usage_to_response_usage(total)
+    b = chat_usage_to_response_usage(usage)
+    for key in ("input_tokens", "output_tokens", "total_tokens"):
+        a[key] += b[key]
+    for details in ("input_tokens_details", "output_tokens_details"):
+        for key, value in b[details].items():
+            a[details][key] += value
+    return a
+
+
+def add_chat_usage(total: dict[str, Any] | None, chat_usage: dict[str, Any] | None) -> dict[str, Any]:
+    """``total`` (Responses usage or None) plus one Chat Completions ``usage``; a new dict."""
+    return add_usage(total, chat_usage_to_response_usage(chat_usage))

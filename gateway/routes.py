@@ -1,0 +1,320 @@
+"""HTTP routes of the OpenAI-compatible surface: responses, chat passthrough, models, health.
+
+Shapes follow the OpenAI API (``shared/reference/responses-api.md``). Every error is raised as
+a :class:`gateway.errors.GatewayError` and rendered once by the app's handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from executors.upstream import UpstreamError as UpstreamCallError
+from store.types import MODEL_CALL, ResponseRecord, StepDescriptor, new_id
+
+from .errors import (
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    RateLimitError,
+    RequestTooLargeError,
+    UpstreamError,
+)
+from .events import DONE
+from .service import ResponsesService, record_to_object
+
+logger = logging.getLogger("stepchain.routes")
+
+JSON = "application/json"
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type=JSON)
+
+
+def tenant_of(request: Request) -> str | None:
+    """The tenant the authentication middleware found for this request (None when open)."""
+    return request.scope.get("stepchain.tenant")
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object; 413 past ``max_body_bytes``, 400 if not a JSON object."""
+    limit = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(f"Request body is larger than the limit of {limit} bytes.")
+    chunks = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLargeError(f"Request body is larger than the limit of {limit} bytes.")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise InvalidRequestError("The client disconnected before sending the whole body.") from None
+    try:
+        body = orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.")
+    return body
+
+
+def _error_for_failure(error: dict[str, Any] | None) -> GatewayError:
+    """An HTTP error for a response that failed before any output existed."""
+    error = error or {}
+    message = error.get("message") or "The upstream model call failed."
+    code = error.get("code")
+    if code == "insufficient_quota":
+        return RateLimitError(message, code="insufficient_quota")
+    if code == "rate_limit_exceeded":
+        return RateLimitError(message)
+    return UpstreamError(message)
+
+
+# -- /v1/responses ---------------------------------------------------------------------------
+
+
+async def create_response(request: Request) -> Response:
+    service: ResponsesService = request.app.state.service
+    body = await read_json(request)
+    prepared = await service.prepare(body, tenant_of(request))
+    if body.get("stream") is not True:
+        final = await service.run(prepared, service.builder(prepared))
+        if final["status"] == "failed" and not final["output"]:
+            raise _error_for_failure(final.get("error"))
+        return _json(final)
+
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+    builder = service.builder(prepared, emit=queue.put_nowait)
+    task = request.app.state.tasks.spawn(service.run(prepared, builder))
+    task.add_done_callback(lambda _t: queue.put_nowait(None))
+    # Hold the headers until the first event after response.in_progress (or the end): a response
+    # that fails before producing anything becomes an HTTP error the SDK can raise.
+    head = [await queue.get(), await queue.get()]
+    first = await queue.get()
+    if first is None:
+        final = task.result()
+        if final["status"] == "failed" and not final["output"]:
+            raise _error_for_failure(final.get("error"))
+    head.append(first)
+    return StreamingResponse(
+        _drain(head, queue), media_type="text/event-stream", headers=SSE_HEADERS
+    )
+
+
+async def _drain(head: list[bytes | None], queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+    for chunk in head:
+        if chunk is None:
+            yield DONE
+            return
+        yield chunk
+    while True:
+        chunk = await queue.get()
+        if chunk is None:
+            yield DONE
+            return
+        # Send what is queued in one write: fewer syscalls under load, same bytes.
+        if not queue.empty():
+            parts = [chunk]
+            while not queue.empty():
+                nxt = queue.get_nowait()
+                if nxt is None:
+                    parts.append(DONE)
+                    yield b"".join(parts)
+                    return
+                parts.append(nxt)
+            chunk = b"".join(parts)
+        yield chunk
+
+
+async def _visible(request: Request) -> ResponseRecord:
+    response_id = request.path_params["response_id"]
+    record = await request.app.state.service.get_visible(response_id, tenant_of(request))
+    if record is None:
+        raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+    return record
+
+
+async def get_response(request: Request) -> Response:
+    return _json(record_to_object(await _visible(request)))
+
+
+async def delete_response(request: Request) -> Response:
+    record = await _visible(request)
+    await request.app.state.service.store.delete_response(record.id)
+    return _json({"id": record.id, "object": "response", "deleted": True})
+
+
+async def list_input_items(request: Request) -> Response:
+    """``GET /v1/responses/{id}/input_items``: cursor pagination as OpenAI (after, limit, order)."""
+    from .convert import normalize_input
+
+    record = await _visible(request)
+    query = request.query_params
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequestError("order must be 'asc' or 'desc'.", param="order")
+    raw_limit = query.get("limit", "20")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+        raise InvalidRequestError("limit must be an integer from 1 to 100.", param="limit")
+    limit = int(raw_limit)
+    items = normalize_input(record.request.get("input", []), record.id)
+    if order == "desc":
+        items = items[::-1]
+    after = query.get("after")
+    if after:
+        ids = [item.get("id") for item in items]
+        if after not in ids:
+            raise InvalidRequestError(f"No input item with id '{after}'.", param="after")
+        items = items[ids.index(after) + 1 :]
+    page = items[:limit]
+    return _json(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
+    )
+
+
+# -- /v1/chat/completions passthrough ---------------------------------------------------------
+
+
+async def chat_completions(request: Request) -> Response:
+    """Pass a Chat Completions request to the upstream, recorded as one model-call step."""
+    state = request.app.state
+    body = await read_json(request)
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise InvalidRequestError("model is required.", param="model")
+    if not isinstance(body.get("messages"), list):
+        raise InvalidRequestError("messages must be a list.", param="messages")
+    store = state.service.store
+    record = ResponseRecord(
+        id=new_id("resp"),
+        model=body["model"],
+        request=body,
+        tenant=tenant_of(request),
+        created_at=time.time(),
+        store=False,  # a chat completion is not a Responses API response
+        metadata={"endpoint": "chat.completions"},
+    )
+    await store.create_response(record)
+    (step,) = await store.record_steps(record.id, None, None, [StepDescriptor(MODEL_CALL, body)])
+    await store.mark_processing(step.id)
+    upstream = state.upstream
+
+    if body.get("stream") is not True:
+        try:
+            completion = await upstream.chat_completion(body)
+        except UpstreamCallError as exc:
+            await _fail_chat(store, record.id, step.id, exc)
+            raise _upstream_http_error(exc) from None
+        await store.complete_step(step.id, completion, completion.get("usage"))
+        await store.update_response(record.id, status="completed", completed_at=time.time())
+        return _json(completion)
+
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def on_chunk(chunk: dict[str, Any]) -> None:
+        queue.put_nowait(b"data: " + orjson.dumps(chunk) + b"\n\n")
+
+    async def run() -> None:
+        try:
+            completion = await upstream.chat_completion(body, on_chunk=on_chunk)
+        except UpstreamCallError as exc:
+            await _fail_chat(store, record.id, step.id, exc)
+            raise
+        await store.complete_step(step.id, completion, completion.get("usage"))
+        await store.update_response(record.id, status="completed", completed_at=time.time())
+
+    task = state.tasks.spawn(run())
+    task.add_done_callback(lambda _t: queue.put_nowait(None))
+    first = await queue.get()
+    if first is None:
+        exc = task.exception()
+        if isinstance(exc, UpstreamCallError):
+            raise _upstream_http_error(exc)
+        if exc is not None:
+            raise exc
+        return StreamingResponse(iter([DONE]), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def drain() -> AsyncIterator[bytes]:
+        chunk: bytes | None = first
+        while chunk is not None:
+            yield chunk
+            chunk = await queue.get()
+        if task.exception() is not None:
+            # The stream broke after it started: tell the client in-band, as OpenAI does.
+            err = task.exception()
+            yield b"data: " + orjson.dumps(
+                {"error": {"message": str(err), "type": "upstream_error", "param": None, "code": getattr(err, "type", None)}}
+            ) + b"\n\n"
+            return
+        yield DONE
+
+    return StreamingResponse(drain(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _fail_chat(store, response_id: str, step_id: str, exc: UpstreamCallError) -> None:
+    await store.fail_step(step_id, {"type": exc.type, "message": str(exc)}, exc.partial)
+    await store.update_response(
+        response_id,
+        status="failed",
+        error={"code": "server_error", "message": str(exc)},
+        completed_at=time.time(),
+    )
+
+
+def _upstream_http_error(exc: UpstreamCallError) -> GatewayError:
+    if exc.type == "insufficient_quota":
+        return RateLimitError(str(exc), code="insufficient_quota")
+    if exc.type == "rate_limited":
+        return RateLimitError(str(exc))
+    if exc.status is not None and 400 <= exc.status < 500:
+        err = InvalidRequestError(str(exc))
+        err.status_code = exc.status  # type: ignore[misc]  # the upstream's own 4xx
+        return err
+    return UpstreamError(str(exc))
+
+
+async def list_models(request: Request) -> Response:
+    """``GET /v1/models`` passed through to the upstream."""
+    try:
+        upstream_response = await request.app.state.upstream.get("models")
+    except UpstreamCallError as exc:
+        raise UpstreamError(str(exc)) from None
+    return Response(
+        upstream_response.content,
+        status_code=upstream_response.status_code,
+        media_type=upstream_response.headers.get("content-type", JSON),
+    )
+
+
+async def healthz(request: Request) -> Response:
+    return _json({"status": "ok"})
+
+
+def api_routes() -> list[Route]:
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/responses", create_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+        Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+    ]

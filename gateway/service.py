@@ -1,0 +1,239 @@
+"""One response from request to stored result: history, tools, the loop, the final record.
+
+:class:`ResponsesService` is what the HTTP routes call. ``prepare`` does everything that can
+fail with a 4xx before anything is written (validation, ``previous_response_id`` history, tool
+offering, the first Chat Completions body); ``run`` creates the response record, runs the loop
+with a :class:`gateway.events.ResponseBuilder` observing it, and writes the final output, usage
+and status *before* the builder emits the terminal event — so a ``GET`` right after the stream
+ends returns the same response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from store.types import ResponseRecord, StoreError, new_id
+
+from .convert import (
+    build_chat_request,
+    items_to_messages,
+    normalize_input,
+    tools_to_chat,
+    validate_request,
+)
+from .errors import InvalidRequestError, PreviousResponseNotFoundError
+from .events import ResponseBuilder
+from .loop import LoopDeps, run_response_loop
+from .response_object import response_object
+from .transition import LoopRequest
+
+logger = logging.getLogger("stepchain.service")
+
+__all__ = ["Prepared", "ResponsesService", "record_to_object"]
+
+# How many conversations' histories one process keeps (each a list of items).
+_HISTORY_CACHE_SIZE = 2048
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated request, ready to run: its record, loop request and tool facts."""
+
+    record: ResponseRecord
+    loop_request: LoopRequest
+    input_items: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    client_tools: frozenset[str]
+
+
+class _NotClient:
+    """``name in hosted`` for the event builder: every tool the client does not run."""
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: frozenset[str]) -> None:
+        self.client = client
+
+    def __contains__(self, name: object) -> bool:
+        return name not in self.client
+
+
+def record_to_object(record: ResponseRecord) -> dict[str, Any]:
+    """The Responses API ``Response`` object for a stored response record."""
+    return response_object(
+        id=record.id,
+        created_at=record.created_at,
+        model=record.model,
+        request=record.request,
+        status=record.status,
+        output=record.output,
+        usage=record.usage,
+        error=record.error,
+        incomplete_details=record.incomplete_details,
+        completed_at=record.completed_at,
+    )
+
+
+def _response_error(error: dict[str, Any] | None) -> dict[str, Any]:
+    """A failed step's ``{"type","message"}`` as the Response's ``{"code","message"}``."""
+    error = error or {}
+    kind = error.get("type") or "server_error"
+    code = {
+        "rate_limited": "rate_limit_exceeded",
+        "insufficient_quota": "insufficient_quota",
+    }.get(kind, "server_error")
+    return {"code": code, "message": error.get("message") or kind}
+
+
+class ResponsesService:
+    """Creates, runs and reads responses for the HTTP layer (one instance per process)."""
+
+    def __init__(self, deps: LoopDeps) -> None:
+        self.deps = deps
+        self.store = deps.store
+        # response id -> the conversation's items up to and including that response's output.
+        self._history: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def get_visible(self, response_id: str, tenant: str | None) -> ResponseRecord | None:
+        """The stored response if this tenant may read it (``store: false`` ones are never)."""
+        record = await self.store.get_response(response_id)
+        if record is None or not record.store or record.tenant != tenant:
+            return None
+        return record
+
+    async def conversation_items(self, record: ResponseRecord) -> list[dict[str, Any]]:
+        """Every item of the conversation ending with ``record``: earlier inputs and outputs,
+        oldest first, then this response's input and output (instructions are not items)."""
+        cached = self._history.get(record.id)
+        if cached is not None:
+            self._history.move_to_end(record.id)
+            return cached
+        items: list[dict[str, Any]] = []
+        if record.previous_response_id:
+            previous = await self.store.get_response(record.previous_response_id)
+            if previous is not None:
+                items = list(await self.conversation_items(previous))
+        items.extend(normalize_input(record.request.get("input", []), record.id))
+        items.extend(record.output)
+        self._remember(record.id, items)
+        return items
+
+    def _remember(self, response_id: str, items: list[dict[str, Any]]) -> None:
+        self._history[response_id] = items
+        if len(self._history) > _HISTORY_CACHE_SIZE:
+            self._history.popitem(last=False)
+
+    # -- creating ------------------------------------------------------------------------------
+
+    async def prepare(self, body: dict[str, Any], tenant: str | None) -> Prepared:
+        """Validate ``body`` and build everything the loop needs; writes nothing.
+
+        Raises InvalidRequestError (400, with ``param``) and PreviousResponseNotFoundError.
+        """
+        validate_request(body)
+        registry = self.deps.registry
+        await registry.refresh_if_stale()
+        response_id = new_id("resp")
+        history: list[dict[str, Any]] = []
+        previous_id = body.get("previous_response_id")
+        if previous_id:
+            previous = await self.get_visible(previous_id, tenant)
+            if previous is None:
+                raise PreviousResponseNotFoundError(
+                    f"Previous response with id '{previous_id}' not found.",
+                    param="previous_response_id",
+                )
+            if previous.status in ("queued", "in_progress"):
+                raise InvalidRequestError(
+                    f"Previous response '{previous_id}' is still {previous.status}.",
+                    param="previous_response_id",
+                )
+            history = await self.conversation_items(previous)
+        input_items = normalize_input(body.get("input", []), response_id)
+        offered, client_tools, _hosted = registry.offer(body.get("tools"), body.get("tool_choice"))
+        client_names = frozenset(t["name"] for t in client_tools)
+        stream = body.get("stream") is True
+        initial_body = build_chat_request(
+            body, items_to_messages(history + input_items), tools_to_chat(offered), stream=stream
+        )
+        max_tool_calls = body.get("max_tool_calls")
+        loop_request = LoopRequest(
+            initial_body=initial_body,
+            client_tools=client_names,
+            max_iterations=self.deps.max_iterations,
+            max_tool_calls=max_tool_calls if isinstance(max_tool_calls, int) else None,
+            tool_output_max_bytes=self.deps.tool_output_max_bytes,
+            tool_output_max_lines=self.deps.tool_output_max_lines,
+        )
+        record = ResponseRecord(
+            id=response_id,
+            model=body["model"],
+            request=body,
+            tenant=tenant,
+            status="in_progress",
+            previous_response_id=previous_id,
+            created_at=time.time(),
+            metadata=body.get("metadata"),
+            store=body.get("store", True) is not False,
+        )
+        return Prepared(record, loop_request, input_items, history, client_names)
+
+    def builder(self, prepared: Prepared, emit=None) -> ResponseBuilder:
+        """The event/output builder for a prepared response (``emit`` None = no events)."""
+        record = prepared.record
+        base = {
+            "id": record.id,
+            "created_at": record.created_at,
+            "model": record.model,
+            "request": record.request,
+        }
+        return ResponseBuilder(base, hosted_tools=_NotClient(prepared.client_tools), emit=emit)
+
+    async def run(self, prepared: Prepared, builder: ResponseBuilder) -> dict[str, Any]:
+        """Create the record, run the loop to its end, store the result, then emit the terminal
+        event. Returns the final Response object. Raises StoreError only if the record itself
+        cannot be created (nothing has run then)."""
+        record = prepared.record
+        await self.store.create_response(record)
+        builder.start()
+        error = incomplete = None
+        try:
+            outcome = await run_response_loop(
+                self.deps, record.id, prepared.loop_request, observer=builder
+            )
+        except StoreError as exc:
+            logger.error("store error in response %s: %s", record.id, exc)
+            status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
+        except Exception:  # a bug must still end the response, never leave it in_progress
+            logger.exception("response %s failed unexpectedly", record.id)
+            status, error = "failed", {"code": "server_error", "message": "internal error"}
+        else:
+            status = outcome.status
+            if status == "failed":
+                error = _response_error(outcome.error)
+            elif status == "incomplete":
+                incomplete = {"reason": outcome.incomplete_reason}
+        completed_at = time.time()
+        output = builder.output
+        if record.store:
+            self._remember(record.id, prepared.history + prepared.input_items + output)
+        try:
+            await self.store.update_response(
+                record.id,
+                status=status,
+                output=output,
+                usage=builder.usage,
+                error=error,
+                incomplete_details=incomplete,
+                completed_at=completed_at,
+            )
+        except StoreError as exc:
+            logger.error("could not store the result of response %s: %s", record.id, exc)
+            status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
+        return builder.finish(status, error=error, incomplete_details=incomplete)

@@ -1,0 +1,139 @@
+"""The tool admin API: register, list, read, replace and delete server-side tools.
+
+    POST   /v1/tools          → 201, the tool        (409 if the name is taken)
+    GET    /v1/tools          → {"object": "list", "data": [tools]}
+    GET    /v1/tools/{name}   → the tool             (404 if unknown)
+    PUT    /v1/tools/{name}   → the tool             (404 if unknown)
+    DELETE /v1/tools/{name}   → {"name", "object": "tool", "deleted": true}
+
+Tools are shown with :func:`executors.registry.public_view` (literal header values as ``"***"``).
+When ``settings.admin_key`` is set, every route needs ``Authorization: Bearer <admin key>``.
+Handlers read ``app.state.registry`` and ``app.state.settings``; errors are GatewayErrors.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import orjson
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from executors.registry import ToolDefinitionError, ToolRegistry, public_view
+from store import types as store_types
+
+from .errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    RequestTooLargeError,
+)
+
+__all__ = ["tool_routes"]
+
+# A tool definition is small; a larger body is a mistake, not a tool.
+MAX_TOOL_BODY_BYTES = 1_000_000
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _registry(request: Request) -> ToolRegistry:
+    """The registry, once the admin key (if one is configured) has been checked."""
+    admin_key = request.app.state.settings.admin_key
+    if admin_key:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), admin_key.encode()
+        ):
+            raise AuthenticationError(
+                "The tool admin API needs the admin key: Authorization: Bearer <admin key>."
+            )
+    return request.app.state.registry
+
+
+async def _read_body(request: Request) -> Any:
+    chunks = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_TOOL_BODY_BYTES:
+                raise RequestTooLargeError(
+                    f"A tool definition may be at most {MAX_TOOL_BODY_BYTES} bytes."
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise InvalidRequestError("The client disconnected before sending the body.") from None
+    try:
+        return orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
+
+
+def _not_found(name: str) -> NotFoundError:
+    return NotFoundError(f"Tool '{name}' not found.", param="name")
+
+
+async def create_tool(request: Request) -> Response:
+    registry = _registry(request)
+    body = await _read_body(request)
+    try:
+        definition = await registry.register(body)
+    except ToolDefinitionError as exc:
+        raise InvalidRequestError(exc.message, param=exc.param) from None
+    except store_types.ConflictError:
+        name = body["name"]
+        raise ConflictError(f"A tool named '{name}' already exists.", param="name") from None
+    return _json(public_view(definition), 201)
+
+
+async def list_tools(request: Request) -> Response:
+    registry = _registry(request)
+    tools = await registry.list()
+    return _json({"object": "list", "data": [public_view(t) for t in tools]})
+
+
+async def get_tool(request: Request) -> Response:
+    registry = _registry(request)
+    name = request.path_params["name"]
+    definition = await registry.get(name)
+    if definition is None:
+        raise _not_found(name)
+    return _json(public_view(definition))
+
+
+async def replace_tool(request: Request) -> Response:
+    registry = _registry(request)
+    name = request.path_params["name"]
+    body = await _read_body(request)
+    try:
+        definition = await registry.replace(name, body)
+    except ToolDefinitionError as exc:
+        raise InvalidRequestError(exc.message, param=exc.param) from None
+    except store_types.NotFoundError:
+        raise _not_found(name) from None
+    return _json(public_view(definition))
+
+
+async def delete_tool(request: Request) -> Response:
+    registry = _registry(request)
+    name = request.path_params["name"]
+    if not await registry.delete(name):
+        raise _not_found(name)
+    return _json({"name": name, "object": "tool", "deleted": True})
+
+
+def tool_routes() -> list[Route]:
+    """The five admin routes under ``/v1/tools``."""
+    return [
+        Route("/v1/tools", create_tool, methods=["POST"]),
+        Route("/v1/tools", list_tools, methods=["GET"]),
+        Route("/v1/tools/{name}", get_tool, methods=["GET"]),
+        Route("/v1/tools/{name}", replace_tool, methods=["PUT"]),
+        Route("/v1/tools/{name}", delete_tool, methods=["DELETE"]),
+    ]

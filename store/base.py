@@ -1,0 +1,145 @@
+"""The one async store interface every backend implements (SQLite now, PostgreSQL later).
+
+Nothing here is SQLite-specific: ids are made by the caller or by :func:`store.types.new_id`,
+sequences are allocated by the store inside the same transaction that writes the steps, and
+every method is a coroutine so a backend may use a thread, a pool or a native async driver.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any
+
+from .types import ResponseRecord, Step, StepDescriptor
+
+
+class Store(abc.ABC):
+    """Durable storage of responses, their step chains, and registered tools.
+
+    Every method raises :class:`store.types.StoreError` (or a subclass) on failure; a raised
+    error means nothing of that call was written.
+    """
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply pending migrations. Idempotent."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections and threads. Idempotent."""
+
+    # -- responses ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_response(self, response: ResponseRecord) -> None:
+        """Insert a new response. Raises ConflictError if the id exists."""
+
+    @abc.abstractmethod
+    async def get_response(self, response_id: str) -> ResponseRecord | None:
+        """The response, or None."""
+
+    @abc.abstractmethod
+    async def update_response(self, response_id: str, **fields: Any) -> None:
+        """Set some of: status, output, usage, error, incomplete_details, completed_at, metadata.
+
+        Raises NotFoundError if the response does not exist, ValueError for another field name.
+        """
+
+    @abc.abstractmethod
+    async def delete_response(self, response_id: str) -> bool:
+        """Delete the response and all its steps; False if it did not exist."""
+
+    @abc.abstractmethod
+    async def list_responses(self, statuses: Sequence[str]) -> list[ResponseRecord]:
+        """Every response whose status is one of ``statuses``, oldest first (for recovery)."""
+
+    # -- steps -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def record_steps(
+        self,
+        response_id: str,
+        scope_parent: str | None,
+        prev_step_id: str | None,
+        descriptors: Sequence[StepDescriptor],
+    ) -> list[Step]:
+        """Append steps in state ``pending``, in one transaction, in the order given.
+
+        The first step's ``prev_step_id`` is ``prev_step_id``; each later one points at the step
+        before it in ``descriptors`` (parallel siblings are chained one after another). Each gets
+        the next per-response ``sequence``. Raises NotFoundError for an unknown response.
+        """
+
+    @abc.abstractmethod
+    async def mark_processing(self, step_id: str) -> Step:
+        """pending → processing; sets ``started_at`` and increments ``attempt``.
+
+        Raises StepStateError from any other state, NotFoundError for an unknown step.
+        """
+
+    @abc.abstractmethod
+    async def complete_step(
+        self, step_id: str, response_payload: Any, usage: dict[str, Any] | None = None
+    ) -> Step:
+        """processing → completed with its payload (and Chat Completions usage for model calls)."""
+
+    @abc.abstractmethod
+    async def fail_step(
+        self, step_id: str, error: dict[str, Any], response_payload: Any = None
+    ) -> Step:
+        """pending|processing → failed with ``error`` = ``{"type", "message"}``.
+
+        ``response_payload`` keeps whatever partial result there was (a model call's partial text).
+        """
+
+    @abc.abstractmethod
+    async def cancel_step(self, step_id: str) -> Step:
+        """pending|processing → canceled."""
+
+    @abc.abstractmethod
+    async def record_attempt(
+        self, step_id: str, error: dict[str, Any] | None, upstream: str | None = None
+    ) -> None:
+        """Append one retried attempt's error to the step's ``attempts`` and set ``upstream``."""
+
+    @abc.abstractmethod
+    async def get_step(self, step_id: str) -> Step | None:
+        """The step, or None."""
+
+    @abc.abstractmethod
+    async def list_chain(self, response_id: str, scope_parent: str | None = None) -> list[Step]:
+        """The steps of one scope, by ``sequence``: top level when ``scope_parent`` is None,
+        otherwise the sub-agent run started by that agent tool step. Never mixes scopes."""
+
+    @abc.abstractmethod
+    async def list_steps(self, response_id: str) -> list[Step]:
+        """Every step of the response, all scopes, by ``sequence``."""
+
+    @abc.abstractmethod
+    async def list_unfinished_steps(self) -> list[Step]:
+        """Every step in ``pending`` or ``processing``, all responses (for crash recovery)."""
+
+    # -- tools -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_tool(self, tool: dict[str, Any]) -> None:
+        """Insert a registered tool definition keyed by ``tool["name"]``; ConflictError if taken."""
+
+    @abc.abstractmethod
+    async def replace_tool(self, name: str, tool: dict[str, Any]) -> None:
+        """Replace an existing tool definition; NotFoundError if there is none."""
+
+    @abc.abstractmethod
+    async def get_tool(self, name: str) -> dict[str, Any] | None:
+        """The tool definition, or None."""
+
+    @abc.abstractmethod
+    async def list_tools(self) -> list[dict[str, Any]]:
+        """Every tool definition, by name."""
+
+    @abc.abstractmethod
+    async def delete_tool(self, name: str) -> bool:
+        """Delete a tool definition; False if it did not exist."""

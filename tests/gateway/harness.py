@@ -1,0 +1,54 @@
+"""A running gateway for tests: scripted upstream + gateway, both real uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.scripted_upstream import ScriptedModel, create_scripted_upstream
+from gateway.serving import serve_app
+
+
+@dataclasses.dataclass
+class Running:
+    """A gateway under test: its URL, an SDK client, and the scripted model behind it."""
+
+    url: str
+    model: ScriptedModel
+    upstream_url: str
+    db: Path
+    settings: Settings
+
+    def client(self, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="test", max_retries=0, **kwargs)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+
+@contextlib.contextmanager
+def running_gateway(
+    tmp_path: Path, model: ScriptedModel | None = None, **settings: Any
+) -> Iterator[Running]:
+    """Start a scripted upstream and a gateway on a fresh SQLite file in ``tmp_path``."""
+    model = model or ScriptedModel()
+    db = tmp_path / "stepchain.db"
+    with serve_app(create_scripted_upstream(model)) as upstream_url:
+        with gateway_on(db, f"{upstream_url}/v1", **settings) as (url, config):
+            yield Running(url, model, upstream_url, db, config)
+
+
+@contextlib.contextmanager
+def gateway_on(db: Path, upstream_base_url: str, **settings: Any) -> Iterator[tuple[str, Settings]]:
+    """Just the gateway, on ``db``, against ``upstream_base_url`` (for restarts)."""
+    config = Settings(upstream_base_url=upstream_base_url, db=str(db), **settings)
+    with serve_app(create_app(config)) as url:
+        yield url, config

@@ -1,0 +1,132 @@
+"""The SQLite schema: exact columns and indexes on a fresh file, upgrades, no migration twice."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import sqlite_utils
+
+from store.migrations import MIGRATION_SET, apply_migrations, migrations
+from store.sqlite import SQLiteStore
+
+NAMES = ["m001_responses", "m002_steps", "m003_tools"]
+
+COLUMNS = {
+    "responses": {
+        "id": "TEXT",
+        "model": "TEXT",
+        "request": "TEXT",
+        "tenant": "TEXT",
+        "status": "TEXT",
+        "previous_response_id": "TEXT",
+        "created_at": "REAL",
+        "completed_at": "REAL",
+        "output": "TEXT",
+        "usage": "TEXT",
+        "error": "TEXT",
+        "incomplete_details": "TEXT",
+        "metadata": "TEXT",
+        "store": "INTEGER",
+    },
+    "steps": {
+        "id": "TEXT",
+        "response_id": "TEXT",
+        "scope_parent": "TEXT",
+        "prev_step_id": "TEXT",
+        "sequence": "INTEGER",
+        "kind": "TEXT",
+        "state": "TEXT",
+        "request_payload": "TEXT",
+        "response_payload": "TEXT",
+        "error": "TEXT",
+        "attempt": "INTEGER",
+        "created_at": "REAL",
+        "started_at": "REAL",
+        "finished_at": "REAL",
+        "usage": "TEXT",
+        "attempts": "TEXT",
+        "upstream": "TEXT",
+    },
+    "tools": {
+        "name": "TEXT",
+        "definition": "TEXT",
+        "created_at": "REAL",
+        "updated_at": "REAL",
+    },
+}
+
+
+def _open_close(path: Path) -> None:
+    async def go() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        await store.close()
+
+    asyncio.run(go())
+
+
+def _applied(path: Path) -> list[str]:
+    with sqlite_utils.Database(path) as db:
+        return [m.name for m in migrations.applied(db)]
+
+
+def _assert_schema(db: sqlite_utils.Database) -> None:
+    for name, columns in COLUMNS.items():
+        table = db.table(name)
+        assert {c.name: c.type for c in table.columns} == columns, name
+    assert db.table("responses").pks == ["id"]
+    assert db.table("steps").pks == ["id"]
+    assert db.table("tools").pks == ["name"]
+    indexes = {tuple(i.columns): i.unique for i in db.table("steps").indexes}
+    assert indexes[("response_id", "sequence")] == 1
+    assert ("response_id", "scope_parent", "sequence") in indexes
+    assert ("state",) in indexes
+    fks = db.table("steps").foreign_keys
+    assert [(fk.column, fk.other_table, fk.other_column) for fk in fks] == [
+        ("response_id", "responses", "id")
+    ]
+
+
+def test_fresh_database_has_exact_columns(tmp_path: Path) -> None:
+    with sqlite_utils.Database(tmp_path / "fresh.db") as db:
+        assert apply_migrations(db) == NAMES
+        _assert_schema(db)
+        assert set(db.table_names()) == {*COLUMNS, migrations.migrations_table}
+
+
+def test_store_open_applies_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    _open_close(path)
+    with sqlite_utils.Database(path) as db:
+        _assert_schema(db)
+        assert db.journal_mode == "wal"
+
+
+def test_reopening_applies_nothing_twice(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    _open_close(path)
+    _open_close(path)
+    _open_close(path)
+    assert _applied(path) == NAMES
+    with sqlite_utils.Database(path) as db:
+        assert apply_migrations(db) == []
+        rows = list(db.table(migrations.migrations_table).rows)
+    assert [(r["migration_set"], r["name"]) for r in rows] == [(MIGRATION_SET, n) for n in NAMES]
+
+
+def test_upgrade_from_an_older_schema(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite_utils.Database(path) as db:
+        migrations.apply(db, stop_before="m003_tools")
+        assert "tools" not in db.table_names()
+    assert _applied(path) == NAMES[:2]
+    _open_close(path)
+    assert _applied(path) == NAMES
+    with sqlite_utils.Database(path) as db:
+        _assert_schema(db)
+
+
+def test_migrations_are_registered_in_order() -> None:
+    with sqlite_utils.Database(memory=True) as db:
+        assert [m.name for m in migrations.pending(db)] == NAMES
