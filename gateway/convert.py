@@ -1,4 +1,4 @@
-"""Responses API requests → Chat Completions requests, and Chat Completions usage → Responses usage.
+"""Responses API requests → Chat Completions requests (and usage back).
 
 Pure functions, no I/O. The mapping follows ``shared/reference/responses-api.md`` ("Mapping to
 Chat Completions"):
@@ -8,7 +8,8 @@ Chat Completions"):
 * ``items_to_messages`` — input items (and earlier output items) → Chat Completions messages;
 * ``tools_to_chat`` / ``build_chat_request`` — tools and the whole upstream body;
 * ``validate_request`` — type checks of the top-level fields the gateway reads;
-* ``chat_usage_to_response_usage`` / ``add_usage`` — token accounting.
+* ``chat_usage_to_response_usage`` / ``add_usage`` — token accounting (defined with the
+  Response object, re-exported here).
 
 Every problem with the client's request raises :class:`gateway.errors.InvalidRequestError` with
 ``param`` naming the offending field the way OpenAI does (``input[2].content[0].text``).
@@ -21,6 +22,7 @@ from typing import Any
 from executors.truncation import tool_output_text, truncate_for_model
 
 from .errors import InvalidRequestError
+from .response_object import add_chat_usage, add_usage, chat_usage_to_response_usage, zero_usage
 
 __all__ = [
     "add_chat_usage",
@@ -36,13 +38,14 @@ __all__ = [
 
 _ROLES = ("user", "assistant", "system", "developer")
 _TEXT_PARTS = ("input_text", "output_text")
+_STRING_FIELDS = (
+    "instructions", "previous_response_id", "user", "safety_identifier", "prompt_cache_key"
+)  # fmt: skip
+_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens": "max_tokens"}
 _ID_PREFIX = {
-    "message": "msg",
-    "function_call": "fc",
-    "function_call_output": "fco",
-    "reasoning": "rs",
-    "mcp_call": "mcp",
-}
+    "message": "msg", "function_call": "fc", "function_call_output": "fco",
+    "reasoning": "rs", "mcp_call": "mcp",
+}  # fmt: skip
 
 
 def _hex(response_id: str) -> str:
@@ -51,6 +54,10 @@ def _hex(response_id: str) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
 
 
 def _is_number(value: Any) -> bool:
@@ -86,55 +93,45 @@ def normalize_input(input: str | list[Any], response_id: str) -> list[dict[str, 
             }
         ]
     if not isinstance(input, list):
-        raise InvalidRequestError("'input' must be a string or a list of input items.", param="input")
+        raise _bad("input", "a string or a list of input items")
     items = []
     for i, raw in enumerate(input):
         param = f"input[{i}]"
         if not isinstance(raw, dict):
-            raise InvalidRequestError(f"Invalid type for '{param}': expected an object.", param=param)
+            raise _bad(param, "an object")
         item = dict(raw)
         kind = item.get("type")
         if kind is None and "role" in item:
             kind = item["type"] = "message"
         if not isinstance(kind, str):
-            raise InvalidRequestError(
-                f"Invalid type for '{param}.type': expected a string.", param=f"{param}.type"
-            )
+            raise _bad(f"{param}.type", "a string")
         validator = _ITEM_VALIDATORS.get(kind)
         if validator is None:
-            raise InvalidRequestError(
-                f"Input items of type '{kind}' are not supported by this gateway.",
-                param=f"{param}.type",
-                code="unsupported_value",
-            )
+            message = f"Input items of type '{kind}' are not supported by this gateway."
+            raise _unsupported(f"{param}.type", message)
         validator(item, param)
-        item_id = item.get("id")
-        if item_id is None:
+        if "id" not in item or item["id"] is None:
             item["id"] = f"{_ID_PREFIX[kind]}_{hex_id}_{i}"
-        elif not isinstance(item_id, str) or not item_id:
-            raise InvalidRequestError(
-                f"Invalid type for '{param}.id': expected a non-empty string.", param=f"{param}.id"
-            )
+        else:
+            _require_str(item, "id", param)
         items.append(item)
     return items
+
+
+def _unsupported(param: str, message: str) -> InvalidRequestError:
+    return InvalidRequestError(message, param=param, code="unsupported_value")
 
 
 def _require_str(item: dict[str, Any], key: str, param: str, *, empty: bool = False) -> None:
     value = item.get(key)
     if not isinstance(value, str) or (not empty and not value):
-        what = "a string" if empty else "a non-empty string"
-        raise InvalidRequestError(
-            f"Invalid value for '{param}.{key}': expected {what}.", param=f"{param}.{key}"
-        )
+        raise _bad(f"{param}.{key}", "a string" if empty else "a non-empty string")
 
 
 def _validate_message(item: dict[str, Any], param: str) -> None:
     role = item.get("role")
     if role not in _ROLES:
-        raise InvalidRequestError(
-            f"Invalid value for '{param}.role': expected one of {', '.join(_ROLES)}.",
-            param=f"{param}.role",
-        )
+        raise _bad(f"{param}.role", f"one of {', '.join(_ROLES)}")
     item.setdefault("status", "completed")
     content = item.get("content")
     if isinstance(content, str):
@@ -144,10 +141,7 @@ def _validate_message(item: dict[str, Any], param: str) -> None:
             item["content"] = [{"type": "input_text", "text": content}]
         return
     if not isinstance(content, list):
-        raise InvalidRequestError(
-            f"Invalid type for '{param}.content': expected a string or a list of content parts.",
-            param=f"{param}.content",
-        )
+        raise _bad(f"{param}.content", "a string or a list of content parts")
     for j, part in enumerate(content):
         _validate_part(part, f"{param}.content[{j}]", media=role == "user")
 
@@ -155,48 +149,36 @@ def _validate_message(item: dict[str, Any], param: str) -> None:
 def _validate_part(part: Any, param: str, *, media: bool) -> None:
     """One content part of a message (``media``: images and files allowed) or a tool output."""
     if not isinstance(part, dict):
-        raise InvalidRequestError(f"Invalid type for '{param}': expected an object.", param=param)
+        raise _bad(param, "an object")
     kind = part.get("type")
     if kind in _TEXT_PARTS:
         _require_str(part, "text", param, empty=True)
     elif kind == "refusal":
         _require_str(part, "refusal", param, empty=True)
     elif kind in ("input_image", "input_file") and not media:
-        raise InvalidRequestError(
-            f"Content parts of type '{kind}' are only supported in user messages and tool outputs.",
-            param=f"{param}.type",
-        )
+        raise _bad(f"{param}.type", "a text part: images and files go in user messages")
     elif kind == "input_image":
         if part.get("file_id") is not None:
-            raise InvalidRequestError(
-                "Images given by 'file_id' are not supported by this gateway; use 'image_url' "
-                "(a URL or a data URL).",
-                param=f"{param}.file_id",
-                code="unsupported_value",
+            raise _unsupported(
+                f"{param}.file_id",
+                "Images given by 'file_id' are not supported by this gateway; use 'image_url'.",
             )
         _require_str(part, "image_url", param)
-        detail = part.get("detail")
-        if detail is not None and detail not in ("auto", "low", "high", "original"):
-            raise InvalidRequestError(
-                f"Invalid value for '{param}.detail': expected auto, low, high or original.",
-                param=f"{param}.detail",
-            )
+        if part.get("detail") not in (None, "auto", "low", "high", "original"):
+            raise _bad(f"{param}.detail", "auto, low, high or original")
     elif kind == "input_file":
         for key in ("file_id", "file_url"):
             if part.get(key) is not None:
-                raise InvalidRequestError(
+                raise _unsupported(
+                    f"{param}.{key}",
                     f"Files given by '{key}' are not supported by this gateway; use 'file_data'.",
-                    param=f"{param}.{key}",
-                    code="unsupported_value",
                 )
         _require_str(part, "file_data", param)
         if part.get("filename") is not None:
             _require_str(part, "filename", param)
     else:
-        raise InvalidRequestError(
-            f"Content parts of type '{kind}' are not supported by this gateway.",
-            param=f"{param}.type",
-            code="unsupported_value",
+        raise _unsupported(
+            f"{param}.type", f"Content parts of type '{kind}' are not supported by this gateway."
         )
 
 
@@ -214,10 +196,7 @@ def _validate_function_call_output(item: dict[str, Any], param: str) -> None:
         for j, part in enumerate(output):
             _validate_part(part, f"{param}.output[{j}]", media=True)
     elif not isinstance(output, str):
-        raise InvalidRequestError(
-            f"Invalid type for '{param}.output': expected a string or a list of content parts.",
-            param=f"{param}.output",
-        )
+        raise _bad(f"{param}.output", "a string or a list of content parts")
     item.setdefault("status", "completed")
 
 
@@ -225,26 +204,21 @@ def _validate_reasoning(item: dict[str, Any], param: str) -> None:
     # Dropped before the upstream call; only the shape that openai-agents resends is checked.
     for key in ("summary", "content"):
         if item.get(key) is not None and not isinstance(item[key], list):
-            raise InvalidRequestError(
-                f"Invalid type for '{param}.{key}': expected a list.", param=f"{param}.{key}"
-            )
+            raise _bad(f"{param}.{key}", "a list")
 
 
 def _validate_mcp_call(item: dict[str, Any], param: str) -> None:
     _require_str(item, "name", param)
     _require_str(item, "arguments", param, empty=True)
     if item.get("output") is not None and not isinstance(item["output"], str):
-        raise InvalidRequestError(
-            f"Invalid type for '{param}.output': expected a string or null.", param=f"{param}.output"
-        )
+        raise _bad(f"{param}.output", "a string or null")
 
 
 def _reject_reference(item: dict[str, Any], param: str) -> None:
-    raise InvalidRequestError(
+    raise _unsupported(
+        f"{param}.type",
         "Input items of type 'item_reference' are not supported by this gateway; send the item "
         "itself, or use 'previous_response_id'.",
-        param=f"{param}.type",
-        code="unsupported_value",
     )
 
 
@@ -279,7 +253,8 @@ def items_to_messages(
       ``function_call_output``'s output (found anywhere later in ``items``), or an ``mcp_call``'s
       own output (``"Error: …"`` if it failed), truncated like live tool outputs;
     * the tool-call id of a ``function_call`` is its ``call_id``; of an ``mcp_call`` its
-      ``call_id`` if it carries one, else its ``id`` (the gateway's own ``mcp_…`` items carry none);
+      ``call_id`` if it carries one, else its ``id`` (the gateway's own ``mcp_…`` items have
+      none);
     * ``reasoning`` items are dropped.
 
     Chat upstreams reject an assistant ``tool_calls`` message that is not followed by exactly one
@@ -355,14 +330,16 @@ def _tool_turn(
                 content, found = _tool_output_content(items[answer]["output"])
                 answers.append({"role": "tool", "tool_call_id": call_id, "content": content})
                 if found:
-                    images.append({"type": "text", "text": f"Images returned by tool call {call_id}:"})
-                    images.extend(found)
+                    note = f"Images returned by tool call {call_id}:"
+                    images += [{"type": "text", "text": note}, *found]
         elif kind == "mcp_call":
             call_id = item.get("call_id") or item["id"]
             if call_id not in seen:
                 seen.add(call_id)
                 calls.append(_tool_call(call_id, item))
-                text = truncate_for_model(_mcp_output_text(item), max_bytes=limits[0], max_lines=limits[1])
+                text = truncate_for_model(
+                    _mcp_output_text(item), max_bytes=limits[0], max_lines=limits[1]
+                )
                 answers.append({"role": "tool", "tool_call_id": call_id, "content": text})
         i += 1
     if calls:
@@ -399,28 +376,20 @@ def _mcp_output_text(item: dict[str, Any]) -> str:
         return output
     if isinstance(error, dict):
         error = error.get("content", error.get("message"))
-    if error is None or error == "":
-        message = "the tool call failed" if item.get("status") == "failed" else "the tool call did not finish"
-    else:
-        message = tool_output_text(error)
-    return f"Error: {message}"
+    if error is not None and error != "":
+        return f"Error: {tool_output_text(error)}"
+    if item.get("status") == "failed":
+        return "Error: the tool call failed"
+    return "Error: the tool call did not finish"
 
 
 def _tool_output_content(output: str | list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     """A ``function_call_output``'s output as tool-message text, plus any image/file parts."""
     if isinstance(output, str):
         return output, []
-    texts = []
-    media = []
-    for part in output:
-        kind = part.get("type")
-        if kind in _TEXT_PARTS:
-            texts.append(part["text"])
-        elif kind == "refusal":
-            texts.append(part["refusal"])
-        else:
-            media.append(_chat_part(part))
-    return "\n".join(texts), media
+    parts = [_chat_part(part) for part in output]
+    texts = [part["text"] for part in parts if part["type"] == "text"]
+    return "\n".join(texts), [part for part in parts if part["type"] != "text"]
 
 
 def _chat_part(part: dict[str, Any]) -> dict[str, Any]:
@@ -443,8 +412,8 @@ def _message(item: dict[str, Any]) -> dict[str, Any]:
     role = "system" if item["role"] == "developer" else item["role"]
     parts = item["content"]
     if all(part["type"] in _TEXT_PARTS or part["type"] == "refusal" for part in parts):
-        text = "\n".join(part["refusal"] if part["type"] == "refusal" else part["text"] for part in parts)
-        return {"role": role, "content": text}
+        texts = (part["refusal"] if part["type"] == "refusal" else part["text"] for part in parts)
+        return {"role": role, "content": "\n".join(texts)}
     return {"role": role, "content": [_chat_part(part) for part in parts]}
 
 
@@ -462,10 +431,9 @@ def tools_to_chat(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     for i, tool in enumerate(tools or ()):
         if not isinstance(tool, dict) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else None
-            raise InvalidRequestError(
+            raise _unsupported(
+                f"tools[{i}].type",
                 f"Tools of type '{kind}' are not supported by this gateway; use function tools.",
-                param=f"tools[{i}].type",
-                code="unsupported_value",
             )
         function = {
             key: tool[key]
@@ -477,15 +445,19 @@ def tools_to_chat(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
 
 
 def build_chat_request(
-    request: dict[str, Any], messages: list[dict[str, Any]], tools: list[dict[str, Any]], *, stream: bool
+    request: dict[str, Any],
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+    *,
+    stream: bool,
 ) -> dict[str, Any]:
     """The Chat Completions body for a validated Responses ``request``.
 
     ``messages`` come from :func:`items_to_messages`, ``tools`` from :func:`tools_to_chat`.
     ``instructions`` become the first (system) message; ``tools``, ``tool_choice`` and
     ``parallel_tool_calls`` are sent only with tools; ``max_output_tokens`` → ``max_tokens``;
-    ``text.format`` → ``response_format``; ``reasoning.effort`` → ``reasoning_effort``; streaming
-    asks for ``stream_options.include_usage``. Absent or null fields are omitted, unknown
+    ``text.format`` → ``response_format``; ``reasoning.effort`` → ``reasoning_effort``;
+    streaming asks for ``stream_options.include_usage``. Absent or null fields are omitted, unknown
     request fields ignored.
     """
     instructions = request.get("instructions")
@@ -501,11 +473,7 @@ def build_chat_request(
             body["tool_choice"] = choice
         if request.get("parallel_tool_calls") is not None:
             body["parallel_tool_calls"] = request["parallel_tool_calls"]
-    for source, target in (
-        ("temperature", "temperature"),
-        ("top_p", "top_p"),
-        ("max_output_tokens", "max_tokens"),
-    ):
+    for source, target in _SAMPLING.items():
         if request.get(source) is not None:
             body[target] = request[source]
     text_format = (request.get("text") or {}).get("format") or {}
@@ -549,7 +517,7 @@ def validate_request(body: dict[str, Any]) -> None:
     if "input" in body and not isinstance(body["input"], (str, list)):
         raise _bad("input", "a string or a list of input items")
     get = body.get
-    for key in ("instructions", "previous_response_id", "user", "safety_identifier", "prompt_cache_key"):
+    for key in _STRING_FIELDS:
         if get(key) is not None and not isinstance(get(key), str):
             raise _bad(key, "a string")
     for key in ("store", "stream", "parallel_tool_calls", "background"):
@@ -576,9 +544,7 @@ def validate_request(body: dict[str, Any]) -> None:
         if reasoning.get("effort") is not None and not isinstance(reasoning["effort"], str):
             raise _bad("reasoning.effort", "a string")
     include = get("include")
-    if include is not None and not (
-        isinstance(include, list) and all(isinstance(x, str) for x in include)
-    ):
+    if include is not None and not (isinstance(include, list) and all(map(_is_str, include))):
         raise _bad("include", "a list of strings")
 
 
@@ -626,7 +592,7 @@ def _validate_tool_choice(choice: Any) -> None:
         if not isinstance(choice.get("name"), str) or not choice["name"]:
             raise _bad("tool_choice.name", "a non-empty string")
         return
-    raise _bad("tool_choice", "'none', 'auto', 'required' or {\"type\": \"function\", \"name\": ...}")
+    raise _bad("tool_choice", "'none', 'auto', 'required' or a function tool choice")
 
 
 def _validate_text(text: Any) -> None:
@@ -649,74 +615,3 @@ def _validate_text(text: Any) -> None:
             raise _bad("text.format.schema", "a JSON Schema object")
         if fmt.get("strict") is not None and not isinstance(fmt["strict"], bool):
             raise _bad("text.format.strict", "a boolean")
-
-
-# -- usage -------------------------------------------------------------------------------------
-
-
-def zero_usage() -> dict[str, Any]:
-    """A Responses usage object with every count 0."""
-    return {
-        "input_tokens": 0,
-        # cache_write_tokens: the installed SDK's InputTokensDetails requires it.
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-        "output_tokens": 0,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": 0,
-    }
-
-
-def _count(value: Any) -> int:
-    return value if _is_int(value) and value > 0 else 0
-
-
-def chat_usage_to_response_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
-    """Chat Completions ``usage`` → Responses ``usage``, both detail objects always present.
-
-    ``prompt_tokens`` → ``input_tokens``, ``completion_tokens`` → ``output_tokens``,
-    ``prompt_tokens_details.cached_tokens`` → ``input_tokens_details.cached_tokens``,
-    ``completion_tokens_details.reasoning_tokens`` → ``output_tokens_details.reasoning_tokens``;
-    ``total_tokens`` is the upstream's, or input + output. None (or missing counts) → 0. A usage
-    object already in the Responses shape is passed through normalized.
-    """
-    result = zero_usage()
-    if not isinstance(usage, dict):
-        return result
-    if "input_tokens" in usage and "prompt_tokens" not in usage:
-        in_details = usage.get("input_tokens_details") or {}
-        out_details = usage.get("output_tokens_details") or {}
-        inputs, outputs = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
-    else:
-        in_details = usage.get("prompt_tokens_details") or {}
-        out_details = usage.get("completion_tokens_details") or {}
-        inputs, outputs = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
-    result["input_tokens"] = inputs
-    result["output_tokens"] = outputs
-    result["total_tokens"] = _count(usage.get("total_tokens")) or inputs + outputs
-    if isinstance(in_details, dict):
-        result["input_tokens_details"]["cached_tokens"] = _count(in_details.get("cached_tokens"))
-        result["input_tokens_details"]["cache_write_tokens"] = _count(
-            in_details.get("cache_write_tokens")
-        )
-    if isinstance(out_details, dict):
-        result["output_tokens_details"]["reasoning_tokens"] = _count(
-            out_details.get("reasoning_tokens")
-        )
-    return result
-
-
-def add_usage(total: dict[str, Any] | None, usage: dict[str, Any] | None) -> dict[str, Any]:
-    """The sum of two Responses usage objects (None counts as zero); a new dict."""
-    a = chat_usage_to_response_usage(total)
-    b = chat_usage_to_response_usage(usage)
-    for key in ("input_tokens", "output_tokens", "total_tokens"):
-        a[key] += b[key]
-    for details in ("input_tokens_details", "output_tokens_details"):
-        for key, value in b[details].items():
-            a[details][key] += value
-    return a
-
-
-def add_chat_usage(total: dict[str, Any] | None, chat_usage: dict[str, Any] | None) -> dict[str, Any]:
-    """``total`` (Responses usage or None) plus one Chat Completions ``usage``; a new dict."""
-    return add_usage(total, chat_usage_to_response_usage(chat_usage))

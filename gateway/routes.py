@@ -104,8 +104,8 @@ async def create_response(request: Request) -> Response:
     # that fails before producing anything becomes an HTTP error the SDK can raise.
     head = [await queue.get(), await queue.get()]
     first = await queue.get()
-    if first is None:
-        final = task.result()
+    if first is None or first.startswith(b"event: response.failed"):
+        final = await asyncio.shield(task)
         if final["status"] == "failed" and not final["output"]:
             raise _error_for_failure(final.get("error"))
     head.append(first)
@@ -189,6 +189,25 @@ async def list_input_items(request: Request) -> Response:
             "has_more": len(items) > limit,
         }
     )
+
+
+async def list_steps(request: Request) -> Response:
+    """``GET /v1/responses/{id}/steps``: the recorded step chain (a stepchain extension).
+
+    Every step of every scope by ``sequence``; ``?scope_parent=<step id>`` lists one sub-agent
+    scope and ``?scope_parent=`` (empty) the top level only.
+    """
+    record = await _visible(request)
+    store = request.app.state.service.store
+    if "scope_parent" in request.query_params:
+        steps = await store.list_chain(record.id, request.query_params["scope_parent"] or None)
+    else:
+        steps = await store.list_steps(record.id)
+    return _json({"object": "list", "data": [_step_dict(s) for s in steps]})
+
+
+def _step_dict(step: Any) -> dict[str, Any]:
+    return {"object": "response.step", **{name: getattr(step, name) for name in step.__slots__}}
 
 
 # -- /v1/chat/completions passthrough ---------------------------------------------------------
@@ -315,6 +334,7 @@ def api_routes() -> list[Route]:
         Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
         Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
+        Route("/v1/responses/{response_id}/steps", list_steps, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
     ]

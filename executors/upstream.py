@@ -1,0 +1,420 @@
+"""The upstream Chat Completions client: one model call, streamed and reassembled, or plain.
+
+:class:`UpstreamClient` posts to ``{base_url}/chat/completions`` over one shared, pooled
+``httpx.AsyncClient``. A streaming body (``"stream": true``) is read with httpx-sse; each chunk is
+parsed with orjson, handed to ``on_chunk``, fed to a :class:`~executors.reassembly.Reassembler`, and
+its Deltas handed to ``on_delta`` as they arrive; the call returns the reassembled completion.
+
+Every failure is an :class:`UpstreamError`; httpx exceptions are translated in one place
+(:func:`_from_httpx`, ``raise … from exc``). ``UpstreamError.type``::
+
+    upstream_error              a non-2xx status (not 429), or an ``error`` object in a body or chunk
+    rate_limited                HTTP 429
+    insufficient_quota          HTTP 429 whose error code/type is ``insufficient_quota``
+    upstream_timeout            connect/read/write/pool timeout, or no bytes for ``idle_timeout`` s
+                                while streaming
+    upstream_connection_error   connection refused/reset before an answer, bad URL, protocol error
+    stream_cut                  the stream broke off (or ended) before the answer finished
+    invalid_upstream_response   a body or chunk that is not the JSON object it should be
+
+A stream that fails after it started keeps what arrived in ``UpstreamError.partial``. Once the answer
+is finished (choice 0 had a ``finish_reason``, or ``[DONE]`` arrived) a failure while reading the
+rest (the usage chunk, the end of the body) does not fail the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import orjson
+from httpx_sse import EventSource
+
+from executors.reassembly import Delta, Reassembler, StreamCutError
+
+__all__ = ["UpstreamClient", "UpstreamError"]
+
+# How much of a non-JSON error body goes into the message.
+_SNIPPET_CHARS = 500
+
+
+class UpstreamError(Exception):
+    """A failed model call; ``message`` (also ``str(exc)``) is what a person or model should see.
+
+    ``status`` is the upstream HTTP status if there was one, ``type`` one of the kinds in the module
+    docstring, ``partial`` the completion reassembled so far when a stream broke mid-way, ``body``
+    the upstream error body (parsed JSON, else text), ``retry_after`` seconds from ``Retry-After``
+    or ``retry-after-ms``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        type: str = "upstream_error",
+        status: int | None = None,
+        partial: dict[str, Any] | None = None,
+        body: dict[str, Any] | str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.type = type
+        self.status = status
+        self.partial = partial
+        self.body = body
+        self.retry_after = retry_after
+
+
+class UpstreamClient:
+    """Calls one Chat Completions upstream at ``base_url`` (e.g. ``https://api.openai.com/v1``).
+
+    ``client`` is shared and not closed by :meth:`aclose` when given; otherwise one is created with
+    pooled connections. Timeouts are seconds: ``connect_timeout`` to connect, ``read_timeout`` for
+    each read (the whole wait for a non-streamed answer), ``idle_timeout`` for a silent stream.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        client: httpx.AsyncClient | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 300.0,
+        idle_timeout: float = 120.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._url = self.base_url + "/chat/completions"
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+        )
+        self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        self._idle_timeout = idle_timeout
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._headers = headers
+        self._sse_headers = {**headers, "Accept": "text/event-stream", "Cache-Control": "no-store"}
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def get(self, path: str) -> httpx.Response:
+        """``GET {base_url}/{path}`` (e.g. ``"models"``), read in full, any status; UpstreamError on
+        a transport failure."""
+        try:
+            return await self._client.get(
+                self.base_url + "/" + path.lstrip("/"), headers=self._headers, timeout=self._timeout
+            )
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise _from_httpx(exc, started=False, partial=None) from exc
+
+    async def chat_completion(
+        self,
+        body: dict[str, Any],
+        *,
+        on_delta: Callable[[Delta], Awaitable[None]] | None = None,
+        on_chunk: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
+        """Run one model call with ``body`` (a Chat Completions request); return the
+        ``chat.completion`` dict (reassembled when ``body["stream"]`` is true, in which case
+        ``on_chunk`` gets every raw chunk and ``on_delta`` every Delta as they arrive).
+        Raises UpstreamError."""
+        payload = orjson.dumps(body)
+        if body.get("stream"):
+            return await self._stream(payload, on_delta, on_chunk)
+        try:
+            response = await self._client.post(
+                self._url, content=payload, headers=self._headers, timeout=self._timeout
+            )
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise _from_httpx(exc, started=False, partial=None) from exc
+        if not 200 <= response.status_code < 300:
+            raise _status_error(response)
+        return _parse_completion(response.content)
+
+    async def _stream(
+        self,
+        payload: bytes,
+        on_delta: Callable[[Delta], Awaitable[None]] | None,
+        on_chunk: Callable[[dict[str, Any]], Awaitable[None]] | None,
+    ) -> dict[str, Any]:
+        reassembler = Reassembler()
+        saw_done = False
+        started = False
+        timer = None
+        try:
+            async with asyncio.timeout(None) as timer:
+                async with self._client.stream(
+                    "POST", self._url, content=payload, headers=self._sse_headers,
+                    timeout=self._timeout,
+                ) as response:
+                    if not 200 <= response.status_code < 300:
+                        await response.aread()
+                        raise _status_error(response)
+                    started = True
+                    content_type = response.headers.get("content-type", "")
+                    if "text/event-stream" not in content_type:
+                        # A server that ignored "stream": it answered with one JSON completion.
+                        completion = _parse_completion(await response.aread())
+                        events: Any = _as_events(_chunk_of(completion))
+                    else:
+                        watch = _IdleWatch(timer, self._idle_timeout)
+                        response.stream = watch.wrap(response.stream)
+                        events = EventSource(response).aiter_sse()
+                    async with contextlib.aclosing(events):
+                        async for sse in events:
+                            data = sse.data
+                            if saw_done or not data:
+                                continue  # read on to the end of the body: the connection is reused
+                            if data.startswith("[DONE]"):
+                                saw_done = True
+                                continue
+                            try:
+                                chunk = orjson.loads(data)
+                                if chunk.get("error"):
+                                    raise _error_object(chunk, None, partial=reassembler.partial())
+                                deltas = reassembler.feed(chunk)
+                            except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+                                raise UpstreamError(
+                                    f"The upstream sent a stream chunk that is not a valid "
+                                    f"chat.completion.chunk: {data[:_SNIPPET_CHARS]!r}",
+                                    type="invalid_upstream_response",
+                                    partial=reassembler.partial(),
+                                ) from exc
+                            if on_chunk is not None:
+                                await on_chunk(chunk)
+                            if on_delta is not None:
+                                for delta in deltas:
+                                    await on_delta(delta)
+        except TimeoutError as exc:
+            if timer is None or not timer.expired():
+                raise
+            if not (saw_done or reassembler.finish_reason is not None):
+                raise UpstreamError(
+                    f"The upstream stream sent nothing for {self._idle_timeout:g} s.",
+                    type="upstream_timeout",
+                    partial=reassembler.partial(),
+                ) from exc
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            if not (saw_done or reassembler.finish_reason is not None):
+                partial = reassembler.partial() if started else None
+                raise _from_httpx(exc, started=started, partial=partial) from exc
+        held = reassembler.flush()
+        if on_delta is not None:
+            for delta in held:
+                await on_delta(delta)
+        try:
+            return reassembler.finish(saw_done)
+        except StreamCutError as exc:
+            raise UpstreamError(
+                "The upstream stream ended before the answer finished (no finish_reason, no [DONE]).",
+                type="stream_cut",
+                partial=reassembler.partial(),
+            ) from exc
+
+
+class _IdleWatch:
+    """Fires ``timer`` when a read of the response body has waited ``idle`` seconds.
+
+    Only a float store per read on the hot path; one loop timer re-arms itself as needed.
+    """
+
+    __slots__ = ("_timer", "_idle", "_loop", "_waiting_since", "_handle")
+
+    def __init__(self, timer: asyncio.Timeout, idle: float) -> None:
+        self._timer = timer
+        self._idle = idle
+        self._loop = asyncio.get_running_loop()
+        self._waiting_since: float | None = None
+        self._handle = self._loop.call_later(idle, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self._waiting_since
+        if since is not None and now - since >= self._idle:
+            self._timer.reschedule(now)
+            return
+        due = (since if since is not None else now) + self._idle
+        self._handle = self._loop.call_at(due, self._check)
+
+    async def _watched(self, stream: httpx.AsyncByteStream) -> AsyncIterator[bytes]:
+        iterator = stream.__aiter__()
+        time = self._loop.time
+        try:
+            while True:
+                self._waiting_since = time()
+                try:
+                    piece = await iterator.__anext__()
+                except StopAsyncIteration:
+                    return
+                self._waiting_since = None
+                yield piece
+        finally:
+            self._waiting_since = None
+            self._handle.cancel()
+
+    def wrap(self, stream: Any) -> httpx.AsyncByteStream:
+        return _WatchedStream(stream, self)
+
+
+class _WatchedStream(httpx.AsyncByteStream):
+    """The response body stream, with every read timed by an :class:`_IdleWatch`."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, watch: _IdleWatch) -> None:
+        self._inner = inner
+        self._watch = watch
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._watch._watched(self._inner)
+
+    async def aclose(self) -> None:
+        self._watch._handle.cancel()
+        await self._inner.aclose()
+
+
+class _Event:
+    __slots__ = ("data",)
+
+    def __init__(self, data: str) -> None:
+        self.data = data
+
+
+async def _as_events(chunk: dict[str, Any]) -> AsyncIterator[_Event]:
+    yield _Event(orjson.dumps(chunk).decode())
+    yield _Event("[DONE]")
+
+
+def _chunk_of(completion: dict[str, Any]) -> dict[str, Any]:
+    """A non-streamed completion as one chunk (tool calls gain their ``index``)."""
+    choices = []
+    for choice in completion.get("choices") or ():
+        delta = dict(choice.get("message") or {})
+        if delta.get("tool_calls"):
+            delta["tool_calls"] = [{**c, "index": i} for i, c in enumerate(delta["tool_calls"])]
+        choices.append(
+            {"index": choice.get("index", 0), "delta": delta,
+             "finish_reason": choice.get("finish_reason")}
+        )
+    return {**completion, "object": "chat.completion.chunk", "choices": choices}
+
+
+def _parse_completion(content: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError(
+            f"The upstream answered with a body that is not JSON: "
+            f"{content[:_SNIPPET_CHARS].decode(errors='replace')!r}",
+            type="invalid_upstream_response",
+        ) from exc
+    if not isinstance(data, dict):
+        raise UpstreamError(
+            "The upstream answered with JSON that is not a chat.completion object.",
+            type="invalid_upstream_response",
+        )
+    if data.get("error"):
+        raise _error_object(data, None, partial=None)
+    return data
+
+
+def _error_object(
+    body: dict[str, Any] | str, status: int | None, *, partial: dict[str, Any] | None,
+    retry_after: float | None = None, status_text: str | None = None,
+) -> UpstreamError:
+    """An UpstreamError from an OpenAI-shaped ``{"error": {...}}`` body (or any other body)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    code = etype = None
+    if isinstance(error, dict):
+        detail = error.get("message") or orjson.dumps(error).decode()
+        code, etype = error.get("code"), error.get("type")
+    elif isinstance(error, str):
+        detail = error
+    elif isinstance(body, str):
+        detail = body[:_SNIPPET_CHARS] or status_text or ""
+    else:
+        detail = orjson.dumps(body).decode()[:_SNIPPET_CHARS]
+    kind = "upstream_error"
+    if status == 429:
+        quota = "insufficient_quota" in (code, etype)
+        kind = "insufficient_quota" if quota else "rate_limited"
+    where = f"The upstream returned HTTP {status}" if status else "The upstream reported an error"
+    return UpstreamError(
+        f"{where}: {detail}" if detail else where + ".",
+        type=kind, status=status, partial=partial, body=body, retry_after=retry_after,
+    )
+
+
+def _status_error(response: httpx.Response) -> UpstreamError:
+    """The UpstreamError for a non-2xx response whose body has been read."""
+    content = response.content
+    body: dict[str, Any] | str
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        body = content.decode(errors="replace")
+    return _error_object(
+        body, response.status_code, partial=None, retry_after=_retry_after(response.headers),
+        status_text=response.reason_phrase,
+    )
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds to wait, from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(float(value) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def _from_httpx(
+    exc: Exception, *, started: bool, partial: dict[str, Any] | None
+) -> UpstreamError:
+    """The one translation of an httpx exception into an UpstreamError.
+
+    ``started`` says the response headers had arrived, so a broken connection is a cut stream.
+    """
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        what = "connect to" if isinstance(exc, httpx.ConnectTimeout) else "get an answer from"
+        return UpstreamError(
+            f"Timed out trying to {what} the upstream ({type(exc).__name__}).",
+            type="upstream_timeout", partial=partial,
+        )
+    if isinstance(exc, httpx.DecodingError):
+        return UpstreamError(
+            f"The upstream's response could not be decoded: {detail}",
+            type="invalid_upstream_response", partial=partial,
+        )
+    if started and isinstance(exc, (httpx.ReadError, httpx.RemoteProtocolError)):
+        return UpstreamError(
+            f"The upstream stream broke off before the answer finished: {detail}",
+            type="stream_cut", partial=partial,
+        )
+    return UpstreamError(
+        f"Could not reach the upstream: {detail}",
+        type="upstream_connection_error", partial=partial,
+    )
