@@ -29,6 +29,7 @@ from store.sqlite import SQLiteStore
 from .config import Settings, load_settings
 from .errors import GatewayError
 from .loop import LoopDeps
+from .recovery import Recovery, new_owner_id
 from .routes import api_routes
 from .service import ResponsesService
 from .tools_api import tool_routes
@@ -144,16 +145,23 @@ def create_app(
             tool_output_max_bytes=settings.tool_output_max_bytes,
             tool_output_max_lines=settings.tool_output_max_lines,
         )
+        tasks = TaskSet()
+        service = ResponsesService(deps, owner=new_owner_id(), lease_s=settings.lease_s)
+        recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings
         app.state.store = the_store
         app.state.upstream = upstream
         app.state.registry = registry
-        app.state.tasks = TaskSet()
-        app.state.service = ResponsesService(deps)
+        app.state.tasks = tasks
+        app.state.service = service
+        app.state.recovery = recovery
+        await recovery.start()
         try:
             yield
         finally:
-            await app.state.tasks.drain(grace_s=30.0)
+            # In-flight responses get the grace period; the rest are left for resumption.
+            await tasks.drain(grace_s=settings.shutdown_grace_s)
+            await recovery.stop()
             await client.aclose()
             await tool_client.aclose()
             await the_store.close()

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
+
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
 
@@ -44,20 +46,45 @@ class Settings:
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 600.0
     upstream_idle_timeout: float = 120.0
+    upstream_first_byte_timeout: float = 120.0
+    upstream_total_timeout: float = 1800.0
+    upstream_max_retries: int = 3
+    upstream_retry_max_s: float = 60.0
+    # Ordered fallbacks: [{"base_url", "api_key"?, "model"?}] tried when the primary stays down.
+    upstream_fallbacks: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    # Tenants: comma-separated API keys (or a file of one key per line); empty = open gateway.
+    api_keys: str | None = None
+    api_keys_file: str | None = None
+    pass_client_key: bool = False
+    tool_allowed_hosts: str | None = None
+    cancel_on_disconnect: bool = False
+    shutdown_grace_s: float = 30.0
+    # A process holds a lease on each response it runs; a response whose lease runs out (its
+    # process died) is resumed by another process after at most this many seconds.
+    lease_s: float = 30.0
     sqlite_synchronous: str = "NORMAL"
     log_level: str = "info"
     tools: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-_SECRET = {"upstream_api_key", "admin_key"}
+_SECRET = {"upstream_api_key", "admin_key", "api_keys"}
+_TABLES = {"tools", "upstream_fallbacks"}
 
 
 def _convert(name: str, value: Any, source: str) -> Any:
     default = _FIELDS[name].default
     kind = type(default) if default is not None and default is not dataclasses.MISSING else str
     try:
-        if kind is int and not isinstance(value, bool):
+        if kind is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                value = lowered in ("1", "true", "yes", "on")
+            elif not isinstance(value, bool):
+                raise TypeError(value)
+        elif kind is int and not isinstance(value, bool):
             value = int(value)
         elif kind is float:
             value = float(value)
@@ -86,7 +113,9 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{name}: must be at least 1, got {getattr(s, name)}")
     if s.port > 65535:
         raise ConfigError(f"port: must be at most 65535, got {s.port}")
-    for name in ("upstream_connect_timeout", "upstream_read_timeout", "upstream_idle_timeout"):
+    for name in ("upstream_connect_timeout", "upstream_read_timeout", "upstream_idle_timeout",
+                 "upstream_first_byte_timeout", "upstream_total_timeout", "upstream_retry_max_s",
+                 "shutdown_grace_s", "lease_s"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name}: must be more than 0 seconds, got {getattr(s, name)}")
     if s.upstream_base_url is not None:
@@ -96,6 +125,13 @@ def _validate(s: Settings) -> None:
                 f"upstream_base_url: expected an http(s) URL such as http://127.0.0.1:9000/v1, "
                 f"got {s.upstream_base_url!r}"
             )
+    for i, fallback in enumerate(s.upstream_fallbacks):
+        url = fallback.get("base_url")
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"upstream_fallbacks[{i}].base_url: expected an http(s) URL, got {url!r}")
+    if s.upstream_max_retries < 0:
+        raise ConfigError(f"upstream_max_retries: must be 0 or more, got {s.upstream_max_retries}")
     if s.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
         raise ConfigError(f"sqlite_synchronous: one of OFF NORMAL FULL EXTRA, got {s.sqlite_synchronous!r}")
 
@@ -113,11 +149,20 @@ def load_settings(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
 
-    env_values = {
+    env_values: dict[str, Any] = {
         name: environ[f"STEPCHAIN_{name.upper()}"]
         for name in _FIELDS
-        if name != "tools" and f"STEPCHAIN_{name.upper()}" in environ
+        if f"STEPCHAIN_{name.upper()}" in environ
     }
+    for name in _TABLES & env_values.keys():
+        # Tables come from the environment as a JSON list of objects.
+        try:
+            parsed = orjson.loads(env_values[name])
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, list) or not all(isinstance(t, dict) for t in parsed):
+            raise ConfigError(f"{name} from STEPCHAIN_{name.upper()}: expected a JSON list of objects")
+        env_values[name] = tuple(parsed)
     config_path = cli.get("config") or env_values.get("config")
     if config_path:
         try:
@@ -131,10 +176,10 @@ def load_settings(
             name = key.replace("-", "_")
             if name not in _FIELDS:
                 raise ConfigError(f"config: unknown setting {key!r} in {config_path}")
-            if name == "tools":
+            if name in _TABLES:
                 if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-                    raise ConfigError(f"tools in {config_path}: expected [[tools]] tables")
-                values["tools"] = tuple(value)
+                    raise ConfigError(f"{name} in {config_path}: expected [[{name}]] tables")
+                values[name] = tuple(value)
                 continue
             values[name] = value
             sources[name] = config_path
@@ -147,7 +192,7 @@ def load_settings(
         values[name] = value
         sources[name] = f"--{name.replace('_', '-')}"
     for name, value in list(values.items()):
-        if name != "tools":
+        if name not in _TABLES:
             values[name] = _convert(name, value, sources.get(name, "default"))
     settings = Settings(**values)
     _validate(settings)
@@ -161,4 +206,5 @@ def redacted(settings: Settings) -> dict[str, Any]:
         if out.get(name):
             out[name] = "***"
     out["tools"] = [t.get("name") for t in settings.tools]
+    out["upstream_fallbacks"] = [f.get("base_url") for f in settings.upstream_fallbacks]
     return out

@@ -615,3 +615,30 @@ def _validate_text(text: Any) -> None:
             raise _bad("text.format.schema", "a JSON Schema object")
         if fmt.get("strict") is not None and not isinstance(fmt["strict"], bool):
             raise _bad("text.format.strict", "a boolean")
+
+
+def validate_call_outputs(history: list[dict[str, Any]], input_items: list[dict[str, Any]]) -> None:
+    """Reject a ``function_call_output`` in the new input that answers no earlier tool call.
+
+    Earlier calls are ``function_call`` items (by ``call_id``) and ``mcp_call`` items (by
+    ``call_id`` or ``id``) in ``history`` or earlier in ``input_items``. Raises
+    InvalidRequestError with ``param`` ``input[i].call_id``.
+    """
+    known: set[str] = set()
+    for item in history:
+        _note_call(item, known)
+    for i, item in enumerate(input_items):
+        if item.get("type") == "function_call_output" and item.get("call_id") not in known:
+            raise InvalidRequestError(
+                f"No tool call found for function call output with call_id {item.get('call_id')}.",
+                param=f"input[{i}].call_id",
+            )
+        _note_call(item, known)
+
+
+def _note_call(item: dict[str, Any], known: set[str]) -> None:
+    kind = item.get("type")
+    if kind == "function_call" and item.get("call_id"):
+        known.add(item["call_id"])
+    elif kind == "mcp_call":
+        known.add(item.get("call_id") or item.get("id"))

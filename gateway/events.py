@@ -530,7 +530,7 @@ class ResponseBuilder:
             )
             arguments = payload.get("arguments")
             if not isinstance(arguments, str):
-                arguments = orjson.dumps(arguments).decode()
+                arguments = "" if arguments is None else orjson.dumps(arguments).decode()
             common = {"item_id": item.item["id"], "output_index": item.output_index}
             if arguments:
                 self._send("response.mcp_call_arguments.delta", **common, delta=arguments)

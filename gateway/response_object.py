@@ -19,6 +19,7 @@ __all__ = [
     "zero_usage",
 ]
 
+
 def _tools(tools: Any) -> list[Any]:
     """The request's tools in Responses format; function tools get every key (null if unset)."""
     if not isinstance(tools, list):

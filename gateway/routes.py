@@ -90,15 +90,18 @@ async def create_response(request: Request) -> Response:
     service: ResponsesService = request.app.state.service
     body = await read_json(request)
     prepared = await service.prepare(body, tenant_of(request))
+    tasks = request.app.state.tasks
     if body.get("stream") is not True:
-        final = await service.run(prepared, service.builder(prepared))
+        # A task of its own: the response finishes and is stored even if the client leaves.
+        task = tasks.spawn(service.run(prepared, service.builder(prepared)))
+        final = await asyncio.shield(task)
         if final["status"] == "failed" and not final["output"]:
             raise _error_for_failure(final.get("error"))
         return _json(final)
 
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
     builder = service.builder(prepared, emit=queue.put_nowait)
-    task = request.app.state.tasks.spawn(service.run(prepared, builder))
+    task = tasks.spawn(service.run(prepared, builder))
     task.add_done_callback(lambda _t: queue.put_nowait(None))
     # Hold the headers until the first event after response.in_progress (or the end): a response
     # that fails before producing anything becomes an HTTP error the SDK can raise.
@@ -109,9 +112,26 @@ async def create_response(request: Request) -> Response:
         if final["status"] == "failed" and not final["output"]:
             raise _error_for_failure(final.get("error"))
     head.append(first)
-    return StreamingResponse(
-        _drain(head, queue), media_type="text/event-stream", headers=SSE_HEADERS
-    )
+    if request.app.state.settings.cancel_on_disconnect:
+        tasks.spawn(_cancel_on_disconnect(request, service, prepared.record.id, task))
+    # If the client goes away, the response goes on and is stored (unless configured otherwise).
+    return StreamingResponse(_drain(head, queue), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _cancel_on_disconnect(
+    request: Request, service: ResponsesService, response_id: str, task: asyncio.Task[Any]
+) -> None:
+    """Cancel the response when its client disconnects before it ended."""
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    done, _ = await asyncio.wait({watcher, task}, return_when=asyncio.FIRST_COMPLETED)
+    if watcher in done and not task.done():
+        service.cancel(response_id, task)
+    watcher.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _drain(head: list[bytes | None], queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:

@@ -100,7 +100,9 @@ class Reply:
 class ScriptedModel:
     """Replies from ``replies`` in order, then from ``default(body)``; records ``requests``.
 
-    Both are safe to touch from the test's thread while the server runs in another. Pass
+    ``streams_finished`` counts streamed replies whose last byte has been sent (so a test can tell
+    that something reached its client while the upstream was still streaming). All are safe to
+    read or append to from the test's thread while the server runs in another. Pass
     ``record=False`` for long benchmark runs.
     """
 
@@ -115,6 +117,7 @@ class ScriptedModel:
         self.requests: list[dict[str, Any]] = []
         self.default = default or default_reply
         self.record = record
+        self.streams_finished = 0
 
     def __call__(self, body: dict[str, Any]) -> Reply | str:
         if self.record:
@@ -350,6 +353,11 @@ class _ChatCompletions:
 
     def __init__(self, script: Callable[[dict[str, Any]], Reply | str]) -> None:
         self.script = script
+        self.model = script if isinstance(script, ScriptedModel) else None
+
+    def _finished(self) -> None:
+        if self.model is not None:
+            self.model.streams_finished += 1
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -385,6 +393,7 @@ class _ChatCompletions:
         )
         if not faulty and not reply.chunk_delay_s:
             await send({"type": "http.response.body", "body": b"".join(events)})
+            self._finished()
             return
         for sent, event in enumerate(events):
             if sent == reply.drop_after_chunks:
@@ -398,6 +407,7 @@ class _ChatCompletions:
                 await asyncio.sleep(reply.chunk_delay_s)
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+        self._finished()
 
 
 async def _models(request: Request) -> Response:

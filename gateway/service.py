@@ -10,19 +10,21 @@ ends returns the same response.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from store.types import ResponseRecord, StoreError, new_id
+from store.types import MODEL_CALL, ResponseRecord, StepStateError, StoreError, new_id
 
 from .convert import (
     build_chat_request,
     items_to_messages,
     normalize_input,
     tools_to_chat,
+    validate_call_outputs,
     validate_request,
 )
 from .errors import InvalidRequestError, PreviousResponseNotFoundError
@@ -92,9 +94,13 @@ def _response_error(error: dict[str, Any] | None) -> dict[str, Any]:
 class ResponsesService:
     """Creates, runs and reads responses for the HTTP layer (one instance per process)."""
 
-    def __init__(self, deps: LoopDeps) -> None:
+    def __init__(self, deps: LoopDeps, *, owner: str | None = None, lease_s: float = 30.0) -> None:
         self.deps = deps
         self.store = deps.store
+        self.owner = owner
+        self.lease_s = lease_s
+        # Responses whose task is being cancelled on purpose (not by a shutdown).
+        self._cancel_requested: set[str] = set()
         # response id -> the conversation's items up to and including that response's output.
         self._history: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
 
@@ -129,6 +135,20 @@ class ResponsesService:
         if len(self._history) > _HISTORY_CACHE_SIZE:
             self._history.popitem(last=False)
 
+    def cancel(self, response_id: str, task: asyncio.Task[Any]) -> None:
+        """Cancel a running response on purpose: it ends ``cancelled``, its open steps
+        ``canceled`` (unlike a shutdown, which leaves it for another process to resume)."""
+        self._cancel_requested.add(response_id)
+        task.cancel()
+
+    async def _cancel_unfinished(self, response_id: str) -> None:
+        for step in await self.store.list_steps(response_id):
+            if not step.finished:
+                try:
+                    await self.store.cancel_step(step.id)
+                except StepStateError:
+                    pass  # it finished meanwhile
+
     # -- creating ------------------------------------------------------------------------------
 
     async def prepare(self, body: dict[str, Any], tenant: str | None) -> Prepared:
@@ -137,9 +157,14 @@ class ResponsesService:
         Raises InvalidRequestError (400, with ``param``) and PreviousResponseNotFoundError.
         """
         validate_request(body)
+        return await self._prepare(body, tenant, new_id("resp"), time.time(), check=True)
+
+    async def _prepare(
+        self, body: dict[str, Any], tenant: str | None, response_id: str, created_at: float,
+        *, check: bool,
+    ) -> Prepared:
         registry = self.deps.registry
         await registry.refresh_if_stale()
-        response_id = new_id("resp")
         history: list[dict[str, Any]] = []
         previous_id = body.get("previous_response_id")
         if previous_id:
@@ -149,13 +174,15 @@ class ResponsesService:
                     f"Previous response with id '{previous_id}' not found.",
                     param="previous_response_id",
                 )
-            if previous.status in ("queued", "in_progress"):
+            if check and previous.status in ("queued", "in_progress"):
                 raise InvalidRequestError(
                     f"Previous response '{previous_id}' is still {previous.status}.",
                     param="previous_response_id",
                 )
             history = await self.conversation_items(previous)
         input_items = normalize_input(body.get("input", []), response_id)
+        if check:
+            validate_call_outputs(history, input_items)
         offered, client_tools, _hosted = registry.offer(body.get("tools"), body.get("tool_choice"))
         client_names = frozenset(t["name"] for t in client_tools)
         stream = body.get("stream") is True
@@ -178,7 +205,7 @@ class ResponsesService:
             tenant=tenant,
             status="in_progress",
             previous_response_id=previous_id,
-            created_at=time.time(),
+            created_at=created_at,
             metadata=body.get("metadata"),
             store=body.get("store", True) is not False,
         )
@@ -199,14 +226,55 @@ class ResponsesService:
         """Create the record, run the loop to its end, store the result, then emit the terminal
         event. Returns the final Response object. Raises StoreError only if the record itself
         cannot be created (nothing has run then)."""
-        record = prepared.record
-        await self.store.create_response(record)
+        await self.store.create_response(prepared.record, owner=self.owner, lease_s=self.lease_s)
         builder.start()
+        return await self._drive(prepared, builder)
+
+    async def resume(self, record: ResponseRecord) -> dict[str, Any]:
+        """Finish a response another process left unfinished, from its chain in the store.
+
+        Finished top-level steps are replayed into a fresh builder (same item ids as the live
+        stream had), then the loop settles the interrupted steps and goes on.
+        """
+        logger.info("resuming response %s", record.id)
+        try:
+            prepared = await self._prepare(
+                record.request, record.tenant, record.id, record.created_at, check=False
+            )
+        except Exception as exc:  # the request cannot be rebuilt: end it, do not retry forever
+            error = {"code": "server_error", "message": f"cannot resume: {exc}"}
+            await self.store.update_response(
+                record.id, status="failed", error=error, completed_at=time.time()
+            )
+            return record_to_object(record)
+        prepared.record = record
+        builder = self.builder(prepared)
+        for step in await self.store.list_steps(record.id):
+            if not step.finished:
+                continue
+            if step.scope_parent is not None:
+                if step.kind == MODEL_CALL:
+                    builder.add_usage(step.usage)
+            elif step.kind == MODEL_CALL:
+                builder.model_call_finished(step)
+            else:
+                builder.tool_call_started(step)
+                builder.tool_call_finished(step)
+        return await self._drive(prepared, builder)
+
+    async def _drive(self, prepared: Prepared, builder: ResponseBuilder) -> dict[str, Any]:
+        record = prepared.record
         error = incomplete = None
         try:
             outcome = await run_response_loop(
                 self.deps, record.id, prepared.loop_request, observer=builder
             )
+        except asyncio.CancelledError:
+            if record.id not in self._cancel_requested:
+                raise  # shutting down: leave it in progress for another process to resume
+            self._cancel_requested.discard(record.id)
+            status, error = "cancelled", None
+            await self._cancel_unfinished(record.id)
         except StoreError as exc:
             logger.error("store error in response %s: %s", record.id, exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}

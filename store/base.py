@@ -34,8 +34,30 @@ class Store(abc.ABC):
     # -- responses ---------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def create_response(self, response: ResponseRecord) -> None:
-        """Insert a new response. Raises ConflictError if the id exists."""
+    async def create_response(
+        self, response: ResponseRecord, *, owner: str | None = None, lease_s: float | None = None
+    ) -> None:
+        """Insert a new response. Raises ConflictError if the id exists.
+
+        ``owner`` (a process id string) holds the response's lease for ``lease_s`` seconds; a
+        response whose lease runs out while queued or in progress may be claimed by another
+        process (:meth:`claim_responses`).
+        """
+
+    @abc.abstractmethod
+    async def claim_responses(
+        self, owner: str, lease_s: float, *, limit: int = 100
+    ) -> list[ResponseRecord]:
+        """Atomically take over up to ``limit`` queued/in-progress responses whose lease has run
+        out (or that have none), oldest first; each is leased to ``owner`` for ``lease_s``."""
+
+    @abc.abstractmethod
+    async def renew_leases(self, owner: str, lease_s: float) -> int:
+        """Extend every lease ``owner`` holds on an unfinished response; returns how many."""
+
+    @abc.abstractmethod
+    async def release_leases(self, owner: str) -> int:
+        """Give up ``owner``'s leases on unfinished responses so any process may claim them now."""
 
     @abc.abstractmethod
     async def get_response(self, response_id: str) -> ResponseRecord | None:

@@ -102,6 +102,15 @@ def m003_tools(db: Database) -> None:
     )
 
 
+@migrations()
+def m004_response_leases(db: Database) -> None:
+    """Which process runs a response, until when: lets a live process resume a dead one's work."""
+    table = db.table("responses")
+    table.add_column("owner", str)
+    table.add_column("lease_expires_at", float)
+    table.create_index(["status", "lease_expires_at"])
+
+
 def apply_migrations(db: Database) -> list[str]:
     """Apply every pending migration; return the names applied (empty if none were pending).
 

@@ -69,8 +69,8 @@ _RESPONSE_COLUMNS = tuple(
     " error incomplete_details metadata store".split()
 )
 _RESPONSE_SELECT = "SELECT " + ", ".join(_RESPONSE_COLUMNS) + " FROM responses"
-_RESPONSE_INSERT = "INSERT INTO responses ({}) VALUES ({})".format(
-    ", ".join(_RESPONSE_COLUMNS), ", ".join("?" * len(_RESPONSE_COLUMNS))
+_RESPONSE_INSERT_LEASED = "INSERT INTO responses ({}, owner, lease_expires_at) VALUES ({})".format(
+    ", ".join(_RESPONSE_COLUMNS), ", ".join("?" * (len(_RESPONSE_COLUMNS) + 2))
 )
 _RESPONSE_JSON_FIELDS = frozenset({"output", "usage", "error", "incomplete_details", "metadata"})
 _RESPONSE_UPDATABLE = _RESPONSE_JSON_FIELDS | {"status", "completed_at"}
@@ -303,8 +303,22 @@ class SQLiteStore(Store):
 
     # -- responses ---------------------------------------------------------------------------
 
-    async def create_response(self, response: ResponseRecord) -> None:
-        await self._run(_create_response, response)
+    async def create_response(
+        self, response: ResponseRecord, *, owner: str | None = None, lease_s: float | None = None
+    ) -> None:
+        expires = None if owner is None or lease_s is None else time.time() + lease_s
+        await self._run(_create_response, response, owner, expires)
+
+    async def claim_responses(
+        self, owner: str, lease_s: float, *, limit: int = 100
+    ) -> list[ResponseRecord]:
+        return await self._run(_claim_responses, owner, lease_s, limit)
+
+    async def renew_leases(self, owner: str, lease_s: float) -> int:
+        return await self._run(_set_leases, owner, time.time() + lease_s)
+
+    async def release_leases(self, owner: str) -> int:
+        return await self._run(_set_leases, owner, None)
 
     async def get_response(self, response_id: str) -> ResponseRecord | None:
         return await self._run(_get_response, response_id)
@@ -415,8 +429,37 @@ class SQLiteStore(Store):
 # -- worker-thread bodies: (conn, *args), one transaction each -------------------------------
 
 
-def _create_response(conn: sqlite3.Connection, response: ResponseRecord) -> None:
-    conn.execute(_RESPONSE_INSERT, _response_to_row(response))
+def _create_response(
+    conn: sqlite3.Connection, response: ResponseRecord, owner: str | None, expires: float | None
+) -> None:
+    conn.execute(_RESPONSE_INSERT_LEASED, (*_response_to_row(response), owner, expires))
+
+
+_RESPONSE_UNFINISHED = "status IN ('queued', 'in_progress')"
+
+
+def _claim_responses(
+    conn: sqlite3.Connection, owner: str, lease_s: float, limit: int
+) -> list[ResponseRecord]:
+    now = time.time()
+    with _transaction(conn):
+        rows = conn.execute(
+            f"{_RESPONSE_SELECT} WHERE {_RESPONSE_UNFINISHED} AND (lease_expires_at IS NULL "
+            "OR lease_expires_at < ?) ORDER BY created_at, id LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        conn.executemany(
+            "UPDATE responses SET owner = ?, lease_expires_at = ? WHERE id = ?",
+            [(owner, now + lease_s, row[0]) for row in rows],
+        )
+    return [_response_from_row(row) for row in rows]
+
+
+def _set_leases(conn: sqlite3.Connection, owner: str, expires: float | None) -> int:
+    return conn.execute(
+        f"UPDATE responses SET lease_expires_at = ? WHERE owner = ? AND {_RESPONSE_UNFINISHED}",
+        (expires, owner),
+    ).rowcount
 
 
 def _get_response(conn: sqlite3.Connection, response_id: str) -> ResponseRecord | None:

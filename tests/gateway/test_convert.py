@@ -32,7 +32,13 @@ def user(text, **extra):
 
 
 def fc(call_id, name="f", arguments="{}", **extra):
-    return {"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments, **extra}
+    return {
+        "type": "function_call",
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        **extra,
+    }
 
 
 def fco(call_id, output="ok"):
@@ -124,7 +130,13 @@ def call(call_id, name="f", arguments="{}"):
             id="function-call-and-output",
         ),
         pytest.param(
-            [{"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "t"}]}],
+            [
+                {
+                    "type": "reasoning",
+                    "summary": [],
+                    "content": [{"type": "reasoning_text", "text": "t"}],
+                }
+            ],
             [
                 {
                     "type": "reasoning",
@@ -154,19 +166,29 @@ FILE = {"type": "input_file", "file_data": "data:application/pdf;base64,AAAA", "
     [
         pytest.param(42, "input", id="input-not-list"),
         pytest.param(["hi"], "input[0]", id="item-not-object"),
-        pytest.param([user("a"), {"role": "robot", "content": "x"}], "input[1].role", id="bad-role"),
+        pytest.param(
+            [user("a"), {"role": "robot", "content": "x"}], "input[1].role", id="bad-role"
+        ),
         pytest.param([{"role": "user", "content": 3}], "input[0].content", id="content-not-list"),
         pytest.param([user([{"type": "video"}])], "input[0].content[0].type", id="unknown-part"),
-        pytest.param([user([{"type": "input_text", "text": 1}])], "input[0].content[0].text", id="text-not-str"),
+        pytest.param(
+            [user([{"type": "input_text", "text": 1}])],
+            "input[0].content[0].text",
+            id="text-not-str",
+        ),
         pytest.param([user(["x"])], "input[0].content[0]", id="part-not-object"),
         pytest.param(
             [user([{"type": "input_image", "file_id": "file_1"}])],
             "input[0].content[0].file_id",
             id="image-file-id",
         ),
-        pytest.param([user([{"type": "input_image"}])], "input[0].content[0].image_url", id="image-no-url"),
         pytest.param(
-            [user([{**IMAGE, "detail": "huge"}])], "input[0].content[0].detail", id="image-bad-detail"
+            [user([{"type": "input_image"}])], "input[0].content[0].image_url", id="image-no-url"
+        ),
+        pytest.param(
+            [user([{**IMAGE, "detail": "huge"}])],
+            "input[0].content[0].detail",
+            id="image-bad-detail",
         ),
         pytest.param(
             [user([{"type": "input_file", "file_id": "file_1"}])],
@@ -179,24 +201,36 @@ FILE = {"type": "input_file", "file_data": "data:application/pdf;base64,AAAA", "
             id="file-url",
         ),
         pytest.param(
-            [{"role": "assistant", "content": [IMAGE]}], "input[0].content[0].type", id="image-from-assistant"
+            [{"role": "assistant", "content": [IMAGE]}],
+            "input[0].content[0].type",
+            id="image-from-assistant",
         ),
         pytest.param(
-            [user("a"), {"type": "item_reference", "id": "msg_1"}], "input[1].type", id="item-reference"
+            [user("a"), {"type": "item_reference", "id": "msg_1"}],
+            "input[1].type",
+            id="item-reference",
         ),
-        pytest.param([{"type": "web_search_call", "id": "ws_1"}], "input[0].type", id="hosted-openai-item"),
+        pytest.param(
+            [{"type": "web_search_call", "id": "ws_1"}], "input[0].type", id="hosted-openai-item"
+        ),
         pytest.param([{"content": "x"}], "input[0].type", id="no-type-no-role"),
         pytest.param([{**fc("c"), "call_id": ""}], "input[0].call_id", id="fc-empty-call-id"),
         pytest.param([{**fc("c"), "name": None}], "input[0].name", id="fc-no-name"),
-        pytest.param([{**fc("c"), "arguments": {}}], "input[0].arguments", id="fc-arguments-object"),
+        pytest.param(
+            [{**fc("c"), "arguments": {}}], "input[0].arguments", id="fc-arguments-object"
+        ),
         pytest.param([{**fco("c"), "output": 5}], "input[0].output", id="fco-output-int"),
         pytest.param(
-            [fco("c", [{"type": "input_text", "text": None}])], "input[0].output[0].text", id="fco-part"
+            [fco("c", [{"type": "input_text", "text": None}])],
+            "input[0].output[0].text",
+            id="fco-part",
         ),
         pytest.param([{**mcp("m"), "output": {"a": 1}}], "input[0].output", id="mcp-output-object"),
         pytest.param([{**user("a"), "id": 7}], "input[0].id", id="id-not-str"),
         pytest.param(
-            [{"type": "reasoning", "summary": "s"}], "input[0].summary", id="reasoning-summary-not-list"
+            [{"type": "reasoning", "summary": "s"}],
+            "input[0].summary",
+            id="reasoning-summary-not-list",
         ),
     ],
 )
@@ -249,7 +283,10 @@ def test_normalize_input_errors(raw, param):
                 {
                     "role": "user",
                     "content": [
-                        {"type": "image_url", "image_url": {"url": "https://x/a.png", "detail": "auto"}}
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "https://x/a.png", "detail": "auto"},
+                        }
                     ],
                 }
             ],
@@ -263,7 +300,10 @@ def test_normalize_input_errors(raw, param):
                     "content": [
                         {
                             "type": "file",
-                            "file": {"file_data": "data:application/pdf;base64,AAAA", "filename": "a.pdf"},
+                            "file": {
+                                "file_data": "data:application/pdf;base64,AAAA",
+                                "filename": "a.pdf",
+                            },
                         }
                     ],
                 }
@@ -287,7 +327,11 @@ def test_normalize_input_errors(raw, param):
         pytest.param(
             [fc("c1", "a"), fc("c2", "b"), fco("c1", "r1"), fco("c2", "r2")],
             [
-                {"role": "assistant", "content": None, "tool_calls": [call("c1", "a"), call("c2", "b")]},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [call("c1", "a"), call("c2", "b")],
+                },
                 {"role": "tool", "tool_call_id": "c1", "content": "r1"},
                 {"role": "tool", "tool_call_id": "c2", "content": "r2"},
             ],
@@ -312,7 +356,11 @@ def test_normalize_input_errors(raw, param):
                 fco("c1"),
             ],
             [
-                {"role": "assistant", "content": "thinking done", "tool_calls": [call("c1"), call("c2")]},
+                {
+                    "role": "assistant",
+                    "content": "thinking done",
+                    "tool_calls": [call("c1"), call("c2")],
+                },
                 {"role": "tool", "tool_call_id": "c1", "content": "ok"},
                 {"role": "tool", "tool_call_id": "c2", "content": "ok"},
             ],
@@ -350,7 +398,11 @@ def test_normalize_input_errors(raw, param):
             [mcp("mcp_s_0", output=None, status="incomplete")],
             [
                 {"role": "assistant", "content": None, "tool_calls": [call("mcp_s_0", "lookup")]},
-                {"role": "tool", "tool_call_id": "mcp_s_0", "content": "Error: the tool call did not finish"},
+                {
+                    "role": "tool",
+                    "tool_call_id": "mcp_s_0",
+                    "content": "Error: the tool call did not finish",
+                },
             ],
             id="mcp-call-unfinished",
         ),
@@ -457,7 +509,15 @@ AGENTS_HISTORY = [
             {
                 "type": "output_text",
                 "text": "Checking.",
-                "annotations": [{"type": "url_citation", "url": "https://x", "title": "t", "start_index": 0, "end_index": 1}],
+                "annotations": [
+                    {
+                        "type": "url_citation",
+                        "url": "https://x",
+                        "title": "t",
+                        "start_index": 0,
+                        "end_index": 1,
+                    }
+                ],
                 "logprobs": [],
             }
         ],
@@ -477,7 +537,9 @@ AGENTS_HISTORY = [
         "type": "message",
         "role": "assistant",
         "status": "completed",
-        "content": [{"type": "output_text", "text": "Paris 21, Rome 25.", "annotations": [], "logprobs": []}],
+        "content": [
+            {"type": "output_text", "text": "Paris 21, Rome 25.", "annotations": [], "logprobs": []}
+        ],
     },
     {"role": "user", "content": [{"type": "input_text", "text": "Thanks"}]},
 ]
@@ -526,17 +588,33 @@ def test_agents_history_round_trip():
 # Valid items, with call ids from a small pool so repeats, orphans and late outputs all occur.
 _text = st.text(max_size=8)
 _call_ids = st.sampled_from(["call_0", "call_1", "call_2", "c"])
-_text_part = st.builds(lambda t, k: {"type": k, "text": t}, _text, st.sampled_from(["input_text", "output_text"]))
+_text_part = st.builds(
+    lambda t, k: {"type": k, "text": t}, _text, st.sampled_from(["input_text", "output_text"])
+)
 _user_part = st.one_of(_text_part, st.just(IMAGE), st.just(FILE))
 _items = st.one_of(
-    st.builds(lambda r, t: {"role": r, "content": t}, st.sampled_from(["user", "assistant", "system", "developer"]), _text),
-    st.builds(lambda ps: {"type": "message", "role": "user", "content": ps}, st.lists(_user_part, max_size=3)),
+    st.builds(
+        lambda r, t: {"role": r, "content": t},
+        st.sampled_from(["user", "assistant", "system", "developer"]),
+        _text,
+    ),
+    st.builds(
+        lambda ps: {"type": "message", "role": "user", "content": ps},
+        st.lists(_user_part, max_size=3),
+    ),
     st.builds(
         lambda ps: {"type": "message", "role": "assistant", "content": ps},
-        st.lists(st.one_of(_text_part, st.builds(lambda t: {"type": "refusal", "refusal": t}, _text)), max_size=2),
+        st.lists(
+            st.one_of(_text_part, st.builds(lambda t: {"type": "refusal", "refusal": t}, _text)),
+            max_size=2,
+        ),
     ),
     st.builds(lambda c, a: fc(c, "f", a), _call_ids, _text),
-    st.builds(fco, _call_ids, st.one_of(_text, st.lists(st.one_of(_text_part, st.just(IMAGE)), max_size=2))),
+    st.builds(
+        fco,
+        _call_ids,
+        st.one_of(_text, st.lists(st.one_of(_text_part, st.just(IMAGE)), max_size=2)),
+    ),
     st.builds(lambda: {"type": "reasoning", "summary": []}),
     st.builds(
         lambda i, out, failed: mcp(
@@ -570,20 +648,33 @@ def test_items_to_messages_always_answers_every_tool_call(items):
 
 def test_tools_to_chat():
     tools = [
-        {"type": "function", "name": "a", "description": "d", "parameters": {"type": "object"}, "strict": True},
+        {
+            "type": "function",
+            "name": "a",
+            "description": "d",
+            "parameters": {"type": "object"},
+            "strict": True,
+        },
         {"type": "function", "name": "b", "description": None, "parameters": None, "strict": None},
     ]
     assert tools_to_chat(tools) == [
         {
             "type": "function",
-            "function": {"name": "a", "description": "d", "parameters": {"type": "object"}, "strict": True},
+            "function": {
+                "name": "a",
+                "description": "d",
+                "parameters": {"type": "object"},
+                "strict": True,
+            },
         },
         {"type": "function", "function": {"name": "b"}},
     ]
     assert tools_to_chat(None) == []
 
 
-@pytest.mark.parametrize("tool", [{"type": "web_search"}, {"type": "mcp", "server_label": "x"}, "f"])
+@pytest.mark.parametrize(
+    "tool", [{"type": "web_search"}, {"type": "mcp", "server_label": "x"}, "f"]
+)
 def test_tools_to_chat_rejects_other_types(tool):
     with pytest.raises(InvalidRequestError) as info:
         tools_to_chat([{"type": "function", "name": "a"}, tool])
@@ -598,23 +689,42 @@ CHAT_TOOLS = [{"type": "function", "function": {"name": "f"}}]
 @pytest.mark.parametrize(
     ("request_body", "tools", "stream", "expected"),
     [
-        pytest.param({"model": "m"}, [], False, {"model": "m", "messages": MSGS, "stream": False}, id="minimal"),
+        pytest.param(
+            {"model": "m"},
+            [],
+            False,
+            {"model": "m", "messages": MSGS, "stream": False},
+            id="minimal",
+        ),
         pytest.param(
             {"model": "m", "instructions": "be nice"},
             [],
             False,
-            {"model": "m", "messages": [{"role": "system", "content": "be nice"}, *MSGS], "stream": False},
+            {
+                "model": "m",
+                "messages": [{"role": "system", "content": "be nice"}, *MSGS],
+                "stream": False,
+            },
             id="instructions-first",
         ),
         pytest.param(
             {"model": "m"},
             [],
             True,
-            {"model": "m", "messages": MSGS, "stream": True, "stream_options": {"include_usage": True}},
+            {
+                "model": "m",
+                "messages": MSGS,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
             id="stream",
         ),
         pytest.param(
-            {"model": "m", "tool_choice": {"type": "function", "name": "f"}, "parallel_tool_calls": False},
+            {
+                "model": "m",
+                "tool_choice": {"type": "function", "name": "f"},
+                "parallel_tool_calls": False,
+            },
             CHAT_TOOLS,
             False,
             {
@@ -631,7 +741,13 @@ CHAT_TOOLS = [{"type": "function", "function": {"name": "f"}}]
             {"model": "m", "tool_choice": "required"},
             CHAT_TOOLS,
             False,
-            {"model": "m", "messages": MSGS, "tools": CHAT_TOOLS, "tool_choice": "required", "stream": False},
+            {
+                "model": "m",
+                "messages": MSGS,
+                "tools": CHAT_TOOLS,
+                "tool_choice": "required",
+                "stream": False,
+            },
             id="tool-choice-required",
         ),
         pytest.param(
@@ -642,16 +758,36 @@ CHAT_TOOLS = [{"type": "function", "function": {"name": "f"}}]
             id="no-tools-no-tool-fields",
         ),
         pytest.param(
-            {"model": "m", "temperature": 0.2, "top_p": 0.9, "max_output_tokens": 50, "top_logprobs": None},
+            {
+                "model": "m",
+                "temperature": 0.2,
+                "top_p": 0.9,
+                "max_output_tokens": 50,
+                "top_logprobs": None,
+            },
             [],
             False,
-            {"model": "m", "messages": MSGS, "temperature": 0.2, "top_p": 0.9, "max_tokens": 50, "stream": False},
+            {
+                "model": "m",
+                "messages": MSGS,
+                "temperature": 0.2,
+                "top_p": 0.9,
+                "max_tokens": 50,
+                "stream": False,
+            },
             id="sampling",
         ),
         pytest.param(
             {
                 "model": "m",
-                "text": {"format": {"type": "json_schema", "name": "out", "schema": {"type": "object"}, "strict": True}},
+                "text": {
+                    "format": {
+                        "type": "json_schema",
+                        "name": "out",
+                        "schema": {"type": "object"},
+                        "strict": True,
+                    }
+                },
             },
             [],
             False,
@@ -670,7 +806,12 @@ CHAT_TOOLS = [{"type": "function", "function": {"name": "f"}}]
             {"model": "m", "text": {"format": {"type": "json_object"}}},
             [],
             False,
-            {"model": "m", "messages": MSGS, "response_format": {"type": "json_object"}, "stream": False},
+            {
+                "model": "m",
+                "messages": MSGS,
+                "response_format": {"type": "json_object"},
+                "stream": False,
+            },
             id="json-object",
         ),
         pytest.param(
@@ -681,7 +822,13 @@ CHAT_TOOLS = [{"type": "function", "function": {"name": "f"}}]
             id="reasoning-effort",
         ),
         pytest.param(
-            {"model": "m", "reasoning": {"effort": None}, "include": [], "store": False, "metadata": {"a": "b"}},
+            {
+                "model": "m",
+                "reasoning": {"effort": None},
+                "include": [],
+                "store": False,
+                "metadata": {"a": "b"},
+            },
             [],
             False,
             {"model": "m", "messages": MSGS, "stream": False},
@@ -723,7 +870,10 @@ def test_build_chat_request(request_body, tools, stream, expected):
             },
             id="everything",
         ),
-        pytest.param({"model": "m", "tools": [{"type": "web_search"}]}, id="other-tool-types-left-to-registry"),
+        pytest.param(
+            {"model": "m", "tools": [{"type": "web_search"}]},
+            id="other-tool-types-left-to-registry",
+        ),
     ],
 )
 def test_validate_request_accepts(body):
@@ -740,31 +890,57 @@ def test_validate_request_accepts(body):
         pytest.param({"model": "m", "instructions": ["x"]}, "instructions", id="instructions"),
         pytest.param({"model": "m", "tools": {}}, "tools", id="tools-not-list"),
         pytest.param({"model": "m", "tools": [{"name": "f"}]}, "tools[0].type", id="tool-no-type"),
-        pytest.param({"model": "m", "tools": [{"type": "function"}]}, "tools[0].name", id="tool-no-name"),
+        pytest.param(
+            {"model": "m", "tools": [{"type": "function"}]}, "tools[0].name", id="tool-no-name"
+        ),
         pytest.param(
             {"model": "m", "tools": [{"type": "function", "name": "f", "parameters": "x"}]},
             "tools[0].parameters",
             id="tool-parameters",
         ),
         pytest.param({"model": "m", "tool_choice": "any"}, "tool_choice", id="tool-choice-str"),
-        pytest.param({"model": "m", "tool_choice": {"type": "function"}}, "tool_choice.name", id="tool-choice-name"),
-        pytest.param({"model": "m", "tool_choice": {"type": "mcp"}}, "tool_choice", id="tool-choice-type"),
+        pytest.param(
+            {"model": "m", "tool_choice": {"type": "function"}},
+            "tool_choice.name",
+            id="tool-choice-name",
+        ),
+        pytest.param(
+            {"model": "m", "tool_choice": {"type": "mcp"}}, "tool_choice", id="tool-choice-type"
+        ),
         pytest.param({"model": "m", "temperature": 2.5}, "temperature", id="temperature-high"),
         pytest.param({"model": "m", "temperature": "1"}, "temperature", id="temperature-str"),
         pytest.param({"model": "m", "temperature": True}, "temperature", id="temperature-bool"),
         pytest.param({"model": "m", "top_p": -0.1}, "top_p", id="top-p"),
-        pytest.param({"model": "m", "max_output_tokens": 0}, "max_output_tokens", id="max-tokens-zero"),
-        pytest.param({"model": "m", "max_output_tokens": 1.5}, "max_output_tokens", id="max-tokens-float"),
+        pytest.param(
+            {"model": "m", "max_output_tokens": 0}, "max_output_tokens", id="max-tokens-zero"
+        ),
+        pytest.param(
+            {"model": "m", "max_output_tokens": 1.5}, "max_output_tokens", id="max-tokens-float"
+        ),
         pytest.param({"model": "m", "metadata": []}, "metadata", id="metadata-list"),
-        pytest.param({"model": "m", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", id="metadata-17"),
+        pytest.param(
+            {"model": "m", "metadata": {f"k{i}": "v" for i in range(17)}},
+            "metadata",
+            id="metadata-17",
+        ),
         pytest.param({"model": "m", "metadata": {"a": 1}}, "metadata.a", id="metadata-value"),
-        pytest.param({"model": "m", "metadata": {"k" * 65: "v"}}, "metadata", id="metadata-key-long"),
-        pytest.param({"model": "m", "previous_response_id": 1}, "previous_response_id", id="previous-id"),
+        pytest.param(
+            {"model": "m", "metadata": {"k" * 65: "v"}}, "metadata", id="metadata-key-long"
+        ),
+        pytest.param(
+            {"model": "m", "previous_response_id": 1}, "previous_response_id", id="previous-id"
+        ),
         pytest.param({"model": "m", "store": "yes"}, "store", id="store"),
         pytest.param({"model": "m", "stream": 1}, "stream", id="stream"),
-        pytest.param({"model": "m", "parallel_tool_calls": "no"}, "parallel_tool_calls", id="parallel"),
+        pytest.param(
+            {"model": "m", "parallel_tool_calls": "no"}, "parallel_tool_calls", id="parallel"
+        ),
         pytest.param({"model": "m", "text": "json"}, "text", id="text"),
-        pytest.param({"model": "m", "text": {"format": {"type": "xml"}}}, "text.format.type", id="format-type"),
+        pytest.param(
+            {"model": "m", "text": {"format": {"type": "xml"}}},
+            "text.format.type",
+            id="format-type",
+        ),
         pytest.param(
             {"model": "m", "text": {"format": {"type": "json_schema", "schema": {}}}},
             "text.format.name",
@@ -777,7 +953,9 @@ def test_validate_request_accepts(body):
         ),
         pytest.param({"model": "m", "include": "x"}, "include", id="include-str"),
         pytest.param({"model": "m", "include": [1]}, "include", id="include-ints"),
-        pytest.param({"model": "m", "reasoning": {"effort": 1}}, "reasoning.effort", id="reasoning-effort"),
+        pytest.param(
+            {"model": "m", "reasoning": {"effort": 1}}, "reasoning.effort", id="reasoning-effort"
+        ),
         pytest.param({"model": "m", "truncation": "middle"}, "truncation", id="truncation"),
     ],
 )
@@ -829,7 +1007,11 @@ def test_chat_usage_to_response_usage(chat, expected):
 
 def test_usage_sums():
     a = {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 2}}
-    b = {"prompt_tokens": 1, "completion_tokens": 1, "completion_tokens_details": {"reasoning_tokens": 1}}
+    b = {
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "completion_tokens_details": {"reasoning_tokens": 1},
+    }
     total = add_chat_usage(add_chat_usage(None, a), b)
     assert total == {
         "input_tokens": 11,
@@ -870,7 +1052,9 @@ RESPONSE_KEYS = {
                 "top_p": 0.5,
                 "max_output_tokens": 10,
                 "max_tool_calls": 3,
-                "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
+                "text": {
+                    "format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}
+                },
                 "reasoning": {"effort": "low"},
                 "store": False,
                 "metadata": {"a": "b"},
@@ -900,11 +1084,26 @@ def test_response_object_validates(request_body):
     parsed = Response.model_validate(obj)
     assert parsed.output_text == "hi"
     assert parsed.usage.total_tokens == 3
-    for key in ("instructions", "temperature", "max_output_tokens", "metadata", "store", "truncation"):
+    for key in (
+        "instructions",
+        "temperature",
+        "max_output_tokens",
+        "metadata",
+        "store",
+        "truncation",
+    ):
         if key in request_body:
             assert obj[key] == request_body[key]
     if "tools" in request_body:
-        assert obj["tools"] == [{"type": "function", "name": "f", "description": None, "parameters": None, "strict": None}]
+        assert obj["tools"] == [
+            {
+                "type": "function",
+                "name": "f",
+                "description": None,
+                "parameters": None,
+                "strict": None,
+            }
+        ]
 
 
 def test_response_object_failed_and_incomplete_validate():
@@ -914,6 +1113,13 @@ def test_response_object_failed_and_incomplete_validate():
         ("in_progress", {}),
     ):
         obj = response_object(
-            id="resp_1", created_at=1.0, model="m", request={"model": "m"}, status=status, output=[], usage=None, **extra
+            id="resp_1",
+            created_at=1.0,
+            model="m",
+            request={"model": "m"},
+            status=status,
+            output=[],
+            usage=None,
+            **extra,
         )
         assert Response.model_validate(obj).status == status

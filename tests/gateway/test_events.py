@@ -100,7 +100,11 @@ def deltas_for(payload, n=2):
     """The Deltas a reassembler reports for ``payload``: reasoning, text, refusal, tool calls."""
     message = payload["choices"][0]["message"]
     out = []
-    for kind, key in (("reasoning", "reasoning_content"), ("content", "content"), ("refusal", "refusal")):
+    for kind, key in (
+        ("reasoning", "reasoning_content"),
+        ("content", "content"),
+        ("refusal", "refusal"),
+    ):
         if message.get(key):
             out += [Delta(kind, piece) for piece in split(message[key], n)]
     for index, tc in enumerate(message.get("tool_calls") or ()):
@@ -142,7 +146,11 @@ def run(script, *, stream=True, status="completed", **finish):
 
 def without_parsed(value):
     if isinstance(value, dict):
-        return {k: without_parsed(v) for k, v in value.items() if k not in ("parsed", "parsed_arguments")}
+        return {
+            k: without_parsed(v)
+            for k, v in value.items()
+            if k not in ("parsed", "parsed_arguments")
+        }
     if isinstance(value, list):
         return [without_parsed(v) for v in value]
     return value
@@ -172,8 +180,14 @@ def check_stream(data, final):
 
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
-    assert events[0]["response"]["output"] == [] and events[0]["response"]["status"] == "in_progress"
-    terminal = {"completed": "response.completed", "incomplete": "response.incomplete", "failed": "response.failed"}
+    assert (
+        events[0]["response"]["output"] == [] and events[0]["response"]["status"] == "in_progress"
+    )
+    terminal = {
+        "completed": "response.completed",
+        "incomplete": "response.incomplete",
+        "failed": "response.failed",
+    }
     assert events[-1]["type"] == terminal[final["status"]]
     assert events[-1]["response"] == orjson.loads(orjson.dumps(final))
     assert all(not e.get("error") for e in events)  # a top-level error makes the SDK raise
@@ -184,9 +198,16 @@ def check_stream(data, final):
     assert sorted(done) == added
     position = {(e["type"], e.get("output_index")): i for i, e in enumerate(events)}
     for index in added:
-        assert position[("response.output_item.added", index)] < position[("response.output_item.done", index)]
+        assert (
+            position[("response.output_item.added", index)]
+            < position[("response.output_item.done", index)]
+        )
         item = final["output"][index]
-        done_item = next(e["item"] for e in events if e["type"] == "response.output_item.done" and e["output_index"] == index)
+        done_item = next(
+            e["item"]
+            for e in events
+            if e["type"] == "response.output_item.done" and e["output_index"] == index
+        )
         assert done_item == item
     opened_parts = set()
     for e in events:
@@ -218,17 +239,25 @@ def stream_and_plain(script, **kwargs):
     [
         pytest.param(
             {"type": "response.output_text.delta", "sequence_number": 3, "delta": "hi"},
-            b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":3,"delta":"hi"}\n\n',
+            b"event: response.output_text.delta\n"
+            b'data: {"type":"response.output_text.delta","sequence_number":3,"delta":"hi"}\n\n',
             id="simple",
         ),
         pytest.param(
             {"type": "x", "sequence_number": 0, "delta": "a\nb\r\n\u00e9\u2028"},
-            b'event: x\ndata: {"type":"x","sequence_number":0,"delta":"a\\nb\\r\\n\xc3\xa9\xe2\x80\xa8"}\n\n',
+            b"event: x\n"
+            b'data: {"type":"x","sequence_number":0,"delta":"a\\nb\\r\\n\xc3\xa9\xe2\x80\xa8"}\n\n',
             id="newlines-escaped-utf8-raw",
         ),
         pytest.param(
-            {"type": "response.completed", "sequence_number": 9, "response": {"output": [], "usage": None}},
-            b'event: response.completed\ndata: {"type":"response.completed","sequence_number":9,"response":{"output":[],"usage":null}}\n\n',
+            {
+                "type": "response.completed",
+                "sequence_number": 9,
+                "response": {"output": [], "usage": None},
+            },
+            b"event: response.completed\n"
+            b'data: {"type":"response.completed","sequence_number":9,'
+            b'"response":{"output":[],"usage":null}}\n\n',
             id="nested",
         ),
     ],
@@ -246,7 +275,9 @@ def test_done_marker():
 
 def test_text_answer_event_order():
     payload = completion("Hello there")
-    events, final = stream_and_plain([("model", model_step("step_a1", payload), deltas_for(payload, 3))])
+    events, final = stream_and_plain(
+        [("model", model_step("step_a1", payload), deltas_for(payload, 3))]
+    )
     assert types(events) == [
         "response.created",
         "response.in_progress",
@@ -260,8 +291,19 @@ def test_text_answer_event_order():
         "response.output_item.done",
         "response.completed",
     ]
-    assert events[2]["item"] == {"type": "message", "id": "msg_a1", "role": "assistant", "status": "in_progress", "content": []}
-    assert events[3]["part"] == {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    assert events[2]["item"] == {
+        "type": "message",
+        "id": "msg_a1",
+        "role": "assistant",
+        "status": "in_progress",
+        "content": [],
+    }
+    assert events[3]["part"] == {
+        "type": "output_text",
+        "text": "",
+        "annotations": [],
+        "logprobs": [],
+    }
     assert all(e["logprobs"] == [] for e in events if e["type"].startswith("response.output_text"))
     assert final["output"] == [
         {
@@ -269,7 +311,9 @@ def test_text_answer_event_order():
             "id": "msg_a1",
             "role": "assistant",
             "status": "completed",
-            "content": [{"type": "output_text", "text": "Hello there", "annotations": [], "logprobs": []}],
+            "content": [
+                {"type": "output_text", "text": "Hello there", "annotations": [], "logprobs": []}
+            ],
         }
     ]
     assert final["usage"]["total_tokens"] == 14
@@ -279,7 +323,9 @@ def test_text_answer_event_order():
 
 def test_reasoning_then_text():
     payload = completion("42", reasoning="think hard")
-    events, final = stream_and_plain([("model", model_step("step_b", payload), deltas_for(payload))])
+    events, final = stream_and_plain(
+        [("model", model_step("step_b", payload), deltas_for(payload))]
+    )
     # Items stay open until their model call finishes (deltas of kinds may interleave).
     reasoning_events = [e["type"] for e in events if e.get("output_index") == 0]
     assert reasoning_events == [
@@ -292,7 +338,13 @@ def test_reasoning_then_text():
         "response.output_item.done",
     ]
     assert types(events)[2:4] == ["response.output_item.added", "response.content_part.added"]
-    assert events[2]["item"] == {"type": "reasoning", "id": "rs_b", "summary": [], "content": [], "status": "in_progress"}
+    assert events[2]["item"] == {
+        "type": "reasoning",
+        "id": "rs_b",
+        "summary": [],
+        "content": [],
+        "status": "in_progress",
+    }
     reasoning, message = final["output"]
     assert reasoning == {
         "type": "reasoning",
@@ -306,18 +358,24 @@ def test_reasoning_then_text():
 
 def test_refusal():
     payload = completion(None, refusal="I can't help with that")
-    events, final = stream_and_plain([("model", model_step("step_c", payload), deltas_for(payload))])
+    events, final = stream_and_plain(
+        [("model", model_step("step_c", payload), deltas_for(payload))]
+    )
     assert "response.refusal.delta" in types(events)
     done = next(e for e in events if e["type"] == "response.refusal.done")
     assert done["refusal"] == "I can't help with that"
-    assert final["output"][0]["content"] == [{"type": "refusal", "refusal": "I can't help with that"}]
+    assert final["output"][0]["content"] == [
+        {"type": "refusal", "refusal": "I can't help with that"}
+    ]
 
 
 def test_two_client_function_calls():
     payload = completion(
         calls=[("call_1", "client_fn", '{"a": 1}'), ("call_2", "client_fn", '{"b": 2}')]
     )
-    events, final = stream_and_plain([("model", model_step("step_d", payload), deltas_for(payload))])
+    events, final = stream_and_plain(
+        [("model", model_step("step_d", payload), deltas_for(payload))]
+    )
     assert types(events)[2:] == [
         "response.output_item.added",
         "response.function_call_arguments.delta",
@@ -339,15 +397,33 @@ def test_two_client_function_calls():
         "arguments": "",
         "status": "in_progress",
     }
-    assert [e["name"] for e in events if e["type"] == "response.function_call_arguments.done"] == ["client_fn"] * 2
+    assert [e["name"] for e in events if e["type"] == "response.function_call_arguments.done"] == [
+        "client_fn"
+    ] * 2
     assert final["output"] == [
-        {"type": "function_call", "id": "fc_d_0", "call_id": "call_1", "name": "client_fn", "arguments": '{"a": 1}', "status": "completed"},
-        {"type": "function_call", "id": "fc_d_1", "call_id": "call_2", "name": "client_fn", "arguments": '{"b": 2}', "status": "completed"},
+        {
+            "type": "function_call",
+            "id": "fc_d_0",
+            "call_id": "call_1",
+            "name": "client_fn",
+            "arguments": '{"a": 1}',
+            "status": "completed",
+        },
+        {
+            "type": "function_call",
+            "id": "fc_d_1",
+            "call_id": "call_2",
+            "name": "client_fn",
+            "arguments": '{"b": 2}',
+            "status": "completed",
+        },
     ]
 
 
 def test_hosted_calls_completed_and_failed():
-    payload = completion("Looking up.", calls=[("call_1", "lookup", '{"q": "x"}'), ("call_2", "search", "{}")])
+    payload = completion(
+        "Looking up.", calls=[("call_1", "lookup", '{"q": "x"}'), ("call_2", "search", "{}")]
+    )
     ok = tool_step("step_t1", "call_1", "lookup", output={"answer": 42})
     bad = tool_step("step_t2", "call_2", "search", error="HTTP 500 from tool")
     script = [
@@ -374,16 +450,21 @@ def test_hosted_calls_completed_and_failed():
     assert second["error"] == {"type": "mcp_tool_execution_error", "content": "HTTP 500 from tool"}
     # The hosted items stay open through the model call and close with their tool steps.
     names = types(events)
-    assert names.index("response.mcp_call.in_progress") > names.index("response.mcp_call_arguments.done")
-    assert names[-6:] == [
-        "response.mcp_call.in_progress",
-        "response.mcp_call.in_progress",
-        "response.mcp_call.failed",
-        "response.output_item.done",
-        "response.mcp_call.completed",
-        "response.output_item.done",
-        "response.completed",
-    ][-6:]
+    assert names.index("response.mcp_call.in_progress") > names.index(
+        "response.mcp_call_arguments.done"
+    )
+    assert (
+        names[-6:]
+        == [
+            "response.mcp_call.in_progress",
+            "response.mcp_call.in_progress",
+            "response.mcp_call.failed",
+            "response.output_item.done",
+            "response.mcp_call.completed",
+            "response.output_item.done",
+            "response.completed",
+        ][-6:]
+    )
     assert "response.function_call_arguments.delta" not in names
     parsed = Response.model_validate(final)
     assert parsed.output[2].error.type == "mcp_tool_execution_error"
@@ -392,13 +473,26 @@ def test_hosted_calls_completed_and_failed():
 def test_string_tool_output_is_kept_as_text():
     payload = completion(calls=[("call_1", "lookup", "{}")])
     step = tool_step("step_t", "call_1", "lookup", output="plain text")
-    _, final, _ = run([("model", model_step("step_f", payload), []), ("start", step), ("end", step)])
+    _, final, _ = run(
+        [("model", model_step("step_f", payload), []), ("start", step), ("end", step)]
+    )
     assert final["output"][0]["output"] == "plain text"
 
 
 def test_two_iterations_one_lifecycle():
-    first = completion(reasoning="need data", calls=[("call_1", "lookup", '{"q":1}')], usage={"prompt_tokens": 5, "completion_tokens": 2})
-    second = completion("It is 42.", usage={"prompt_tokens": 9, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 5}})
+    first = completion(
+        reasoning="need data",
+        calls=[("call_1", "lookup", '{"q":1}')],
+        usage={"prompt_tokens": 5, "completion_tokens": 2},
+    )
+    second = completion(
+        "It is 42.",
+        usage={
+            "prompt_tokens": 9,
+            "completion_tokens": 3,
+            "prompt_tokens_details": {"cached_tokens": 5},
+        },
+    )
     tool = tool_step("step_2b", "call_1", "lookup", output=42)
     script = [
         ("model", model_step("step_1a", first), deltas_for(first)),
@@ -424,9 +518,15 @@ def test_two_iterations_one_lifecycle():
 def test_non_streaming_upstream_opens_items_in_full():
     """model_call_finished without deltas (a non-streaming upstream, or a replay): same output
     and ids as the live stream, and every item still gets its events."""
-    payload = completion("Hi!", reasoning="r", calls=[("call_1", "lookup", '{"a":1}'), ("call_2", "client_fn", "{}")])
+    payload = completion(
+        "Hi!", reasoning="r", calls=[("call_1", "lookup", '{"a":1}'), ("call_2", "client_fn", "{}")]
+    )
     tool = tool_step("step_t", "call_1", "lookup", output={"ok": True})
-    live = [("model", model_step("step_g", payload), deltas_for(payload)), ("start", tool), ("end", tool)]
+    live = [
+        ("model", model_step("step_g", payload), deltas_for(payload)),
+        ("start", tool),
+        ("end", tool),
+    ]
     replay = [("model", model_step("step_g", payload), []), ("start", tool), ("end", tool)]
     _, live_final, _ = run(live)
     events, replay_final = stream_and_plain(replay)
@@ -464,7 +564,10 @@ def test_failed_model_call_without_payload():
         status="failed",
         error={"code": "server_error", "message": "x"},
     )
-    assert [(i["type"], i["status"]) for i in final["output"]] == [("reasoning", "incomplete"), ("message", "incomplete")]
+    assert [(i["type"], i["status"]) for i in final["output"]] == [
+        ("reasoning", "incomplete"),
+        ("message", "incomplete"),
+    ]
     assert final["output"][1]["content"][0]["text"] == "par"
 
 
@@ -488,7 +591,9 @@ def test_finish_closes_open_items():
     builder.model_delta("step_l", Delta("tool_call", "{", 0, "call_1", "client_fn"))
     builder.model_delta("step_l", Delta("tool_call", "{", 1, "call_2", "lookup"))
     builder.model_delta("step_l", Delta("tool_call", "", 2))  # never named: never shown
-    final = builder.finish("failed", error={"code": "server_error", "message": "store error"}, completed_at=DONE_AT)
+    final = builder.finish(
+        "failed", error={"code": "server_error", "message": "store error"}, completed_at=DONE_AT
+    )
     assert [(i["type"], i["status"]) for i in final["output"]] == [
         ("message", "incomplete"),
         ("function_call", "incomplete"),
@@ -530,7 +635,9 @@ def test_tool_step_of_an_unreported_model_call():
 
 def test_tool_call_indexes_with_gaps():
     """Item ids number tool calls by first appearance, as the completion lists them."""
-    payload = completion(calls=[("call_1", "client_fn", '{"a":1}'), ("call_2", "lookup", '{"b":2}')])
+    payload = completion(
+        calls=[("call_1", "client_fn", '{"a":1}'), ("call_2", "lookup", '{"b":2}')]
+    )
     deltas = [
         Delta("tool_call", '{"a":', 1, "call_1", "client_fn"),
         Delta("tool_call", '{"b":2}', 3, "call_2", "lookup"),
@@ -592,7 +699,11 @@ def test_openai_client_streams_and_parses():
         client.close()
     assert seen[0] == "response.created" and seen[-1] == "response.completed"
     assert streamed.output_text == "Done.The answer is 42."
-    assert without_parsed(streamed.to_dict()) == created.to_dict() == Response.model_validate(final).to_dict()
+    assert (
+        without_parsed(streamed.to_dict())
+        == created.to_dict()
+        == Response.model_validate(final).to_dict()
+    )
     assert [item.type for item in created.output] == ["reasoning", "message", "mcp_call", "message"]
 
 
@@ -629,12 +740,19 @@ def model_turns(draw, conventional):
         # Text streams have no empty pieces (the reassembler drops them); tool calls may.
         streams = [
             [Delta(kind, piece) for piece in pieces if piece]
-            for kind, pieces in (("reasoning", reasoning), ("content", content), ("refusal", refusal))
+            for kind, pieces in (
+                ("reasoning", reasoning),
+                ("content", content),
+                ("refusal", refusal),
+            )
             if pieces and any(pieces)
         ]
         for index, (cid, name, args) in enumerate(calls):
             first, *rest = args
-            streams.append([Delta("tool_call", first, index, cid, name)] + [Delta("tool_call", p, index) for p in rest])
+            streams.append(
+                [Delta("tool_call", first, index, cid, name)]
+                + [Delta("tool_call", p, index) for p in rest]
+            )
         deltas = []
         started = 0  # conventional: streams[: started + 1] may run
         first_tool = next_tool = len(streams) - len(calls)
@@ -651,8 +769,18 @@ def model_turns(draw, conventional):
                 next_tool = max(next_tool, k + 1)
             deltas.append(streams[k].pop(0))
         script.append(("model", model_step(step_id, payload), deltas))
-        hosted = [tool_step(f"step_{turn}t{i}", cid, name, args[0], output={"i": i}, error="boom" if i % 2 else None)
-                  for i, (cid, name, args) in enumerate(calls) if name != "client_fn"]
+        hosted = [
+            tool_step(
+                f"step_{turn}t{i}",
+                cid,
+                name,
+                args[0],
+                output={"i": i},
+                error="boom" if i % 2 else None,
+            )
+            for i, (cid, name, args) in enumerate(calls)
+            if name != "client_fn"
+        ]
         script += [("start", t) for t in hosted]
         script += [("end", t) for t in draw(st.permutations(hosted))]
     return script
@@ -678,9 +806,17 @@ def test_any_interleaving_is_accepted_by_the_sdk(script):
     check_stream(data, final)
     replay = [(e[0], e[1], []) if e[0] == "model" else e for e in script]
     _, plain, _ = run(replay, stream=False)
+
     # Out of the usual order, items and message parts list in the order they opened.
     def canonical(output):
-        items = [{**item, "content": sorted(item["content"], key=lambda p: p["type"])} if item["type"] == "message" else item for item in output]
+        items = [
+            (
+                {**item, "content": sorted(item["content"], key=lambda p: p["type"])}
+                if item["type"] == "message"
+                else item
+            )
+            for item in output
+        ]
         return sorted(items, key=lambda item: item["id"])
 
     assert canonical(final["output"]) == canonical(plain["output"])

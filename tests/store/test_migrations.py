@@ -10,7 +10,7 @@ import sqlite_utils
 from store.migrations import MIGRATION_SET, apply_migrations, migrations
 from store.sqlite import SQLiteStore
 
-NAMES = ["m001_responses", "m002_steps", "m003_tools"]
+NAMES = ["m001_responses", "m002_steps", "m003_tools", "m004_response_leases"]
 
 COLUMNS = {
     "responses": {
@@ -28,6 +28,8 @@ COLUMNS = {
         "incomplete_details": "TEXT",
         "metadata": "TEXT",
         "store": "INTEGER",
+        "owner": "TEXT",
+        "lease_expires_at": "REAL",
     },
     "steps": {
         "id": "TEXT",
@@ -120,7 +122,7 @@ def test_upgrade_from_an_older_schema(tmp_path: Path) -> None:
     with sqlite_utils.Database(path) as db:
         migrations.apply(db, stop_before="m003_tools")
         assert "tools" not in db.table_names()
-    assert _applied(path) == NAMES[:2]
+    assert _applied(path) == NAMES[:2]  # stopped before m003
     _open_close(path)
     assert _applied(path) == NAMES
     with sqlite_utils.Database(path) as db:
