@@ -95,8 +95,13 @@ class HTTPConnection:
         *,
         content_type: bytes = b"application/json",
         marker: bytes | None = None,
+        on_marker: Callable[[], None] | None = None,
     ) -> HTTPReply:
-        """Send one request and read the whole response (see :class:`HTTPReply`)."""
+        """Send one request and read the whole response (see :class:`HTTPReply`).
+
+        ``on_marker`` is called once, as soon as a chunked body shows ``marker`` (the memory
+        scenario counts streams the server is holding that way).
+        """
         if self._writer is None:
             await self._connect()
         reader, writer = self._reader, self._writer
@@ -128,7 +133,7 @@ class HTTPConnection:
         t_marker: float | None = None
         try:
             if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-                body_out, t_marker = await self._read_chunked(reader, marker)
+                body_out, t_marker = await self._read_chunked(reader, marker, on_marker)
             elif b"content-length" in headers:
                 body_out = await reader.readexactly(int(headers[b"content-length"]))
                 if marker is not None and marker in body_out:
@@ -148,7 +153,9 @@ class HTTPConnection:
 
     @staticmethod
     async def _read_chunked(
-        reader: asyncio.StreamReader, marker: bytes | None
+        reader: asyncio.StreamReader,
+        marker: bytes | None,
+        on_marker: Callable[[], None] | None,
     ) -> tuple[bytes, float | None]:
         parts: list[bytes] = []
         t_marker: float | None = None
@@ -171,6 +178,8 @@ class HTTPConnection:
                 window = tail + piece
                 if marker in window:
                     t_marker = time.perf_counter()
+                    if on_marker is not None:
+                        on_marker()
                 elif keep:
                     tail = window[-keep:]
 
@@ -203,12 +212,12 @@ class Worker:
 
     async def request(
         self, host: str, port: int, method: bytes, path: str, body: bytes | None = None,
-        *, marker: bytes | None = None,
+        *, marker: bytes | None = None, on_marker: Callable[[], None] | None = None,
     ) -> HTTPReply:  # fmt: skip
         """One request on a pooled connection (a failed connection is dropped, not reused)."""
         conn = self.connection(host, port)
         try:
-            reply = await conn.request(method, path, body, marker=marker)
+            reply = await conn.request(method, path, body, marker=marker, on_marker=on_marker)
         except BaseException:
             conn.close()
             raise
@@ -236,6 +245,7 @@ class LoadResult:
     errors: int = 0
     first_error: str | None = None
     error_samples: list[Sample] = field(default_factory=list)
+    probe_delta: float | None = None
 
     @property
     def count(self) -> int:
@@ -283,21 +293,25 @@ async def run_load(
     count: int,
     warmup: int = 0,
     timeout_s: float = 60.0,
+    probe: Callable[[], float] | None = None,
 ) -> LoadResult:
     """Run ``warmup`` unmeasured then ``count`` measured requests, ``concurrency`` at a time.
 
     Indices passed to ``request`` run from 0 (warm-up first) to ``warmup + count - 1``. Errors
     in the warm-up are counted too: a scenario that fails there fails. A request taking longer
-    than ``timeout_s`` seconds is an error.
+    than ``timeout_s`` seconds is an error. ``probe`` (e.g. a server's CPU seconds) is read
+    just before and after the measured phase; the difference is ``probe_delta``.
     """
     workers = [Worker(i) for i in range(concurrency)]
     try:
         _, warm_bad = await _run_phase(workers, request, warmup, 0, timeout_s)
+        probe0 = probe() if probe else 0.0
         cpu0 = time.process_time()
         t0 = time.perf_counter()
         good, bad = await _run_phase(workers, request, count, warmup, timeout_s)
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
+        probe_delta = probe() - probe0 if probe else None
     finally:
         for worker in workers:
             worker.close()
@@ -310,6 +324,7 @@ async def run_load(
         errors=len(bad),
         first_error=bad[0].error if bad else None,
         error_samples=bad[:5],
+        probe_delta=probe_delta,
     )
 
 

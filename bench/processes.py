@@ -23,9 +23,13 @@ __all__ = [
     "ServerProcess",
     "cpu_seconds",
     "free_port",
+    "python_module",
     "raise_fd_limit",
     "rss_kb",
+    "start_gateway",
     "start_server",
+    "start_tools",
+    "start_upstream",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -175,3 +179,31 @@ def cpu_seconds(pid: int) -> float:
         stat = fh.read()
     fields = stat[stat.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def start_upstream(log_dir: Path, *, latency_ms: float = 0.0) -> ServerProcess:
+    """The scripted upstream (:mod:`bench.upstream`); its Chat Completions base is ``url + "/v1"``."""
+    port = free_port()
+    argv = python_module("bench.upstream", "--port", str(port), "--latency-ms", f"{latency_ms:g}")
+    return start_server("upstream", argv, port=port, log_dir=log_dir, ready_path="/ping")
+
+
+def start_tools(log_dir: Path, *, latency_ms: float) -> ServerProcess:
+    """The HTTP tool server (:mod:`bench.toolserver`): ``POST /<name>`` answers after the latency."""
+    port = free_port()
+    argv = python_module("bench.toolserver", "--port", str(port), "--latency-ms", f"{latency_ms:g}")
+    return start_server("tools", argv, port=port, log_dir=log_dir, ready_path="/")
+
+
+def start_gateway(
+    upstream_base_url: str, log_dir: Path, *, name: str = "gateway", db: Path | None = None
+) -> ServerProcess:
+    """``python -m gateway.cli serve`` on a free port with a fresh SQLite file in ``log_dir``
+    (WAL; default ``synchronous=NORMAL``), one worker, uvloop + httptools via uvicorn's auto."""
+    port = free_port()
+    db = db or log_dir / f"{name}.db"
+    argv = python_module(
+        "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        "--upstream-base-url", upstream_base_url, "--db", str(db), "--log-level", "warning",
+    )  # fmt: skip
+    return start_server(name, argv, port=port, log_dir=log_dir, ready_path="/healthz")

@@ -1,7 +1,7 @@
 """HTTP tools with a fixed latency, in their own process: ``python -m bench.toolserver --port P``.
 
 Every ``POST <any path>`` waits ``--latency-ms`` and answers ``{"tool": <path>, "arguments":
-<the JSON body>, "result": "ok"}``; anything else is 404. A plain ASGI app under uvicorn (uvloop,
+<the JSON body>, "result": "ok"}``; ``GET`` answers ``{"status": "ok"}`` at once (readiness). A plain ASGI app under uvicorn (uvloop,
 httptools), so the tools cost as little as possible next to the gateway.
 """
 
@@ -28,8 +28,8 @@ def create_tool_app(latency_s: float) -> Any:
         if scope["type"] != "http":
             return
         if scope["method"] != "POST":
-            await send({"type": "http.response.start", "status": 404, "headers": _JSON})
-            await send({"type": "http.response.body", "body": b'{"error":"not found"}'})
+            await send({"type": "http.response.start", "status": 200, "headers": _JSON})
+            await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
             return
         chunks = []
         while True:

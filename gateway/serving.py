@@ -39,9 +39,12 @@ def serve_app(
     deadline = time.monotonic() + 30
     while not server.started:
         if not thread.is_alive():
+            sock.close()
             raise RuntimeError("the server stopped during start-up (see its log)")
         if time.monotonic() > deadline:
             server.should_exit = True
+            thread.join(timeout=10)
+            sock.close()
             raise RuntimeError("the server did not start within 30 s")
         time.sleep(0.005)
     try:

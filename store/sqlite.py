@@ -17,6 +17,7 @@ import asyncio
 import os
 import sqlite3
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -252,6 +253,10 @@ class SQLiteStore(Store):
             raise StoreError(
                 f"SQLite {sqlite3.sqlite_version} is too old; the store needs 3.35 or later"
             )
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the directory of {self.path}: {exc.strerror}") from exc
         with _translate_errors():
             # Made on the worker thread and kept check_same_thread=True, so any use from
             # another thread (the event loop) raises instead of silently blocking it.
