@@ -11,11 +11,17 @@ Every failure is an :class:`UpstreamError`; httpx exceptions are translated in o
     upstream_error              a non-2xx status (not 429), or an ``error`` object in a body or chunk
     rate_limited                HTTP 429
     insufficient_quota          HTTP 429 whose error code/type is ``insufficient_quota``
-    upstream_timeout            connect/read/write/pool timeout, or no bytes for ``idle_timeout`` s
-                                while streaming
+    upstream_timeout            a timeout: connect, read, first byte, idle (no bytes for
+                                ``idle_timeout`` s while streaming) or total; the message names it
+                                and its value
     upstream_connection_error   connection refused/reset before an answer, bad URL, protocol error
     stream_cut                  the stream broke off (or ended) before the answer finished
     invalid_upstream_response   a body or chunk that is not the JSON object it should be
+
+Timeouts (seconds, each optional but connect/read): ``connect_timeout`` to open the connection;
+``read_timeout`` for any one read; ``first_byte_timeout`` from sending the request to the first SSE
+event (or, not streamed, the whole JSON body); ``idle_timeout`` between reads of a stream;
+``total_timeout`` for the whole answer, stream included.
 
 A stream that fails after it started keeps what arrived in ``UpstreamError.partial``. Once the answer
 is finished (choice 0 had a ``finish_reason``, or ``[DONE]`` arrived) a failure while reading the
@@ -75,8 +81,8 @@ class UpstreamClient:
     """Calls one Chat Completions upstream at ``base_url`` (e.g. ``https://api.openai.com/v1``).
 
     ``client`` is shared and not closed by :meth:`aclose` when given; otherwise one is created with
-    pooled connections. Timeouts are seconds: ``connect_timeout`` to connect, ``read_timeout`` for
-    each read (the whole wait for a non-streamed answer), ``idle_timeout`` for a silent stream.
+    pooled connections. Timeouts are seconds (see the module docstring); ``None`` turns off
+    ``first_byte_timeout`` and ``total_timeout``.
     """
 
     def __init__(
@@ -88,6 +94,8 @@ class UpstreamClient:
         connect_timeout: float = 10.0,
         read_timeout: float = 300.0,
         idle_timeout: float = 120.0,
+        first_byte_timeout: float | None = None,
+        total_timeout: float | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._url = self.base_url + "/chat/completions"
@@ -97,6 +105,8 @@ class UpstreamClient:
         )
         self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self._idle_timeout = idle_timeout
+        self._first_byte_timeout = first_byte_timeout
+        self._total_timeout = total_timeout
         headers = {"Content-Type": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -116,7 +126,7 @@ class UpstreamClient:
                 self.base_url + "/" + path.lstrip("/"), headers=self._headers, timeout=self._timeout
             )
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise _from_httpx(exc, started=False, partial=None) from exc
+            raise _from_httpx(exc, started=False, partial=None, timeout=self._timeout) from exc
 
     async def chat_completion(
         self,
@@ -132,12 +142,20 @@ class UpstreamClient:
         payload = orjson.dumps(body)
         if body.get("stream"):
             return await self._stream(payload, on_delta, on_chunk)
+        # Not streamed, the JSON body is the first byte: it must arrive within both limits.
+        which, limit = _first_limit(self._first_byte_timeout, self._total_timeout)
+        timer = None
         try:
-            response = await self._client.post(
-                self._url, content=payload, headers=self._headers, timeout=self._timeout
-            )
+            async with asyncio.timeout(limit) as timer:
+                response = await self._client.post(
+                    self._url, content=payload, headers=self._headers, timeout=self._timeout
+                )
+        except TimeoutError as exc:
+            if timer is None or not timer.expired():
+                raise
+            raise _timeout_error(which, limit, None) from exc
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            raise _from_httpx(exc, started=False, partial=None) from exc
+            raise _from_httpx(exc, started=False, partial=None, timeout=self._timeout) from exc
         if not 200 <= response.status_code < 300:
             raise _status_error(response)
         return _parse_completion(response.content)
@@ -151,9 +169,14 @@ class UpstreamClient:
         reassembler = Reassembler()
         saw_done = False
         started = False
+        first_event = False
         timer = None
+        watch = None
+        loop = asyncio.get_running_loop()
+        which, limit = _first_limit(self._first_byte_timeout, self._total_timeout)
+        total_at = None if self._total_timeout is None else loop.time() + self._total_timeout
         try:
-            async with asyncio.timeout(None) as timer:
+            async with asyncio.timeout(None if limit is None else loop.time() + limit) as timer:
                 async with self._client.stream(
                     "POST", self._url, content=payload, headers=self._sse_headers,
                     timeout=self._timeout,
@@ -173,6 +196,9 @@ class UpstreamClient:
                         events = EventSource(response).aiter_sse()
                     async with contextlib.aclosing(events):
                         async for sse in events:
+                            if not first_event:
+                                first_event = True  # from now on only the total limit is left
+                                timer.reschedule(total_at)
                             data = sse.data
                             if saw_done or not data:
                                 continue  # read on to the end of the body: the connection is reused
@@ -181,10 +207,18 @@ class UpstreamClient:
                                 continue
                             try:
                                 chunk = orjson.loads(data)
+                            except orjson.JSONDecodeError as exc:
+                                raise UpstreamError(
+                                    f"The upstream stream sent a line that is not valid JSON: "
+                                    f"{data[:_SNIPPET_CHARS]!r}",
+                                    type="invalid_upstream_response",
+                                    partial=reassembler.partial(),
+                                ) from exc
+                            try:
                                 if chunk.get("error"):
                                     raise _error_object(chunk, None, partial=reassembler.partial())
                                 deltas = reassembler.feed(chunk)
-                            except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+                            except (AttributeError, TypeError) as exc:
                                 raise UpstreamError(
                                     f"The upstream sent a stream chunk that is not a valid "
                                     f"chat.completion.chunk: {data[:_SNIPPET_CHARS]!r}",
@@ -200,15 +234,18 @@ class UpstreamClient:
             if timer is None or not timer.expired():
                 raise
             if not (saw_done or reassembler.finish_reason is not None):
-                raise UpstreamError(
-                    f"The upstream stream sent nothing for {self._idle_timeout:g} s.",
-                    type="upstream_timeout",
-                    partial=reassembler.partial(),
-                ) from exc
+                partial = reassembler.partial() if started else None
+                if watch is not None and watch.fired:
+                    which, limit = "idle", self._idle_timeout
+                elif first_event:
+                    which, limit = "total", self._total_timeout
+                raise _timeout_error(which, limit, partial) from exc
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             if not (saw_done or reassembler.finish_reason is not None):
                 partial = reassembler.partial() if started else None
-                raise _from_httpx(exc, started=started, partial=partial) from exc
+                raise _from_httpx(
+                    exc, started=started, partial=partial, timeout=self._timeout
+                ) from exc
         held = reassembler.flush()
         if on_delta is not None:
             for delta in held:
@@ -229,9 +266,10 @@ class _IdleWatch:
     Only a float store per read on the hot path; one loop timer re-arms itself as needed.
     """
 
-    __slots__ = ("_timer", "_idle", "_loop", "_waiting_since", "_handle")
+    __slots__ = ("_timer", "_idle", "_loop", "_waiting_since", "_handle", "fired")
 
     def __init__(self, timer: asyncio.Timeout, idle: float) -> None:
+        self.fired = False
         self._timer = timer
         self._idle = idle
         self._loop = asyncio.get_running_loop()
@@ -242,6 +280,7 @@ class _IdleWatch:
         now = self._loop.time()
         since = self._waiting_since
         if since is not None and now - since >= self._idle:
+            self.fired = True
             self._timer.reschedule(now)
             return
         due = (since if since is not None else now) + self._idle
@@ -390,20 +429,59 @@ def _retry_after(headers: httpx.Headers) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
+# The names of the timeouts in messages; the gateway's settings are ``upstream_<key>_timeout``.
+_TIMEOUT_NAMES = {
+    "connect": "connect timeout",
+    "pool": "pool timeout",
+    "read": "read timeout",
+    "first_byte": "first-byte timeout",
+    "idle": "idle timeout",
+    "total": "total timeout",
+}
+
+
+def _first_limit(first_byte: float | None, total: float | None) -> tuple[str, float | None]:
+    """Which limit applies until the first byte, and its seconds (None: no limit)."""
+    if first_byte is None or (total is not None and total < first_byte):
+        return "total", total
+    return "first_byte", first_byte
+
+
+def _timeout_error(which: str, seconds: float | None, partial: dict[str, Any] | None) -> UpstreamError:
+    """An ``upstream_timeout`` error naming the timeout that fired and its value."""
+    what = {
+        "connect": "The upstream could not be connected to",
+        "pool": "No connection to the upstream was free",
+        "read": "The upstream sent nothing",
+        "first_byte": "The upstream did not start answering",
+        "idle": "The upstream stream sent nothing",
+        "total": "The upstream did not finish its answer",
+    }[which]
+    limit = f" ({seconds:g} s)" if seconds is not None else ""
+    return UpstreamError(
+        f"{what} within the {_TIMEOUT_NAMES[which]}{limit}.",
+        type="upstream_timeout", partial=partial,
+    )
+
+
 def _from_httpx(
-    exc: Exception, *, started: bool, partial: dict[str, Any] | None
+    exc: Exception, *, started: bool, partial: dict[str, Any] | None,
+    timeout: httpx.Timeout | None = None,
 ) -> UpstreamError:
     """The one translation of an httpx exception into an UpstreamError.
 
-    ``started`` says the response headers had arrived, so a broken connection is a cut stream.
+    ``started`` says the response headers had arrived, so a broken connection is a cut stream;
+    ``timeout`` (the request's) gives the value a timeout message names.
     """
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.TimeoutException):
-        what = "connect to" if isinstance(exc, httpx.ConnectTimeout) else "get an answer from"
-        return UpstreamError(
-            f"Timed out trying to {what} the upstream ({type(exc).__name__}).",
-            type="upstream_timeout", partial=partial,
-        )
+        if isinstance(exc, httpx.ConnectTimeout):
+            which, seconds = "connect", timeout.connect if timeout else None
+        elif isinstance(exc, httpx.PoolTimeout):
+            which, seconds = "pool", timeout.pool if timeout else None
+        else:
+            which, seconds = "read", timeout.read if timeout else None
+        return _timeout_error(which, seconds, partial)
     if isinstance(exc, httpx.DecodingError):
         return UpstreamError(
             f"The upstream's response could not be decoded: {detail}",

@@ -1,0 +1,502 @@
+"""Scenarios 0–5 of issue 6: request latency through the gateway against the upstream itself.
+
+Each scenario measures the direct-to-upstream baseline and the gateway (and the peer, when one
+runs) in the same run, same concurrency, same request count, one after the other, and returns
+:class:`bench.report.Row` objects whose ``added_*`` columns are gateway − direct.
+
+0. load generator ceiling: ``GET /ping`` on the upstream (raw client, and httpx for comparison)
+1. ``POST /v1/responses``, non-streaming, one model call, no tools
+2. the same streamed: time to the first ``response.output_text.delta``, and to the last byte
+3. tool loop: model → 4 parallel HTTP tools → model (the direct baseline is a client doing it)
+4. ``POST /v1/chat/completions`` passthrough
+5. a ``previous_response_id`` conversation (the baseline resends the whole history)
+
+Scenarios 6 (store) and 7 (memory) are in :mod:`bench.resources`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import orjson
+
+from .loadgen import HTTPReply, LoadResult, RequestFn, Sample, Worker, run_load, summarize
+from .processes import ServerProcess, cpu_seconds
+from .report import Row
+from .upstream import TOOLS_PHRASE
+
+__all__ = ["FULL", "QUICK", "Bench", "Sizes", "TOOL_PARAMETERS", "register_tools"]
+
+MODEL = "scripted-model"
+TEXT = "Say hello to the benchmark, please, in one short sentence."
+TOOL_TEXT = f"Please {TOOLS_PHRASE} now."
+TOOL_PARAMETERS = {
+    "type": "object",
+    "properties": {"q": {"type": "string"}},
+    "required": ["q"],
+}
+GATEWAY_DELTA = b"event: response.output_text.delta"
+UPSTREAM_DELTA = b'"delta":{"content":'
+LOCALHOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Request counts: ``{concurrency: requests}`` per scenario, and the other scenarios' sizes."""
+
+    ceiling: int
+    httpx_ceiling: int
+    responses: dict[int, int]
+    stream: dict[int, int]
+    tool_loop: dict[int, int]
+    chat: dict[int, int]
+    conversations: int
+    turns: int
+    store_steps: int
+    streams: int
+    stream_chunks: int
+    stream_interval_ms: int
+    tools: int = 4
+    tool_latency_ms: float = 10.0
+
+
+FULL = Sizes(
+    ceiling=6000,
+    httpx_ceiling=3000,
+    responses={1: 1000, 16: 3000, 64: 3000},
+    stream={1: 500, 16: 2000, 64: 2000},
+    tool_loop={1: 200, 16: 1000},
+    chat={1: 1000, 16: 3000, 64: 3000},
+    conversations=10,
+    turns=100,
+    store_steps=6000,
+    streams=1000,
+    stream_chunks=12,
+    stream_interval_ms=1000,
+)
+
+QUICK = Sizes(
+    ceiling=400,
+    httpx_ceiling=200,
+    responses={1: 40, 16: 160, 64: 192},
+    stream={1: 30, 16: 160, 64: 192},
+    tool_loop={1: 10, 16: 48},
+    chat={1: 40, 16: 160, 64: 192},
+    conversations=1,
+    turns=30,
+    store_steps=300,
+    streams=100,
+    stream_chunks=4,
+    stream_interval_ms=500,
+)
+
+
+@dataclass
+class Bench:
+    """The running servers of one benchmark run and its sizes."""
+
+    upstream: ServerProcess
+    tools: ServerProcess
+    gateway: ServerProcess
+    peer: ServerProcess | None
+    work_dir: Path
+    sizes: Sizes
+    tool_names: list[str]
+
+
+def tool_names(count: int) -> list[str]:
+    return [f"bench_tool_{i}" for i in range(count)]
+
+
+def register_tools(gateway_url: str, tools_url: str, names: list[str]) -> None:
+    """Register the HTTP tools on the gateway (``attach: on_request``: only scenario 3 uses them)."""
+    with httpx.Client(timeout=10) as client:
+        for name in names:
+            reply = client.post(
+                gateway_url + "/v1/tools",
+                json={
+                    "name": name,
+                    "description": f"Benchmark tool {name}: answers after a fixed latency.",
+                    "parameters": TOOL_PARAMETERS,
+                    "kind": "http",
+                    "attach": "on_request",
+                    "url": f"{tools_url}/{name}",
+                    "timeout_s": 30,
+                },
+            )
+            if reply.status_code not in (200, 201):
+                raise RuntimeError(f"registering tool {name}: HTTP {reply.status_code} {reply.text[:200]}")
+
+
+# --- checks: None when the reply is what the scenario expects, else the error text --------------
+
+
+def _http_error(reply: HTTPReply) -> str | None:
+    if reply.status != 200:
+        return f"HTTP {reply.status}: {reply.body[:300].decode(errors='replace')}"
+    return None
+
+
+def check_response(reply: HTTPReply) -> str | None:
+    """A completed Response object (its first ``"status"`` is the response's own)."""
+    error = _http_error(reply)
+    if error:
+        return error
+    at = reply.body.find(b'"status":"')
+    if at < 0 or not reply.body.startswith(b"completed", at + 10):
+        return f"response not completed: {reply.body[:300].decode(errors='replace')}"
+    return None
+
+
+def check_response_stream(reply: HTTPReply) -> str | None:
+    error = _http_error(reply)
+    if error:
+        return error
+    if b"event: response.completed" not in reply.body:
+        return f"stream did not complete: ...{reply.body[-300:].decode(errors='replace')}"
+    return None
+
+
+def check_chat(reply: HTTPReply) -> str | None:
+    error = _http_error(reply)
+    if error:
+        return error
+    if b'"chat.completion"' not in reply.body:
+        return f"not a chat.completion: {reply.body[:300].decode(errors='replace')}"
+    return None
+
+
+def check_chat_stream(reply: HTTPReply) -> str | None:
+    error = _http_error(reply)
+    if error:
+        return error
+    if not reply.body.rstrip().endswith(b"data: [DONE]"):
+        return f"stream did not end with [DONE]: ...{reply.body[-200:].decode(errors='replace')}"
+    return None
+
+
+def check_pong(reply: HTTPReply) -> str | None:
+    return _http_error(reply) or (None if reply.body == b"pong" else f"body {reply.body[:50]!r}")
+
+
+# --- requests and measurement ----------------------------------------------------------------------
+
+
+def http_request(
+    server: ServerProcess,
+    method: bytes,
+    path: str,
+    body: bytes | None,
+    check: Callable[[HTTPReply], str | None],
+    marker: bytes | None = None,
+) -> RequestFn:
+    """A RequestFn sending the same request each time; ``first_s`` is the time to ``marker``."""
+    port = server.port
+
+    async def one(worker: Worker, index: int) -> Sample:
+        reply = await worker.request(LOCALHOST, port, method, path, body, marker=marker)
+        error = check(reply)
+        first = None if reply.t_marker is None else reply.t_marker - reply.t_start
+        if error is None and marker is not None and first is None:
+            error = f"no {marker!r} in the body"
+        return Sample(reply.t_end - reply.t_start, first, ok=error is None, error=error)
+
+    return one
+
+
+def warmup_for(concurrency: int, count: int) -> int:
+    """Enough to open every connection and warm the servers' caches, never more than ``count``."""
+    return min(max(2 * concurrency, 20), count)
+
+
+async def measure(request: RequestFn, server: ServerProcess, concurrency: int, count: int) -> LoadResult:
+    """run_load with the server's CPU seconds as the probe."""
+    return await run_load(
+        request,
+        concurrency=concurrency,
+        count=count,
+        warmup=warmup_for(concurrency, count),
+        probe=lambda: cpu_seconds(server.pid),
+    )
+
+
+def load_row(
+    row_id: str,
+    scenario: str,
+    target: str,
+    result: LoadResult,
+    *,
+    base: Row | None = None,
+    first: bool = False,
+    note: str = "",
+) -> Row:
+    """A Row from a LoadResult: latency to the last byte (or to the marker with ``first``)."""
+    stats = result.first_ms() if first else result.latency_ms()
+    n = max(result.count, 1)
+    row = Row(
+        id=row_id,
+        scenario=scenario,
+        target=target,
+        concurrency=result.concurrency,
+        requests=result.count,
+        errors=result.errors,
+        rps=result.rps,
+        p50_ms=stats["p50"],
+        p90_ms=stats["p90"],
+        p99_ms=stats["p99"],
+        server_cpu_us=None if result.probe_delta is None else result.probe_delta * 1e6 / n,
+        client_cpu_us=result.client_cpu_s * 1e6 / n,
+        note=note,
+        first_error=result.first_error,
+    )
+    if base is not None:
+        row.added_p50_ms = row.p50_ms - base.p50_ms  # type: ignore[operator]
+        row.added_p99_ms = row.p99_ms - base.p99_ms  # type: ignore[operator]
+    return row
+
+
+def peer_note(peer: Row, ours: Row) -> str:
+    """``added ×R p50 / ×R p99 vs stepchain`` (and the same in ``peer.extra``)."""
+    parts = []
+    for pct in ("p50", "p99"):
+        theirs = getattr(peer, f"added_{pct}_ms")
+        mine = getattr(ours, f"added_{pct}_ms")
+        ratio = theirs / mine if mine and mine > 0 else None
+        peer.extra[f"added_{pct}_ratio"] = ratio
+        parts.append(f"×{ratio:.1f} {pct}" if ratio is not None else f"{pct} n/a")
+    return "added " + ", ".join(parts) + " vs stepchain"
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+
+async def scenario_ceiling(b: Bench) -> list[Row]:
+    """0: the load generator against ``GET /ping`` (raw client at c=16 and 64; httpx at 16)."""
+    rows = []
+    ping = http_request(b.upstream, b"GET", "/ping", None, check_pong)
+    for c in (16, 64):
+        result = await measure(ping, b.upstream, c, b.sizes.ceiling)
+        rows.append(load_row(f"0/raw/c{c}", "0 load generator", "raw client /ping", result))
+    url = b.upstream.url + "/ping"
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+    async with httpx.AsyncClient(limits=limits) as client:
+
+        async def one(worker: Worker, index: int) -> Sample:
+            t0 = time.perf_counter()
+            reply = await client.get(url)
+            ok = reply.status_code == 200 and reply.content == b"pong"
+            return Sample(time.perf_counter() - t0, ok=ok, error=None if ok else f"HTTP {reply.status_code}")
+
+        result = await measure(one, b.upstream, 16, b.sizes.httpx_ceiling)
+    rows.append(load_row("0/httpx/c16", "0 load generator", "httpx /ping", result, note="for comparison only"))
+    return rows
+
+
+async def scenario_responses(b: Bench) -> list[Row]:
+    """1: ``POST /v1/responses`` non-streaming vs a direct chat completion (and the peer)."""
+    direct_body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": TEXT}]})
+    body = orjson.dumps({"model": MODEL, "input": TEXT})
+    direct = http_request(b.upstream, b"POST", "/v1/chat/completions", direct_body, check_chat)
+    rows = []
+    for c, n in b.sizes.responses.items():
+        base = load_row(f"1/direct/c{c}", "1 responses", "direct upstream", await measure(direct, b.upstream, c, n))
+        gateway = http_request(b.gateway, b"POST", "/v1/responses", body, check_response)
+        ours = load_row(
+            f"1/gateway/c{c}", "1 responses", "stepchain", await measure(gateway, b.gateway, c, n), base=base
+        )
+        rows += [base, ours]
+        if b.peer is not None:
+            peer = http_request(b.peer, b"POST", "/v1/responses", body, check_response)
+            theirs = load_row(
+                f"1/litellm/c{c}", "1 responses", "litellm", await measure(peer, b.peer, c, n), base=base
+            )
+            theirs.note = peer_note(theirs, ours)
+            rows.append(theirs)
+    return rows
+
+
+async def scenario_stream(b: Bench) -> list[Row]:
+    """2: streamed responses: time to first delta and to last byte, vs a streamed chat completion."""
+    direct_body = orjson.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": TEXT}], "stream": True}
+    )
+    body = orjson.dumps({"model": MODEL, "input": TEXT, "stream": True})
+    direct = http_request(
+        b.upstream, b"POST", "/v1/chat/completions", direct_body, check_chat_stream, UPSTREAM_DELTA
+    )
+    gateway = http_request(b.gateway, b"POST", "/v1/responses", body, check_response_stream, GATEWAY_DELTA)
+    first_rows, last_rows = [], []
+    for c, n in b.sizes.stream.items():
+        d = await measure(direct, b.upstream, c, n)
+        g = await measure(gateway, b.gateway, c, n)
+        d_first = load_row(f"2/ttfd/direct/c{c}", "2 stream: first delta", "direct upstream", d, first=True)
+        first_rows += [
+            d_first,
+            load_row(f"2/ttfd/gateway/c{c}", "2 stream: first delta", "stepchain", g, base=d_first, first=True),
+        ]
+        d_last = load_row(f"2/ttlb/direct/c{c}", "2 stream: last byte", "direct upstream", d)
+        last_rows += [
+            d_last,
+            load_row(f"2/ttlb/gateway/c{c}", "2 stream: last byte", "stepchain", g, base=d_last),
+        ]
+    return first_rows + last_rows
+
+
+async def scenario_tool_loop(b: Bench) -> list[Row]:
+    """3: model → N parallel HTTP tools → model; the baseline is a client running that loop."""
+    names = b.tool_names
+    tools_spec = [
+        {"type": "function", "function": {"name": n, "description": "bench", "parameters": TOOL_PARAMETERS}}
+        for n in names
+    ]
+    user = {"role": "user", "content": TOOL_TEXT}
+    first_body = orjson.dumps({"model": MODEL, "messages": [user], "tools": tools_spec})
+    up_port, tools_port = b.upstream.port, b.tools.port
+
+    async def direct(worker: Worker, index: int) -> Sample:
+        t0 = time.perf_counter()
+        r1 = await worker.request(LOCALHOST, up_port, b"POST", "/v1/chat/completions", first_body)
+        if r1.status != 200:
+            return Sample(0.0, ok=False, error=_http_error(r1))
+        message = orjson.loads(r1.body)["choices"][0]["message"]
+        calls = message.get("tool_calls") or []
+        if len(calls) != len(names):
+            return Sample(0.0, ok=False, error=f"expected {len(names)} tool calls, got {len(calls)}")
+        outputs = await asyncio.gather(*(
+            worker.request(LOCALHOST, tools_port, b"POST", "/" + call["function"]["name"],
+                           call["function"]["arguments"].encode())
+            for call in calls
+        ))  # fmt: skip
+        messages = [user, message] + [
+            {"role": "tool", "tool_call_id": call["id"], "content": out.body.decode()}
+            for call, out in zip(calls, outputs)
+        ]
+        r2 = await worker.request(
+            LOCALHOST, up_port, b"POST", "/v1/chat/completions",
+            orjson.dumps({"model": MODEL, "messages": messages, "tools": tools_spec}),
+        )  # fmt: skip
+        ok = r2.status == 200 and b"Tool results" in r2.body
+        return Sample(time.perf_counter() - t0, ok=ok, error=None if ok else _http_error(r2) or "no summary")
+
+    body = orjson.dumps(
+        {"model": MODEL, "input": TOOL_TEXT, "tools": [{"type": "function", "name": n} for n in names]}
+    )
+
+    def check(reply: HTTPReply) -> str | None:
+        error = check_response(reply)
+        if error is None and b"Tool results" not in reply.body:
+            error = f"no tool results in the answer: {reply.body[:300].decode(errors='replace')}"
+        return error
+
+    gateway = http_request(b.gateway, b"POST", "/v1/responses", body, check)
+    rows = []
+    note = f"{len(names)} tools × {b.sizes.tool_latency_ms:g} ms"
+    for c, n in b.sizes.tool_loop.items():
+        base = load_row(
+            f"3/direct/c{c}", "3 tool loop", "direct (client loop)", await measure(direct, b.upstream, c, n),
+            note=note,
+        )  # fmt: skip
+        rows += [base, load_row(
+            f"3/gateway/c{c}", "3 tool loop", "stepchain", await measure(gateway, b.gateway, c, n),
+            base=base, note=note,
+        )]  # fmt: skip
+    return rows
+
+
+async def scenario_chat(b: Bench) -> list[Row]:
+    """4: ``POST /v1/chat/completions`` through the gateway (and the peer) vs the upstream."""
+    body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": TEXT}]})
+    rows = []
+    for c, n in b.sizes.chat.items():
+        direct = http_request(b.upstream, b"POST", "/v1/chat/completions", body, check_chat)
+        base = load_row(f"4/direct/c{c}", "4 chat passthrough", "direct upstream", await measure(direct, b.upstream, c, n))
+        gateway = http_request(b.gateway, b"POST", "/v1/chat/completions", body, check_chat)
+        ours = load_row(
+            f"4/gateway/c{c}", "4 chat passthrough", "stepchain", await measure(gateway, b.gateway, c, n), base=base
+        )
+        rows += [base, ours]
+        if b.peer is not None:
+            peer = http_request(b.peer, b"POST", "/v1/chat/completions", body, check_chat)
+            theirs = load_row(
+                f"4/litellm/c{c}", "4 chat passthrough", "litellm", await measure(peer, b.peer, c, n), base=base
+            )
+            theirs.note = peer_note(theirs, ours)
+            rows.append(theirs)
+    return rows
+
+
+def reported_turns(turns: int) -> list[int]:
+    """Turns 1, 10, 50, 100 that the run reaches, and its last turn."""
+    return sorted({t for t in (1, 10, 50, 100) if t <= turns} | {turns})
+
+
+async def scenario_conversation(b: Bench) -> list[Row]:
+    """5: ``previous_response_id`` chains of ``turns`` turns, concurrency 1. Each turn k is
+    measured over turns k−2..k+2 of every conversation; the baseline sends the whole history."""
+    turns, conversations = b.sizes.turns, b.sizes.conversations
+    direct_ms: list[list[float]] = [[] for _ in range(turns)]
+    gateway_ms: list[list[float]] = [[] for _ in range(turns)]
+    errors: list[str] = []
+    worker = Worker(0)
+    up_port, gw_port = b.upstream.port, b.gateway.port
+    try:
+        for _ in range(conversations):
+            history: list[dict[str, str]] = []
+            previous: str | None = None
+            for k in range(turns):
+                text = f"Turn {k + 1}: tell me one more thing about benchmarks."
+                history.append({"role": "user", "content": text})
+                try:
+                    rd = await asyncio.wait_for(worker.request(
+                        LOCALHOST, up_port, b"POST", "/v1/chat/completions",
+                        orjson.dumps({"model": MODEL, "messages": history}),
+                    ), 60)  # fmt: skip
+                    body = {"model": MODEL, "input": text}
+                    if previous:
+                        body["previous_response_id"] = previous
+                    rg = await asyncio.wait_for(worker.request(
+                        LOCALHOST, gw_port, b"POST", "/v1/responses", orjson.dumps(body)
+                    ), 60)  # fmt: skip
+                except Exception as exc:  # any failure ends this conversation, counted
+                    worker.close()
+                    errors.append(f"turn {k + 1}: {type(exc).__name__}: {exc}")
+                    break
+                error = check_chat(rd) or check_response(rg)
+                if error:
+                    errors.append(f"turn {k + 1}: {error}")
+                    break
+                reply = orjson.loads(rd.body)["choices"][0]["message"]["content"]
+                history.append({"role": "assistant", "content": reply})
+                previous = orjson.loads(rg.body)["id"]
+                direct_ms[k].append((rd.t_end - rd.t_start) * 1000)
+                gateway_ms[k].append((rg.t_end - rg.t_start) * 1000)
+    finally:
+        worker.close()
+    rows = []
+    for turn in reported_turns(turns):
+        window = range(max(turn - 3, 0), min(turn + 2, turns))
+        d = summarize([v for k in window for v in direct_ms[k]])
+        g = summarize([v for k in window for v in gateway_ms[k]])
+        n = sum(len(gateway_ms[k]) for k in window)
+        note = f"turns {window.start + 1}-{window.stop} × {conversations} conversations"
+        base = Row(
+            id=f"5/direct/t{turn}", scenario="5 conversation", target=f"direct, turn {turn}",
+            concurrency=1, requests=n, p50_ms=d["p50"], p90_ms=d["p90"], p99_ms=d["p99"],
+            note=note, extra={"turn": turn},
+        )  # fmt: skip
+        ours = Row(
+            id=f"5/gateway/t{turn}", scenario="5 conversation", target=f"stepchain, turn {turn}",
+            concurrency=1, requests=n, p50_ms=g["p50"], p90_ms=g["p90"], p99_ms=g["p99"],
+            added_p50_ms=g["p50"] - d["p50"], added_p99_ms=g["p99"] - d["p99"], note=note,
+            extra={"turn": turn},
+        )  # fmt: skip
+        rows += [base, ours]
+    if errors:
+        rows[-1].errors = len(errors)
+        rows[-1].first_error = errors[0]
+    return rows
