@@ -258,4 +258,4 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
         return obj
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(orjson.dumps(clean(payload), default=default, option=orjson.OPT_INDENT_2))
+    path.write_bytes(orjson.dumps(clean(payload), default=default, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))

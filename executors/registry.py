@@ -182,7 +182,7 @@ def validate_tool_definition(
             "name",
         )
     kind = body.get("kind", "http")
-    if kind not in _KIND_KEYS:
+    if not isinstance(kind, str) or kind not in _KIND_KEYS:
         raise _fail(f'kind must be "http" or "agent", got {kind!r}.', "kind")
     other = "agent" if kind == "http" else "http"
     for key in _KIND_KEYS[other]:

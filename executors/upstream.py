@@ -176,7 +176,7 @@ class UpstreamClient:
         which, limit = _first_limit(self._first_byte_timeout, self._total_timeout)
         total_at = None if self._total_timeout is None else loop.time() + self._total_timeout
         try:
-            async with asyncio.timeout(None if limit is None else loop.time() + limit) as timer:
+            async with asyncio.timeout_at(None if limit is None else loop.time() + limit) as timer:
                 async with self._client.stream(
                     "POST", self._url, content=payload, headers=self._sse_headers,
                     timeout=self._timeout,

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -26,8 +27,10 @@ from executors.upstream import UpstreamClient
 from store.base import Store
 from store.sqlite import SQLiteStore
 
+from .auth import AuthMiddleware, load_api_keys
 from .config import Settings, load_settings
 from .errors import GatewayError
+from .live import LiveStreams
 from .loop import LoopDeps
 from .recovery import Recovery, new_owner_id
 from .routes import api_routes
@@ -155,6 +158,8 @@ def create_app(
         app.state.tasks = tasks
         app.state.service = service
         app.state.recovery = recovery
+        app.state.live = LiveStreams()
+        app.state.running = {}
         await recovery.start()
         try:
             yield
@@ -166,8 +171,12 @@ def create_app(
             await tool_client.aclose()
             await the_store.close()
 
+    key_hashes = load_api_keys(settings.api_keys, settings.api_keys_file)
     app = Starlette(
         routes=[*api_routes(), *tool_routes()],
+        middleware=[
+            Middleware(AuthMiddleware, key_hashes=key_hashes, pass_client_key=settings.pass_client_key)
+        ],
         lifespan=lifespan,
         exception_handlers={
             GatewayError: _gateway_error,
@@ -175,6 +184,7 @@ def create_app(
             Exception: _unexpected,
         },
     )
+    app.router.redirect_slashes = False  # a bodiless 307 is no OpenAI error: 404 instead
     app.state.settings = settings
     return app
 

@@ -7,7 +7,8 @@ Chat Completions"):
   each with a stable ``id`` (the client's, or ``<prefix>_<response-hex>_<position>``);
 * ``items_to_messages`` — input items (and earlier output items) → Chat Completions messages;
 * ``tools_to_chat`` / ``build_chat_request`` — tools and the whole upstream body;
-* ``validate_request`` — type checks of the top-level fields the gateway reads;
+* ``validate_request`` — type checks of the top-level fields the gateway reads (and echoes);
+* ``validate_call_outputs`` — every ``function_call_output`` in new input answers an earlier call;
 * ``chat_usage_to_response_usage`` / ``add_usage`` — token accounting (defined with the
   Response object, re-exported here).
 
@@ -32,6 +33,7 @@ __all__ = [
     "items_to_messages",
     "normalize_input",
     "tools_to_chat",
+    "validate_call_outputs",
     "validate_request",
     "zero_usage",
 ]
@@ -208,6 +210,8 @@ def _validate_reasoning(item: dict[str, Any], param: str) -> None:
 
 
 def _validate_mcp_call(item: dict[str, Any], param: str) -> None:
+    if item.get("call_id") is not None:
+        _require_str(item, "call_id", param)  # it becomes a tool-call id: a dict key
     _require_str(item, "name", param)
     _require_str(item, "arguments", param, empty=True)
     if item.get("output") is not None and not isinstance(item["output"], str):
@@ -527,10 +531,17 @@ def validate_request(body: dict[str, Any]) -> None:
         value = get(key)
         if value is not None and not (_is_number(value) and low <= value <= high):
             raise _bad(key, f"a number from {low} to {high}")
+    for key in ("presence_penalty", "frequency_penalty"):
+        value = get(key)
+        if value is not None and not (_is_number(value) and -2 <= value <= 2):
+            raise _bad(key, "a number from -2 to 2")
     for key in ("max_output_tokens", "max_tool_calls"):
         value = get(key)
         if value is not None and not (_is_int(value) and value >= 1):
             raise _bad(key, "an integer of at least 1")
+    top_logprobs = get("top_logprobs")
+    if top_logprobs is not None and not (_is_int(top_logprobs) and 0 <= top_logprobs <= 20):
+        raise _bad("top_logprobs", "an integer from 0 to 20")
     if get("truncation") is not None and get("truncation") not in ("auto", "disabled"):
         raise _bad("truncation", "'auto' or 'disabled'")
     _validate_metadata(get("metadata"))
@@ -541,8 +552,9 @@ def validate_request(body: dict[str, Any]) -> None:
     if reasoning is not None:
         if not isinstance(reasoning, dict):
             raise _bad("reasoning", "an object")
-        if reasoning.get("effort") is not None and not isinstance(reasoning["effort"], str):
-            raise _bad("reasoning.effort", "a string")
+        for key in ("effort", "summary", "generate_summary"):
+            if reasoning.get(key) is not None and not isinstance(reasoning[key], str):
+                raise _bad(f"reasoning.{key}", "a string")
     include = get("include")
     if include is not None and not (isinstance(include, list) and all(map(_is_str, include))):
         raise _bad("include", "a list of strings")
@@ -574,7 +586,13 @@ def _validate_tools(tools: Any) -> None:
         if not isinstance(tool.get("type"), str):
             raise _bad(f"{param}.type", "a string")
         if tool["type"] != "function":
-            continue  # other tool types are the tool registry's to offer or refuse
+            # Hosted OpenAI tools (web_search, file_search, mcp, …) cannot run behind a Chat
+            # Completions upstream; silently dropping them would hide that from the client.
+            raise _unsupported(
+                f"{param}.type",
+                f"Tools of type '{tool['type']}' are not supported by this gateway; use function "
+                "tools or tools registered on the gateway.",
+            )
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise _bad(f"{param}.name", "a non-empty string")
         if tool.get("description") is not None and not isinstance(tool["description"], str):
@@ -600,6 +618,8 @@ def _validate_text(text: Any) -> None:
         return
     if not isinstance(text, dict):
         raise _bad("text", "an object")
+    if text.get("verbosity") is not None and not isinstance(text["verbosity"], str):
+        raise _bad("text.verbosity", "a string")
     fmt = text.get("format")
     if fmt is None:
         return
@@ -611,6 +631,8 @@ def _validate_text(text: Any) -> None:
     if kind == "json_schema":
         if not isinstance(fmt.get("name"), str) or not fmt["name"]:
             raise _bad("text.format.name", "a non-empty string")
+        if fmt.get("description") is not None and not isinstance(fmt["description"], str):
+            raise _bad("text.format.description", "a string")
         if not isinstance(fmt.get("schema"), dict):
             raise _bad("text.format.schema", "a JSON Schema object")
         if fmt.get("strict") is not None and not isinstance(fmt["strict"], bool):
@@ -641,4 +663,4 @@ def _note_call(item: dict[str, Any], known: set[str]) -> None:
     if kind == "function_call" and item.get("call_id"):
         known.add(item["call_id"])
     elif kind == "mcp_call":
-        known.add(item.get("call_id") or item.get("id"))
+        known.add(item.get("call_id") or item.get("id") or "")

@@ -13,22 +13,24 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from executors.upstream import UpstreamError as UpstreamCallError
 from store.types import MODEL_CALL, ResponseRecord, StepDescriptor, new_id
 
+from .bodies import read_json_body
 from .errors import (
+    ConflictError,
     GatewayError,
     InvalidRequestError,
     NotFoundError,
     RateLimitError,
-    RequestTooLargeError,
     UpstreamError,
 )
 from .events import DONE
+from .live import replay_events
 from .service import ResponsesService, record_to_object
 
 logger = logging.getLogger("stepchain.routes")
@@ -47,25 +49,8 @@ def tenant_of(request: Request) -> str | None:
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object; 413 past ``max_body_bytes``, 400 if not a JSON object."""
-    limit = request.app.state.settings.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLargeError(f"Request body is larger than the limit of {limit} bytes.")
-    chunks = []
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestTooLargeError(f"Request body is larger than the limit of {limit} bytes.")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise InvalidRequestError("The client disconnected before sending the whole body.") from None
-    try:
-        body = orjson.loads(b"".join(chunks))
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
+    """The request body as a JSON object (see :func:`gateway.bodies.read_json_body`)."""
+    body = await read_json_body(request, request.app.state.settings.max_body_bytes)
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.")
     return body
@@ -87,35 +72,58 @@ def _error_for_failure(error: dict[str, Any] | None) -> GatewayError:
 
 
 async def create_response(request: Request) -> Response:
-    service: ResponsesService = request.app.state.service
+    state = request.app.state
+    service: ResponsesService = state.service
     body = await read_json(request)
     prepared = await service.prepare(body, tenant_of(request))
-    tasks = request.app.state.tasks
-    if body.get("stream") is not True:
+    response_id = prepared.record.id
+    stream = body.get("stream") is True
+    background = body.get("background") is True
+    if not stream and not background:
         # A task of its own: the response finishes and is stored even if the client leaves.
-        task = tasks.spawn(service.run(prepared, service.builder(prepared)))
+        task = _start(state, service, prepared, None)
         final = await asyncio.shield(task)
         if final["status"] == "failed" and not final["output"]:
             raise _error_for_failure(final.get("error"))
         return _json(final)
 
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-    builder = service.builder(prepared, emit=queue.put_nowait)
-    task = tasks.spawn(service.run(prepared, builder))
-    task.add_done_callback(lambda _t: queue.put_nowait(None))
+    live = state.live.open(response_id)
+    task = _start(state, service, prepared, live.emit)
+    task.add_done_callback(lambda _t: state.live.close(response_id))
+    if background and not stream:
+        await live.wait_for(1)  # response.created: the record is in the store
+        if task.done() and task.exception() is not None:
+            raise task.exception()
+        return _json(record_to_object(prepared.record))
     # Hold the headers until the first event after response.in_progress (or the end): a response
     # that fails before producing anything becomes an HTTP error the SDK can raise.
-    head = [await queue.get(), await queue.get()]
-    first = await queue.get()
-    if first is None or first.startswith(b"event: response.failed"):
+    await live.wait_for(3)
+    if live.closed or live.events[-1].startswith(b"event: response.failed"):
         final = await asyncio.shield(task)
         if final["status"] == "failed" and not final["output"]:
             raise _error_for_failure(final.get("error"))
-    head.append(first)
-    if request.app.state.settings.cancel_on_disconnect:
-        tasks.spawn(_cancel_on_disconnect(request, service, prepared.record.id, task))
+    if state.settings.cancel_on_disconnect and not background:
+        state.tasks.spawn(_cancel_on_disconnect(request, service, response_id, task))
     # If the client goes away, the response goes on and is stored (unless configured otherwise).
-    return StreamingResponse(_drain(head, queue), media_type="text/event-stream", headers=SSE_HEADERS)
+    return _sse(live.follow(0))
+
+
+def _start(state: Any, service: ResponsesService, prepared: Any, emit: Any) -> asyncio.Task[Any]:
+    """Run a prepared response as an app-owned task, findable for cancellation while it runs."""
+    response_id = prepared.record.id
+    task = state.tasks.spawn(service.run(prepared, service.builder(prepared, emit=emit)))
+    state.running[response_id] = task
+    task.add_done_callback(lambda _t: state.running.pop(response_id, None))
+    return task
+
+
+def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        async for chunk in events:
+            yield chunk
+        yield DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def _cancel_on_disconnect(
@@ -134,31 +142,6 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def _drain(head: list[bytes | None], queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
-    for chunk in head:
-        if chunk is None:
-            yield DONE
-            return
-        yield chunk
-    while True:
-        chunk = await queue.get()
-        if chunk is None:
-            yield DONE
-            return
-        # Send what is queued in one write: fewer syscalls under load, same bytes.
-        if not queue.empty():
-            parts = [chunk]
-            while not queue.empty():
-                nxt = queue.get_nowait()
-                if nxt is None:
-                    parts.append(DONE)
-                    yield b"".join(parts)
-                    return
-                parts.append(nxt)
-            chunk = b"".join(parts)
-        yield chunk
-
-
 async def _visible(request: Request) -> ResponseRecord:
     response_id = request.path_params["response_id"]
     record = await request.app.state.service.get_visible(response_id, tenant_of(request))
@@ -168,7 +151,55 @@ async def _visible(request: Request) -> ResponseRecord:
 
 
 async def get_response(request: Request) -> Response:
-    return _json(record_to_object(await _visible(request)))
+    """``GET /v1/responses/{id}``; with ``?stream=true[&starting_after=N]`` the response's events
+    after sequence number N as SSE: live ones from this process's log while it runs (exactly
+    the original stream's), otherwise rebuilt from the stored chain."""
+    record = await _visible(request)
+    if request.query_params.get("stream") not in ("true", "1"):
+        return _json(record_to_object(record))
+    raw = request.query_params.get("starting_after", "-1")
+    try:
+        starting_after = int(raw)
+    except ValueError:
+        raise InvalidRequestError("starting_after must be an integer.", param="starting_after") from None
+    state = request.app.state
+    live = state.live.get(record.id)
+    if live is not None:
+        return _sse(live.follow(max(starting_after + 1, 0)))
+    return _sse(_after(replay_events(state.service, record), starting_after))
+
+
+async def _after(events: AsyncIterator[bytes], starting_after: int) -> AsyncIterator[bytes]:
+    index = 0
+    async for event in events:
+        if event.startswith(b":"):
+            yield event  # keep-alive comment while the response runs elsewhere
+            continue
+        if index > starting_after:
+            yield event
+        index += 1
+
+
+async def cancel_response(request: Request) -> Response:
+    """``POST /v1/responses/{id}/cancel``: stop a background response running here; it ends
+    ``cancelled`` with its open steps ``canceled``. Only background responses can be cancelled."""
+    record = await _visible(request)
+    state = request.app.state
+    if not record.request.get("background"):
+        raise InvalidRequestError("Only background responses can be cancelled.", param="response_id")
+    task = state.running.get(record.id)
+    if task is not None and not task.done():
+        state.service.cancel(record.id, task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            pass
+    elif record.status in ("queued", "in_progress"):
+        raise ConflictError(
+            "The response is running on another gateway process; cancel it there.", param="response_id"
+        )
+    record = await _visible(request)
+    return _json(record_to_object(record))
 
 
 async def delete_response(request: Request) -> Response:
@@ -355,6 +386,7 @@ def api_routes() -> list[Route]:
         Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
         Route("/v1/responses/{response_id}/steps", list_steps, methods=["GET"]),
+        Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
     ]

@@ -395,17 +395,27 @@ class _ChatCompletions:
             await send({"type": "http.response.body", "body": b"".join(events)})
             self._finished()
             return
-        for sent, event in enumerate(events):
-            if sent == reply.drop_after_chunks:
-                return  # uvicorn closes the connection: the body ends mid-way
-            if sent == reply.stall_after_chunks:
-                await asyncio.wait_for(_until_disconnect(receive), _STALL_S)
-                return
-            if sent == reply.garbage_after_chunks:
-                await send({"type": "http.response.body", "body": _GARBAGE, "more_body": True})
-            if sent and reply.chunk_delay_s:
-                await asyncio.sleep(reply.chunk_delay_s)
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+        # A slow stream stops when its client goes away, as a real model server's would.
+        gone = None
+        if reply.chunk_delay_s and reply.stall_after_chunks is None:
+            gone = asyncio.ensure_future(_until_disconnect(receive))
+        try:
+            for sent, event in enumerate(events):
+                if sent == reply.drop_after_chunks:
+                    return  # uvicorn closes the connection: the body ends mid-way
+                if sent == reply.stall_after_chunks:
+                    await asyncio.wait_for(_until_disconnect(receive), _STALL_S)
+                    return
+                if sent == reply.garbage_after_chunks:
+                    await send({"type": "http.response.body", "body": _GARBAGE, "more_body": True})
+                if sent and reply.chunk_delay_s:
+                    await asyncio.sleep(reply.chunk_delay_s)
+                    if gone is not None and gone.done():
+                        return
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+        finally:
+            if gone is not None:
+                gone.cancel()
         await send({"type": "http.response.body", "body": b""})
         self._finished()
 

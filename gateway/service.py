@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,7 +186,8 @@ class ResponsesService:
             validate_call_outputs(history, input_items)
         offered, client_tools, _hosted = registry.offer(body.get("tools"), body.get("tool_choice"))
         client_names = frozenset(t["name"] for t in client_tools)
-        stream = body.get("stream") is True
+        # Background responses stream upstream too: followers may attach with ?stream=true.
+        stream = body.get("stream") is True or body.get("background") is True
         initial_body = build_chat_request(
             body, items_to_messages(history + input_items), tools_to_chat(offered), stream=stream
         )
@@ -211,16 +213,45 @@ class ResponsesService:
         )
         return Prepared(record, loop_request, input_items, history, client_names)
 
-    def builder(self, prepared: Prepared, emit=None) -> ResponseBuilder:
+    def builder(self, prepared: Prepared, emit: Callable[[bytes], None] | None = None) -> ResponseBuilder:
         """The event/output builder for a prepared response (``emit`` None = no events)."""
-        record = prepared.record
+        return self._builder(prepared.record, prepared.client_tools, emit)
+
+    def builder_for_record(
+        self, record: ResponseRecord, emit: Callable[[bytes], None] | None = None
+    ) -> ResponseBuilder:
+        """A builder for a stored response (replaying it): client tools from its request."""
+        _offered, client_tools, _hosted = self.deps.registry.offer(
+            record.request.get("tools"), record.request.get("tool_choice")
+        )
+        return self._builder(record, frozenset(t["name"] for t in client_tools), emit)
+
+    @staticmethod
+    def _builder(
+        record: ResponseRecord, client_tools: frozenset[str], emit: Callable[[bytes], None] | None
+    ) -> ResponseBuilder:
         base = {
             "id": record.id,
             "created_at": record.created_at,
             "model": record.model,
             "request": record.request,
         }
-        return ResponseBuilder(base, hosted_tools=_NotClient(prepared.client_tools), emit=emit)
+        return ResponseBuilder(base, hosted_tools=_NotClient(client_tools), emit=emit)
+
+    async def replay_chain(self, response_id: str, builder: ResponseBuilder) -> None:
+        """Feed the finished steps of a response to ``builder`` as the loop reported them:
+        top-level steps in order (same item ids as the live stream), sub-agents' usage."""
+        for step in await self.store.list_steps(response_id):
+            if not step.finished:
+                continue
+            if step.scope_parent is not None:
+                if step.kind == MODEL_CALL:
+                    builder.add_usage(step.usage)
+            elif step.kind == MODEL_CALL:
+                builder.model_call_finished(step)
+            else:
+                builder.tool_call_started(step)
+                builder.tool_call_finished(step)
 
     async def run(self, prepared: Prepared, builder: ResponseBuilder) -> dict[str, Any]:
         """Create the record, run the loop to its end, store the result, then emit the terminal
@@ -249,17 +280,7 @@ class ResponsesService:
             return record_to_object(record)
         prepared.record = record
         builder = self.builder(prepared)
-        for step in await self.store.list_steps(record.id):
-            if not step.finished:
-                continue
-            if step.scope_parent is not None:
-                if step.kind == MODEL_CALL:
-                    builder.add_usage(step.usage)
-            elif step.kind == MODEL_CALL:
-                builder.model_call_finished(step)
-            else:
-                builder.tool_call_started(step)
-                builder.tool_call_finished(step)
+        await self.replay_chain(record.id, builder)
         return await self._drive(prepared, builder)
 
     async def _drive(self, prepared: Prepared, builder: ResponseBuilder) -> dict[str, Any]:

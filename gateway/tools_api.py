@@ -17,19 +17,19 @@ import hmac
 from typing import Any
 
 import orjson
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from executors.registry import ToolDefinitionError, ToolRegistry, public_view
 from store import types as store_types
 
+from .bodies import read_json_body
 from .errors import (
     AuthenticationError,
     ConflictError,
     InvalidRequestError,
     NotFoundError,
-    RequestTooLargeError,
 )
 
 __all__ = ["tool_routes"]
@@ -57,22 +57,7 @@ def _registry(request: Request) -> ToolRegistry:
 
 
 async def _read_body(request: Request) -> Any:
-    chunks = []
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_TOOL_BODY_BYTES:
-                raise RequestTooLargeError(
-                    f"A tool definition may be at most {MAX_TOOL_BODY_BYTES} bytes."
-                )
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise InvalidRequestError("The client disconnected before sending the body.") from None
-    try:
-        return orjson.loads(b"".join(chunks))
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
+    return await read_json_body(request, MAX_TOOL_BODY_BYTES)
 
 
 def _not_found(name: str) -> NotFoundError:

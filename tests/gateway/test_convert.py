@@ -18,6 +18,7 @@ from gateway.convert import (
     items_to_messages,
     normalize_input,
     tools_to_chat,
+    validate_call_outputs,
     validate_request,
     zero_usage,
 )
@@ -227,6 +228,8 @@ FILE = {"type": "input_file", "file_data": "data:application/pdf;base64,AAAA", "
         ),
         pytest.param([{**mcp("m"), "output": {"a": 1}}], "input[0].output", id="mcp-output-object"),
         pytest.param([{**user("a"), "id": 7}], "input[0].id", id="id-not-str"),
+        pytest.param([{**mcp("m"), "call_id": {"a": 1}}], "input[0].call_id", id="mcp-call-id-object"),
+        pytest.param([{**mcp("m"), "call_id": 5}], "input[0].call_id", id="mcp-call-id-int"),
         pytest.param(
             [{"type": "reasoning", "summary": "s"}],
             "input[0].summary",
@@ -843,6 +846,7 @@ def test_build_chat_request(request_body, tools, stream, expected):
 # -- validate_request --------------------------------------------------------------------------
 
 
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -866,13 +870,12 @@ def test_build_chat_request(request_body, tools, stream, expected):
                 "include": [],
                 "reasoning": {"effort": "high", "summary": None},
                 "truncation": "disabled",
+                "presence_penalty": -2,
+                "frequency_penalty": 1.5,
+                "top_logprobs": 20,
                 "unknown_field": object(),
             },
             id="everything",
-        ),
-        pytest.param(
-            {"model": "m", "tools": [{"type": "web_search"}]},
-            id="other-tool-types-left-to-registry",
         ),
     ],
 )
@@ -957,6 +960,25 @@ def test_validate_request_accepts(body):
             {"model": "m", "reasoning": {"effort": 1}}, "reasoning.effort", id="reasoning-effort"
         ),
         pytest.param({"model": "m", "truncation": "middle"}, "truncation", id="truncation"),
+        pytest.param(
+            {"model": "m", "tools": [{"type": "web_search"}]}, "tools[0].type", id="hosted-tool-type"
+        ),
+        pytest.param(
+            {"model": "m", "reasoning": {"summary": []}}, "reasoning.summary", id="reasoning-summary"
+        ),
+        pytest.param(
+            {"model": "m", "text": {"verbosity": 3}}, "text.verbosity", id="text-verbosity"
+        ),
+        pytest.param(
+            {"model": "m", "text": {"format": {"type": "json_schema", "name": "x", "schema": {},
+                                               "description": 1}}},
+            "text.format.description",
+            id="format-description",
+        ),
+        pytest.param({"model": "m", "presence_penalty": 3}, "presence_penalty", id="presence"),
+        pytest.param({"model": "m", "frequency_penalty": "0"}, "frequency_penalty", id="frequency"),
+        pytest.param({"model": "m", "top_logprobs": 21}, "top_logprobs", id="top-logprobs-high"),
+        pytest.param({"model": "m", "top_logprobs": 1.0}, "top_logprobs", id="top-logprobs-float"),
     ],
 )
 def test_validate_request_errors(body, param):
@@ -964,6 +986,41 @@ def test_validate_request_errors(body, param):
         validate_request(body)
     assert info.value.param == param
     assert info.value.to_dict()["error"]["type"] == "invalid_request_error"
+
+
+# -- validate_call_outputs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("history", "items"),
+    [
+        pytest.param([], [user("hi")], id="no-outputs"),
+        pytest.param([fc("c1")], [fco("c1")], id="call-in-history"),
+        pytest.param([], [fc("c1"), fco("c1")], id="call-earlier-in-input"),
+        pytest.param([mcp("mcp_1")], [fco("mcp_1")], id="mcp-call-by-id"),
+        pytest.param([{**mcp("mcp_1"), "call_id": "c7"}], [fco("c7")], id="mcp-call-by-call-id"),
+        pytest.param([fc("c1")], [fco("c1"), fco("c1")], id="answered-twice"),
+    ],
+)
+def test_validate_call_outputs_accepts(history, items):
+    validate_call_outputs(normalize_input(history, RID), normalize_input(items, RID))
+
+
+@pytest.mark.parametrize(
+    ("history", "items", "param"),
+    [
+        pytest.param([], [fco("c9")], "input[0].call_id", id="never-asked"),
+        pytest.param([fc("c1")], [user("x"), fco("c2")], "input[1].call_id", id="other-call-id"),
+        pytest.param([], [fco("c1"), fc("c1")], "input[0].call_id", id="call-after-output"),
+        pytest.param([fco("c1")], [fco("c1")], "input[0].call_id", id="only-an-output-before"),
+    ],
+)
+def test_validate_call_outputs_rejects(history, items, param):
+    with pytest.raises(InvalidRequestError) as info:
+        validate_call_outputs(normalize_input(history, RID), normalize_input(items, RID))
+    assert info.value.param == param
+    assert info.value.status_code == 400
+    assert info.value.message.startswith("No tool call found for function call output with call_id")
 
 
 # -- usage -------------------------------------------------------------------------------------
