@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tool-latency-ms", type=float, default=None, help="HTTP tool latency (default 10)")
     parser.add_argument("--litellm-spec", default=LITELLM_SPEC, help=f"pip spec of the peer ({LITELLM_SPEC})")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, databases)")
+    parser.add_argument(
+        "--markdown-from", type=Path, default=None, metavar="JSON",
+        help="print a results file's table and targets as Markdown (for bench/README.md); no run",
+    )  # fmt: skip
     return parser
 
 
@@ -135,13 +139,40 @@ def _start_peer(args: argparse.Namespace, upstream_base_url: str, work_dir: Path
     return server
 
 
+def _print_markdown(path: Path) -> int:
+    import orjson
+
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        print(f"bench: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    rows = [Row(**{k: (float("nan") if v is None and k.endswith("_ms") else v) for k, v in r.items()})
+            for r in data["rows"]]  # fmt: skip
+    print(render_table(rows, markdown=True))
+    print()
+    print("| target | limit | measured | verdict |")
+    print("|---|---|---|---|")
+    for t in data.get("targets", []):
+        verdict = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
+        print(f"| {t['name']} | {t['limit']} | {t['measured']} | {verdict} |")
+    m = data["machine"]
+    print(f"\nMachine: {m['nproc']} × {m['cpu']}, {m['memory_gib']} GiB, Python {m['python']}, "
+          f"{m['os']}. Command: `{data['command']}` ({data['elapsed_s']:.0f} s). Peers: {data['peers']}.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks; see the module docstring for the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `stepchain bench -- --quick`: argparse REMAINDER keeps the "--"
+        argv = argv[1:]
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+    if args.markdown_from is not None:
+        return _print_markdown(args.markdown_from)
     selected = sorted(SCENARIOS) if args.only is None else [s.strip() for s in args.only.split(",")]
     unknown = [s for s in selected if s not in SCENARIOS]
     if unknown:

@@ -194,7 +194,8 @@ def evaluate_targets(rows: Sequence[Row], *, quick: bool) -> list[Target]:
         ))  # fmt: skip
     if quick:
         for target in targets:
-            target.measured += " (quick run: indicative)"
+            if target.met is not None:
+                target.measured += " (quick run: indicative)"
     return targets
 
 

@@ -68,10 +68,10 @@ class Sizes:
 FULL = Sizes(
     ceiling=6000,
     httpx_ceiling=2000,
-    responses={1: 500, 16: 2000, 64: 2000},
+    responses={1: 300, 16: 1000, 64: 1000},
     stream={1: 300, 16: 1000, 64: 1000},
-    tool_loop={1: 100, 16: 500},
-    chat={1: 500, 16: 2000, 64: 2000},
+    tool_loop={1: 100, 16: 400},
+    chat={1: 300, 16: 1000, 64: 1000},
     conversations=10,
     turns=100,
     store_steps=6000,

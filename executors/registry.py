@@ -100,6 +100,8 @@ def _validate_parameters(schema: Any) -> dict[str, Any]:
         raise _fail(
             f"parameters is not a valid JSON Schema{where}: {exc.message}", "parameters"
         ) from None
+    except RecursionError:
+        raise _fail("parameters nests too deeply to be checked.", "parameters") from None
     if schema.get("type") != "object":
         raise _fail('parameters must be a JSON Schema with "type": "object".', "parameters")
     return schema

@@ -18,10 +18,11 @@ Every failure is an :class:`UpstreamError`; httpx exceptions are translated in o
     stream_cut                  the stream broke off (or ended) before the answer finished
     invalid_upstream_response   a body or chunk that is not the JSON object it should be
 
-Timeouts (seconds, each optional but connect/read): ``connect_timeout`` to open the connection;
-``read_timeout`` for any one read; ``first_byte_timeout`` from sending the request to the first SSE
-event (or, not streamed, the whole JSON body); ``idle_timeout`` between reads of a stream;
-``total_timeout`` for the whole answer, stream included.
+Timeouts, in seconds (``first_byte_timeout`` and ``total_timeout`` may be None: no limit):
+``connect_timeout`` to open the connection; ``read_timeout`` for any one read;
+``first_byte_timeout`` from sending the request to the first SSE event (or, not streamed, the
+whole JSON body); ``idle_timeout`` between reads of a stream; ``total_timeout`` for the whole
+answer, stream included.
 
 A stream that fails after it started keeps what arrived in ``UpstreamError.partial``. Once the answer
 is finished (choice 0 had a ``finish_reason``, or ``[DONE]`` arrived) a failure while reading the
@@ -134,11 +135,34 @@ class UpstreamClient:
         *,
         on_delta: Callable[[Delta], Awaitable[None]] | None = None,
         on_chunk: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+        on_attempt: Callable[[dict[str, Any] | None, str], Awaitable[None]] | None = None,
     ) -> dict[str, Any]:
         """Run one model call with ``body`` (a Chat Completions request); return the
         ``chat.completion`` dict (reassembled when ``body["stream"]`` is true, in which case
         ``on_chunk`` gets every raw chunk and ``on_delta`` every Delta as they arrive).
-        Raises UpstreamError."""
+
+        ``on_attempt(error, base_url)`` is awaited once: with ``{"type", "message", "status"}``
+        on failure, with ``None`` on success (the same hook as
+        :meth:`executors.resilience.ResilientUpstream.chat_completion`, which makes several
+        attempts). Raises UpstreamError.
+        """
+        if on_attempt is None:
+            return await self._call(body, on_delta, on_chunk)
+        try:
+            completion = await self._call(body, on_delta, on_chunk)
+        except UpstreamError as exc:
+            await on_attempt({"type": exc.type, "message": exc.message, "status": exc.status},
+                             self.base_url)
+            raise
+        await on_attempt(None, self.base_url)
+        return completion
+
+    async def _call(
+        self,
+        body: dict[str, Any],
+        on_delta: Callable[[Delta], Awaitable[None]] | None,
+        on_chunk: Callable[[dict[str, Any]], Awaitable[None]] | None,
+    ) -> dict[str, Any]:
         payload = orjson.dumps(body)
         if body.get("stream"):
             return await self._stream(payload, on_delta, on_chunk)

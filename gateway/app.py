@@ -23,7 +23,7 @@ from starlette.responses import Response
 
 from executors.http_tool import HTTPToolExecutor
 from executors.registry import ToolRegistry
-from executors.upstream import UpstreamClient
+from executors.resilience import ResilientUpstream, UpstreamTarget
 from store.base import Store
 from store.sqlite import SQLiteStore
 
@@ -75,6 +75,20 @@ class TaskSet:
             await asyncio.wait(pending, timeout=5)
 
 
+def _upstream_targets(settings: Settings) -> list[UpstreamTarget]:
+    """The primary upstream, then the configured fallbacks, in order."""
+    primary = UpstreamTarget(
+        settings.upstream_base_url or "http://127.0.0.1:9/v1", settings.upstream_api_key
+    )
+    fallbacks = [
+        UpstreamTarget(
+            f["base_url"], f.get("api_key"), f.get("model"), f.get("label") or f["base_url"]
+        )
+        for f in settings.upstream_fallbacks
+    ]
+    return [primary, *fallbacks]
+
+
 def _error_response(exc: GatewayError) -> Response:
     return Response(exc.to_json(), status_code=exc.status_code, media_type="application/json")
 
@@ -121,21 +135,26 @@ def create_app(
         tool_client = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200)
         )
-        upstream = UpstreamClient(
-            settings.upstream_base_url or "http://127.0.0.1:9/v1",
-            settings.upstream_api_key,
+        upstream = ResilientUpstream(
+            _upstream_targets(settings),
             client=client,
+            max_retries=settings.upstream_max_retries,
+            retry_max_s=settings.upstream_retry_max_s,
             connect_timeout=settings.upstream_connect_timeout,
-            read_timeout=settings.upstream_read_timeout,
+            first_byte_timeout=settings.upstream_first_byte_timeout,
             idle_timeout=settings.upstream_idle_timeout,
+            total_timeout=settings.upstream_total_timeout,
+            read_timeout=settings.upstream_read_timeout,
         )
         registry = ToolRegistry(the_store)
         if settings.tools:
             await registry.upsert_many(list(settings.tools))
         await registry.load()
+        allowed = settings.tool_allowed_hosts
         http_tools = HTTPToolExecutor(
             tool_client,
             max_response_bytes=settings.tool_max_response_bytes,
+            allowed_hosts=[h.strip() for h in allowed.split(",") if h.strip()] if allowed else None,
             blocked_ports=(settings.port,),
         )
         deps = LoopDeps(

@@ -24,7 +24,8 @@ import orjson
 from executors.http_tool import HTTPToolExecutor, ToolError
 from executors.reassembly import Delta
 from executors.registry import ToolRegistry
-from executors.upstream import UpstreamClient, UpstreamError
+from executors.resilience import ResilientUpstream
+from executors.upstream import UpstreamError
 from store.base import Store
 from store.types import MODEL_CALL, PENDING, PROCESSING, Step, StoreError
 
@@ -62,7 +63,7 @@ class LoopDeps:
     """The shared things one response's loops run with (one set per gateway process)."""
 
     store: Store
-    upstream: UpstreamClient
+    upstream: ResilientUpstream
     registry: ToolRegistry
     http_tools: HTTPToolExecutor
     max_iterations: int = 10
@@ -209,8 +210,16 @@ async def _model_call(
         async def on_delta(delta: Delta) -> None:
             model_delta(step_id, delta)
 
+    step_id_ = step.id
+    store = deps.store
+
+    async def on_attempt(error: dict[str, Any] | None, upstream: str) -> None:
+        await store.record_attempt(step_id_, error, upstream)
+
     try:
-        completion = await deps.upstream.chat_completion(step.request_payload, on_delta=on_delta)
+        completion = await deps.upstream.chat_completion(
+            step.request_payload, on_delta=on_delta, on_attempt=on_attempt
+        )
     except UpstreamError as exc:
         error = {"type": exc.type, "message": str(exc)}
         if exc.status is not None:

@@ -75,7 +75,9 @@ async def create_response(request: Request) -> Response:
     state = request.app.state
     service: ResponsesService = state.service
     body = await read_json(request)
-    prepared = await service.prepare(body, tenant_of(request))
+    prepared = await service.prepare(
+        body, tenant_of(request), upstream_key=request.scope.get("stepchain.client_key")
+    )
     response_id = prepared.record.id
     stream = body.get("stream") is True
     background = body.get("background") is True
@@ -286,10 +288,16 @@ async def chat_completions(request: Request) -> Response:
     (step,) = await store.record_steps(record.id, None, None, [StepDescriptor(MODEL_CALL, body)])
     await store.mark_processing(step.id)
     upstream = state.upstream
+    client_key = request.scope.get("stepchain.client_key")
+    if client_key:
+        upstream = upstream.with_api_key(client_key)
+
+    async def on_attempt(error: dict[str, Any] | None, label: str) -> None:
+        await store.record_attempt(step.id, error, label)
 
     if body.get("stream") is not True:
         try:
-            completion = await upstream.chat_completion(body)
+            completion = await upstream.chat_completion(body, on_attempt=on_attempt)
         except UpstreamCallError as exc:
             await _fail_chat(store, record.id, step.id, exc)
             raise _upstream_http_error(exc) from None
@@ -304,7 +312,7 @@ async def chat_completions(request: Request) -> Response:
 
     async def run() -> None:
         try:
-            completion = await upstream.chat_completion(body, on_chunk=on_chunk)
+            completion = await upstream.chat_completion(body, on_chunk=on_chunk, on_attempt=on_attempt)
         except UpstreamCallError as exc:
             await _fail_chat(store, record.id, step.id, exc)
             raise

@@ -11,6 +11,7 @@ ends returns the same response.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -51,6 +52,8 @@ class Prepared:
     input_items: list[dict[str, Any]]
     history: list[dict[str, Any]]
     client_tools: frozenset[str]
+    # The client's own key, sent upstream instead of the gateway's (pass_client_key); never stored.
+    upstream_key: str | None = None
 
 
 class _NotClient:
@@ -152,13 +155,17 @@ class ResponsesService:
 
     # -- creating ------------------------------------------------------------------------------
 
-    async def prepare(self, body: dict[str, Any], tenant: str | None) -> Prepared:
+    async def prepare(
+        self, body: dict[str, Any], tenant: str | None, *, upstream_key: str | None = None
+    ) -> Prepared:
         """Validate ``body`` and build everything the loop needs; writes nothing.
 
         Raises InvalidRequestError (400, with ``param``) and PreviousResponseNotFoundError.
         """
         validate_request(body)
-        return await self._prepare(body, tenant, new_id("resp"), time.time(), check=True)
+        prepared = await self._prepare(body, tenant, new_id("resp"), time.time(), check=True)
+        prepared.upstream_key = upstream_key
+        return prepared
 
     async def _prepare(
         self, body: dict[str, Any], tenant: str | None, response_id: str, created_at: float,
@@ -285,11 +292,12 @@ class ResponsesService:
 
     async def _drive(self, prepared: Prepared, builder: ResponseBuilder) -> dict[str, Any]:
         record = prepared.record
+        deps = self.deps
+        if prepared.upstream_key:
+            deps = dataclasses.replace(deps, upstream=deps.upstream.with_api_key(prepared.upstream_key))
         error = incomplete = None
         try:
-            outcome = await run_response_loop(
-                self.deps, record.id, prepared.loop_request, observer=builder
-            )
+            outcome = await run_response_loop(deps, record.id, prepared.loop_request, observer=builder)
         except asyncio.CancelledError:
             if record.id not in self._cancel_requested:
                 raise  # shutting down: leave it in progress for another process to resume

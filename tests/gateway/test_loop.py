@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from executors.http_tool import HTTPToolExecutor
 from executors.registry import ToolRegistry
-from executors.upstream import UpstreamClient
+from executors.resilience import ResilientUpstream, UpstreamTarget
 from gateway.loop import LoopDeps, run_response_loop
 from gateway.scripted_upstream import Reply, ScriptedModel, create_scripted_upstream
 from gateway.serving import serve_app
@@ -84,7 +84,7 @@ async def loop_deps(tmp_path, upstream_url, tools_url, *, definitions=(), **caps
         *definitions,
     ]:
         await registry.register({"description": definition["name"], **definition})
-    upstream = UpstreamClient(f"{upstream_url}/v1")
+    upstream = ResilientUpstream([UpstreamTarget(f"{upstream_url}/v1")], max_retries=0)
     http_tools = HTTPToolExecutor()
     try:
         yield LoopDeps(store=store, upstream=upstream, registry=registry, http_tools=http_tools, **caps)

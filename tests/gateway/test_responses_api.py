@@ -263,14 +263,15 @@ def test_unknown_fields_are_ignored(gw):
     assert reply.status_code == 200 and reply.json()["status"] == "completed"
 
 
-def test_upstream_failure_before_streaming_is_an_http_error(gw):
-    gw.model.replies.append(Reply(status=500))
-    client = gw.client()
-    with pytest.raises(openai.APIStatusError) as info:
-        list(client.responses.create(model=MODEL, input="x", stream=True))
-    assert info.value.status_code == 502
-    with gw.http() as http:
-        assert http.get("/healthz").json() == {"status": "ok"}
+def test_upstream_failure_before_streaming_is_an_http_error(tmp_path):
+    with running_gateway(tmp_path, upstream_max_retries=0) as gw:
+        gw.model.replies.append(Reply(status=500))
+        client = gw.client()
+        with pytest.raises(openai.APIStatusError) as info:
+            list(client.responses.create(model=MODEL, input="x", stream=True))
+        assert info.value.status_code == 502
+        with gw.http() as http:
+            assert http.get("/healthz").json() == {"status": "ok"}
 
 
 def test_deltas_arrive_while_the_upstream_is_still_streaming(gw):
