@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 _MAX_HEAD = 64 * 1024
+_STALE_AFTER_S = 1.0
 
 
 class HTTPError(Exception):
@@ -76,6 +77,7 @@ class HTTPConnection:
         self._host_header = f"{host}:{port}".encode()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._idle_since = 0.0
 
     async def _connect(self) -> None:
         self._reader, self._writer = await asyncio.open_connection(
@@ -102,10 +104,6 @@ class HTTPConnection:
         ``on_marker`` is called once, as soon as a chunked body shows ``marker`` (the memory
         scenario counts streams the server is holding that way).
         """
-        if self._writer is None:
-            await self._connect()
-        reader, writer = self._reader, self._writer
-        assert reader is not None and writer is not None
         head = [method, b" ", path.encode(), b" HTTP/1.1\r\nHost: ", self._host_header, b"\r\n"]
         if body is not None:
             head += [b"Content-Type: ", content_type, b"\r\nContent-Length: ",
@@ -113,13 +111,27 @@ class HTTPConnection:
         head.append(b"\r\n")
         if body:
             head.append(body)
-        t_start = time.perf_counter()
-        writer.write(b"".join(head))
-        try:
-            raw_head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            self.close()
-            raise HTTPError("connection closed before the response head") from exc
+        raw = b"".join(head)
+        # A kept-alive connection the server closed while idle (keep-alive timeouts are
+        # seconds) fails before any byte of the response: retry that once on a new connection.
+        # Only after an idle second, so a server dropping live requests is never masked.
+        for attempt in (0, 1):
+            reused = self._writer is not None
+            stale = reused and time.perf_counter() - self._idle_since >= _STALE_AFTER_S
+            if not reused:
+                await self._connect()
+            reader, writer = self._reader, self._writer
+            assert reader is not None and writer is not None
+            t_start = time.perf_counter()
+            try:
+                writer.write(raw)
+                raw_head = await reader.readuntil(b"\r\n\r\n")
+                break
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                self.close()
+                partial = getattr(exc, "partial", b"")
+                if not stale or partial or attempt:
+                    raise HTTPError(f"connection closed before the response head: {exc!r}") from exc
         lines = raw_head[:-4].split(b"\r\n")
         try:
             status = int(lines[0].split(b" ", 2)[1])
@@ -149,6 +161,7 @@ class HTTPConnection:
         t_end = time.perf_counter()
         if headers.get(b"connection", b"").lower() == b"close":
             self.close()
+        self._idle_since = t_end
         return HTTPReply(status, headers, body_out, t_start, t_marker, t_end)
 
     @staticmethod

@@ -83,12 +83,12 @@ FULL = Sizes(
 QUICK = Sizes(
     ceiling=400,
     httpx_ceiling=200,
-    responses={1: 40, 16: 160, 64: 192},
-    stream={1: 30, 16: 160, 64: 192},
+    responses={1: 30, 16: 128, 64: 128},
+    stream={1: 20, 16: 96, 64: 128},
     tool_loop={1: 10, 16: 48},
-    chat={1: 40, 16: 160, 64: 192},
+    chat={1: 30, 16: 128, 64: 128},
     conversations=1,
-    turns=30,
+    turns=100,
     store_steps=300,
     streams=100,
     stream_chunks=4,
@@ -211,7 +211,7 @@ def http_request(
 
 def warmup_for(concurrency: int, count: int) -> int:
     """Enough to open every connection and warm the servers' caches, never more than ``count``."""
-    return min(max(2 * concurrency, 20), count)
+    return min(max(concurrency, 20), count)
 
 
 async def measure(request: RequestFn, server: ServerProcess, concurrency: int, count: int) -> LoadResult:

@@ -498,7 +498,11 @@ def _from_httpx(
     ``timeout`` (the request's) gives the value a timeout message names.
     """
     detail = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.TimeoutException):
+    # httpx-aiohttp maps every aiohttp connection error, a refused connection too, to
+    # ConnectTimeout; an OSError cause that is not a timeout says what really happened.
+    cause = exc.__cause__
+    refused = isinstance(cause, OSError) and not isinstance(cause, TimeoutError)
+    if isinstance(exc, httpx.TimeoutException) and not refused:
         if isinstance(exc, httpx.ConnectTimeout):
             which, seconds = "connect", timeout.connect if timeout else None
         elif isinstance(exc, httpx.PoolTimeout):

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import httpx
+from httpx_aiohttp import AiohttpTransport
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -125,16 +126,18 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         the_store = store or SQLiteStore(settings.db, synchronous=settings.sqlite_synchronous)
         await the_store.open()
+        # httpx clients on aiohttp's transport (as openai-python's DefaultAioHttpClient): the
+        # same httpx API and httpx-sse parsing, at about half the CPU per request of httpcore.
+        upstream_limits = httpx.Limits(max_connections=2000, max_keepalive_connections=500)
         client = httpx.AsyncClient(
-            transport=upstream_transport,
-            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=500),
+            transport=upstream_transport or AiohttpTransport(limits=upstream_limits),
+            limits=upstream_limits,
             timeout=httpx.Timeout(
                 settings.upstream_read_timeout, connect=settings.upstream_connect_timeout
             ),
         )
-        tool_client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        )
+        tool_limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+        tool_client = httpx.AsyncClient(transport=AiohttpTransport(limits=tool_limits), limits=tool_limits)
         upstream = ResilientUpstream(
             _upstream_targets(settings),
             client=client,

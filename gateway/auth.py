@@ -106,7 +106,7 @@ class AuthMiddleware:
         self.pass_client_key = pass_client_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         path = _route_path(scope)
@@ -123,7 +123,10 @@ class AuthMiddleware:
             # A dict lookup of a digest: timing reveals nothing about any configured key.
             tenant = self.key_hashes.get(hash_key(token)) if token is not None else None
             if tenant is None:
-                await _unauthorized(send, token is None)
+                if scope["type"] == "websocket":  # closing before accept is an HTTP 403
+                    await send({"type": "websocket.close", "code": 1008})
+                else:
+                    await _unauthorized(send, token is None)
                 return
         scope[TENANT_SCOPE_KEY] = tenant
         if self.pass_client_key and token is not None:

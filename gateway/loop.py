@@ -101,28 +101,35 @@ async def run_response_loop(
     scope_parent: str | None = None,
     depth: int = 0,
     observer: LoopObserver | None = None,
+    started: Sequence[Step] | None = None,
 ) -> LoopOutcome:
     """Run one loop level of ``response_id`` until the transition function ends it.
 
     Resumes from the scope's existing chain: unfinished steps at its end are settled first
     (model calls and agent tools re-run; HTTP tools re-run only when registered ``idempotent``,
-    otherwise they fail with ``interrupted``). ``observer`` receives top-level events; nested
-    levels only report their usage to it. Raises StoreError (the loop cannot go on) and
-    EmptyActionError.
+    otherwise they fail with ``interrupted``). ``started`` is instead the whole chain of a new
+    response whose first steps were recorded with it (``Store.create_response``) and are to run
+    now. ``observer`` receives top-level events; nested levels only report their usage to it.
+    Raises StoreError (the loop cannot go on) and EmptyActionError.
     """
-    chain = await deps.store.list_chain(response_id, scope_parent)
-    unfinished = [s for s in chain if s.state in (PENDING, PROCESSING)]
-    if unfinished:
-        settled = await _run_batch(deps, response_id, unfinished, depth, observer, resume=True)
-        by_id = {s.id: s for s in settled}
-        chain = [by_id.get(s.id, s) for s in chain]
+    if started is not None:
+        chain = await _run_batch(deps, response_id, started, depth, observer)
+    else:
+        chain = await deps.store.list_chain(response_id, scope_parent)
+        unfinished = [s for s in chain if s.state in (PENDING, PROCESSING)]
+        if unfinished:
+            settled = await _run_batch(deps, response_id, unfinished, depth, observer, resume=True)
+            by_id = {s.id: s for s in settled}
+            chain = [by_id.get(s.id, s) for s in chain]
     prev = chain[-1].id if chain else None
     while True:
         action = next_action(request, chain)
         if isinstance(action, AppendSteps):
             if not action.steps:
                 raise EmptyActionError("transition function returned AppendSteps with no steps")
-            steps = await deps.store.record_steps(response_id, scope_parent, prev, action.steps)
+            steps = await deps.store.record_steps(
+                response_id, scope_parent, prev, action.steps, start=True
+            )
             prev = steps[-1].id
             chain.extend(await _run_batch(deps, response_id, steps, depth, observer))
         elif isinstance(action, Complete):
@@ -212,9 +219,13 @@ async def _model_call(
 
     step_id_ = step.id
     store = deps.store
+    answered_by: list[str] = []
 
     async def on_attempt(error: dict[str, Any] | None, upstream: str) -> None:
-        await store.record_attempt(step_id_, error, upstream)
+        if error is None:
+            answered_by.append(upstream)  # written with the completion: no extra round trip
+        else:
+            await store.record_attempt(step_id_, error, upstream)
 
     try:
         completion = await deps.upstream.chat_completion(
@@ -229,7 +240,9 @@ async def _model_call(
             top.model_call_finished(step)
         return step
     usage = completion.get("usage") if isinstance(completion, dict) else None
-    step = await deps.store.complete_step(step.id, completion, usage)
+    step = await deps.store.complete_step(
+        step.id, completion, usage, upstream=answered_by[-1] if answered_by else None
+    )
     if top is not None:
         top.model_call_finished(step)
     elif observer is not None:

@@ -284,16 +284,25 @@ async def chat_completions(request: Request) -> Response:
         store=False,  # a chat completion is not a Responses API response
         metadata={"endpoint": "chat.completions"},
     )
-    await store.create_response(record)
-    (step,) = await store.record_steps(record.id, None, None, [StepDescriptor(MODEL_CALL, body)])
-    await store.mark_processing(step.id)
+    (step,) = await store.create_response(record, first_steps=[StepDescriptor(MODEL_CALL, body)])
     upstream = state.upstream
     client_key = request.scope.get("stepchain.client_key")
     if client_key:
         upstream = upstream.with_api_key(client_key)
+    answered_by: list[str] = []
 
     async def on_attempt(error: dict[str, Any] | None, label: str) -> None:
-        await store.record_attempt(step.id, error, label)
+        if error is None:
+            answered_by.append(label)  # stored with the completion
+        else:
+            await store.record_attempt(step.id, error, label)
+
+    async def complete(completion: dict[str, Any]) -> None:
+        await store.complete_step(
+            step.id, completion, completion.get("usage"),
+            upstream=answered_by[-1] if answered_by else None,
+        )
+        await store.update_response(record.id, status="completed", completed_at=time.time())
 
     if body.get("stream") is not True:
         try:
@@ -301,8 +310,7 @@ async def chat_completions(request: Request) -> Response:
         except UpstreamCallError as exc:
             await _fail_chat(store, record.id, step.id, exc)
             raise _upstream_http_error(exc) from None
-        await store.complete_step(step.id, completion, completion.get("usage"))
-        await store.update_response(record.id, status="completed", completed_at=time.time())
+        await complete(completion)
         return _json(completion)
 
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -316,8 +324,7 @@ async def chat_completions(request: Request) -> Response:
         except UpstreamCallError as exc:
             await _fail_chat(store, record.id, step.id, exc)
             raise
-        await store.complete_step(step.id, completion, completion.get("usage"))
-        await store.update_response(record.id, status="completed", completed_at=time.time())
+        await complete(completion)
 
     task = state.tasks.spawn(run())
     task.add_done_callback(lambda _t: queue.put_nowait(None))

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from store.types import MODEL_CALL, ResponseRecord, StepStateError, StoreError, new_id
+from store.types import MODEL_CALL, ResponseRecord, Step, StepStateError, StoreError, new_id
 
 from .convert import (
     build_chat_request,
@@ -33,7 +33,7 @@ from .errors import InvalidRequestError, PreviousResponseNotFoundError
 from .events import ResponseBuilder
 from .loop import LoopDeps, run_response_loop
 from .response_object import response_object
-from .transition import LoopRequest
+from .transition import AppendSteps, LoopRequest, next_action
 
 logger = logging.getLogger("stepchain.service")
 
@@ -264,9 +264,14 @@ class ResponsesService:
         """Create the record, run the loop to its end, store the result, then emit the terminal
         event. Returns the final Response object. Raises StoreError only if the record itself
         cannot be created (nothing has run then)."""
-        await self.store.create_response(prepared.record, owner=self.owner, lease_s=self.lease_s)
+        # The response and its first model call in one transaction (one store round trip).
+        first = next_action(prepared.loop_request, [])
+        assert isinstance(first, AppendSteps)
+        started = await self.store.create_response(
+            prepared.record, owner=self.owner, lease_s=self.lease_s, first_steps=first.steps
+        )
         builder.start()
-        return await self._drive(prepared, builder)
+        return await self._drive(prepared, builder, started)
 
     async def resume(self, record: ResponseRecord) -> dict[str, Any]:
         """Finish a response another process left unfinished, from its chain in the store.
@@ -290,14 +295,18 @@ class ResponsesService:
         await self.replay_chain(record.id, builder)
         return await self._drive(prepared, builder)
 
-    async def _drive(self, prepared: Prepared, builder: ResponseBuilder) -> dict[str, Any]:
+    async def _drive(
+        self, prepared: Prepared, builder: ResponseBuilder, started: list[Step] | None = None
+    ) -> dict[str, Any]:
         record = prepared.record
         deps = self.deps
         if prepared.upstream_key:
             deps = dataclasses.replace(deps, upstream=deps.upstream.with_api_key(prepared.upstream_key))
         error = incomplete = None
         try:
-            outcome = await run_response_loop(deps, record.id, prepared.loop_request, observer=builder)
+            outcome = await run_response_loop(
+                deps, record.id, prepared.loop_request, observer=builder, started=started
+            )
         except asyncio.CancelledError:
             if record.id not in self._cancel_requested:
                 raise  # shutting down: leave it in progress for another process to resume

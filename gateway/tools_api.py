@@ -27,6 +27,7 @@ from store import types as store_types
 from .bodies import read_json_body
 from .errors import (
     AuthenticationError,
+    PermissionDeniedError,
     ConflictError,
     InvalidRequestError,
     NotFoundError,
@@ -43,8 +44,17 @@ def _json(data: Any, status: int = 200) -> Response:
 
 
 def _registry(request: Request) -> ToolRegistry:
-    """The registry, once the admin key (if one is configured) has been checked."""
-    admin_key = request.app.state.settings.admin_key
+    """The registry, once the admin key (if one is configured) has been checked.
+
+    A gateway with tenant keys but no admin key keeps the admin API closed (403): a tool
+    registered by one tenant would be offered to, and run for, every tenant.
+    """
+    settings = request.app.state.settings
+    admin_key = settings.admin_key
+    if not admin_key and (settings.api_keys or settings.api_keys_file):
+        raise PermissionDeniedError(
+            "The tool admin API is closed on a gateway with API keys until STEPCHAIN_ADMIN_KEY is set."
+        )
     if admin_key:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(

@@ -35,13 +35,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_response(
-        self, response: ResponseRecord, *, owner: str | None = None, lease_s: float | None = None
-    ) -> None:
-        """Insert a new response. Raises ConflictError if the id exists.
+        self,
+        response: ResponseRecord,
+        *,
+        owner: str | None = None,
+        lease_s: float | None = None,
+        first_steps: Sequence[StepDescriptor] = (),
+    ) -> list[Step]:
+        """Insert a new response, and its ``first_steps`` already ``processing`` (as
+        ``record_steps(..., start=True)``), in one transaction; returns those steps.
 
         ``owner`` (a process id string) holds the response's lease for ``lease_s`` seconds; a
         response whose lease runs out while queued or in progress may be claimed by another
-        process (:meth:`claim_responses`).
+        process (:meth:`claim_responses`). Raises ConflictError if the id exists.
         """
 
     @abc.abstractmethod
@@ -87,12 +93,17 @@ class Store(abc.ABC):
         scope_parent: str | None,
         prev_step_id: str | None,
         descriptors: Sequence[StepDescriptor],
+        *,
+        start: bool = False,
     ) -> list[Step]:
         """Append steps in state ``pending``, in one transaction, in the order given.
 
         The first step's ``prev_step_id`` is ``prev_step_id``; each later one points at the step
         before it in ``descriptors`` (parallel siblings are chained one after another). Each gets
-        the next per-response ``sequence``. Raises NotFoundError for an unknown response.
+        the next per-response ``sequence``. With ``start`` the steps are written already
+        ``processing`` (attempt 1, ``started_at`` set): the pending → processing transition in
+        the same transaction, for callers that run them at once. Raises NotFoundError for an
+        unknown response.
         """
 
     @abc.abstractmethod
@@ -104,9 +115,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def complete_step(
-        self, step_id: str, response_payload: Any, usage: dict[str, Any] | None = None
+        self,
+        step_id: str,
+        response_payload: Any,
+        usage: dict[str, Any] | None = None,
+        *,
+        upstream: str | None = None,
     ) -> Step:
-        """processing → completed with its payload (and Chat Completions usage for model calls)."""
+        """processing → completed with its payload (and Chat Completions usage and the upstream
+        that answered, for model calls)."""
 
     @abc.abstractmethod
     async def fail_step(
@@ -125,7 +142,8 @@ class Store(abc.ABC):
     async def record_attempt(
         self, step_id: str, error: dict[str, Any] | None, upstream: str | None = None
     ) -> None:
-        """Append one retried attempt's error to the step's ``attempts`` and set ``upstream``."""
+        """Append one failed attempt's error to the step's ``attempts`` (None appends nothing)
+        and set ``upstream`` when given."""
 
     @abc.abstractmethod
     async def get_step(self, step_id: str) -> Step | None:

@@ -140,7 +140,7 @@ def _transition_sql(target: str, assignments: str, known: frozenset[str] = froze
 _MARK_PROCESSING = _transition_sql(PROCESSING, "started_at = ?, attempt = attempt + 1")
 _COMPLETE = _transition_sql(
     COMPLETED,
-    "response_payload = ?, usage = ?, finished_at = ?",
+    "response_payload = ?, usage = ?, finished_at = ?, upstream = coalesce(?, upstream)",
     frozenset({"response_payload", "usage"}),
 )
 _FAIL = _transition_sql(
@@ -151,8 +151,8 @@ _FAIL = _transition_sql(
 _CANCEL = _transition_sql(CANCELED, "finished_at = ?")
 
 _STEP_INSERT = "INSERT INTO steps ({}) VALUES ({})".format(
-    ", ".join(_STEP_COLUMNS[:12]), ", ".join("?" * 12)
-)  # id … created_at; the rest take their defaults / NULL
+    ", ".join(_STEP_COLUMNS[:13]), ", ".join("?" * 13)
+)  # id … started_at; the rest take their defaults / NULL
 _CHAIN_TOP = _STEP_SELECT + " WHERE response_id = ? AND scope_parent IS NULL ORDER BY sequence"
 _CHAIN_SCOPE = _STEP_SELECT + " WHERE response_id = ? AND scope_parent = ? ORDER BY sequence"
 _UNFINISHED = (
@@ -309,10 +309,17 @@ class SQLiteStore(Store):
     # -- responses ---------------------------------------------------------------------------
 
     async def create_response(
-        self, response: ResponseRecord, *, owner: str | None = None, lease_s: float | None = None
-    ) -> None:
+        self,
+        response: ResponseRecord,
+        *,
+        owner: str | None = None,
+        lease_s: float | None = None,
+        first_steps: Sequence[StepDescriptor] = (),
+    ) -> list[Step]:
+        _check_kinds(first_steps)
         expires = None if owner is None or lease_s is None else time.time() + lease_s
-        await self._run(_create_response, response, owner, expires)
+        ids = [new_id("step") for _ in first_steps]
+        return await self._run(_create_response, response, owner, expires, first_steps, ids)
 
     async def claim_responses(
         self, owner: str, lease_s: float, *, limit: int = 100
@@ -353,28 +360,33 @@ class SQLiteStore(Store):
         scope_parent: str | None,
         prev_step_id: str | None,
         descriptors: Sequence[StepDescriptor],
+        *,
+        start: bool = False,
     ) -> list[Step]:
         """See :meth:`Store.record_steps`. The first step of a response gets sequence 1.
 
         Raises ValueError for a descriptor whose kind is not ``model_call``/``tool_call``.
         """
-        for d in descriptors:
-            if d.kind not in (MODEL_CALL, TOOL_CALL):
-                raise ValueError(f"unknown step kind {d.kind!r}")
+        _check_kinds(descriptors)
         # Ids are made here, on the loop thread: new_id's tie-breaking counter is not
         # thread-safe, and other code makes ids on this thread.
         ids = [new_id("step") for _ in descriptors]
         return await self._run(
-            _record_steps, response_id, scope_parent, prev_step_id, descriptors, ids
+            _record_steps_txn, response_id, scope_parent, prev_step_id, descriptors, ids, start
         )
 
     async def mark_processing(self, step_id: str) -> Step:
         return await self._run(_mark_processing, step_id)
 
     async def complete_step(
-        self, step_id: str, response_payload: Any, usage: dict[str, Any] | None = None
+        self,
+        step_id: str,
+        response_payload: Any,
+        usage: dict[str, Any] | None = None,
+        *,
+        upstream: str | None = None,
     ) -> Step:
-        return await self._run(_complete_step, step_id, response_payload, usage)
+        return await self._run(_complete_step, step_id, response_payload, usage, upstream)
 
     async def fail_step(
         self, step_id: str, error: dict[str, Any], response_payload: Any = None
@@ -434,10 +446,25 @@ class SQLiteStore(Store):
 # -- worker-thread bodies: (conn, *args), one transaction each -------------------------------
 
 
+def _check_kinds(descriptors: Sequence[StepDescriptor]) -> None:
+    for d in descriptors:
+        if d.kind not in (MODEL_CALL, TOOL_CALL):
+            raise ValueError(f"unknown step kind {d.kind!r}")
+
+
 def _create_response(
-    conn: sqlite3.Connection, response: ResponseRecord, owner: str | None, expires: float | None
-) -> None:
-    conn.execute(_RESPONSE_INSERT_LEASED, (*_response_to_row(response), owner, expires))
+    conn: sqlite3.Connection,
+    response: ResponseRecord,
+    owner: str | None,
+    expires: float | None,
+    first_steps: Sequence[StepDescriptor],
+    ids: list[str],
+) -> list[Step]:
+    with _transaction(conn):
+        conn.execute(_RESPONSE_INSERT_LEASED, (*_response_to_row(response), owner, expires))
+        if not first_steps:
+            return []
+        return _record_steps(conn, response.id, None, None, first_steps, ids, True, 0)
 
 
 _RESPONSE_UNFINISHED = "status IN ('queued', 'in_progress')"
@@ -498,16 +525,15 @@ def _list_responses(conn: sqlite3.Connection, statuses: tuple[str, ...]) -> list
     return [_response_from_row(row) for row in conn.execute(sql, statuses)]
 
 
-def _record_steps(
+def _record_steps_txn(
     conn: sqlite3.Connection,
     response_id: str,
     scope_parent: str | None,
     prev_step_id: str | None,
     descriptors: Sequence[StepDescriptor],
     ids: list[str],
+    start: bool,
 ) -> list[Step]:
-    now = time.time()
-    payloads = [_dumps(d.request_payload) for d in descriptors]
     with _transaction(conn):
         exists, last = conn.execute(
             "SELECT EXISTS(SELECT 1 FROM responses WHERE id = ?),"
@@ -516,21 +542,39 @@ def _record_steps(
         ).fetchone()
         if not exists:
             raise NotFoundError(f"response {response_id!r} not found")
-        steps: list[Step] = []
-        rows: list[tuple[Any, ...]] = []
-        prev, sequence = prev_step_id, last or 0
-        for step_id, d, payload in zip(ids, descriptors, payloads):
-            sequence += 1
-            rows.append(
-                (step_id, response_id, scope_parent, prev, sequence, d.kind, PENDING, payload,
-                 None, None, 0, now)
-            )  # fmt: skip
-            steps.append(
-                Step(step_id, response_id, scope_parent, prev, sequence, d.kind, PENDING,
-                     d.request_payload, created_at=now)
-            )  # fmt: skip
-            prev = step_id
-        conn.executemany(_STEP_INSERT, rows)
+        return _record_steps(
+            conn, response_id, scope_parent, prev_step_id, descriptors, ids, start, last or 0
+        )
+
+
+def _record_steps(
+    conn: sqlite3.Connection,
+    response_id: str,
+    scope_parent: str | None,
+    prev_step_id: str | None,
+    descriptors: Sequence[StepDescriptor],
+    ids: list[str],
+    start: bool,
+    last_sequence: int,
+) -> list[Step]:
+    """Insert the steps (inside the caller's transaction), chained, after ``last_sequence``."""
+    now = time.time()
+    state, attempt, started = (PROCESSING, 1, now) if start else (PENDING, 0, None)
+    steps: list[Step] = []
+    rows: list[tuple[Any, ...]] = []
+    prev, sequence = prev_step_id, last_sequence
+    for step_id, d in zip(ids, descriptors):
+        sequence += 1
+        rows.append(
+            (step_id, response_id, scope_parent, prev, sequence, d.kind, state,
+             _dumps(d.request_payload), None, None, attempt, now, started)
+        )  # fmt: skip
+        steps.append(
+            Step(step_id, response_id, scope_parent, prev, sequence, d.kind, state,
+                 d.request_payload, attempt=attempt, created_at=now, started_at=started)
+        )  # fmt: skip
+        prev = step_id
+    conn.executemany(_STEP_INSERT, rows)
     return steps
 
 
@@ -551,9 +595,13 @@ def _mark_processing(conn: sqlite3.Connection, step_id: str) -> Step:
 
 
 def _complete_step(
-    conn: sqlite3.Connection, step_id: str, response_payload: Any, usage: dict[str, Any] | None
+    conn: sqlite3.Connection,
+    step_id: str,
+    response_payload: Any,
+    usage: dict[str, Any] | None,
+    upstream: str | None,
 ) -> Step:
-    params = (_dumps_opt(response_payload), _dumps_opt(usage), time.time(), step_id)
+    params = (_dumps_opt(response_payload), _dumps_opt(usage), time.time(), upstream, step_id)
     step = _step_from_row(_transition(conn, _COMPLETE, params, step_id, COMPLETED))
     step.response_payload, step.usage = response_payload, usage
     return step
@@ -575,7 +623,11 @@ def _cancel_step(conn: sqlite3.Connection, step_id: str) -> Step:
 def _record_attempt(
     conn: sqlite3.Connection, step_id: str, error: dict[str, Any] | None, upstream: str | None
 ) -> None:
-    if conn.execute(_RECORD_ATTEMPT, (_dumps(error), upstream, step_id)).rowcount == 0:
+    if error is None:
+        sql, params = "UPDATE steps SET upstream = coalesce(?, upstream) WHERE id = ?", (upstream, step_id)
+    else:
+        sql, params = _RECORD_ATTEMPT, (_dumps(error), upstream, step_id)
+    if conn.execute(sql, params).rowcount == 0:
         raise NotFoundError(f"step {step_id!r} not found")
 
 

@@ -164,6 +164,24 @@ def test_connection_reads_whole_body_and_reuses_the_socket() -> None:
         assert asyncio.run(go(_port(url))) == [0, 10, 100_000]
 
 
+def test_connection_closed_by_the_server_while_idle_is_reopened() -> None:
+    app = _Counting()
+
+    async def go(port: int) -> list[int]:
+        conn = HTTPConnection("127.0.0.1", port)
+        try:
+            first = await conn.request(b"POST", "/json", b"ab")
+            await asyncio.sleep(1.3)  # past the server's keep-alive timeout and the stale limit
+            second = await conn.request(b"POST", "/json", b"abc")
+        finally:
+            conn.close()
+        return [first.status, second.status]
+
+    with serve_app(app, timeout_keep_alive=0.2) as url:
+        assert asyncio.run(go(_port(url))) == [200, 200]
+    assert app.requests == 2
+
+
 # --- the bench upstream and tools --------------------------------------------------------------
 
 

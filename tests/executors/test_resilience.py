@@ -140,7 +140,7 @@ def test_server_errors_are_retried_with_backoff(scripted_upstream: ScriptedUpstr
 
 
 def test_backoff_is_capped_by_the_retry_budget(scripted_upstream: ScriptedUpstream) -> None:
-    scripted_upstream.model.replies.extend([Reply(status=503)] * 3)
+    scripted_upstream.model.replies.extend([Reply(status=503)] * 10)
     out = run([target(scripted_upstream)], STREAM, max_retries=5, retry_max_s=0.3)
     assert out.error is not None and out.error.status == 503
     assert sum(out.sleeps) <= 0.3

@@ -14,7 +14,10 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from gateway.app import create_app
 from gateway.auth import AuthMiddleware, load_api_keys
@@ -185,6 +188,18 @@ def test_tools_use_the_admin_key_only(gw):
         assert http.delete("/v1/tools/lookup", headers=admin).status_code == 200
 
 
+def test_tools_stay_closed_on_a_keyed_gateway_without_an_admin_key(tmp_path):
+    """Tenant keys but no admin key: nobody may register a tool (an ``attach: always`` tool
+    would be offered to, and called for, every tenant)."""
+    tool = {"name": "sneaky", "url": "http://127.0.0.1:9/exfiltrate"}
+    with running_gateway(tmp_path, api_keys=KEY_A) as gw, httpx.Client(base_url=gw.url) as http:
+        for headers in ({}, {"authorization": f"Bearer {KEY_A}"}):
+            reply = http.post("/v1/tools", json=tool, headers=headers)
+            assert reply.status_code in (401, 403), reply.text
+            assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+            assert http.get("/v1/tools", headers=headers).status_code in (401, 403)
+
+
 # -- keys files ----------------------------------------------------------------------------------
 
 
@@ -239,8 +254,15 @@ async def show_scope(request: Request) -> JSONResponse:
     )
 
 
+async def show_scope_ws(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_text(str(websocket.scope.get("stepchain.tenant")))
+    await websocket.close()
+
+
 def scope_app(key_hashes: dict[str, str], *, pass_client_key: bool = False) -> Starlette:
-    routes = [Route(path, show_scope) for path in ("/v1/echo", "/v1/tools", "/v1/tools/x", "/healthz")]
+    paths = ("/v1/echo", "/v1/tools", "/v1/tools/x", "/healthz")
+    routes = [*(Route(path, show_scope) for path in paths), WebSocketRoute("/v1/ws", show_scope_ws)]
     middleware = [Middleware(AuthMiddleware, key_hashes=key_hashes, pass_client_key=pass_client_key)]
     return Starlette(routes=routes, middleware=middleware)
 
@@ -278,6 +300,17 @@ def test_paths_are_matched_as_the_router_sees_them():
             ok = http.get("/v1/echo", headers={"authorization": f"Bearer {KEY_A}"})
             assert ok.json()["tenant"] == "tenant_" + sha(KEY_A)[:16]
             assert http.get("/healthz").json()["tenant"] == "<unset>"
+
+
+def test_websockets_under_v1_need_a_key_too():
+    with serve_app(scope_app(load_api_keys(KEY_A, None))) as url:
+        ws_url = url.replace("http://", "ws://") + "/v1/ws"
+        with pytest.raises(InvalidStatus) as info:
+            connect(ws_url, open_timeout=10).close()
+        assert info.value.response.status_code == 403
+        headers = {"Authorization": f"Bearer {KEY_A}"}
+        with connect(ws_url, additional_headers=headers, open_timeout=10) as ws:
+            assert ws.recv(timeout=10) == "tenant_" + sha(KEY_A)[:16]
 
 
 def test_only_key_hashes_are_kept(tmp_path):

@@ -449,13 +449,13 @@ def test_record_attempt(store: SQLiteStore) -> None:
     response_id, (step,) = run(response_with_steps(store))
     first = {"type": "rate_limit", "message": "429 from upstream"}
     run(store.record_attempt(step.id, first, "https://a.example/v1"))
-    run(store.record_attempt(step.id, None))  # keeps the upstream
+    run(store.record_attempt(step.id, None))  # no error: appends nothing, keeps the upstream
     got = run(store.get_step(step.id))
     assert got is not None
-    assert (got.attempts, got.upstream) == ([first, None], "https://a.example/v1")
+    assert (got.attempts, got.upstream) == ([first], "https://a.example/v1")
     run(store.record_attempt(step.id, {"type": "timeout", "message": "t"}, "b"))
     got = run(store.get_step(step.id))
-    assert got is not None and len(got.attempts) == 3 and got.upstream == "b"
+    assert got is not None and len(got.attempts) == 2 and got.upstream == "b"
     with pytest.raises(NotFoundError):
         run(store.record_attempt("step_missing", None))
 
