@@ -81,7 +81,8 @@ def _attempt_error(exc: UpstreamError) -> dict[str, Any]:
 class ResilientUpstream:
     """Model calls with retries and fallbacks over ``targets`` (tried in order; at least one).
 
-    ``client`` is shared and not closed by :meth:`aclose` when given. Times are seconds; the
+    ``client`` is shared and not closed by :meth:`aclose` when given; ``transport``, the one it
+    sends through, lets model calls skip the client's per-request work. Times are seconds; the
     timeouts apply to each attempt (see :mod:`executors.upstream`). ``sleep`` is awaited with the
     seconds to wait before each retry (a test hook).
     """
@@ -91,6 +92,7 @@ class ResilientUpstream:
         targets: Sequence[UpstreamTarget],
         *,
         client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
         max_retries: int = 3,
         retry_max_s: float = 60.0,
         connect_timeout: float = 10.0,
@@ -116,8 +118,11 @@ class ResilientUpstream:
             "first_byte_timeout": first_byte_timeout,
             "total_timeout": total_timeout,
         }
+        self._transport = transport
         self._calls = tuple(
-            UpstreamClient(t.base_url, t.api_key, client=self._client, **self._timeouts)
+            UpstreamClient(
+                t.base_url, t.api_key, client=self._client, transport=transport, **self._timeouts
+            )
             for t in self._targets
         )
         self._max_retries = max_retries
@@ -135,6 +140,7 @@ class ResilientUpstream:
         return ResilientUpstream(
             [dataclasses.replace(t, api_key=api_key) for t in self._targets],
             client=self._client,
+            transport=self._transport,
             max_retries=self._max_retries,
             retry_max_s=self._retry_max_s,
             sleep=self._sleep,

@@ -92,6 +92,7 @@ class UpstreamClient:
         api_key: str | None = None,
         *,
         client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
         connect_timeout: float = 10.0,
         read_timeout: float = 300.0,
         idle_timeout: float = 120.0,
@@ -104,7 +105,11 @@ class UpstreamClient:
         self._client = client or httpx.AsyncClient(
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200)
         )
+        # ``transport`` (the one ``client`` sends through) lets model calls skip the client's
+        # per-request auth, redirect and cookie handling, which a model call never needs.
+        self._transport = transport
         self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        self._timeout_extension = self._timeout.as_dict()
         self._idle_timeout = idle_timeout
         self._first_byte_timeout = first_byte_timeout
         self._total_timeout = total_timeout
@@ -171,9 +176,8 @@ class UpstreamClient:
         timer = None
         try:
             async with asyncio.timeout(limit) as timer:
-                response = await self._client.post(
-                    self._url, content=payload, headers=self._headers, timeout=self._timeout
-                )
+                async with self._post(payload, self._headers) as response:
+                    await response.aread()
         except TimeoutError as exc:
             if timer is None or not timer.expired():
                 raise
@@ -183,6 +187,26 @@ class UpstreamClient:
         if not 200 <= response.status_code < 300:
             raise _status_error(response)
         return _parse_completion(response.content)
+
+    @contextlib.asynccontextmanager
+    async def _post(self, payload: bytes, headers: dict[str, str]) -> AsyncIterator[httpx.Response]:
+        """POST ``payload`` to the chat completions URL; the response body is not read yet."""
+        if self._transport is None:
+            async with self._client.stream(
+                "POST", self._url, content=payload, headers=headers, timeout=self._timeout
+            ) as response:
+                yield response
+            return
+        request = httpx.Request(
+            "POST", self._url, content=payload, headers=headers,
+            extensions={"timeout": self._timeout_extension},
+        )
+        response = await self._transport.handle_async_request(request)
+        response.request = request
+        try:
+            yield response
+        finally:
+            await response.aclose()
 
     async def _stream(
         self,
@@ -201,10 +225,7 @@ class UpstreamClient:
         total_at = None if self._total_timeout is None else loop.time() + self._total_timeout
         try:
             async with asyncio.timeout_at(None if limit is None else loop.time() + limit) as timer:
-                async with self._client.stream(
-                    "POST", self._url, content=payload, headers=self._sse_headers,
-                    timeout=self._timeout,
-                ) as response:
+                async with self._post(payload, self._sse_headers) as response:
                     if not 200 <= response.status_code < 300:
                         await response.aread()
                         raise _status_error(response)

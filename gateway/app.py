@@ -129,8 +129,9 @@ def create_app(
         # httpx clients on aiohttp's transport (as openai-python's DefaultAioHttpClient): the
         # same httpx API and httpx-sse parsing, at about half the CPU per request of httpcore.
         upstream_limits = httpx.Limits(max_connections=2000, max_keepalive_connections=500)
+        transport = upstream_transport or AiohttpTransport(limits=upstream_limits)
         client = httpx.AsyncClient(
-            transport=upstream_transport or AiohttpTransport(limits=upstream_limits),
+            transport=transport,
             limits=upstream_limits,
             timeout=httpx.Timeout(
                 settings.upstream_read_timeout, connect=settings.upstream_connect_timeout
@@ -141,6 +142,7 @@ def create_app(
         upstream = ResilientUpstream(
             _upstream_targets(settings),
             client=client,
+            transport=transport,
             max_retries=settings.upstream_max_retries,
             retry_max_s=settings.upstream_retry_max_s,
             connect_timeout=settings.upstream_connect_timeout,

@@ -19,7 +19,6 @@ import sqlite3
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -47,6 +46,7 @@ from .types import (
     StoreError,
     new_id,
 )
+from .worker import BatchingWorker
 
 __all__ = ["SQLiteStore"]
 
@@ -224,7 +224,7 @@ class SQLiteStore(Store):
             )
         self.path = os.fspath(path)
         self._synchronous = mode
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: BatchingWorker | None = None
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
 
     def __repr__(self) -> str:
@@ -238,8 +238,7 @@ class SQLiteStore(Store):
         executor = self._executor
         if executor is None:
             raise StoreError("the SQLite store is not open")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, self._on_worker, fn, args)
+        return await executor.submit(self._on_worker, fn, args)
 
     def _on_worker(self, fn: Callable[..., _T], args: tuple[Any, ...]) -> _T:
         conn = self._conn
@@ -287,13 +286,13 @@ class SQLiteStore(Store):
         """Create the worker thread, connect, set the pragmas and apply pending migrations."""
         if self._executor is not None:
             return
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepchain-sqlite")
+        executor = BatchingWorker("stepchain-sqlite")
         self._executor = executor
         try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._connect)
+            await executor.submit(self._connect)
         except BaseException:
             self._executor = None
-            executor.shutdown(wait=True)
+            await asyncio.to_thread(executor.shutdown)
             raise
 
     async def close(self) -> None:
@@ -302,9 +301,9 @@ class SQLiteStore(Store):
         if executor is None:
             return
         try:
-            await asyncio.get_running_loop().run_in_executor(executor, self._disconnect)
+            await executor.submit(self._disconnect)
         finally:
-            executor.shutdown(wait=True)
+            await asyncio.to_thread(executor.shutdown)
 
     # -- responses ---------------------------------------------------------------------------
 
