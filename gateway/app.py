@@ -188,8 +188,9 @@ def create_app(
         try:
             yield
         finally:
-            # In-flight responses get the grace period; the rest are left for resumption.
-            await tasks.drain(grace_s=settings.shutdown_grace_s)
+            # uvicorn gave in-flight requests the grace period already; responses still running
+            # now (their clients left, or were cut off) get a moment, then are left for resumption.
+            await tasks.drain(grace_s=min(settings.shutdown_grace_s, 1.0))
             await recovery.stop()
             await client.aclose()
             await tool_client.aclose()

@@ -22,7 +22,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .config import ConfigError
 from .errors import AuthenticationError
 
-__all__ = ["AuthMiddleware", "hash_key", "load_api_keys", "tenant_for_hash"]
+__all__ = [
+    "CLIENT_KEY_SCOPE_KEY",
+    "TENANT_SCOPE_KEY",
+    "AuthMiddleware",
+    "hash_key",
+    "load_api_keys",
+    "tenant_for_hash",
+]
 
 TENANT_SCOPE_KEY = "stepchain.tenant"
 CLIENT_KEY_SCOPE_KEY = "stepchain.client_key"

@@ -57,7 +57,7 @@ def serve(settings: Settings) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
     )
     if settings.workers > 1:
         # Worker processes build their own app from the environment.

@@ -4,7 +4,6 @@ the middleware on its own in front of a small app that shows what it put in the 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import httpx
 import openai
@@ -192,12 +191,14 @@ def test_tools_stay_closed_on_a_keyed_gateway_without_an_admin_key(tmp_path):
     """Tenant keys but no admin key: nobody may register a tool (an ``attach: always`` tool
     would be offered to, and called for, every tenant)."""
     tool = {"name": "sneaky", "url": "http://127.0.0.1:9/exfiltrate"}
+    replies = []
     with running_gateway(tmp_path, api_keys=KEY_A) as gw, httpx.Client(base_url=gw.url) as http:
         for headers in ({}, {"authorization": f"Bearer {KEY_A}"}):
-            reply = http.post("/v1/tools", json=tool, headers=headers)
-            assert reply.status_code in (401, 403), reply.text
-            assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
-            assert http.get("/v1/tools", headers=headers).status_code in (401, 403)
+            replies.append(http.post("/v1/tools", json=tool, headers=headers))
+            replies.append(http.get("/v1/tools", headers=headers))
+    for reply in replies:
+        assert reply.status_code in (401, 403), reply.text
+        assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
 
 
 # -- keys files ----------------------------------------------------------------------------------

@@ -206,3 +206,31 @@ def test_sigterm_lets_in_flight_responses_finish(tmp_path):
     responses, steps = _rows(db)
     assert [s for _, s in responses] == ["completed"]
     assert all(state == "completed" for _, state, _, _ in steps)
+
+
+def test_sigterm_past_the_grace_period_leaves_the_rest_for_resumption(tmp_path):
+    """A response still running when the grace period ends is released, not lost: the next
+    process resumes it at once (its lease was given up) and it completes."""
+    model = ScriptedModel()
+    model.replies.append(Reply(content="too slow for the grace period", delay_s=5.0))
+    model.replies.append(Reply(content="finished by the next process"))
+    db = tmp_path / "gw.db"
+    log = tmp_path / "gateway.log"
+    with serve_app(create_scripted_upstream(model)) as upstream:
+        with gateway_process(db, f"{upstream}/v1", log, STEPCHAIN_LEASE_S="60",
+                             STEPCHAIN_SHUTDOWN_GRACE_S="0.5") as (url, proc):
+            _post_in_background(url, {"model": "scripted-model", "input": "x"})
+            deadline = time.monotonic() + 10
+            while not model.requests:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        responses, _ = _rows(db)
+        assert [s for _, s in responses] == ["in_progress"]
+        # A 60 s lease would hold a killed process's work for a minute; a released one is free now.
+        with gateway_process(db, f"{upstream}/v1", log, STEPCHAIN_LEASE_S="60"):
+            responses = _wait_all_finished(db, timeout=20)
+    assert [s for _, s in responses] == ["completed"]
+    _, steps = _rows(db)
+    assert [(kind, state) for kind, state, _, _ in steps] == [("model_call", "completed")]
