@@ -26,13 +26,12 @@ from .convert import (
     items_to_messages,
     normalize_input,
     tools_to_chat,
-    validate_call_outputs,
-    validate_request,
 )
 from .errors import InvalidRequestError, PreviousResponseNotFoundError
 from .events import ResponseBuilder
 from .loop import LoopDeps, run_response_loop
 from .response_object import response_object
+from .validation import validate_call_outputs, validate_request
 from .transition import AppendSteps, LoopRequest, next_action
 
 logger = logging.getLogger("stepchain.service")

@@ -18,10 +18,9 @@ from gateway.convert import (
     items_to_messages,
     normalize_input,
     tools_to_chat,
-    validate_call_outputs,
-    validate_request,
     zero_usage,
 )
+from gateway.validation import validate_call_outputs, validate_request
 from gateway.errors import InvalidRequestError
 from gateway.response_object import response_object
 
