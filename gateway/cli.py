@@ -11,6 +11,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+import orjson
+
 from .config import ConfigError, Settings, load_settings
 
 _SERVE_OPTIONS: tuple[tuple[str, type, str], ...] = (
@@ -71,12 +73,19 @@ def serve(settings: Settings) -> None:
 
 
 def _as_environment(settings: Settings) -> dict[str, str]:
+    """The settings as STEPCHAIN_* variables, read back by each worker's load_settings."""
     out = {}
     for name in Settings.__dataclass_fields__:
         value = getattr(settings, name)
-        if name == "tools" or value is None:
+        if value is None or name == "config":  # the file was read already: pass its values on
             continue
-        out[f"STEPCHAIN_{name.upper()}"] = str(value)
+        if isinstance(value, tuple):  # [[tools]], [[upstream_fallbacks]]: a JSON list
+            text = orjson.dumps(list(value)).decode()
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value)
+        out[f"STEPCHAIN_{name.upper()}"] = text
     return out
 
 

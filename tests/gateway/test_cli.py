@@ -127,3 +127,39 @@ def test_demo_runs_offline_and_shows_the_chain():
     assert "completed" in out
     chain_lines = [line for line in out.splitlines() if line.strip().startswith("#")]
     assert [line.split()[1] for line in chain_lines] == ["model_call", "tool_call", "tool_call", "model_call"]
+
+
+def test_serve_with_two_workers_passes_every_setting_on(tmp_path):
+    """Worker processes rebuild the settings from the environment: tables included."""
+    model = ScriptedModel(default=lambda body: Reply(content=f"{len(body.get('tools', []))} tools"))
+    config = tmp_path / "stepchain.toml"
+    config.write_text(
+        'max_response_iterations = 5\n'
+        '[[tools]]\nname = "from_config"\nurl = "http://127.0.0.1:9/t"\n'
+        '[[upstream_fallbacks]]\nbase_url = "http://127.0.0.1:9/v1"\n'
+    )
+    port = _free_port()
+    with serve_app(create_scripted_upstream(model)) as upstream:
+        proc = subprocess.Popen(
+            [*STEPCHAIN, "serve", "--workers", "2", "--port", str(port), "--config", str(config),
+             "--db", str(tmp_path / "w.db"), "--upstream-base-url", f"{upstream}/v1",
+             "--log-level", "warning"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx.get(f"{url}/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
+                texts = {client.responses.create(model="m", input=f"q{i}").output_text for i in range(6)}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert texts == {"1 tools"}  # the config file's tool reached every worker
