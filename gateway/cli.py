@@ -40,8 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, kind, text in _SERVE_OPTIONS:
         serve.add_argument(f"--{name}", type=str, default=None, help=f"{text} [{kind.__name__}]")
     commands.add_parser("demo", help="run the gateway against a built-in scripted model, offline")
-    bench = commands.add_parser("bench", help="run the benchmarks (same as python -m bench)")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
+    commands.add_parser("bench", help="run the benchmarks (same as python -m bench; see bench/README.md)")
     return parser
 
 
@@ -90,6 +89,11 @@ def _as_environment(settings: Settings) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own options, parsed by the bench runner
+        from bench.__main__ import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
@@ -99,10 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo()
-        elif args.command == "bench":
-            from bench.__main__ import main as bench_main
-
-            return bench_main(args.args)
     except ConfigError as exc:
         print(f"stepchain: {exc}", file=sys.stderr)
         return 2

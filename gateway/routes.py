@@ -284,7 +284,11 @@ async def chat_completions(request: Request) -> Response:
         store=False,  # a chat completion is not a Responses API response
         metadata={"endpoint": "chat.completions"},
     )
-    (step,) = await store.create_response(record, first_steps=[StepDescriptor(MODEL_CALL, body)])
+    service = state.service
+    (step,) = await store.create_response(
+        record, owner=service.owner, lease_s=service.lease_s,
+        first_steps=[StepDescriptor(MODEL_CALL, body)],
+    )
     upstream = state.upstream
     client_key = request.scope.get("stepchain.client_key")
     if client_key:

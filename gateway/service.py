@@ -279,6 +279,14 @@ class ResponsesService:
         stream had), then the loop settles the interrupted steps and goes on.
         """
         logger.info("resuming response %s", record.id)
+        if (record.metadata or {}).get("endpoint") == "chat.completions":
+            # A passthrough call's client is gone with its process: nothing to resume it for.
+            await self._cancel_unfinished(record.id)
+            error = {"code": "server_error", "message": "interrupted: the gateway process stopped"}
+            await self.store.update_response(
+                record.id, status="failed", error=error, completed_at=time.time()
+            )
+            return record_to_object(record)
         try:
             prepared = await self._prepare(
                 record.request, record.tenant, record.id, record.created_at, check=False

@@ -234,3 +234,19 @@ def test_sigterm_past_the_grace_period_leaves_the_rest_for_resumption(tmp_path):
     assert [s for _, s in responses] == ["completed"]
     _, steps = _rows(db)
     assert [(kind, state) for kind, state, _, _ in steps] == [("model_call", "completed")]
+
+
+def test_a_slow_chat_passthrough_keeps_its_lease(tmp_path):
+    """Leases cover chat passthrough calls too: a sweep during a slow call must not take it over."""
+    from tests.gateway.harness import running_gateway
+
+    with running_gateway(tmp_path, lease_s=0.6) as gw:
+        gw.model.replies.append(Reply(content="slow but mine", delay_s=2.0))
+        with gw.client() as client:
+            completion = client.chat.completions.create(
+                model="scripted-model", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert completion.choices[0].message.content == "slow but mine"
+        assert len(gw.model.requests) == 1
+    _, steps = _rows(gw.db)
+    assert [(kind, state) for kind, state, _, _ in steps] == [("model_call", "completed")]
