@@ -108,6 +108,7 @@ class UpstreamClient:
         # ``transport`` (the one ``client`` sends through) lets model calls skip the client's
         # per-request auth, redirect and cookie handling, which a model call never needs.
         self._transport = transport
+        self._parsed_url = httpx.URL(self._url)  # parsed once, not per call
         self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self._timeout_extension = self._timeout.as_dict()
         self._idle_timeout = idle_timeout
@@ -198,7 +199,7 @@ class UpstreamClient:
                 yield response
             return
         request = httpx.Request(
-            "POST", self._url, content=payload, headers=headers,
+            "POST", self._parsed_url, content=payload, headers=headers,
             extensions={"timeout": self._timeout_extension},
         )
         response = await self._transport.handle_async_request(request)
