@@ -197,11 +197,14 @@ def create_app(
             await the_store.close()
 
     key_hashes = load_api_keys(settings.api_keys, settings.api_keys_file)
+    middleware = []
+    if key_hashes or settings.pass_client_key:  # an open gateway skips the layer altogether
+        middleware.append(
+            Middleware(AuthMiddleware, key_hashes=key_hashes, pass_client_key=settings.pass_client_key)
+        )
     app = Starlette(
         routes=[*api_routes(), *tool_routes()],
-        middleware=[
-            Middleware(AuthMiddleware, key_hashes=key_hashes, pass_client_key=settings.pass_client_key)
-        ],
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             GatewayError: _gateway_error,
