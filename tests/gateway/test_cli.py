@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from gateway.config import ConfigError, load_settings
 from gateway.scripted_upstream import Reply, ScriptedModel, create_scripted_upstream
 from gateway.serving import serve_app
+from tests.gateway.harness import serve_process
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPCHAIN = [sys.executable, "-m", "gateway.cli"]
@@ -75,47 +73,25 @@ def test_precedence_flag_over_environment_over_file_over_default(tmp_path):
         load_settings({"config": str(config)}, {})
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_serve_process_answers_the_sdk_and_the_readme_snippet_runs(tmp_path):
     model = ScriptedModel(default=lambda body: Reply(content=f"reply to {body['messages'][-1]['content']}"))
-    port = _free_port()
-    with serve_app(create_scripted_upstream(model)) as upstream:
-        proc = subprocess.Popen(
-            [*STEPCHAIN, "serve", "--port", str(port), "--db", str(tmp_path / "db" / "s.db"),
-             "--upstream-base-url", f"{upstream}/v1", "--log-level", "warning"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"{url}/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    assert proc.poll() is None and time.monotonic() < deadline
-                    time.sleep(0.05)
-            with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
-                assert client.responses.create(model="m", input="ping").output_text == "reply to ping"
+    with serve_app(create_scripted_upstream(model)) as upstream, serve_process(
+        ["--db", str(tmp_path / "db" / "s.db"), "--upstream-base-url", f"{upstream}/v1"],
+        tmp_path / "serve.log",
+    ) as (url, _):
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
+            assert client.responses.create(model="m", input="ping").output_text == "reply to ping"
 
-            # The README's snippet, exactly as written, against this server on its port.
-            readme = (ROOT / "README.md").read_text()
-            snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
-            snippet = snippet.replace("http://127.0.0.1:8080/v1", f"{url}/v1")
-            result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
-                                    timeout=60, cwd=tmp_path)
-            assert result.returncode == 0, result.stderr
-            assert result.stdout.splitlines() == [
-                "reply to Say hello", "reply to Stream a hello", "reply to And again"
-            ]
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        # The README's snippet, exactly as written, against this server on its port.
+        readme = (ROOT / "README.md").read_text()
+        snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+        snippet = snippet.replace("http://127.0.0.1:8080/v1", f"{url}/v1")
+        result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                                timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "reply to Say hello", "reply to Stream a hello", "reply to And again"
+    ]
 
 
 def test_demo_runs_offline_and_shows_the_chain():
@@ -138,28 +114,11 @@ def test_serve_with_two_workers_passes_every_setting_on(tmp_path):
         '[[tools]]\nname = "from_config"\nurl = "http://127.0.0.1:9/t"\n'
         '[[upstream_fallbacks]]\nbase_url = "http://127.0.0.1:9/v1"\n'
     )
-    port = _free_port()
-    with serve_app(create_scripted_upstream(model)) as upstream:
-        proc = subprocess.Popen(
-            [*STEPCHAIN, "serve", "--workers", "2", "--port", str(port), "--config", str(config),
-             "--db", str(tmp_path / "w.db"), "--upstream-base-url", f"{upstream}/v1",
-             "--log-level", "warning"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"{url}/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
-            with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
-                texts = {client.responses.create(model="m", input=f"q{i}").output_text for i in range(6)}
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    with serve_app(create_scripted_upstream(model)) as upstream, serve_process(
+        ["--workers", "2", "--config", str(config), "--db", str(tmp_path / "w.db"),
+         "--upstream-base-url", f"{upstream}/v1"],
+        tmp_path / "serve.log",
+    ) as (url, _):
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
+            texts = {client.responses.create(model="m", input=f"q{i}").output_text for i in range(6)}
     assert texts == {"1 tools"}  # the config file's tool reached every worker

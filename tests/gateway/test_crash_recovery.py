@@ -3,9 +3,7 @@ response ends, no step stays processing; SIGTERM lets in-flight responses finish
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,43 +22,16 @@ from starlette.routing import Route
 
 from gateway.scripted_upstream import Reply, ScriptedModel, create_scripted_upstream
 from gateway.serving import serve_app
+from tests.gateway.harness import serve_process
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def gateway_process(db: Path, upstream: str, log: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    port = _free_port()
-    environ = {**os.environ, "STEPCHAIN_LEASE_S": "1", **env}
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--db", str(db),
-             "--upstream-base-url", upstream, "--log-level", "warning"],
-            env=environ, stdout=out, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.05)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
+    with serve_process(["--db", str(db), "--upstream-base-url", upstream], log,
+                       env={"STEPCHAIN_LEASE_S": "1", **env}) as running:
+        yield running
 
 
 class SlowTool:

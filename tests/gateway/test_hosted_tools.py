@@ -274,7 +274,7 @@ def test_secrets_never_leave_the_gateway(tmp_path, tools, monkeypatch, caplog):
 
 
 def test_openai_agents_with_a_hosted_tool_and_a_client_tool(tmp_path, tools):
-    agents = pytest.importorskip("agents")
+    pytest.importorskip("agents")
     from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
 
     set_tracing_disabled(True)
