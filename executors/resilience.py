@@ -203,12 +203,31 @@ class ResilientUpstream:
             return isinstance(exc, UpstreamError) and not forwarded and _transient(exc)
 
         last: UpstreamError | None = None
-        for target, call in zip(self._targets, self._calls):
+        for index, (target, call) in enumerate(zip(self._targets, self._calls)):
             label = _label(target)
             sent = body if target.model is None else {**body, "model": target.model}
+            first_failure: UpstreamError | None = None
+            if index == 0:
+                # Most calls succeed at once: only a failure pays for the retry machinery, which
+                # then starts from this attempt's outcome (same waits, same attempt count).
+                try:
+                    completion = await call.chat_completion(sent, on_delta=delta_cb, on_chunk=chunk_cb)
+                except UpstreamError as exc:
+                    if on_attempt is not None:
+                        await on_attempt(_attempt_error(exc), label)
+                    if not retryable(exc):
+                        raise
+                    first_failure = exc
+                else:
+                    if on_attempt is not None:
+                        await on_attempt(None, label)
+                    return completion
             try:
                 async for attempt in self._retrying(retryable):
                     with attempt:
+                        if first_failure is not None:
+                            exc, first_failure = first_failure, None
+                            raise exc  # the fast path's attempt, as tenacity's first
                         try:
                             completion = await call.chat_completion(
                                 sent, on_delta=delta_cb, on_chunk=chunk_cb
