@@ -30,7 +30,7 @@ from store.sqlite import SQLiteStore
 
 from .auth import AuthMiddleware, load_api_keys
 from .config import Settings, load_settings
-from .errors import GatewayError
+from .errors import GatewayError, InvalidRequestError
 from .live import LiveStreams
 from .loop import LoopDeps
 from .recovery import Recovery, new_owner_id
@@ -101,10 +101,8 @@ async def _gateway_error(request: Request, exc: Exception) -> Response:
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    error = GatewayError(str(exc.detail))
-    error.status_code = exc.status_code  # type: ignore[misc]
-    error.error_type = "invalid_request_error"  # type: ignore[misc]
-    return _error_response(error)
+    # Starlette's own 404/405s: a client error in the OpenAI shape.
+    return _error_response(InvalidRequestError(str(exc.detail), status_code=exc.status_code))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

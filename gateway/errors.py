@@ -37,11 +37,20 @@ class GatewayError(Exception):
     error_type: ClassVar[str] = "server_error"
     default_code: ClassVar[str | None] = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
+        if status_code is not None:  # e.g. an upstream's own 4xx, passed through as it came
+            self.status_code = status_code  # type: ignore[misc]
 
     def to_dict(self) -> dict[str, Any]:
         """The OpenAI error body ``{"error": {message, type, param, code}}``."""

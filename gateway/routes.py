@@ -374,9 +374,7 @@ def _upstream_http_error(exc: UpstreamCallError) -> GatewayError:
     if exc.type == "rate_limited":
         return RateLimitError(str(exc))
     if exc.status is not None and 400 <= exc.status < 500:
-        err = InvalidRequestError(str(exc))
-        err.status_code = exc.status  # type: ignore[misc]  # the upstream's own 4xx
-        return err
+        return InvalidRequestError(str(exc), status_code=exc.status)
     return UpstreamError(str(exc))
 
 
