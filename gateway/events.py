@@ -163,6 +163,11 @@ class ResponseBuilder:
 
     # -- what the loop reports --------------------------------------------------------------
 
+    @property
+    def streaming(self) -> bool:
+        """Whether this builder emits events (False: it only builds the output)."""
+        return self._emit is not None
+
     def start(self) -> None:
         """Emit ``response.created`` and ``response.in_progress`` (empty output)."""
         if self._emit is None:

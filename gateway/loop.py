@@ -14,8 +14,10 @@ propagates and stops the loop; an empty AppendSteps is a programming error.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,7 +29,7 @@ from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream
 from executors.upstream import UpstreamError
 from store.base import Store
-from store.types import MODEL_CALL, PENDING, PROCESSING, Step, StoreError
+from store.types import COMPLETED, MODEL_CALL, PENDING, PROCESSING, Step, StoreError
 
 from .transition import (
     REJECTED_KEY,
@@ -80,6 +82,8 @@ class LoopOutcome:
     chain: list[Step]
     error: dict[str, Any] | None = None
     incomplete_reason: str | None = None
+    # The last model call, completed but not yet stored (see run_response_loop).
+    unwritten: Step | None = None
 
     @property
     def final_text(self) -> str:
@@ -102,6 +106,7 @@ async def run_response_loop(
     depth: int = 0,
     observer: LoopObserver | None = None,
     started: Sequence[Step] | None = None,
+    defer_final_write: bool = False,
 ) -> LoopOutcome:
     """Run one loop level of ``response_id`` until the transition function ends it.
 
@@ -110,10 +115,21 @@ async def run_response_loop(
     otherwise they fail with ``interrupted``). ``started`` is instead the whole chain of a new
     response whose first steps were recorded with it (``Store.create_response``) and are to run
     now. ``observer`` receives top-level events; nested levels only report their usage to it.
-    Raises StoreError (the loop cannot go on) and EmptyActionError.
+    With ``defer_final_write`` (top level, an observer that emits no events) a model call after
+    which the transition function ends the loop is not written here: it comes back completed in
+    :attr:`LoopOutcome.unwritten` for the caller to store with the response's result, in one
+    transaction. Raises StoreError (the loop cannot go on) and EmptyActionError.
     """
+    chain: list[Step] = []
+    deferred: list[Step] = []
+    ends_after = None
+    if defer_final_write and depth == 0:
+
+        def ends_after(done: Step) -> bool:
+            return not isinstance(next_action(request, [*chain, done]), AppendSteps)
+
     if started is not None:
-        chain = await _run_batch(deps, response_id, started, depth, observer)
+        chain = await _run_batch(deps, response_id, started, depth, observer, ends_after, deferred)
     else:
         chain = await deps.store.list_chain(response_id, scope_parent)
         unfinished = [s for s in chain if s.state in (PENDING, PROCESSING)]
@@ -131,15 +147,18 @@ async def run_response_loop(
                 response_id, scope_parent, prev, action.steps, start=True
             )
             prev = steps[-1].id
-            chain.extend(await _run_batch(deps, response_id, steps, depth, observer))
-        elif isinstance(action, Complete):
-            return LoopOutcome("completed", chain)
-        elif isinstance(action, Incomplete):
-            return LoopOutcome("incomplete", chain, incomplete_reason=action.reason)
-        elif isinstance(action, Fail):
-            return LoopOutcome("failed", chain, error=action.error)
-        else:  # pragma: no cover - the Action union is closed
-            raise TypeError(f"unknown action {action!r}")
+            chain.extend(
+                await _run_batch(deps, response_id, steps, depth, observer, ends_after, deferred)
+            )
+            continue
+        unwritten = deferred[0] if deferred else None
+        if isinstance(action, Complete):
+            return LoopOutcome("completed", chain, unwritten=unwritten)
+        if isinstance(action, Incomplete):
+            return LoopOutcome("incomplete", chain, incomplete_reason=action.reason, unwritten=unwritten)
+        if isinstance(action, Fail):
+            return LoopOutcome("failed", chain, error=action.error, unwritten=unwritten)
+        raise TypeError(f"unknown action {action!r}")  # pragma: no cover - the union is closed
 
 
 async def _run_batch(
@@ -148,12 +167,18 @@ async def _run_batch(
     steps: Sequence[Step],
     depth: int,
     observer: LoopObserver | None,
+    ends_after: Callable[[Step], bool] | None = None,
+    deferred: list[Step] | None = None,
     *,
     resume: bool = False,
 ) -> list[Step]:
     """Run sibling steps concurrently; a store error in any of them cancels the rest."""
-    if len(steps) == 1:  # the common case: no task overhead
-        return [await _execute_step(deps, response_id, steps[0], depth, observer, resume)]
+    if len(steps) == 1:  # the common case: no task overhead (and the only one that defers)
+        return [
+            await _execute_step(
+                deps, response_id, steps[0], depth, observer, resume, ends_after, deferred
+            )
+        ]
     async with asyncio.TaskGroup() as group:
         tasks = [
             group.create_task(_execute_step(deps, response_id, s, depth, observer, resume))
@@ -169,6 +194,8 @@ async def _execute_step(
     depth: int,
     observer: LoopObserver | None,
     resume: bool,
+    ends_after: Callable[[Step], bool] | None = None,
+    deferred: list[Step] | None = None,
 ) -> Step:
     store = deps.store
     top = observer if depth == 0 else None
@@ -184,7 +211,7 @@ async def _execute_step(
             )
 
     if step.kind == MODEL_CALL:
-        return await _model_call(deps, step, top, observer)
+        return await _model_call(deps, step, top, observer, ends_after, deferred)
 
     if top is not None:
         top.tool_call_started(step)
@@ -207,7 +234,12 @@ def _safe_to_rerun(deps: LoopDeps, step: Step) -> bool:
 
 
 async def _model_call(
-    deps: LoopDeps, step: Step, top: LoopObserver | None, observer: LoopObserver | None
+    deps: LoopDeps,
+    step: Step,
+    top: LoopObserver | None,
+    observer: LoopObserver | None,
+    ends_after: Callable[[Step], bool] | None = None,
+    deferred: list[Step] | None = None,
 ) -> Step:
     on_delta = None
     if top is not None:
@@ -240,9 +272,18 @@ async def _model_call(
             top.model_call_finished(step)
         return step
     usage = completion.get("usage") if isinstance(completion, dict) else None
-    step = await deps.store.complete_step(
-        step.id, completion, usage, upstream=answered_by[-1] if answered_by else None
-    )
+    upstream = answered_by[-1] if answered_by else None
+    if ends_after is not None and deferred is not None:
+        done = dataclasses.replace(
+            step, state=COMPLETED, response_payload=completion, usage=usage,
+            finished_at=time.time(), upstream=upstream or step.upstream,
+        )
+        if ends_after(done):  # the caller stores it with the response's result
+            deferred.append(done)
+            if top is not None:
+                top.model_call_finished(done)
+            return done
+    step = await deps.store.complete_step(step.id, completion, usage, upstream=upstream)
     if top is not None:
         top.model_call_finished(step)
     elif observer is not None:

@@ -310,9 +310,12 @@ class ResponsesService:
         if prepared.upstream_key:
             deps = dataclasses.replace(deps, upstream=deps.upstream.with_api_key(prepared.upstream_key))
         error = incomplete = None
+        last: Step | None = None  # the final model call, when the loop left storing it to us
         try:
             outcome = await run_response_loop(
-                deps, record.id, prepared.loop_request, observer=builder, started=started
+                deps, record.id, prepared.loop_request, observer=builder, started=started,
+                # With no events to order against, the last step and the result share a write.
+                defer_final_write=not builder.streaming,
             )
         except asyncio.CancelledError:
             if record.id not in self._cancel_requested:
@@ -327,6 +330,7 @@ class ResponsesService:
             logger.exception("response %s failed unexpectedly", record.id)
             status, error = "failed", {"code": "server_error", "message": "internal error"}
         else:
+            last = outcome.unwritten
             status = outcome.status
             if status == "failed":
                 error = _response_error(outcome.error)
@@ -336,16 +340,22 @@ class ResponsesService:
         output = builder.output
         if record.store:
             self._remember(record.id, prepared.history + prepared.input_items + output)
+        result = {
+            "status": status,
+            "output": output,
+            "usage": builder.usage,
+            "error": error,
+            "incomplete_details": incomplete,
+            "completed_at": completed_at,
+        }
         try:
-            await self.store.update_response(
-                record.id,
-                status=status,
-                output=output,
-                usage=builder.usage,
-                error=error,
-                incomplete_details=incomplete,
-                completed_at=completed_at,
-            )
+            if last is not None:
+                await self.store.complete_step(
+                    last.id, last.response_payload, last.usage, upstream=last.upstream,
+                    response_update=result,
+                )
+            else:
+                await self.store.update_response(record.id, **result)
         except StoreError as exc:
             logger.error("could not store the result of response %s: %s", record.id, exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}

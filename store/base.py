@@ -121,9 +121,12 @@ class Store(abc.ABC):
         usage: dict[str, Any] | None = None,
         *,
         upstream: str | None = None,
+        response_update: dict[str, Any] | None = None,
     ) -> Step:
         """processing → completed with its payload (and Chat Completions usage and the upstream
-        that answered, for model calls)."""
+        that answered, for model calls). ``response_update`` sets those fields of the step's
+        response (as :meth:`update_response`) in the same transaction: a response's last step
+        and its result in one write."""
 
     @abc.abstractmethod
     async def fail_step(

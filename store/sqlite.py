@@ -335,12 +335,7 @@ class SQLiteStore(Store):
         return await self._run(_get_response, response_id)
 
     async def update_response(self, response_id: str, **fields: Any) -> None:
-        unknown = fields.keys() - _RESPONSE_UPDATABLE
-        if unknown:
-            raise ValueError(
-                f"cannot update response field(s) {sorted(unknown)}; "
-                f"allowed: {sorted(_RESPONSE_UPDATABLE)}"
-            )
+        _check_response_fields(fields)
         await self._run(_update_response, response_id, fields)
 
     async def delete_response(self, response_id: str) -> bool:
@@ -384,8 +379,13 @@ class SQLiteStore(Store):
         usage: dict[str, Any] | None = None,
         *,
         upstream: str | None = None,
+        response_update: dict[str, Any] | None = None,
     ) -> Step:
-        return await self._run(_complete_step, step_id, response_payload, usage, upstream)
+        if response_update is not None:
+            _check_response_fields(response_update)
+        return await self._run(
+            _complete_step, step_id, response_payload, usage, upstream, response_update
+        )
 
     async def fail_step(
         self, step_id: str, error: dict[str, Any], response_payload: Any = None
@@ -443,6 +443,15 @@ class SQLiteStore(Store):
 
 
 # -- worker-thread bodies: (conn, *args), one transaction each -------------------------------
+
+
+def _check_response_fields(fields: dict[str, Any]) -> None:
+    unknown = fields.keys() - _RESPONSE_UPDATABLE
+    if unknown:
+        raise ValueError(
+            f"cannot update response field(s) {sorted(unknown)}; "
+            f"allowed: {sorted(_RESPONSE_UPDATABLE)}"
+        )
 
 
 def _check_kinds(descriptors: Sequence[StepDescriptor]) -> None:
@@ -599,9 +608,19 @@ def _complete_step(
     response_payload: Any,
     usage: dict[str, Any] | None,
     upstream: str | None,
+    response_update: dict[str, Any] | None,
 ) -> Step:
     params = (_dumps_opt(response_payload), _dumps_opt(usage), time.time(), upstream, step_id)
-    step = _step_from_row(_transition(conn, _COMPLETE, params, step_id, COMPLETED))
+    if response_update is None:
+        row = _transition(conn, _COMPLETE, params, step_id, COMPLETED)
+    else:
+        with _transaction(conn):
+            rows = conn.execute(_COMPLETE, params).fetchall()
+            if not rows:
+                raise _state_error(conn, step_id, COMPLETED)
+            row = rows[0]
+            _update_response(conn, row[1], response_update)  # row[1]: the step's response_id
+    step = _step_from_row(row)
     step.response_payload, step.usage = response_payload, usage
     return step
 

@@ -616,3 +616,21 @@ def test_tools_crud(store: SQLiteStore) -> None:
         assert await store.list_tools() == [weather2]
 
     run(go())
+
+
+def test_complete_step_with_the_response_result_in_one_write(store: SQLiteStore) -> None:
+    response_id, (step,) = run(response_with_steps(store))
+    run(store.mark_processing(step.id))
+    result = {"status": "completed", "output": [{"type": "message"}], "completed_at": 5.0}
+    done = run(store.complete_step(step.id, {"ok": True}, {"total_tokens": 3},
+                                   upstream="u1", response_update=result))
+    assert (done.state, done.upstream) == ("completed", "u1")
+    record = run(store.get_response(response_id))
+    assert record is not None and (record.status, record.output, record.completed_at) == (
+        "completed", [{"type": "message"}], 5.0)
+    # A refused transition writes neither.
+    with pytest.raises(StepStateError):
+        run(store.complete_step(step.id, {}, response_update={"status": "failed"}))
+    assert run(store.get_response(response_id)).status == "completed"
+    with pytest.raises(ValueError):
+        run(store.complete_step(step.id, {}, response_update={"tenant": "x"}))
