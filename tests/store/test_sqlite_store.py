@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from store.sqlite import _RESPONSE_COLUMNS, _STEP_COLUMNS, SQLiteStore
+from store.sqlite import SQLiteStore
+from store.sqlite_ops import _RESPONSE_COLUMNS, _STEP_COLUMNS
 from store.types import (
     ALLOWED_TRANSITIONS,
     CANCELED,
