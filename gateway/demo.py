@@ -86,10 +86,15 @@ def run_demo(out: TextIO = sys.stdout) -> int:
             print(f"tool      get_weather -> {tool_url}/weather\n", file=out)
             print(f"> {QUESTION}\n", file=out)
             client = OpenAI(base_url=f"{url}/v1", api_key="demo", max_retries=0)
+            tty = out.isatty()
+
+            def dim(text: str) -> str:  # the model's reasoning, greyed out on a terminal
+                return f"\033[2m{text}\033[0m" if tty else text
+
             final = None
             for event in client.responses.create(model="scripted-model", input=QUESTION, stream=True):
                 if event.type == "response.reasoning_text.delta":
-                    print(f"\033[2m{event.delta}\033[0m", end="", file=out, flush=True)
+                    print(dim(event.delta), end="", file=out, flush=True)
                 elif event.type == "response.output_item.added" and event.item.type == "mcp_call":
                     print(f"\n[tool call] {event.item.name} ...", file=out, flush=True)
                 elif event.type == "response.output_item.done" and event.item.type == "mcp_call":
@@ -114,6 +119,7 @@ def run_demo(out: TextIO = sys.stdout) -> int:
                     f"{(step['finished_at'] - step['started_at']) * 1000:.1f} ms"
                     if step["finished_at"] and step["started_at"] else "-"
                 )
-                print(f"  #{step['sequence']} {step['kind']:<10} {what:<15} {step['state']:<9} "
-                      f"{took:>9}  prev={step['prev_step_id'] or '-'}", file=out)
+                prev = f"…{step['prev_step_id'][-8:]}" if step["prev_step_id"] else "-"
+                print(f"  #{step['sequence']} …{step['id'][-8:]} {step['kind']:<10} {what:<15} "
+                      f"{step['state']:<9} {took:>9}  prev={prev}", file=out)
             return 0 if final.status == "completed" else 1

@@ -102,7 +102,7 @@ def test_demo_runs_offline_and_shows_the_chain():
     assert "Here is the weather:" in out
     assert "completed" in out
     chain_lines = [line for line in out.splitlines() if line.strip().startswith("#")]
-    assert [line.split()[1] for line in chain_lines] == ["model_call", "tool_call", "tool_call", "model_call"]
+    assert [line.split()[2] for line in chain_lines] == ["model_call", "tool_call", "tool_call", "model_call"]
 
 
 def test_serve_with_two_workers_passes_every_setting_on(tmp_path):
