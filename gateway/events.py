@@ -148,6 +148,7 @@ class ResponseBuilder:
         self._mcp: dict[str, _Item] = {}  # hosted calls awaiting their tool step, by call_id
         self._usage: dict[str, Any] | None = None
         self._final: dict[str, Any] | None = None
+        self._held: list[bytes] | None = None  # events waiting for finish(), see hold_events
 
     # -- what the loop reads ----------------------------------------------------------------
 
@@ -175,6 +176,14 @@ class ResponseBuilder:
         for kind in ("response.created", "response.in_progress"):
             snapshot = response_object(**self._base, status="in_progress", output=[], usage=None)
             self._send(kind, response=snapshot)
+
+    def hold_events(self) -> None:
+        """Keep the events from now on back until :meth:`finish`, which sends them just before
+        the terminal event. The loop calls it before reporting a last model call that is stored
+        together with the response's result: no ``*.done`` event may describe a step the store
+        does not have yet, and the client gets both at once after that one write."""
+        if self._emit is not None and self._held is None:
+            self._held = []
 
     def model_delta(self, step_id: str, delta: Delta) -> None:
         """One streamed piece of the top-level model call ``step_id``; opens items as needed."""
@@ -300,6 +309,9 @@ class ResponseBuilder:
             incomplete_details=incomplete_details,
             completed_at=time.time() if completed_at is None else completed_at,
         )
+        held, self._held = self._held, None
+        for event in held or ():
+            self._emit(event)  # one by one: a live log's entry i is sequence number i
         self._send(_TERMINAL_EVENTS.get(status, "response.failed"), response=self._final)
         return self._final
 
@@ -310,7 +322,10 @@ class ResponseBuilder:
             return
         event = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
-        self._emit(encode_event(event))
+        if self._held is not None:
+            self._held.append(encode_event(event))
+        else:
+            self._emit(encode_event(event))
 
     def _open(self, item: dict[str, Any]) -> _Item:
         opened = _Item(len(self._output), item)

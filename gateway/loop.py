@@ -55,6 +55,7 @@ class LoopObserver(Protocol):
 
     def model_delta(self, step_id: str, delta: Delta) -> None: ...
     def model_call_finished(self, step: Step) -> None: ...
+    def hold_events(self) -> None: ...
     def tool_call_started(self, step: Step) -> None: ...
     def tool_call_finished(self, step: Step) -> None: ...
     def add_usage(self, chat_usage: dict[str, Any] | None) -> None: ...
@@ -115,10 +116,10 @@ async def run_response_loop(
     otherwise they fail with ``interrupted``). ``started`` is instead the whole chain of a new
     response whose first steps were recorded with it (``Store.create_response``) and are to run
     now. ``observer`` receives top-level events; nested levels only report their usage to it.
-    With ``defer_final_write`` (top level, an observer that emits no events) a model call after
-    which the transition function ends the loop is not written here: it comes back completed in
-    :attr:`LoopOutcome.unwritten` for the caller to store with the response's result, in one
-    transaction. Raises StoreError (the loop cannot go on) and EmptyActionError.
+    With ``defer_final_write`` (top level) a model call after which the transition function ends
+    the loop is not written here: it comes back completed in :attr:`LoopOutcome.unwritten` for
+    the caller to store with the response's result, in one transaction; the observer is told to
+    hold its events about it (``hold_events``) until that write is done. Raises StoreError (the loop cannot go on) and EmptyActionError.
     """
     chain: list[Step] = []
     deferred: list[Step] = []
@@ -246,8 +247,16 @@ async def _model_call(
         step_id = step.id
         model_delta = top.model_delta
 
+        first = True
+
         async def on_delta(delta: Delta) -> None:
+            nonlocal first
             model_delta(step_id, delta)
+            if first:
+                # A fast upstream delivers many chunks in one read; without a pause here the
+                # client's first bytes would wait until all of them had been processed.
+                first = False
+                await asyncio.sleep(0)
 
     step_id_ = step.id
     store = deps.store
@@ -281,6 +290,7 @@ async def _model_call(
         if ends_after(done):  # the caller stores it with the response's result
             deferred.append(done)
             if top is not None:
+                top.hold_events()  # its events wait for that write
                 top.model_call_finished(done)
             return done
     step = await deps.store.complete_step(step.id, completion, usage, upstream=upstream)

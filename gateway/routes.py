@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from executors.upstream import UpstreamError as UpstreamCallError
@@ -32,11 +32,11 @@ from .errors import (
 from .events import DONE
 from .live import replay_events
 from .service import ResponsesService, record_to_object
+from .sse_response import EventStreamResponse
 
 logger = logging.getLogger("stepchain.routes")
 
 JSON = "application/json"
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -71,7 +71,7 @@ def _error_for_failure(error: dict[str, Any] | None) -> GatewayError:
 # -- /v1/responses ---------------------------------------------------------------------------
 
 
-async def create_response(request: Request) -> Response:
+async def create_response(request: Request) -> Response | EventStreamResponse:
     state = request.app.state
     service: ResponsesService = state.service
     body = await read_json(request)
@@ -119,13 +119,8 @@ def _start(state: Any, service: ResponsesService, prepared: Any, emit: Any) -> a
     return task
 
 
-def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
-    async def body() -> AsyncIterator[bytes]:
-        async for chunk in events:
-            yield chunk
-        yield DONE
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+def _sse(events: AsyncIterator[bytes]) -> EventStreamResponse:
+    return EventStreamResponse(events, tail=DONE)
 
 
 async def _cancel_on_disconnect(
@@ -152,7 +147,7 @@ async def _visible(request: Request) -> ResponseRecord:
     return record
 
 
-async def get_response(request: Request) -> Response:
+async def get_response(request: Request) -> Response | EventStreamResponse:
     """``GET /v1/responses/{id}``; with ``?stream=true[&starting_after=N]`` the response's events
     after sequence number N as SSE: live ones from this process's log while it runs (exactly
     the original stream's), otherwise rebuilt from the stored chain."""
@@ -266,7 +261,7 @@ def _step_dict(step: Any) -> dict[str, Any]:
 # -- /v1/chat/completions passthrough ---------------------------------------------------------
 
 
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request) -> Response | EventStreamResponse:
     """Pass a Chat Completions request to the upstream, recorded as one model-call step."""
     state = request.app.state
     body = await read_json(request)
@@ -305,8 +300,8 @@ async def chat_completions(request: Request) -> Response:
         await store.complete_step(
             step.id, completion, completion.get("usage"),
             upstream=answered_by[-1] if answered_by else None,
+            response_update={"status": "completed", "completed_at": time.time()},
         )
-        await store.update_response(record.id, status="completed", completed_at=time.time())
 
     if body.get("stream") is not True:
         try:
@@ -339,7 +334,7 @@ async def chat_completions(request: Request) -> Response:
             raise _upstream_http_error(exc)
         if exc is not None:
             raise exc
-        return StreamingResponse(iter([DONE]), media_type="text/event-stream", headers=SSE_HEADERS)
+        return EventStreamResponse(_nothing(), tail=DONE)
 
     async def drain() -> AsyncIterator[bytes]:
         chunk: bytes | None = first
@@ -355,7 +350,12 @@ async def chat_completions(request: Request) -> Response:
             return
         yield DONE
 
-    return StreamingResponse(drain(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return EventStreamResponse(drain())
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
 
 
 async def _fail_chat(store, response_id: str, step_id: str, exc: UpstreamCallError) -> None:

@@ -314,8 +314,8 @@ class ResponsesService:
         try:
             outcome = await run_response_loop(
                 deps, record.id, prepared.loop_request, observer=builder, started=started,
-                # With no events to order against, the last step and the result share a write.
-                defer_final_write=not builder.streaming,
+                # The last step and the result share a write (its events wait for it).
+                defer_final_write=True,
             )
         except asyncio.CancelledError:
             if record.id not in self._cancel_requested:

@@ -27,6 +27,7 @@ from .base import Store
 from .migrations import apply_migrations
 from .sqlite_ops import (
     MIN_SQLITE_VERSION,
+    run_group,
     _SYNCHRONOUS_MODES,
     _cancel_step,
     _check_kinds,
@@ -96,7 +97,14 @@ class SQLiteStore(Store):
         executor = self._executor
         if executor is None:
             raise StoreError("the SQLite store is not open")
-        return await executor.submit(self._on_worker, fn, args)
+        return await executor.submit_grouped(self._on_worker, fn, args)
+
+    def _group_on_worker(
+        self, calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+    ) -> list[tuple[bool, Any]] | None:
+        # Store calls queued together share one transaction (``run_group``): one commit.
+        conn = self._conn
+        return None if conn is None else run_group(conn, calls)
 
     def _on_worker(self, fn: Callable[..., _T], args: tuple[Any, ...]) -> _T:
         conn = self._conn
@@ -144,7 +152,7 @@ class SQLiteStore(Store):
         """Create the worker thread, connect, set the pragmas and apply pending migrations."""
         if self._executor is not None:
             return
-        executor = BatchingWorker("stepchain-sqlite")
+        executor = BatchingWorker("stepchain-sqlite", group=self._group_on_worker)
         self._executor = executor
         try:
             await executor.submit(self._connect)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -149,6 +149,10 @@ _RECORD_ATTEMPT = (
 
 @contextmanager
 def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    if conn.in_transaction:
+        # Inside a group (``run_group``): its savepoint around this call makes it atomic.
+        yield
+        return
     # IMMEDIATE takes the write lock up front: a read-then-write transaction can't then fail
     # to upgrade because another process wrote in between (busy_timeout covers the wait).
     conn.execute("BEGIN IMMEDIATE")
@@ -159,6 +163,36 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def run_group(
+    conn: sqlite3.Connection, calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+) -> list[tuple[bool, Any]] | None:
+    """Run ``calls`` (``fn(*args)`` each, ``fn`` using ``conn``) in one transaction, each inside
+    its own savepoint: a call that raises is rolled back alone and gets its exception, the others
+    commit together. Returns one ``(ok, result or exception)`` per call, after the COMMIT; or
+    ``None`` if the transaction as a whole could not be run or committed (everything rolled back:
+    the caller then runs the calls one by one, as if never grouped)."""
+    outcomes: list[tuple[bool, Any]] = []
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for fn, args in calls:
+            conn.execute("SAVEPOINT call")
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to that call's caller
+                conn.execute("ROLLBACK TO call")
+                conn.execute("RELEASE call")
+                outcomes.append((False, exc))
+            else:
+                conn.execute("RELEASE call")
+                outcomes.append((True, result))
+        conn.execute("COMMIT")
+    except sqlite3.Error:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        return None
+    return outcomes
 
 
 @contextmanager

@@ -821,3 +821,40 @@ def test_any_interleaving_is_accepted_by_the_sdk(script):
 
     assert canonical(final["output"]) == canonical(plain["output"])
     assert final["usage"] == plain["usage"]
+
+
+def test_held_events_wait_for_finish_and_keep_their_numbers():
+    """hold_events (the last model call is stored with the result): its ``*.done`` events are
+    not emitted until finish, then come one by one, in order, right before the terminal event."""
+    payload = completion("Hello there")
+    step = model_step("step_h1", payload)
+    chunks: list[bytes] = []
+    builder = ResponseBuilder(BASE, hosted_tools=HOSTED, emit=chunks.append)
+    builder.start()
+    for delta in deltas_for(payload, 2):
+        builder.model_delta(step.id, delta)
+    streamed = len(chunks)
+    builder.hold_events()
+    builder.model_call_finished(step)
+    assert len(chunks) == streamed  # nothing about the unstored step went out
+    final = builder.finish("completed", completed_at=DONE_AT)
+    events = check_stream(b"".join(chunks), final)
+    assert len(chunks) == len(events)  # one log entry per event: entry i is sequence number i
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert types(events)[streamed:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    # Unheld, the same script gives the same bytes: holding changes timing, never content.
+    plain, _final, _builder = run([("model", step, deltas_for(payload, 2))])
+    assert plain == b"".join(chunks)
+
+
+def test_hold_events_is_a_no_op_without_a_stream():
+    builder = ResponseBuilder(BASE, hosted_tools=HOSTED, emit=None)
+    builder.start()
+    builder.hold_events()
+    builder.model_call_finished(model_step("step_h2", completion("Hi")))
+    assert builder.finish("completed", completed_at=DONE_AT)["output"][0]["status"] == "completed"

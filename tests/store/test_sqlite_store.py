@@ -635,3 +635,52 @@ def test_complete_step_with_the_response_result_in_one_write(store: SQLiteStore)
     assert run(store.get_response(response_id)).status == "completed"
     with pytest.raises(ValueError):
         run(store.complete_step(step.id, {}, response_update={"tenant": "x"}))
+
+
+def test_calls_queued_together_commit_together_and_fail_alone(tmp_path: Path) -> None:
+    """Store calls that pile up while the worker is busy run as one transaction (one commit),
+    each in its own savepoint: the illegal one is rolled back alone and raises, the others are
+    committed before their callers hear back (another connection sees them)."""
+    path = tmp_path / "store.db"
+
+    async def main() -> tuple[list[Any], str, list[str]]:
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            response_id, steps = await response_with_steps(store, 3)
+            executor = store._executor
+            assert executor is not None
+            release, started = threading.Event(), threading.Event()
+
+            def hold() -> None:
+                started.set()
+                release.wait(10)
+
+            executor.submit(hold)
+            await asyncio.to_thread(started.wait, 10)
+            other = new_response()
+            calls = [
+                store.mark_processing(steps[0].id),
+                store.complete_step(steps[1].id, {"object": "chat.completion"}),  # pending: illegal
+                store.mark_processing(steps[2].id),
+                store.create_response(other),
+            ]
+            tasks = [asyncio.ensure_future(c) for c in calls]
+            await asyncio.sleep(0.05)  # all four queued behind the held call
+            release.set()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            # Read with a separate connection: what the callers were told is committed.
+            with sqlite3.connect(path) as conn:
+                states = [
+                    conn.execute("SELECT state FROM steps WHERE id = ?", (s.id,)).fetchone()[0]
+                    for s in steps
+                ]
+                assert conn.execute("SELECT 1 FROM responses WHERE id = ?", (other.id,)).fetchone()
+            return outcomes, response_id, states
+        finally:
+            await store.close()
+
+    outcomes, _response_id, states = run(main())
+    assert isinstance(outcomes[1], StepStateError)
+    assert [o.state for o in (outcomes[0], outcomes[2])] == [PROCESSING, PROCESSING]
+    assert states == [PROCESSING, PENDING, PROCESSING]
