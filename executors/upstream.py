@@ -239,12 +239,14 @@ class UpstreamClient:
                     else:
                         watch = _IdleWatch(timer, self._idle_timeout)
                         response.stream = watch.wrap(response.stream)
+                        response.encoding = "utf-8"  # SSE is UTF-8 by definition: no charset sniffing
                         events = EventSource(response).aiter_sse()
                     async with contextlib.aclosing(events):
                         async for sse in events:
                             if not first_event:
                                 first_event = True  # from now on only the total limit is left
-                                timer.reschedule(total_at)
+                                if timer.when() != total_at:
+                                    timer.reschedule(total_at)
                             data = sse.data
                             if saw_done or not data:
                                 continue  # read on to the end of the body: the connection is reused
