@@ -66,8 +66,9 @@ def serve(settings: Settings) -> None:
             os.environ[name] = value
         uvicorn.run("gateway.app:app_from_environment", factory=True, workers=settings.workers, **common)
         return
-    from .app import create_app
+    from .app import create_app, tune_gc_for_serving
 
+    tune_gc_for_serving()
     uvicorn.run(create_app(settings), **common)
 
 

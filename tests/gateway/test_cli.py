@@ -122,3 +122,26 @@ def test_serve_with_two_workers_passes_every_setting_on(tmp_path):
         with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
             texts = {client.responses.create(model="m", input=f"q{i}").output_text for i in range(6)}
     assert texts == {"1 tools"}  # the config file's tool reached every worker
+
+
+def test_serving_processes_collect_garbage_less_often() -> None:
+    """The worker factory (and ``serve``) raise the GC thresholds; importing the app does not."""
+    code = (
+        "import gc\n"
+        "before = gc.get_threshold()\n"
+        "from gateway.app import SERVING_GC_THRESHOLDS, app_from_environment\n"
+        "assert gc.get_threshold() == before, 'changed on import'\n"
+        "app_from_environment()\n"
+        "assert gc.get_threshold() == SERVING_GC_THRESHOLDS, gc.get_threshold()\n"
+        "print('ok')\n"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("STEPCHAIN_")},
+        "STEPCHAIN_UPSTREAM_BASE_URL": "http://127.0.0.1:9/v1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+        cwd=str(Path(__file__).resolve().parents[2]),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
