@@ -2,9 +2,10 @@
 
 Starts, each in its own process on 127.0.0.1: the scripted upstream (:mod:`bench.upstream`), the
 HTTP tool server (:mod:`bench.toolserver`), the gateway (``python -m gateway.cli serve``, fresh
-SQLite file), and unless ``--no-peers`` the LiteLLM proxy (:mod:`bench.peers`). The load
-generator (:mod:`bench.loadgen`) runs in this process. Prints the table and the targets, writes
-the same as JSON (``--json``), and exits 0 iff every scenario ran with zero errors (1 otherwise,
+SQLite file), when scenario 1 runs its two floors (do-nothing proxies, :mod:`bench.floorproxy`),
+and unless ``--no-peers`` the LiteLLM proxy (:mod:`bench.peers`). The load generator
+(:mod:`bench.loadgen`) runs in this process. Prints the table and the targets, writes the same
+as JSON (``--json``), and exits 0 iff every scenario ran with zero errors (1 otherwise,
 with the reason on stderr; 2 for bad arguments). A peer that cannot run is reported as
 ``peer unavailable: <reason>`` and does not fail the run.
 """
@@ -23,10 +24,28 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .peers import LITELLM_SPEC, PeerUnavailable, install_litellm, start_litellm
-from .processes import ServerError, raise_fd_limit, start_gateway, start_tools, start_upstream
-from .report import Row, evaluate_targets, machine_info, render_table, render_targets, write_json
+from .processes import (
+    ServerError,
+    ServerProcess,
+    raise_fd_limit,
+    start_floor_proxy,
+    start_gateway,
+    start_tools,
+    start_upstream,
+)
+from .report import (
+    Row,
+    evaluate_targets,
+    floor_notes,
+    machine_info,
+    render_floor_notes,
+    render_table,
+    render_targets,
+    write_json,
+)
 from .resources import scenario_memory, scenario_store
 from .scenarios import (
+    FLOORS,
     FULL,
     QUICK,
     Bench,
@@ -156,6 +175,8 @@ def _print_markdown(path: Path) -> int:
     for t in data.get("targets", []):
         verdict = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
         print(f"| {t['name']} | {t['limit']} | {t['measured']} | {verdict} |")
+    for note in data.get("floor_notes", []):
+        print(f"\nFloor (not a target): {note}.")
     m = data["machine"]
     print(f"\nMachine: {m['nproc']} × {m['cpu']}, {m['memory_gib']} GiB, Python {m['python']}, "
           f"{m['os']}. Command: `{data['command']}` ({data['elapsed_s']:.0f} s). Peers: {data['peers']}.")
@@ -198,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
                 gateway = stack.enter_context(start_gateway(upstream.url + "/v1", work_dir))
                 names = tool_names(sizes.tools)
                 register_tools(gateway.url, tools.url, names)
+                floor_servers: dict[str, ServerProcess] = {}
+                if "1" in selected:
+                    for _, mode, field, _ in FLOORS:
+                        floor_servers[field] = stack.enter_context(
+                            start_floor_proxy(upstream.url + "/v1", work_dir, mode=mode)
+                        )
             except (ServerError, RuntimeError, OSError) as exc:
                 failures.append(f"start-up failed: {exc}")
                 raise _Abort from None
@@ -209,12 +236,13 @@ def main(argv: list[str] | None = None) -> int:
                 except PeerUnavailable as exc:
                     peer_status = f"peer unavailable: {exc}"
                     _say(peer_status)
-            bench = Bench(upstream, tools, gateway, peer, work_dir, sizes, names)
+            bench = Bench(upstream, tools, gateway, peer, work_dir, sizes, names, **floor_servers)
             rows, failures = _run(_run_scenarios(bench, selected))
     except _Abort:
         pass
     elapsed = time.monotonic() - started
     targets = evaluate_targets(rows, quick=args.quick) if rows else []
+    notes = floor_notes(rows, quick=args.quick)
     command = "python -m bench" + ("" if not argv else " " + " ".join(argv))
     machine = machine_info()
     if rows:
@@ -224,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if targets:
         print("targets (issue 6; 2-core machine, upstream at 0 ms):")
         print(render_targets(targets))
+        if notes:
+            print(render_floor_notes(notes))
     print(
         f"machine: {machine['nproc']} × {machine['cpu']}, Python {machine['python']}; "
         f"command: {command}; {elapsed:.0f} s"
@@ -231,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, {
         "command": command, "quick": args.quick, "machine": machine, "elapsed_s": elapsed,
         "upstream_latency_ms": args.upstream_latency_ms, "sizes": sizes, "peers": peer_status,
-        "rows": rows, "targets": targets, "failures": failures, "ok": not failures,
+        "rows": rows, "targets": targets, "floor_notes": notes, "failures": failures, "ok": not failures,
     })  # fmt: skip
     print(f"results: {args.json}")
     if failures:

@@ -1,9 +1,9 @@
 """Server processes for the benchmark: start on a free loopback port, wait until ready, stop.
 
-Every server (scripted upstream, tools, gateway, peers) runs in its own process so none shares
-a GIL with the load generator. Output goes to ``<log_dir>/<name>.log``; a process that exits or
-is not ready in time raises :class:`ServerError` with the log's tail. :func:`rss_kb` and
-:func:`cpu_seconds` read ``/proc/<pid>`` (Linux).
+Every server (scripted upstream, tools, gateway, floor proxies, peers) runs in its own process
+so none shares a GIL with the load generator. Output goes to ``<log_dir>/<name>.log``; a process
+that exits or is not ready in time raises :class:`ServerError` with the log's tail.
+:func:`rss_kb` and :func:`cpu_seconds` read ``/proc/<pid>`` (Linux).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ __all__ = [
     "python_module",
     "raise_fd_limit",
     "rss_kb",
+    "start_floor_proxy",
     "start_gateway",
     "start_server",
     "start_tools",
@@ -193,6 +194,17 @@ def start_tools(log_dir: Path, *, latency_ms: float) -> ServerProcess:
     port = free_port()
     argv = python_module("bench.toolserver", "--port", str(port), "--latency-ms", f"{latency_ms:g}")
     return start_server("tools", argv, port=port, log_dir=log_dir, ready_path="/")
+
+
+def start_floor_proxy(upstream_base_url: str, log_dir: Path, *, mode: str) -> ServerProcess:
+    """A do-nothing ``/v1/responses`` proxy (:mod:`bench.floorproxy`) in ``mode``
+    (``starlette-httpx`` or ``asgi-aiohttp``) to the Chat Completions base ``upstream_base_url``;
+    its log is ``floor-<mode>.log``."""
+    port = free_port()
+    argv = python_module(
+        "bench.floorproxy", "--port", str(port), "--upstream-base-url", upstream_base_url, "--mode", mode
+    )
+    return start_server(f"floor-{mode}", argv, port=port, log_dir=log_dir, ready_path="/healthz")
 
 
 def start_gateway(

@@ -23,7 +23,9 @@ __all__ = [
     "Row",
     "Target",
     "evaluate_targets",
+    "floor_notes",
     "machine_info",
+    "render_floor_notes",
     "render_table",
     "render_targets",
     "write_json",
@@ -197,6 +199,32 @@ def evaluate_targets(rows: Sequence[Row], *, quick: bool) -> list[Target]:
             if target.met is not None:
                 target.measured += " (quick run: indicative)"
     return targets
+
+
+def floor_notes(rows: Sequence[Row], *, quick: bool) -> list[str]:
+    """Informational lines (not targets): what scenario 1's do-nothing proxies add at c=16,
+    next to what stepchain adds. Empty when no floor ran."""
+    starlette = _find(rows, "1/floor-starlette/c16")
+    asgi = _find(rows, "1/floor-asgi/c16")
+    if starlette is None and asgi is None:
+        return []
+    parts = []
+    if starlette is not None:
+        parts.append(f"a do-nothing Starlette+httpx proxy adds {_fmt(starlette.added_p50_ms)} ms p50")
+    if asgi is not None:
+        parts.append(f"raw ASGI+aiohttp adds {_fmt(asgi.added_p50_ms)} ms")
+    text = "scenario 1, c=16: " + ", ".join(parts)
+    ours = _find(rows, "1/gateway/c16")
+    if ours is not None:
+        text += f"; stepchain adds {_fmt(ours.added_p50_ms)} ms"
+    if quick:
+        text += " (quick run: indicative)"
+    return [text]
+
+
+def render_floor_notes(notes: Sequence[str]) -> str:
+    """The floor lines, aligned under :func:`render_targets`' verdict column."""
+    return "\n".join(f"  {'floor':<6}  {note}" for note in notes)
 
 
 def render_targets(targets: Sequence[Target]) -> str:

@@ -5,7 +5,8 @@ runs) in the same run, same concurrency, same request count, one after the other
 :class:`bench.report.Row` objects whose ``added_*`` columns are gateway − direct.
 
 0. load generator ceiling: ``GET /ping`` on the upstream (raw client, and httpx for comparison)
-1. ``POST /v1/responses``, non-streaming, one model call, no tools
+1. ``POST /v1/responses``, non-streaming, one model call, no tools; with two floors, do-nothing
+   proxies built from the same libraries (:mod:`bench.floorproxy`): what the stack alone adds
 2. the same streamed: time to the first ``response.output_text.delta``, and to the last byte
 3. tool loop: model → 4 parallel HTTP tools → model (the direct baseline is a client doing it)
 4. ``POST /v1/chat/completions`` passthrough
@@ -30,7 +31,7 @@ from .processes import ServerProcess, cpu_seconds
 from .report import Row
 from .upstream import TOOLS_PHRASE
 
-__all__ = ["FULL", "QUICK", "Bench", "Sizes", "TOOL_PARAMETERS", "register_tools"]
+__all__ = ["FLOORS", "FULL", "QUICK", "TOOL_PARAMETERS", "Bench", "Sizes", "register_tools"]
 
 MODEL = "scripted-model"
 TEXT = "Say hello to the benchmark, please, in one short sentence."
@@ -43,6 +44,12 @@ TOOL_PARAMETERS = {
 GATEWAY_DELTA = b"event: response.output_text.delta"
 UPSTREAM_DELTA = b'"delta":{"content":'
 LOCALHOST = "127.0.0.1"
+# Scenario 1's floors: (row key, bench.floorproxy mode, Bench field, table target).
+FLOORS = (
+    ("starlette", "starlette-httpx", "floor_starlette", "floor: Starlette+httpx proxy"),
+    ("asgi", "asgi-aiohttp", "floor_asgi", "floor: raw ASGI+aiohttp proxy"),
+)
+FLOOR_NOTE = "stores nothing, does nothing"
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,8 @@ QUICK = Sizes(
 
 @dataclass
 class Bench:
-    """The running servers of one benchmark run and its sizes."""
+    """The running servers of one benchmark run and its sizes. The floor proxies
+    (:mod:`bench.floorproxy`) run only when scenario 1 does."""
 
     upstream: ServerProcess
     tools: ServerProcess
@@ -107,6 +115,8 @@ class Bench:
     work_dir: Path
     sizes: Sizes
     tool_names: list[str]
+    floor_starlette: ServerProcess | None = None
+    floor_asgi: ServerProcess | None = None
 
 
 def tool_names(count: int) -> list[str]:
@@ -298,7 +308,8 @@ async def scenario_ceiling(b: Bench) -> list[Row]:
 
 
 async def scenario_responses(b: Bench) -> list[Row]:
-    """1: ``POST /v1/responses`` non-streaming vs a direct chat completion (and the peer)."""
+    """1: ``POST /v1/responses`` non-streaming vs a direct chat completion (and the peer), and
+    the floors: the same request through each do-nothing proxy that runs."""
     direct_body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": TEXT}]})
     body = orjson.dumps({"model": MODEL, "input": TEXT})
     direct = http_request(b.upstream, b"POST", "/v1/chat/completions", direct_body, check_chat)
@@ -310,6 +321,14 @@ async def scenario_responses(b: Bench) -> list[Row]:
             f"1/gateway/c{c}", "1 responses", "stepchain", await measure(gateway, b.gateway, c, n), base=base
         )
         rows += [base, ours]
+        for key, _, field, target in FLOORS:
+            floor: ServerProcess | None = getattr(b, field)
+            if floor is not None:
+                request = http_request(floor, b"POST", "/v1/responses", body, check_response)
+                rows.append(load_row(
+                    f"1/floor-{key}/c{c}", "1 responses", target, await measure(request, floor, c, n),
+                    base=base, note=FLOOR_NOTE,
+                ))  # fmt: skip
         if b.peer is not None:
             peer = http_request(b.peer, b"POST", "/v1/responses", body, check_response)
             theirs = load_row(

@@ -1,5 +1,6 @@
 """The benchmark harness's own pieces, without the gateway: percentile math, the load generator
-against a real uvicorn server on loopback, the bench upstream's script and the report.
+against a real uvicorn server on loopback, the bench upstream's script, scenario 1's floor
+proxies (started as processes, as a run starts them) and the report.
 
 No timing assertions: only counts, shapes, and orderings that hold by construction.
 """
@@ -7,6 +8,7 @@ No timing assertions: only counts, shapes, and orderings that hold by constructi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.__main__ import main as bench_main
+from bench.floorproxy import MODES, create_floor_app
 from bench.loadgen import HTTPConnection, Sample, Worker, percentile, run_load, summarize
-from bench.report import Row, evaluate_targets, render_table, write_json
-from bench.scenarios import check_chat_stream, check_response, reported_turns
+from bench.processes import start_floor_proxy, start_upstream
+from bench.report import Row, evaluate_targets, floor_notes, render_floor_notes, render_table, write_json
+from bench.scenarios import (
+    FLOORS,
+    QUICK,
+    Bench,
+    check_chat_stream,
+    check_response,
+    reported_turns,
+    scenario_responses,
+)
 from bench.toolserver import create_tool_app
 from bench.upstream import bench_reply, create_bench_upstream
 from gateway.serving import serve_app
@@ -218,6 +230,72 @@ def test_bench_upstream_and_tools_serve_through_the_load_generator() -> None:
     assert orjson.loads(tool.body) == {"tool": "/t0", "arguments": {"q": "x"}, "result": "ok"}
 
 
+# --- scenario 1's floor proxies ----------------------------------------------------------------------
+
+
+def _post_responses(port: int, text: str) -> Any:
+    async def go() -> Any:
+        worker = Worker(0)
+        try:
+            return await worker.request("127.0.0.1", port, b"POST", "/v1/responses",
+                                        orjson.dumps({"model": "m", "input": text}))  # fmt: skip
+        finally:
+            worker.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_floor_proxy_process_answers_a_minimal_completed_response(mode: str, tmp_path: Path) -> None:
+    with serve_app(create_bench_upstream()) as up, start_floor_proxy(up + "/v1", tmp_path, mode=mode) as floor:
+        reply = _post_responses(floor.port, "hi floor")
+    assert reply.status == 200 and check_response(reply) is None
+    assert orjson.loads(reply.body) == {
+        "id": "resp_floor", "object": "response", "status": "completed",
+        "output": [{"type": "message", "role": "assistant",
+                    "content": [{"type": "output_text", "text": "Echo: hi floor"}]}],
+    }  # fmt: skip
+    assert floor.log.name == f"floor-{mode}.log"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_floor_proxy_passes_an_upstream_error_on(mode: str) -> None:
+    # No "/v1" on the base URL: the scripted upstream answers /chat/completions with an error.
+    with serve_app(create_bench_upstream()) as up, serve_app(create_floor_app(up, mode)) as floor:
+        reply = _post_responses(_port(floor), "hi")
+    assert reply.status >= 400 and check_response(reply) is not None
+
+
+def test_create_floor_app_rejects_an_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="unknown mode"):
+        create_floor_app("http://127.0.0.1:1/v1", "flask")
+
+
+def test_scenario_responses_measures_each_floor_against_the_direct_row(tmp_path: Path) -> None:
+    # The gateway's place is taken by a floor proxy: this tests the harness, not the gateway.
+    sizes = dataclasses.replace(QUICK, responses={1: 6, 4: 12})
+    with start_upstream(tmp_path) as up:
+        base = up.url + "/v1"
+        with (
+            start_floor_proxy(base, tmp_path, mode="starlette-httpx") as starlette,
+            start_floor_proxy(base, tmp_path, mode="asgi-aiohttp") as asgi,
+        ):
+            bench = Bench(up, up, starlette, None, tmp_path, sizes, [], floor_starlette=starlette, floor_asgi=asgi)
+            rows = asyncio.run(scenario_responses(bench))
+    assert [r.id for r in rows] == [
+        f"1/{what}/c{c}" for c in (1, 4) for what in ("direct", "gateway", "floor-starlette", "floor-asgi")
+    ]
+    targets = {target for _, _, _, target in FLOORS}
+    for row in rows:
+        assert row.errors == 0 and row.requests == sizes.responses[row.concurrency], row.first_error
+        if row.id.startswith("1/floor-"):
+            direct = next(r for r in rows if r.id == f"1/direct/c{row.concurrency}")
+            assert row.target in targets and row.note == "stores nothing, does nothing"
+            assert row.added_p50_ms == pytest.approx(row.p50_ms - direct.p50_ms)
+            assert row.added_p99_ms == pytest.approx(row.p99_ms - direct.p99_ms)
+            assert row.server_cpu_us is not None and row.server_cpu_us >= 0
+
+
 # --- checks, report and CLI ------------------------------------------------------------------------
 
 
@@ -254,10 +332,27 @@ def test_report_table_targets_and_json(tmp_path: Path) -> None:
     assert verdicts["scenario 1, c=16: added p99"] is False
     assert verdicts["scenario 7: RSS per held stream"] is True
     assert verdicts["scenario 5: added p50 at turn 100"] is None
+    assert floor_notes(rows, quick=False) == []
     out = tmp_path / "r.json"
     write_json(out, {"rows": rows, "sizes": {16: 3}})
     data = orjson.loads(out.read_bytes())
     assert data["rows"][1]["p99_ms"] is None and data["sizes"] == {"16": 3}
+
+
+def test_floor_notes_are_informational_not_targets() -> None:
+    rows = [
+        Row(id="1/gateway/c16", scenario="1 responses", target="stepchain", added_p50_ms=2.0),
+        Row(id="1/floor-starlette/c16", scenario="1 responses", target="floor", added_p50_ms=0.75),
+        Row(id="1/floor-asgi/c16", scenario="1 responses", target="floor", added_p50_ms=0.25),
+    ]
+    notes = floor_notes(rows, quick=False)
+    assert notes == [
+        "scenario 1, c=16: a do-nothing Starlette+httpx proxy adds 0.75 ms p50, "
+        "raw ASGI+aiohttp adds 0.25 ms; stepchain adds 2.00 ms"
+    ]
+    assert render_floor_notes(notes) == "  floor   " + notes[0]
+    assert floor_notes(rows, quick=True)[0].endswith("(quick run: indicative)")
+    assert not any("floor" in t.name for t in evaluate_targets(rows, quick=False))
 
 
 def test_main_rejects_an_unknown_scenario_without_starting_anything(capsys: pytest.CaptureFixture[str]) -> None:
