@@ -163,7 +163,11 @@ async def get_response(request: Request) -> Response | EventStreamResponse:
     live = state.live.get(record.id)
     if live is not None:
         return _sse(live.follow(max(starting_after + 1, 0)))
-    return _sse(_after(replay_events(state.service, record), starting_after))
+    # A replay may wait (polling the store) for a response running elsewhere: stop when the
+    # client leaves rather than when that response ends.
+    return EventStreamResponse(
+        _after(replay_events(state.service, record), starting_after), tail=DONE, watch_disconnect=True
+    )
 
 
 async def _after(events: AsyncIterator[bytes], starting_after: int) -> AsyncIterator[bytes]:
