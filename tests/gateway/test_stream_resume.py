@@ -83,3 +83,43 @@ def test_cancel_a_background_response(tmp_path):
         with httpx.Client() as http:
             refused = http.post(f"{gw.url}/v1/responses/{plain.id}/cancel")
         assert refused.status_code == 400
+
+
+def test_a_done_event_never_describes_a_step_the_store_lacks(tmp_path):
+    """The last model call is stored with the response's result in one write, and its ``*.done``
+    events wait for that write. The test holds the database's write lock from its own connection
+    for a second from the first delta on: the stream must not show ``response.output_item.done``
+    until the lock is gone and the step is ``completed`` in the database."""
+    import sqlite3
+    import threading
+
+    with running_gateway(tmp_path) as gw:
+        gw.model.replies.append(Reply(content="one two three four", chunk_size=4, chunk_delay_s=0.02))
+        locker = sqlite3.connect(gw.db, check_same_thread=False, isolation_level=None)
+        released = threading.Event()
+
+        def release() -> None:
+            locker.execute("ROLLBACK")
+            released.set()
+
+        timer = threading.Timer(1.0, release)
+        seen = []
+        try:
+            with gw.client().responses.create(model=MODEL, input="x", stream=True) as stream:
+                for event in stream:
+                    if event.type == "response.created":
+                        response_id = event.response.id
+                    elif event.type == "response.output_text.delta" and timer.ident is None:
+                        locker.execute("BEGIN IMMEDIATE")  # no one else can write now
+                        timer.start()
+                    elif event.type == "response.output_item.done":
+                        with sqlite3.connect(gw.db) as conn:
+                            (state,) = conn.execute(
+                                "SELECT state FROM steps WHERE response_id = ?", (response_id,)
+                            ).fetchone()
+                        seen.append((released.is_set(), state))
+        finally:
+            if timer.ident is not None:  # started
+                timer.join()
+            locker.close()
+    assert seen == [(True, "completed")]
