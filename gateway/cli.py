@@ -64,9 +64,9 @@ def serve(settings: Settings) -> None:
         # Worker processes build their own app from the environment.
         for name, value in _as_environment(settings).items():
             os.environ[name] = value
-        uvicorn.run("gateway.app:app_from_environment", factory=True, workers=settings.workers, **common)
+        uvicorn.run("gateway.http.app:app_from_environment", factory=True, workers=settings.workers, **common)
         return
-    from .app import create_app, tune_gc_for_serving
+    from gateway.http.app import create_app, tune_gc_for_serving
 
     tune_gc_for_serving()
     uvicorn.run(create_app(settings), **common)
@@ -91,10 +91,11 @@ def _as_environment(settings: Settings) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # its own options, parsed by the bench runner
-        from bench.__main__ import main as bench_main
+    if argv[:1] == ["bench"]:
+        # bench/ lives in the checkout, not in the installed package: run it from there.
+        import subprocess
 
-        return bench_main(argv[1:])
+        return subprocess.call([sys.executable, "-m", "bench", *argv[1:]])
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
