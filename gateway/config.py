@@ -57,6 +57,8 @@ class Settings:
     api_keys_file: str | None = None
     pass_client_key: bool = False
     tool_allowed_hosts: str | None = None
+    # Comma-separated CIDRs tools may reach although private (e.g. 127.0.0.0/8,10.0.0.0/8).
+    tool_allowed_networks: str | None = None
     cancel_on_disconnect: bool = False
     shutdown_grace_s: float = 30.0
     # A process holds a lease on each response it runs; a response whose lease runs out (its
@@ -132,6 +134,16 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"upstream_fallbacks[{i}].base_url: expected an http(s) URL, got {url!r}")
     if s.upstream_max_retries < 0:
         raise ConfigError(f"upstream_max_retries: must be 0 or more, got {s.upstream_max_retries}")
+    if s.tool_allowed_networks:
+        import ipaddress
+
+        for net in s.tool_allowed_networks.split(","):
+            try:
+                ipaddress.ip_network(net.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"tool_allowed_networks: {net.strip()!r} is not a network such as 10.0.0.0/8"
+                ) from None
     if s.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
         raise ConfigError(f"sqlite_synchronous: one of OFF NORMAL FULL EXTRA, got {s.sqlite_synchronous!r}")
 
