@@ -62,6 +62,18 @@ def demo_command() -> int:
     return run_demo()
 
 
+@cli.command(
+    "bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def bench_command(ctx: click.Context) -> int:
+    """Run the benchmarks from a checkout: ``python -m bench`` (bench/ is not installed)."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "bench", *ctx.args])
+
+
 @dataclass(frozen=True)
 class WorkerApp:
     """App factory for worker processes. uvicorn pickles it to each worker through the spawn
@@ -71,7 +83,7 @@ class WorkerApp:
     settings: Settings
 
     def __call__(self) -> Any:
-        from .app import create_app, tune_gc_for_serving
+        from gateway.http.app import create_app, tune_gc_for_serving
 
         tune_gc_for_serving()
         return create_app(self.settings)
@@ -106,6 +118,12 @@ def serve(settings: Settings) -> None:
     if settings.workers > 1:
         from uvicorn.supervisors import Multiprocess
 
+        from gateway.http.auth import load_api_keys
+
+        # Checked here too: a bad api_keys_file would otherwise fail in each worker.
+        keys = settings.api_keys.get_secret_value() if settings.api_keys else None
+        load_api_keys(keys, settings.api_keys_file)
+
         _drop_secret_variables()
         config = uvicorn.Config(WorkerApp(settings), factory=True, workers=settings.workers, **common)
         sock = config.bind_socket()
@@ -114,7 +132,7 @@ def serve(settings: Settings) -> None:
         except KeyboardInterrupt:  # pragma: no cover - Ctrl-C in a terminal
             pass
         return
-    from .app import create_app, tune_gc_for_serving
+    from gateway.http.app import create_app, tune_gc_for_serving
 
     tune_gc_for_serving()
     uvicorn.run(create_app(settings), **common)

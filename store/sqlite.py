@@ -17,8 +17,8 @@ import asyncio
 import os
 import sqlite3
 import time
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlite_utils
@@ -26,9 +26,8 @@ import sqlite_utils
 from .base import Store
 from .migrations import apply_migrations
 from .sqlite_ops import (
-    MIN_SQLITE_VERSION,
-    run_group,
     _SYNCHRONOUS_MODES,
+    MIN_SQLITE_VERSION,
     _cancel_step,
     _check_kinds,
     _check_response_fields,
@@ -54,6 +53,7 @@ from .sqlite_ops import (
     _set_leases,
     _translate_errors,
     _update_response,
+    run_group,
 )
 from .types import ResponseRecord, Step, StepDescriptor, StoreError, new_id
 from .worker import BatchingWorker

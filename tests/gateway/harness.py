@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import openai
 
-from gateway.app import create_app
 from gateway.config import Settings
-from gateway.scripted_upstream import ScriptedModel, create_scripted_upstream
-from gateway.serving import serve_app
+from gateway.http.app import create_app
+from gateway.testing.scripted_upstream import ScriptedModel, create_scripted_upstream
+from gateway.testing.serving import serve_app
 
 
 @dataclasses.dataclass

@@ -23,8 +23,12 @@ from gateway.config import (
     readme_table,
     redacted,
 )
-from gateway.scripted_upstream import Reply, ScriptedModel, create_scripted_upstream
-from gateway.serving import serve_app
+from gateway.testing.scripted_upstream import (
+    Reply,
+    ScriptedModel,
+    create_scripted_upstream,
+)
+from gateway.testing.serving import serve_app
 from tests.gateway.harness import serve_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -254,7 +258,7 @@ def test_serving_processes_collect_garbage_less_often() -> None:
     code = (
         "import gc\n"
         "before = gc.get_threshold()\n"
-        "from gateway.app import SERVING_GC_THRESHOLDS, app_from_environment\n"
+        "from gateway.http.app import SERVING_GC_THRESHOLDS, app_from_environment\n"
         "assert gc.get_threshold() == before, 'changed on import'\n"
         "app_from_environment()\n"
         "assert gc.get_threshold() == SERVING_GC_THRESHOLDS, gc.get_threshold()\n"
