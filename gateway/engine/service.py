@@ -185,27 +185,40 @@ class ResponsesService:
     # -- creating ------------------------------------------------------------------------------
 
     async def prepare(
-        self, body: dict[str, Any], tenant: str | None, *, upstream_key: str | None = None
+        self,
+        body: dict[str, Any],
+        tenant: str | None,
+        *,
+        upstream_key: str | None = None,
+        history: list[dict[str, Any]] | None = None,
     ) -> Prepared:
         """Validate ``body`` and build everything the loop needs; writes nothing.
 
-        Raises InvalidRequestError (400, with ``param``) and PreviousResponseNotFoundError.
+        ``history`` is the conversation up to ``previous_response_id`` when the caller holds it
+        already (a WebSocket connection's cache of its ``store: false`` responses); None looks
+        the previous response up in the store. Raises InvalidRequestError (400, with ``param``)
+        and PreviousResponseNotFoundError.
         """
         validate_request(body)
-        prepared = await self._prepare(body, tenant, new_id("resp"), time.time(), check=True)
+        prepared = await self._prepare(
+            body, tenant, new_id("resp"), time.time(), check=True, history=history
+        )
         prepared.upstream_key = upstream_key
         return prepared
 
     async def _prepare(
         self, body: dict[str, Any], tenant: str | None, response_id: str, created_at: float,
-        *, check: bool,
+        *, check: bool, history: list[dict[str, Any]] | None = None,
     ) -> Prepared:
         registry = self.deps.registry
         await registry.refresh_if_stale()
-        history: list[dict[str, Any]] = []
         history_ids: frozenset[str] = frozenset()
         previous_id = body.get("previous_response_id")
-        if previous_id:
+        if history is not None:
+            history = list(history)
+        elif not previous_id:
+            history = []
+        else:
             previous = await self.get_visible(previous_id, tenant)
             if previous is None:
                 raise PreviousResponseNotFoundError(

@@ -39,6 +39,7 @@ from .chat import chat_routes
 from .models import model_routes
 from .responses import response_routes
 from .tools import tool_routes
+from .websocket import websocket_routes
 
 logger = logging.getLogger("stepchain")
 
@@ -172,7 +173,9 @@ def create_app(
             Middleware(AuthMiddleware, key_hashes=key_hashes, pass_client_key=settings.pass_client_key)
         )
     app = Starlette(
-        routes=[*model_routes(), *response_routes(), *chat_routes(), *tool_routes()],
+        routes=[
+            *model_routes(), *response_routes(), *websocket_routes(), *chat_routes(), *tool_routes()
+        ],
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
