@@ -10,11 +10,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 from collections.abc import AsyncIterator
 
 import httpx
 from httpx_aiohttp import AiohttpTransport
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -46,15 +46,17 @@ logger = logging.getLogger("stepchain")
 __all__ = ["app_from_environment", "create_app", "tune_gc_for_serving"]
 
 
+def _secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
+
+
 def _upstream_targets(settings: Settings) -> list[UpstreamTarget]:
     """The primary upstream, then the configured fallbacks, in order."""
     primary = UpstreamTarget(
-        settings.upstream_base_url or "http://127.0.0.1:9/v1", settings.upstream_api_key
+        settings.upstream_base_url or "http://127.0.0.1:9/v1", _secret(settings.upstream_api_key)
     )
     fallbacks = [
-        UpstreamTarget(
-            f["base_url"], f.get("api_key"), f.get("model"), f.get("label") or f["base_url"]
-        )
+        UpstreamTarget(f.base_url, _secret(f.api_key), f.model, f.label or f.base_url)
         for f in settings.upstream_fallbacks
     ]
     return [primary, *fallbacks]
@@ -121,7 +123,7 @@ def create_app(
         )
         registry = ToolRegistry(the_store)
         if settings.tools:
-            await registry.upsert_many(list(settings.tools))
+            await registry.upsert_many([tool.definition() for tool in settings.tools])
         await registry.load()
         allowed = settings.tool_allowed_hosts
         http_tools = HTTPToolExecutor(
@@ -164,7 +166,7 @@ def create_app(
             await tool_client.aclose()
             await the_store.close()
 
-    key_hashes = load_api_keys(settings.api_keys, settings.api_keys_file)
+    key_hashes = load_api_keys(_secret(settings.api_keys), settings.api_keys_file)
     middleware = []
     if key_hashes or settings.pass_client_key:  # an open gateway skips the layer altogether
         admin = settings.admin_key
@@ -193,9 +195,9 @@ def create_app(
 
 
 def app_from_environment() -> Starlette:
-    """App factory for ``uvicorn --factory`` (several workers): settings from STEPCHAIN_*."""
+    """App factory for ``uvicorn --factory``: settings from ``STEPCHAIN_*`` and the config file."""
     tune_gc_for_serving()
-    return create_app(load_settings(environ=os.environ))
+    return create_app(load_settings())
 
 
 #: Python's cyclic GC thresholds in a serving process (defaults: 700, 10, 10).

@@ -54,7 +54,7 @@ def _registry(request: Request) -> ToolRegistry:
     if admin_key:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), admin_key.encode()
+            token.strip().encode(), admin_key.get_secret_value().encode()
         ):
             raise AuthenticationError(
                 "The tool admin API needs the admin key: Authorization: Bearer <admin key>."
