@@ -7,7 +7,8 @@ replicas and reveals nothing about the key.
 When keys are configured, every request under ``/v1/`` needs ``Authorization: Bearer <key>``
 (401 ``invalid_api_key`` otherwise), except the tool admin API under ``/v1/tools``, which checks
 the admin key itself (:mod:`gateway.http.tools`). ``/healthz`` and other paths are always open.
-The admin key is accepted too on reads (``GET``/``HEAD`` under ``/v1/``, for the trace viewer): it
+The admin key is accepted too on reads of stored responses (``GET``/``HEAD`` of
+``/v1/responses/…`` and ``/v1/stepchain/…``, for the trace viewer): it
 is no tenant (``None``), and :func:`caller_is_admin` tells the routes it may read every tenant's
 responses. The middleware puts the tenant in ``scope["stepchain.tenant"]`` (None for an open gateway), read by
 :func:`gateway.http.responses.tenant_of`, and with ``pass_client_key`` the presented key in
@@ -41,6 +42,8 @@ __all__ = [
 TENANT_SCOPE_KEY = "stepchain.tenant"
 CLIENT_KEY_SCOPE_KEY = "stepchain.client_key"
 ADMIN_SCOPE_KEY = "stepchain.admin"
+# What the admin key may read under /v1/ (the trace viewer's data); it calls no upstream there.
+_ADMIN_READABLE = ("/v1/responses/", "/v1/stepchain/")
 
 
 def _secret(value: Any) -> str | None:
@@ -168,6 +171,7 @@ class AuthMiddleware:
                 and digest is not None
                 and self.admin_key_hash is not None
                 and scope.get("method") in ("GET", "HEAD")
+                and path.startswith(_ADMIN_READABLE)
                 and hmac.compare_digest(digest, self.admin_key_hash)
             ):
                 scope[ADMIN_SCOPE_KEY] = True  # reads every tenant's responses; never a tenant
