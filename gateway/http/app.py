@@ -40,6 +40,7 @@ from .models import model_routes
 from .responses import response_routes
 from .tools import tool_routes
 from .ui import ui_routes
+from .websocket import websocket_routes
 
 logger = logging.getLogger("stepchain")
 
@@ -169,8 +170,7 @@ def create_app(
     key_hashes = load_api_keys(_secret(settings.api_keys), settings.api_keys_file)
     middleware = []
     if key_hashes or settings.pass_client_key:  # an open gateway skips the layer altogether
-        admin = settings.admin_key
-        admin = admin.get_secret_value() if hasattr(admin, "get_secret_value") else admin
+        admin = _secret(settings.admin_key)
         middleware.append(
             Middleware(
                 AuthMiddleware,
@@ -180,7 +180,14 @@ def create_app(
             )
         )
     app = Starlette(
-        routes=[*model_routes(), *response_routes(), *chat_routes(), *tool_routes(), *ui_routes()],
+        routes=[
+            *model_routes(),
+            *response_routes(),
+            *websocket_routes(),
+            *chat_routes(),
+            *tool_routes(),
+            *ui_routes(),
+        ],
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={

@@ -31,7 +31,7 @@ from gateway.errors import InvalidRequestError
 from gateway.observe.chain import response_summary
 from gateway.ui import STATIC_DIR
 from store.types import RESPONSE_STATUSES
-from store.types import NotFoundError as StoreNotFound
+from store.types import StoreNotFoundError
 
 from .auth import caller_is_admin
 from .bodies import json_response, tenant_of
@@ -95,7 +95,7 @@ async def list_responses(request: Request) -> Response:
             after=query.get("after") or None,
             limit=int(raw_limit),
         )
-    except StoreNotFound:
+    except StoreNotFoundError:
         raise InvalidRequestError(f"No response with id '{query.get('after')}'.", param="after") from None
     records = [r for r in records if r.store]
     chains = await asyncio.gather(*(store.list_steps(r.id) for r in records))
