@@ -99,7 +99,7 @@ class Store(abc.ABC):
         """One page of responses, newest first, and whether more follow: those of ``tenant``
         (None = the open gateway's) or of everyone with ``all_tenants``; optionally only one
         ``status`` or ``model``, ids containing ``search``, and those after the response id
-        ``after`` (the previous page's last). ``limit`` 1–1000. NotFoundError for an unknown
+        ``after`` (the previous page's last). ``limit`` 1–1000. StoreNotFoundError for an unknown
         ``after``."""
 
     # -- steps -------------------------------------------------------------------------------
