@@ -43,6 +43,7 @@ from .sqlite_ops import (
     _get_tool,
     _list_chain,
     _list_responses,
+    _list_responses_page,
     _list_steps,
     _list_tools,
     _list_unfinished_steps,
@@ -212,6 +213,23 @@ class SQLiteStore(Store):
             return []
         return await self._run(_list_responses, tuple(statuses))
 
+    async def list_responses_page(
+        self,
+        *,
+        tenant: str | None = None,
+        all_tenants: bool = False,
+        status: str | None = None,
+        model: str | None = None,
+        search: str | None = None,
+        after: str | None = None,
+        limit: int = 20,
+    ) -> tuple[list[ResponseRecord], bool]:
+        if not 1 <= limit <= 1000:
+            raise ValueError("limit must be from 1 to 1000")
+        return await self._run(
+            _list_responses_page, tenant, all_tenants, status, model, search, after, limit
+        )
+
     # -- steps -------------------------------------------------------------------------------
 
     async def record_steps(
@@ -266,7 +284,7 @@ class SQLiteStore(Store):
     ) -> None:
         """See :meth:`Store.record_attempt`; ``upstream=None`` keeps the recorded upstream.
 
-        Raises NotFoundError for an unknown step.
+        Raises StoreNotFoundError for an unknown step.
         """
         await self._run(_record_attempt, step_id, error, upstream)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +55,8 @@ def running_gateway(
 @contextlib.contextmanager
 def gateway_on(db: Path, upstream_base_url: str, **settings: Any) -> Iterator[tuple[str, Settings]]:
     """Just the gateway, on ``db``, against ``upstream_base_url`` (for restarts)."""
+    # Tool servers in tests listen on 127.0.0.1: allow loopback unless a test says otherwise.
+    settings.setdefault("tool_allowed_networks", "127.0.0.0/8")
     config = Settings(upstream_base_url=upstream_base_url, db=str(db), **settings)
     with serve_app(create_app(config)) as url:
         yield url, config
@@ -73,13 +76,16 @@ def serve_process(
     args: Sequence[str], log: Path, *, env: dict[str, str] | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A real ``stepchain serve`` process (``args`` after ``serve``, a free ``--port`` added),
-    its output in ``log``; yields its URL once ``/healthz`` answers, kills it on exit."""
+    its output in ``log``; yields its URL once ``/healthz`` answers; on exit kills its whole
+    process group (uvicorn's workers too), also when the test failed."""
     port = free_port()
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--log-level",
              "warning", *args],
-            env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "STEPCHAIN_TOOL_ALLOWED_NETWORKS": "127.0.0.0/8", **(env or {})},
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            start_new_session=True,  # its own process group: workers included in the kill below
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -95,6 +101,12 @@ def serve_process(
             time.sleep(0.05)
         yield url, proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
+        kill_process_group(proc)
+
+
+def kill_process_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL every process in ``proc``'s group (started with ``start_new_session=True``),
+    then reap ``proc``. Safe to call when some or all of them have exited already."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
