@@ -65,10 +65,16 @@ class Settings:
     sqlite_synchronous: str = "NORMAL"
     log_level: str = "info"
     tools: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    # Hosted tool type (web_search, file_search, …) -> the registered tool that implements it.
+    hosted_tool_map: dict[str, str] = field(default_factory=dict)
+    # Fernet key of the encrypted_content the gateway hands out (shared by every replica).
+    encrypted_content_key: str | None = None
+    # Send reasoning from input items back upstream as `reasoning_content` on assistant messages.
+    reasoning_to_upstream: bool = False
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-_SECRET = {"upstream_api_key", "admin_key", "api_keys"}
+_SECRET = {"upstream_api_key", "admin_key", "api_keys", "encrypted_content_key"}
 _TABLES = {"tools", "upstream_fallbacks"}
 
 
@@ -95,6 +101,31 @@ def _convert(name: str, value: Any, source: str) -> Any:
             f"{name} from {source}: expected {kind.__name__}, got {value!r}"
         ) from None
     return value
+
+
+def _tool_map(value: Any, source: str) -> dict[str, str]:
+    """``hosted_tool_map``: a TOML table, or text ``type=tool,type=tool`` / a JSON object."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                value = None
+        else:
+            pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+            if all(len(pair) == 2 for pair in pairs):
+                value = {k.strip(): v.strip() for k, v in pairs}
+            else:
+                value = None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()
+    ):
+        raise ConfigError(
+            f"hosted_tool_map from {source}: expected a table of tool type = registered tool "
+            "name (e.g. web_search=my_search_tool)"
+        )
+    return dict(value)
 
 
 def _validate(s: Settings) -> None:
@@ -192,7 +223,9 @@ def load_settings(
         values[name] = value
         sources[name] = f"--{name.replace('_', '-')}"
     for name, value in list(values.items()):
-        if name not in _TABLES:
+        if name == "hosted_tool_map":
+            values[name] = _tool_map(value, sources.get(name, "default"))
+        elif name not in _TABLES:
             values[name] = _convert(name, value, sources.get(name, "default"))
     settings = Settings(**values)
     _validate(settings)

@@ -31,6 +31,7 @@ from gateway.engine.recovery import Recovery, new_owner_id
 from gateway.engine.service import ResponsesService
 from gateway.engine.tasks import TaskSet
 from gateway.errors import GatewayError, InvalidRequestError
+from gateway.protocol.sealed import load_or_create_key, new_key
 from store.base import Store
 from store.sqlite import SQLiteStore
 
@@ -77,6 +78,23 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _error_response(GatewayError("The server had an error while processing your request."))
+
+
+def _sealing_key(settings: Settings) -> str:
+    """The Fernet key of ``encrypted_content``: the setting, else one kept beside the SQLite
+    database (``<db>.fernet-key``), else (no file database) one for this process only."""
+    if settings.encrypted_content_key:
+        return settings.encrypted_content_key
+    if "://" not in settings.db and settings.db != ":memory:":
+        try:
+            return load_or_create_key(f"{settings.db}.fernet-key")
+        except OSError as exc:
+            logger.warning("cannot keep the encrypted_content key beside the database: %s", exc)
+    logger.warning(
+        "encrypted_content_key is not set: encrypted content from this process will not be "
+        "accepted after a restart or by other replicas"
+    )
+    return new_key()
 
 
 def create_app(
@@ -140,7 +158,12 @@ def create_app(
             tool_output_max_lines=settings.tool_output_max_lines,
         )
         tasks = TaskSet()
-        service = ResponsesService(deps, owner=new_owner_id(), lease_s=settings.lease_s)
+        service = ResponsesService(
+            deps, owner=new_owner_id(), lease_s=settings.lease_s,
+            hosted_tool_map=settings.hosted_tool_map,
+            sealing_key=_sealing_key(settings),
+            reasoning_to_upstream=settings.reasoning_to_upstream,
+        )
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings
         app.state.store = the_store
