@@ -63,6 +63,8 @@ class Prepared:
     history: list[dict[str, Any]]
     client_tools: frozenset[str]
     plan: ToolPlan
+    # The responses whose items ``history`` holds (evicted from the cache when one is deleted).
+    history_ids: frozenset[str] = frozenset()
     # The client's own key, sent upstream instead of the gateway's (pass_client_key); never stored.
     upstream_key: str | None = None
 
@@ -131,8 +133,9 @@ class ResponsesService:
         self.lease_s = lease_s
         # Responses whose task is being cancelled on purpose (not by a shutdown).
         self._cancel_requested: set[str] = set()
-        # response id -> the conversation's items up to and including that response's output.
-        self._history: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        # response id -> (the ids of the responses in its conversation, the conversation's items
+        # up to and including that response's output).
+        self._history: OrderedDict[str, tuple[frozenset[str], list[dict[str, Any]]]] = OrderedDict()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -145,28 +148,48 @@ class ResponsesService:
 
     async def conversation_items(self, record: ResponseRecord) -> list[dict[str, Any]]:
         """Every item of the conversation ending with ``record``: earlier inputs and outputs,
-        oldest first, then this response's input and output (instructions are not items)."""
+        oldest first, then this response's input and output (instructions are not items).
+        Deleted responses are left out."""
+        return (await self._conversation(record))[1]
+
+    async def _conversation(
+        self, record: ResponseRecord
+    ) -> tuple[frozenset[str], list[dict[str, Any]]]:
         cached = self._history.get(record.id)
         if cached is not None:
             self._history.move_to_end(record.id)
             return cached
+        ids: frozenset[str] = frozenset()
         items: list[dict[str, Any]] = []
         if record.previous_response_id:
             previous = await self.store.get_response(record.previous_response_id)
             if previous is not None:
-                items = list(await self.conversation_items(previous))
+                ids, earlier = await self._conversation(previous)
+                items = list(earlier)
         inputs = normalize_input(record.request.get("input", []), record.id)
         if any(item["type"] == "item_reference" for item in inputs):
             inputs = await ItemResolver(self.store, record.tenant).resolve(inputs, strict=False)
         items.extend(inputs)
         items.extend(record.output)
-        self._remember(record.id, items)
-        return items
+        ids = ids | {record.id}
+        self._remember(record.id, ids, items)
+        return ids, items
 
-    def _remember(self, response_id: str, items: list[dict[str, Any]]) -> None:
-        self._history[response_id] = items
+    def _remember(self, response_id: str, ids: frozenset[str], items: list[dict[str, Any]]) -> None:
+        self._history[response_id] = (ids, items)
         if len(self._history) > _HISTORY_CACHE_SIZE:
             self._history.popitem(last=False)
+
+    def _forget(self, response_id: str) -> None:
+        """Drop every cached conversation that holds ``response_id``'s items."""
+        for key in [k for k, (ids, _items) in self._history.items() if response_id in ids]:
+            del self._history[key]
+
+    async def delete(self, record: ResponseRecord) -> None:
+        """Delete a stored response; later responses that continue a conversation through it
+        no longer see its items (its children keep theirs). Raises StoreError."""
+        await self.store.delete_response(record.id)
+        self._forget(record.id)
 
     def cancel(self, response_id: str, task: asyncio.Task[Any]) -> None:
         """Cancel a running response on purpose: it ends ``cancelled``, its open steps
@@ -185,26 +208,40 @@ class ResponsesService:
     # -- creating ------------------------------------------------------------------------------
 
     async def prepare(
-        self, body: dict[str, Any], tenant: str | None, *, upstream_key: str | None = None
+        self,
+        body: dict[str, Any],
+        tenant: str | None,
+        *,
+        upstream_key: str | None = None,
+        history: list[dict[str, Any]] | None = None,
     ) -> Prepared:
         """Validate ``body`` and build everything the loop needs; writes nothing.
 
-        Raises InvalidRequestError (400, with ``param``) and PreviousResponseNotFoundError.
+        ``history`` is the conversation up to ``previous_response_id`` when the caller holds it
+        already (a WebSocket connection's cache of its ``store: false`` responses); None looks
+        the previous response up in the store. Raises InvalidRequestError (400, with ``param``)
+        and PreviousResponseNotFoundError.
         """
         validate_request(body)
-        prepared = await self._prepare(body, tenant, new_id("resp"), time.time(), check=True)
+        prepared = await self._prepare(
+            body, tenant, new_id("resp"), time.time(), check=True, history=history
+        )
         prepared.upstream_key = upstream_key
         return prepared
 
     async def _prepare(
         self, body: dict[str, Any], tenant: str | None, response_id: str, created_at: float,
-        *, check: bool,
+        *, check: bool, history: list[dict[str, Any]] | None = None,
     ) -> Prepared:
         registry = self.deps.registry
         await registry.refresh_if_stale()
-        history: list[dict[str, Any]] = []
+        history_ids: frozenset[str] = frozenset()
         previous_id = body.get("previous_response_id")
-        if previous_id:
+        if history is not None:
+            history = list(history)
+        elif not previous_id:
+            history = []
+        else:
             previous = await self.get_visible(previous_id, tenant)
             if previous is None:
                 raise PreviousResponseNotFoundError(
@@ -216,7 +253,7 @@ class ResponsesService:
                     f"Previous response '{previous_id}' is still {previous.status}.",
                     param="previous_response_id",
                 )
-            history = await self.conversation_items(previous)
+            history_ids, history = await self._conversation(previous)
         input_items = normalize_input(body.get("input", []), response_id)
         if any(item["type"] == "item_reference" for item in input_items):
             input_items = await ItemResolver(self.store, tenant).resolve(input_items, strict=check)
@@ -263,7 +300,9 @@ class ResponsesService:
             metadata=body.get("metadata"),
             store=body.get("store", True) is not False,
         )
-        return Prepared(record, loop_request, input_items, history, client_names, plan)
+        return Prepared(
+            record, loop_request, input_items, history, client_names, plan, history_ids
+        )
 
     def _offer(self, body: dict[str, Any]) -> tuple[ToolPlan, list[dict[str, Any]], frozenset[str]]:
         """The request's tools planned for the upstream (custom, namespaced and hosted types
@@ -439,7 +478,11 @@ class ResponsesService:
         completed_at = time.time()
         output = builder.output
         if record.store:
-            self._remember(record.id, prepared.history + prepared.input_items + output)
+            self._remember(
+                record.id,
+                prepared.history_ids | {record.id},
+                prepared.history + prepared.input_items + output,
+            )
         result = {
             "status": status,
             "output": output,

@@ -185,7 +185,7 @@ async def cancel_response(request: Request) -> Response:
 
 async def delete_response(request: Request) -> Response:
     record = await _visible(request)
-    await request.app.state.service.store.delete_response(record.id)
+    await request.app.state.service.delete(record)
     return json_response({"id": record.id, "object": "response", "deleted": True})
 
 
