@@ -181,6 +181,11 @@ class Settings(BaseSettings):
         None, description="comma-separated hosts HTTP tools may call (`*.example.com` allowed)"
     )
     max_body_bytes: int = Field(20_000_000, ge=1, description="largest request body")
+    encrypted_content_key: SecretStr | None = Field(
+        None,
+        description="Fernet key sealing `encrypted_content` (compaction and reasoning items); "
+        "the same on every replica. Default: a random key kept in `<db>.key`",
+    )
     cancel_on_disconnect: bool = Field(
         False, description="cancel a streamed response when its client goes away"
     )
@@ -213,11 +218,6 @@ class Settings(BaseSettings):
         description="hosted tool types a registered tool runs, e.g. `{web_search = "
         "\"my_search_tool\"}` (flag and variable: a JSON object); other hosted types are left "
         "out of what the model is offered",
-    )
-    encrypted_content_key: SecretStr | None = Field(
-        None,
-        description="Fernet key of the `encrypted_content` the gateway hands out; every replica "
-        "needs the same one (unset: a key kept in `<db>.fernet-key`)",
     )
     reasoning_to_upstream: bool = Field(
         False,

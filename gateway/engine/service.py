@@ -41,6 +41,7 @@ from store.types import (
     new_id,
 )
 
+from .compaction import expand_compactions
 from .loop import LoopDeps, run_response_loop
 from .references import ItemResolver
 from .transition import AppendSteps, LoopRequest, next_action
@@ -118,14 +119,14 @@ class ResponsesService:
         owner: str | None = None,
         lease_s: float = 30.0,
         hosted_tool_map: dict[str, str] | None = None,
-        sealing_key: str | None = None,
+        encrypted_content_key: str | None = None,
         reasoning_to_upstream: bool = False,
     ) -> None:
         self.deps = deps
         # Hosted tool type (web_search, …) -> the registered tool that implements it.
         self.hosted_tool_map = dict(hosted_tool_map or {})
-        # The Fernet key of encrypted_content (see gateway.protocol.sealed).
-        self.sealing_key = sealing_key
+        # Seals and opens encrypted_content (compaction and reasoning items); None: refused.
+        self.encrypted_content_key = encrypted_content_key
         # Send input reasoning back upstream as reasoning_content (upstreams that take it).
         self.reasoning_to_upstream = reasoning_to_upstream
         self.store = deps.store
@@ -177,6 +178,19 @@ class ResponsesService:
         ids = ids | {record.id}
         self._remember(record.id, ids, items)
         return ids, items
+
+    async def history_for(self, previous_id: str | None, tenant: str | None) -> list[dict[str, Any]]:
+        """The conversation items up to ``previous_id`` (none for None); 400
+        ``previous_response_not_found`` if this tenant cannot read that response."""
+        if not previous_id:
+            return []
+        previous = await self.get_visible(previous_id, tenant)
+        if previous is None:
+            raise PreviousResponseNotFoundError(
+                f"Previous response with id '{previous_id}' not found.",
+                param="previous_response_id",
+            )
+        return list(await self.conversation_items(previous))
 
     def _remember(self, response_id: str, ids: frozenset[str], items: list[dict[str, Any]]) -> None:
         self._history[response_id] = (ids, items)
@@ -272,7 +286,7 @@ class ResponsesService:
         # Background responses stream upstream too: followers may attach with ?stream=true.
         stream = body.get("stream") is True or body.get("background") is True
         messages = items_to_messages(
-            history + input_items,
+            expand_compactions(history + input_items, self.encrypted_content_key),
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
             tool_output_max_lines=self.deps.tool_output_max_lines,
             tool_name=plan.upstream_name,
@@ -328,19 +342,19 @@ class ResponsesService:
         for i, item in enumerate(items):
             token = item.get("encrypted_content") if item["type"] == "reasoning" else None
             if token is not None:
-                if self.sealing_key is None:
+                if self.encrypted_content_key is None:
                     raise InvalidRequestError(
                         "Encrypted content is not enabled on this gateway.",
                         param=f"input[{i}].encrypted_content", code="invalid_encrypted_content",
                     )
-                unseal(token, self.sealing_key, param=f"input[{i}].encrypted_content")
+                unseal(token, self.encrypted_content_key, param=f"input[{i}].encrypted_content")
 
     def _reasoning_text(self, item: dict[str, Any]) -> str | None:
         """The reasoning text of a reasoning item: its sealed text, else its content parts."""
         token = item.get("encrypted_content")
-        if isinstance(token, str) and self.sealing_key is not None:
+        if isinstance(token, str) and self.encrypted_content_key is not None:
             try:
-                text = unseal(token, self.sealing_key).get("text")
+                text = unseal(token, self.encrypted_content_key).get("text")
             except InvalidRequestError:
                 text = None  # checked when it arrived; a rotated key only loses the reasoning
             if isinstance(text, str):
@@ -375,7 +389,7 @@ class ResponsesService:
         }
         seal_reasoning = None
         include = record.request.get("include")
-        key = self.sealing_key
+        key = self.encrypted_content_key
         if key is not None and isinstance(include, list) and "reasoning.encrypted_content" in include:
 
             def seal_reasoning(text: str) -> str:

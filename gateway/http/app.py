@@ -25,18 +25,20 @@ from executors.http_tool import HTTPToolExecutor
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream, UpstreamTarget
 from gateway.config import Settings, load_settings
+from gateway.engine.keys import load_or_create_key
 from gateway.engine.live import LiveStreams
 from gateway.engine.loop import LoopDeps
 from gateway.engine.recovery import Recovery, new_owner_id
 from gateway.engine.service import ResponsesService
 from gateway.engine.tasks import TaskSet
+from gateway.engine.tokens import TokenCounter
 from gateway.errors import GatewayError, InvalidRequestError
-from gateway.protocol.sealed import load_or_create_key, new_key
 from store.base import Store
 from store.sqlite import SQLiteStore
 
 from .auth import AuthMiddleware, hash_key, load_api_keys
 from .chat import chat_routes
+from .context import context_routes
 from .models import model_routes
 from .responses import response_routes
 from .tools import tool_routes
@@ -82,23 +84,6 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _error_response(GatewayError("The server had an error while processing your request."))
-
-
-def _sealing_key(settings: Settings) -> str:
-    """The Fernet key of ``encrypted_content``: the setting, else one kept beside the SQLite
-    database (``<db>.fernet-key``), else (no file database) one for this process only."""
-    if settings.encrypted_content_key is not None:
-        return settings.encrypted_content_key.get_secret_value()
-    if "://" not in settings.db and settings.db != ":memory:":
-        try:
-            return load_or_create_key(f"{settings.db}.fernet-key")
-        except OSError as exc:
-            logger.warning("cannot keep the encrypted_content key beside the database: %s", exc)
-    logger.warning(
-        "encrypted_content_key is not set: encrypted content from this process will not be "
-        "accepted after a restart or by other replicas"
-    )
-    return new_key()
 
 
 def create_app(
@@ -165,7 +150,7 @@ def create_app(
         service = ResponsesService(
             deps, owner=new_owner_id(), lease_s=settings.lease_s,
             hosted_tool_map=settings.hosted_tool_map,
-            sealing_key=_sealing_key(settings),
+            encrypted_content_key=load_or_create_key(settings),
             reasoning_to_upstream=settings.reasoning_to_upstream,
         )
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
@@ -177,6 +162,7 @@ def create_app(
         app.state.service = service
         app.state.recovery = recovery
         app.state.live = LiveStreams()
+        app.state.token_counter = TokenCounter(upstream)
         app.state.running = {}
         await recovery.start()
         try:
@@ -205,6 +191,7 @@ def create_app(
     app = Starlette(
         routes=[
             *model_routes(),
+            *context_routes(),
             *response_routes(),
             *websocket_routes(),
             *chat_routes(),

@@ -33,7 +33,7 @@ _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens"
 _ID_PREFIX = {
     "message": "msg", "function_call": "fc", "function_call_output": "fco",
     "reasoning": "rs", "mcp_call": "mcp", "custom_tool_call": "ctc",
-    "custom_tool_call_output": "ctco",
+    "custom_tool_call_output": "ctco", "compaction": "cmp",
 }  # fmt: skip
 _CALLS = ("function_call", "custom_tool_call", "mcp_call")
 _OUTPUTS = ("function_call_output", "custom_tool_call_output")
@@ -209,6 +209,11 @@ def _validate_mcp_call(item: dict[str, Any], param: str) -> None:
         raise bad_value(f"{param}.output", "a string or null")
 
 
+def _validate_compaction(item: dict[str, Any], param: str) -> None:
+    # Opened (and expanded to its summary) by the service, which holds the key.
+    _require_str(item, "encrypted_content", param)
+
+
 def _validate_reference(item: dict[str, Any], param: str) -> None:
     pass  # the id is checked by normalize_input, resolved by the service
 
@@ -222,6 +227,7 @@ _ITEM_VALIDATORS = {
     "reasoning": _validate_reasoning,
     "mcp_call": _validate_mcp_call,
     "item_reference": _validate_reference,
+    "compaction": _validate_compaction,
 }
 
 

@@ -6,16 +6,14 @@ change but must send back for the next request. :func:`seal` turns a JSON object
 token and :func:`unseal` turns it back, with a Fernet key (AES-128-CBC + HMAC-SHA256, from
 ``cryptography``): tokens are authenticated, so a changed or foreign token is refused.
 
-The key is the ``encrypted_content_key`` setting (a urlsafe-base64 32-byte Fernet key, made by
-``python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"``).
-Every replica that may receive a token must have the same key. Without the setting the gateway
-keeps a random key in a file next to its SQLite database (:func:`load_or_create_key`), which
-is enough for the processes of one host.
+The key is the ``encrypted_content_key`` setting (a urlsafe-base64 32-byte Fernet key). Every
+replica that may receive a token must have the same key. Without the setting the gateway
+derives its key from a random secret kept next to the database (see
+:func:`gateway.engine.keys.load_or_create_key`), which is enough for one host.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import orjson
@@ -23,7 +21,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from gateway.errors import InvalidRequestError
 
-__all__ = ["load_or_create_key", "new_key", "seal", "unseal"]
+__all__ = ["new_key", "seal", "unseal"]
 
 
 def new_key() -> str:
@@ -58,26 +56,3 @@ def unseal(token: str, key: str | bytes | Fernet, *, param: str | None = None) -
             code="invalid_encrypted_content",
         )
     return payload
-
-
-def load_or_create_key(path: str) -> str:
-    """The key kept in the file ``path``, created (mode 0600, atomically: concurrent workers
-    agree on one key) if it does not exist yet. Raises OSError if it cannot be read or made."""
-    try:
-        with open(path) as fh:
-            return fh.read().strip()
-    except FileNotFoundError:
-        pass
-    key = new_key()
-    temporary = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
-    try:
-        os.link(temporary, path)  # fails if another process made the file first
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(temporary)
-    with open(path) as fh:
-        return fh.read().strip()
