@@ -53,6 +53,7 @@ from .report import (
     render_targets,
     write_json,
 )
+from .postgres import PostgresUnavailable, check_in_use, scenario_10, start_postgres
 from .resources import scenario_memory, scenario_store
 from .scenarios import (
     FLOORS,
@@ -85,7 +86,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[Bench], Awaitable[list[Row]]]]] = {
     "7": ("memory per held stream", scenario_memory),
     "8": ("instructions per response (valgrind)", scenario_instructions),
     "9": ("memory under sustained load", scenario_sustained),
+    "10": ("replicas on one PostgreSQL", scenario_10),
 }
+# Scenarios with PostgreSQL rows (a throwaway server starts when one of them runs).
+POSTGRES_SCENARIOS = {"1", "2", "6", "10"}
 # Run only when named with --only (minutes each, not for a smoke run).
 ON_REQUEST = {"8", "9"}
 DEFAULT_JSON = Path(__file__).resolve().parent / "results-latest.json"
@@ -97,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="small counts (CI smoke run, < 1 min)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peers (LiteLLM, agentic-api)")
+    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL rows (scenarios 1, 2, 6, 10)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     parser.add_argument(
         "--only", default=None, help="comma-separated scenario numbers, e.g. 1,4 (8 runs only when named)"
@@ -245,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="stepchain-bench-"))
     started = time.monotonic()
     peer_status = "skipped (--no-peers)" if args.no_peers else "not started"
+    postgres_status = "skipped (--no-postgres)" if args.no_postgres else "not needed"
     failures: list[str] = []
     rows: list[Row] = []
     try:
@@ -265,6 +271,25 @@ def main(argv: list[str] | None = None) -> int:
             except (ServerError, RuntimeError, OSError) as exc:
                 failures.append(f"start-up failed: {exc}")
                 raise _Abort from None
+            pg = gateway_pg = None
+            if not args.no_postgres and POSTGRES_SCENARIOS & set(selected):
+                try:
+                    pg = stack.enter_context(start_postgres())
+                    if {"1", "2"} & set(selected):
+                        url = pg.new_database()
+                        gateway_pg = stack.enter_context(
+                            start_gateway(upstream.url + "/v1", work_dir, name="gateway-pg", db=url)
+                        )
+                        register_tools(gateway_pg.url, tools.url, names)
+                        check_in_use(url)
+                    postgres_status = "running (a throwaway server on loopback, synchronous_commit=off)"
+                except PostgresUnavailable as exc:
+                    postgres_status = f"unavailable: {exc}"
+                    _say(f"postgres {postgres_status}; its rows are skipped")
+                except (ServerError, RuntimeError, OSError) as exc:
+                    postgres_status = "failed at start-up"
+                    failures.append(f"PostgreSQL start-up failed: {exc}")
+                    raise _Abort from None
             peer = agentic = None
             if not args.no_peers:
                 statuses = []
@@ -284,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             sustained_s = args.sustained_s or (30.0 if args.quick else 600.0)
             bench = Bench(
                 upstream, tools, gateway, peer, work_dir, sizes, names, **floor_servers,
-                agentic=agentic, sustained_s=sustained_s,
+                agentic=agentic, sustained_s=sustained_s, gateway_pg=gateway_pg, pg=pg,
             )
             rows, failures = _run(_run_scenarios(bench, selected))
     except _Abort:
@@ -298,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render_table(rows))
         print()
     print(f"peers: {peer_status}")
+    print(f"postgres: {postgres_status}")
     if targets:
         print("targets (issue 15: ratios in this run; 2-core machine, upstream at 0 ms):")
         print(render_targets(targets))
@@ -310,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, {
         "command": command, "quick": args.quick, "machine": machine, "elapsed_s": elapsed,
         "upstream_latency_ms": args.upstream_latency_ms, "sizes": sizes, "peers": peer_status,
+        "postgres": postgres_status,
         "rows": rows, "targets": targets, "floor_notes": notes, "failures": failures, "ok": not failures,
     })  # fmt: skip
     print(f"results: {args.json}")

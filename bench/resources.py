@@ -117,7 +117,8 @@ async def store_cost(path: Path, steps: int, chains: int) -> dict[str, Any]:
 
 
 async def scenario_store(b: Bench) -> list[Row]:
-    """6: µs per recorded step transition, WAL on, one chain and 16 chains at once."""
+    """6: µs per recorded step transition, WAL on, one chain and 16 chains at once (and the same
+    on PostgreSQL when a server runs)."""
     rows = []
     for chains in (1, 16):
         result = await store_cost(b.work_dir / f"store-{chains}.db", b.sizes.store_steps, chains)
@@ -135,6 +136,10 @@ async def scenario_store(b: Bench) -> list[Row]:
         if result["journal_mode"].lower() != "wal":
             rows[-1].errors = 1
             rows[-1].first_error = f"journal_mode is {result['journal_mode']}, not wal"
+    if b.pg is not None:
+        from .postgres import store_cost_rows
+
+        rows += await store_cost_rows(b.pg, b.sizes.store_steps)
     return rows
 
 

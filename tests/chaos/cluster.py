@@ -78,7 +78,7 @@ class Process:
             out.flush()
             self.popen = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=self.env, cwd=ROOT, start_new_session=True,
+                env=self.env, cwd=self.log.parent, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + timeout_s
         while not _http_ok(self.port, self.ready_path):
@@ -134,6 +134,15 @@ class Database:
         """``pg_ctl restart -m fast``: every connection is dropped, the server comes back."""
         self.pg_server.pg_ctl("restart", "-m", "fast", "-w", "-t", "120", timeout=180)
 
+    def check_in_use(self) -> None:
+        """RuntimeError unless the replicas created their schema in this database (a gateway that
+        took ``postgresql://…`` for a file name would not have)."""
+        try:
+            self.query("SELECT count(*) FROM responses")
+        except Exception as exc:
+            raise RuntimeError(f"the replicas did not create their tables in {self.backend} "
+                               f"(is --db {self.url.split('@')[-1]} wired to the store?): {exc}") from None
+
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Rows of one read-only query, straight from the database (not through a replica)."""
         if self.pg_server is not None:
@@ -187,7 +196,10 @@ def _tools_toml(tools_url: str) -> str:
 
 
 @contextlib.contextmanager
-def _database(backend: str, work_dir: Path) -> Iterator[Database]:
+def _database(backend: str, work_dir: Path, pg_server: Any = None) -> Iterator[Database]:
+    if pg_server is not None:
+        yield Database(pg_server.new_database(), pg_server=pg_server)
+        return
     if backend == "sqlite":
         path = work_dir / "stepchain.db"
         yield Database(str(path), sqlite_path=path)
@@ -211,10 +223,13 @@ def _database(backend: str, work_dir: Path) -> Iterator[Database]:
 @contextlib.contextmanager
 def running_cluster(work_dir: Path, *, backend: str = "postgres", replicas: int = 3,
                     tool_latency_ms: float = 300.0, replica_env: Mapping[str, str] | None = None,
-                    ) -> Iterator[Cluster]:  # fmt: skip
-    """Start the database, upstream, tool server and ``replicas`` gateways; stop all at the end."""
+                    pg_server: Any = None) -> Iterator[Cluster]:  # fmt: skip
+    """Start the database, upstream, tool server and ``replicas`` gateways; stop all at the end.
+
+    ``pg_server`` (a :class:`tests.pg.PgServer`, e.g. the ``pg_server`` fixture) is used for a
+    fresh database instead of starting a server of its own."""
     started: list[Process] = []
-    with _database(backend, work_dir) as db:
+    with _database(backend, work_dir, pg_server) as db:
         try:
             py = sys.executable
             port = free_port()
@@ -242,6 +257,7 @@ def running_cluster(work_dir: Path, *, backend: str = "postgres", replicas: int 
                 members.append(replica)
             for replica in members:  # one at a time: the first one migrates the schema
                 replica.start()
+            db.check_in_use()
             yield Cluster(db, upstream, tools, members, tool_log, work_dir)
         finally:
             for process in reversed(started):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import random
 import secrets
@@ -96,6 +95,7 @@ class ChaosReport:
     streams: list[Stream]
     kills: list[tuple[float, str]]
     database_restarts: int
+    database_restartable: bool
     responses_by_status: dict[str, int]
     steps_by_state: dict[str, int]
     tool_executions: int
@@ -335,12 +335,13 @@ def _check_tools(cluster: Cluster) -> tuple[int, int, list[str]]:
     return sum(1 for e in entries if e.get("executed")), without_key, duplicates
 
 
-def run_chaos(config: ChaosConfig = SHORT, work_dir: Path | None = None) -> ChaosReport:
-    """Run the scenario (see the module docstring); ``work_dir`` keeps the logs (a temp dir if None)."""
+def run_chaos(config: ChaosConfig = SHORT, work_dir: Path | None = None, *, pg_server: Any = None) -> ChaosReport:
+    """Run the scenario (see the module docstring); ``work_dir`` keeps the logs (a temp dir if None);
+    ``pg_server`` (:class:`tests.pg.PgServer`) gives the database instead of a server of its own."""
     work_dir = work_dir or Path(tempfile.mkdtemp(prefix="stepchain-chaos-"))
     started = time.monotonic()
     with running_cluster(work_dir, backend=config.backend, replicas=config.replicas,
-                         tool_latency_ms=config.tool_latency_ms) as cluster:  # fmt: skip
+                         tool_latency_ms=config.tool_latency_ms, pg_server=pg_server) as cluster:  # fmt: skip
         run = _Run(cluster, config)
 
         async def go() -> list[str]:
@@ -363,12 +364,11 @@ def run_chaos(config: ChaosConfig = SHORT, work_dir: Path | None = None) -> Chao
     ]  # fmt: skip
     return ChaosReport(
         config=config, backend=cluster.db.backend, streams=run.streams, kills=run.kills,
-        database_restarts=run.database_restarts, responses_by_status=responses, steps_by_state=steps,
+        database_restarts=run.database_restarts,
+        database_restartable=cluster.db.restartable, responses_by_status=responses, steps_by_state=steps,
         tool_executions=executions, tool_calls_without_key=without_key, not_terminal=not_terminal,
         steps_processing=steps.get("processing", 0), duplicate_executions=duplicates,
         stream_mismatches=mismatches, elapsed_s=time.monotonic() - started, work_dir=work_dir,
     )  # fmt: skip
 
 
-with contextlib.suppress(ImportError):  # uvloop when installed, as the servers use
-    import uvloop  # noqa: F401
