@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import openai
 
-from .cluster import TOOLS, Cluster, running_cluster
+from .cluster import TOOLS, Cluster, Replica, running_cluster
 from .toolserver import read_log
 from .upstream import chaos_prompt
 
@@ -211,7 +211,7 @@ class _Run:
                 await asyncio.sleep(0.2)
         last = stream.replicas[-1]
         for attempt in itertools.count():
-            if stream.terminal is not None or time.monotonic() > deadline_over or attempt > 200:
+            if stream.terminal is not None or time.monotonic() > deadline_over or attempt > 60:
                 break
             index = self._pick(last, last + 1 + attempt)
             last = index
@@ -224,7 +224,7 @@ class _Run:
                 await self._consume(stream, events)
             except _RETRYABLE as exc:
                 stream.errors.append(f"re-attach on replica {index}: {type(exc).__name__}: {exc}"[:300])
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(min(0.2 * (attempt + 1), 2.0))
         return stream
 
     async def client(self, client_no: int) -> None:
@@ -234,20 +234,28 @@ class _Run:
                 return
 
     async def killer(self) -> None:
+        """Every ``kill_every_s``: SIGKILL a random live replica (never the last one up) and
+        start it again ``restart_after_s`` later, in the background."""
         cfg = self.config
         end = self.t0 + cfg.chaos_s
+        restarts: list[asyncio.Task[None]] = []
+
+        async def restart(victim: Replica) -> None:
+            await asyncio.sleep(cfg.restart_after_s)
+            await asyncio.to_thread(victim.start)
+
         while True:
             await asyncio.sleep(cfg.kill_every_s)
             if time.monotonic() >= end:
-                return
+                break
             alive = self.cluster.alive_replicas()
             if len(alive) < 2:
                 continue
             victim = self.random.choice(alive)
             victim.kill()
             self.kills.append((time.monotonic() - self.t0, victim.name))
-            await asyncio.sleep(cfg.restart_after_s)
-            await asyncio.to_thread(victim.start)
+            restarts.append(asyncio.create_task(restart(victim)))
+        await asyncio.gather(*restarts)
 
     async def database_restarter(self) -> None:
         if not (self.config.restart_database and self.cluster.db.restartable):
