@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 
 from .cluster import TOOLS, Cluster, Replica, running_cluster
 from .toolserver import read_log
@@ -108,6 +109,11 @@ class ChaosReport:
     work_dir: Path
 
     @property
+    def responses(self) -> list[Stream]:
+        """The streams that got as far as ``response.created`` (the others were refused)."""
+        return [s for s in self.streams if s.response_id is not None]
+
+    @property
     def reattached(self) -> list[Stream]:
         return [s for s in self.streams if s.reattached_after]
 
@@ -118,7 +124,7 @@ class ChaosReport:
 
     def summary(self) -> str:
         lines = [
-            f"chaos on {self.backend}: {len(self.streams)} streamed responses by {self.config.clients} "
+            f"chaos on {self.backend}: {len(self.responses)} streamed responses by {self.config.clients} "
             f"clients, {len(self.kills)} replica kills, {self.database_restarts} database restart(s), "
             f"{self.elapsed_s:.0f} s; {len(self.reattached)} streams re-attached "
             f"({sum(len(s.reattached_after) for s in self.streams)} re-attachments)",
@@ -192,6 +198,7 @@ class _Run:
         for attempt in itertools.count():
             token = f"{self.run_id}c{client_no}r{serial}a{attempt}"
             stream = Stream(token)
+            self.streams.append(stream)
             index = self._pick(None, start + attempt)
             stream.replicas.append(index)
             try:
@@ -229,7 +236,7 @@ class _Run:
 
     async def client(self, client_no: int) -> None:
         for serial in itertools.count():
-            self.streams.append(await self.one_response(client_no, serial))
+            await self.one_response(client_no, serial)
             if self.chaos_over.is_set():
                 return
 
@@ -240,22 +247,39 @@ class _Run:
         end = self.t0 + cfg.chaos_s
         restarts: list[asyncio.Task[None]] = []
 
+        restarting: set[str] = set()
+
         async def restart(victim: Replica) -> None:
             await asyncio.sleep(cfg.restart_after_s)
-            await asyncio.to_thread(victim.start)
+            await self.start_replica(victim)
+            restarting.discard(victim.name)
 
         while True:
             await asyncio.sleep(cfg.kill_every_s)
             if time.monotonic() >= end:
                 break
-            alive = self.cluster.alive_replicas()
-            if len(alive) < 2:
+            up = [r for r in self.cluster.alive_replicas() if r.name not in restarting]
+            if len(up) < 2:
                 continue
-            victim = self.random.choice(alive)
+            victim = self.random.choice(up)
+            restarting.add(victim.name)
             victim.kill()
             self.kills.append((time.monotonic() - self.t0, victim.name))
             restarts.append(asyncio.create_task(restart(victim)))
         await asyncio.gather(*restarts)
+
+    async def start_replica(self, replica: Replica) -> None:
+        """Start ``replica`` again; while the database is restarting it may refuse to come up
+        (exit status 2), so it is tried again for up to a minute."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await asyncio.to_thread(replica.start)
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
     async def database_restarter(self) -> None:
         if not (self.config.restart_database and self.cluster.db.restartable):
@@ -267,19 +291,23 @@ class _Run:
     async def main(self) -> None:
         clients = [asyncio.create_task(self.client(i)) for i in range(self.config.clients)]
         chaos = [asyncio.create_task(self.killer()), asyncio.create_task(self.database_restarter())]
-        await asyncio.gather(*chaos)
-        remaining = self.t0 + self.config.chaos_s - time.monotonic()
-        if remaining > 0:
-            await asyncio.sleep(remaining)
-        self.chaos_over.set()
-        for replica in self.cluster.replicas:  # a replica mid-restart when the chaos ended
-            if not replica.alive():
-                await asyncio.to_thread(replica.start)
-        done, pending = await asyncio.wait(clients, timeout=self.config.settle_s + 30)
-        for task in pending:
-            task.cancel()
-        for task in done:
-            task.result()
+        try:
+            await asyncio.gather(*chaos)
+            remaining = self.t0 + self.config.chaos_s - time.monotonic()
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+            self.chaos_over.set()
+            for replica in self.cluster.replicas:  # a replica mid-restart when the chaos ended
+                if not replica.alive():
+                    await self.start_replica(replica)
+            await asyncio.wait(clients, timeout=self.config.settle_s + 30)
+        finally:
+            for task in clients + chaos:
+                task.cancel()
+            await asyncio.gather(*clients, *chaos, return_exceptions=True)
+        for task in clients:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
 
     async def replay(self, stream: Stream) -> list[dict[str, Any]] | str:
         """A fresh full replay of ``stream``'s response from a replica it did not end on."""
@@ -310,6 +338,18 @@ def _check_sequence(events: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def _difference(seen: list[dict[str, Any]], replay: list[dict[str, Any]], at: int) -> str:
+    """Where two event lists first differ, in a few words (the type, the first differing field)."""
+    if at >= len(seen) or at >= len(replay):
+        return "one is a prefix of the other"
+    a, b = seen[at], replay[at]
+    if a.get("type") != b.get("type"):
+        return f"client got {a.get('type')}, replay has {b.get('type')}"
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    field = keys[0] if keys else "?"
+    return f"{a.get('type')}: {field} {str(a.get(field))[:80]!r} vs {str(b.get(field))[:80]!r}"
+
+
 async def _check_streams(run: _Run) -> list[str]:
     problems = []
     for stream in run.streams:
@@ -324,10 +364,16 @@ async def _check_streams(run: _Run) -> list[str]:
         if isinstance(replay, str):
             problems.append(f"{where}: replay from replica {stream.replay_from} failed: {replay}")
         elif replay != stream.events:
+            if len(problems) < 5:  # the evidence, beside the logs
+                (run.cluster.work_dir / f"mismatch-{stream.response_id}.json").write_bytes(orjson.dumps({
+                    "replicas": stream.replicas, "reattached_after": stream.reattached_after,
+                    "replay_from": stream.replay_from, "client": stream.events, "replay": replay,
+                }))  # fmt: skip
             at = next((i for i, (a, b) in enumerate(zip(replay, stream.events)) if a != b),
                       min(len(replay), len(stream.events)))  # fmt: skip
             problems.append(f"{where}: differs from a full replay on replica {stream.replay_from} at "
-                            f"event {at} (client {len(stream.events)} events, replay {len(replay)})")  # fmt: skip
+                            f"event {at} (client {len(stream.events)} events, replay {len(replay)}): "
+                            f"{_difference(stream.events, replay, at)}")  # fmt: skip
     return problems
 
 
@@ -368,7 +414,7 @@ def run_chaos(config: ChaosConfig = SHORT, work_dir: Path | None = None, *, pg_s
     not_terminal = [f"{rid} is {status} in the database" for rid, status in stuck]
     not_terminal += [
         f"{s.response_id or s.token}: the client saw no terminal event ({s.errors[-1:] or 'no error'})"
-        for s in run.streams if s.terminal is None
+        for s in run.streams if s.terminal is None and s.response_id is not None
     ]  # fmt: skip
     return ChaosReport(
         config=config, backend=cluster.db.backend, streams=run.streams, kills=run.kills,
