@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown_from is not None:
         return _print_markdown(args.markdown_from)
     if args.only is None:
-        selected = sorted(n for n in SCENARIOS if n not in ON_REQUEST)
+        selected = sorted((n for n in SCENARIOS if n not in ON_REQUEST), key=int)
     else:
         selected = [s.strip() for s in args.only.split(",")]
     unknown = [s for s in selected if s not in SCENARIOS]
