@@ -280,8 +280,11 @@ def main(argv: list[str] | None = None) -> int:
                         gateway_pg = stack.enter_context(
                             start_gateway(upstream.url + "/v1", work_dir, name="gateway-pg", db=url)
                         )
+                        try:
+                            check_in_use(url)
+                        except RuntimeError as exc:  # a gateway without the PostgreSQL backend
+                            raise PostgresUnavailable(f"stepchain serve did not use --db postgresql://…: {exc}") from None
                         register_tools(gateway_pg.url, tools.url, names)
-                        check_in_use(url)
                     postgres_status = "running (a throwaway server on loopback, synchronous_commit=off)"
                 except PostgresUnavailable as exc:
                     postgres_status = f"unavailable: {exc}"
