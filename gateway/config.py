@@ -181,6 +181,11 @@ class Settings(BaseSettings):
         None, description="comma-separated hosts HTTP tools may call (`*.example.com` allowed)"
     )
     max_body_bytes: int = Field(20_000_000, ge=1, description="largest request body")
+    model_context_windows: dict[str, int] = Field(
+        {},
+        description="context window in tokens by model name (`\"*\"`: any other), for "
+        "`truncation: \"auto\"` (a TOML table; flag and variable: a JSON object)",
+    )
     encrypted_content_key: SecretStr | None = Field(
         None,
         description="Fernet key sealing `encrypted_content` (compaction items); the same on "
@@ -241,6 +246,7 @@ _SECRET = frozenset(
     name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)
 )
 _TABLES = frozenset({"tools", "upstream_fallbacks"})
+_JSON_OBJECTS = frozenset({"model_context_windows"})
 
 
 def flag_name(name: str) -> str:
@@ -258,7 +264,7 @@ def _parse_text(name: str, value: Any, source: str) -> Any:
     if not isinstance(value, str):  # a switch flag (already a bool), or a JSON-decoded table
         return value
     try:
-        if name in _TABLES:
+        if name in _TABLES or name in _JSON_OBJECTS:
             return _adapter(name).validate_json(value)
         return _adapter(name).validate_strings(value)
     except ValidationError as exc:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import InvalidRequestError, PreviousResponseNotFoundError
+from gateway.protocol.context_window import is_compaction_request
 from gateway.protocol.convert import (
     build_chat_request,
     items_to_messages,
@@ -38,7 +39,7 @@ from store.types import (
     new_id,
 )
 
-from .compaction import expand_compactions
+from .compaction import compact_threshold_of, expand_compactions
 from .loop import LoopDeps, run_response_loop
 from .transition import AppendSteps, LoopRequest, next_action
 
@@ -114,10 +115,13 @@ class ResponsesService:
         owner: str | None = None,
         lease_s: float = 30.0,
         encrypted_content_key: str | None = None,
+        context_windows: dict[str, int] | None = None,
     ) -> None:
         self.deps = deps
         # Seals and opens encrypted_content (compaction items); None: they are refused.
         self.encrypted_content_key = encrypted_content_key
+        # Context window in tokens by model name ("*": any other), for truncation and compaction.
+        self.context_windows = dict(context_windows or {})
         self.store = deps.store
         self.owner = owner
         self.lease_s = lease_s
@@ -271,6 +275,7 @@ class ResponsesService:
         )
         initial_body = build_chat_request(body, messages, tools_to_chat(offered), stream=stream)
         max_tool_calls = body.get("max_tool_calls")
+        window = self.context_windows.get(body["model"], self.context_windows.get("*"))
         loop_request = LoopRequest(
             initial_body=initial_body,
             client_tools=client_names,
@@ -278,6 +283,9 @@ class ResponsesService:
             max_tool_calls=max_tool_calls if isinstance(max_tool_calls, int) else None,
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
             tool_output_max_lines=self.deps.tool_output_max_lines,
+            context_window=window,
+            truncation=body.get("truncation") == "auto",
+            compact_threshold=compact_threshold_of(body.get("context_management"), window),
         )
         record = ResponseRecord(
             id=response_id,
@@ -323,7 +331,7 @@ class ResponsesService:
         for step in await self.store.list_steps(response_id):
             if not step.finished:
                 continue
-            if step.scope_parent is not None:
+            if step.scope_parent is not None or is_compaction_request(step.request_payload):
                 if step.kind == MODEL_CALL:
                     builder.add_usage(step.usage)
             elif step.kind == MODEL_CALL:

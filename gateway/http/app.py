@@ -150,6 +150,7 @@ def create_app(
         service = ResponsesService(
             deps, owner=new_owner_id(), lease_s=settings.lease_s,
             encrypted_content_key=load_or_create_key(settings),
+            context_windows=settings.model_context_windows,
         )
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings
