@@ -20,6 +20,7 @@ rewrites the settings table in README.md from the fields below.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 import sys
 import tomllib
@@ -99,6 +100,7 @@ class ToolSetting(BaseModel):
     headers: dict[str, str] | None = Field(None, repr=False)
     timeout_s: float | None = None
     idempotent: bool | None = None
+    allow_private: bool | None = None
     model: str | None = None
     instructions: str | None = None
     tools: list[str] | None = None
@@ -178,7 +180,14 @@ class Settings(BaseSettings):
         5_000_000, ge=1, description="largest tool response body read"
     )
     tool_allowed_hosts: str | None = Field(
-        None, description="comma-separated hosts HTTP tools may call (`*.example.com` allowed)"
+        None,
+        description="comma-separated hosts tools (HTTP, MCP) may call (`*.example.com` allowed); "
+        "listed hosts may be private",
+    )
+    tool_allowed_networks: str | None = Field(
+        None,
+        description="comma-separated CIDRs tools may reach although private "
+        "(`127.0.0.0/8,10.0.0.0/8`)",
     )
     max_body_bytes: int = Field(20_000_000, ge=1, description="largest request body")
     model_context_windows: dict[str, int] = Field(
@@ -188,8 +197,8 @@ class Settings(BaseSettings):
     )
     encrypted_content_key: SecretStr | None = Field(
         None,
-        description="Fernet key sealing `encrypted_content` (compaction items); the same on "
-        "every replica. Default: a random key kept in `<db>.key`",
+        description="Fernet key sealing `encrypted_content` (compaction and reasoning items); "
+        "the same on every replica. Default: a random key kept in `<db>.key`",
     )
     cancel_on_disconnect: bool = Field(
         False, description="cancel a streamed response when its client goes away"
@@ -217,6 +226,18 @@ class Settings(BaseSettings):
         description="`[[tools]]` tool definitions as `POST /v1/tools` takes them, registered at "
         "start-up (flag and variable: a JSON list)",
     )
+    hosted_tool_map: dict[str, str] = Field(
+        {},
+        strict=False,
+        description="hosted tool types a registered tool runs, e.g. `{web_search = "
+        "\"my_search_tool\"}` (flag and variable: a JSON object); other hosted types are left "
+        "out of what the model is offered",
+    )
+    reasoning_to_upstream: bool = Field(
+        False,
+        description="send reasoning items of the input back upstream as `reasoning_content` on "
+        "the next assistant message (vLLM, DeepSeek, llama.cpp take it)",
+    )
 
     @classmethod
     def settings_customise_sources(  # type: ignore[no-untyped-def]
@@ -226,6 +247,17 @@ class Settings(BaseSettings):
         return (init_settings,)
 
     _urls = field_validator("upstream_base_url")(_check_http_url)
+
+    @field_validator("tool_allowed_networks")
+    @classmethod
+    def _networks(cls, value: str | None) -> str | None:
+        for net in (value or "").split(","):
+            if net.strip():
+                try:
+                    ipaddress.ip_network(net.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"{net.strip()!r} is not a network such as 10.0.0.0/8") from None
+        return value
 
     @field_validator("sqlite_synchronous")
     @classmethod
@@ -246,7 +278,7 @@ _SECRET = frozenset(
     name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)
 )
 _TABLES = frozenset({"tools", "upstream_fallbacks"})
-_JSON_OBJECTS = frozenset({"model_context_windows"})
+_JSON = _TABLES | {"hosted_tool_map", "model_context_windows"}  # flags and variables: JSON
 
 
 def flag_name(name: str) -> str:
@@ -264,7 +296,7 @@ def _parse_text(name: str, value: Any, source: str) -> Any:
     if not isinstance(value, str):  # a switch flag (already a bool), or a JSON-decoded table
         return value
     try:
-        if name in _TABLES or name in _JSON_OBJECTS:
+        if name in _JSON:
             return _adapter(name).validate_json(value)
         return _adapter(name).validate_strings(value)
     except ValidationError as exc:
@@ -354,7 +386,7 @@ README_END = "<!-- end of settings table -->"
 
 def _default_text(name: str) -> str:
     default = Settings.model_fields[name].default
-    if default is None or default == ():
+    if default is None or default == () or default == {}:
         return "—"
     if isinstance(default, bool):
         return str(default).lower()

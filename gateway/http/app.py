@@ -21,6 +21,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from executors.egress import EgressPolicy
 from executors.http_tool import HTTPToolExecutor
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream, UpstreamTarget
@@ -129,12 +130,8 @@ def create_app(
         if settings.tools:
             await registry.upsert_many([tool.definition() for tool in settings.tools])
         await registry.load()
-        allowed = settings.tool_allowed_hosts
         http_tools = HTTPToolExecutor(
-            tool_client,
-            max_response_bytes=settings.tool_max_response_bytes,
-            allowed_hosts=[h.strip() for h in allowed.split(",") if h.strip()] if allowed else None,
-            blocked_ports=(settings.port,),
+            tool_client, max_response_bytes=settings.tool_max_response_bytes, egress=egress
         )
         deps = LoopDeps(
             store=the_store,
@@ -149,11 +146,14 @@ def create_app(
         tasks = TaskSet()
         service = ResponsesService(
             deps, owner=new_owner_id(), lease_s=settings.lease_s,
+            hosted_tool_map=settings.hosted_tool_map,
             encrypted_content_key=load_or_create_key(settings),
+            reasoning_to_upstream=settings.reasoning_to_upstream,
             context_windows=settings.model_context_windows,
         )
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings
+        app.state.egress = egress
         app.state.store = the_store
         app.state.upstream = upstream
         app.state.registry = registry
@@ -175,6 +175,14 @@ def create_app(
             await tool_client.aclose()
             await the_store.close()
 
+    # The gateway's own sockets are added as requests arrive (``scope["server"]``: the real port,
+    # also when ``port`` is 0).
+    egress = EgressPolicy.from_settings(
+        settings.tool_allowed_hosts,
+        settings.tool_allowed_networks,
+        own_ports=(settings.port,),
+        own_addresses=(settings.host,),
+    )
     key_hashes = load_api_keys(_secret(settings.api_keys), settings.api_keys_file)
     middleware = []
     if key_hashes or settings.pass_client_key:  # an open gateway skips the layer altogether
