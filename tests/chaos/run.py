@@ -44,6 +44,8 @@ __all__ = ["LONG", "SHORT", "ChaosConfig", "ChaosReport", "run_chaos"]
 TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete"})
 TERMINAL_STATUSES = frozenset({"completed", "failed", "incomplete", "cancelled"})
 MODEL = "scripted-model"
+# A full replay of a terminal response ends on its own; one that does not is a finding, not a hang.
+REPLAY_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -314,12 +316,18 @@ class _Run:
         index = self._pick(stream.replicas[-1], stream.replicas[-1] + 1)
         stream.replay_from = index
         out: list[dict[str, Any]] = []
-        try:
+
+        async def read() -> None:
             events = await self.clients[index].responses.retrieve(stream.response_id, stream=True)  # type: ignore[arg-type]
             async for event in events:
                 out.append(event.to_dict())
+
+        try:
+            await asyncio.wait_for(read(), REPLAY_TIMEOUT_S)
         except _RETRYABLE as exc:
             return f"{type(exc).__name__}: {exc}"
+        except asyncio.TimeoutError:
+            return f"the replay did not end within {REPLAY_TIMEOUT_S:g} s ({len(out)} events)"
         return out
 
     async def close(self) -> None:
@@ -351,16 +359,23 @@ def _difference(seen: list[dict[str, Any]], replay: list[dict[str, Any]], at: in
 
 
 async def _check_streams(run: _Run) -> list[str]:
-    problems = []
-    for stream in run.streams:
-        if stream.response_id is None:
-            continue
+    streams = [s for s in run.streams if s.response_id is not None]
+    gate = asyncio.Semaphore(8)
+
+    async def replay(stream: Stream) -> list[dict[str, Any]] | str:
+        if _check_sequence(stream.events):
+            return []
+        async with gate:
+            return await run.replay(stream)
+
+    replays = await asyncio.gather(*(replay(s) for s in streams))
+    problems: list[str] = []
+    for stream, replay in zip(streams, replays):
         where = f"{stream.response_id} (replicas {stream.replicas}, re-attached after {stream.reattached_after})"
         problem = _check_sequence(stream.events)
         if problem:
             problems.append(f"{where}: client saw {problem}")
             continue
-        replay = await run.replay(stream)
         if isinstance(replay, str):
             problems.append(f"{where}: replay from replica {stream.replay_from} failed: {replay}")
         elif replay != stream.events:
@@ -401,7 +416,7 @@ def run_chaos(config: ChaosConfig = SHORT, work_dir: Path | None = None, *, pg_s
         async def go() -> list[str]:
             try:
                 await run.main()
-                return await _check_streams(run)
+                return await asyncio.wait_for(_check_streams(run), REPLAY_TIMEOUT_S * 3)
             finally:
                 await run.close()
 
