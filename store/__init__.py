@@ -1,21 +1,36 @@
-"""The step-chain store: one async interface (:class:`Store`), SQLite and PostgreSQL backends."""
+"""The step-chain store: one async interface (:class:`Store`), SQLite and PostgreSQL backends.
+
+:func:`open_store` picks the backend from a URL; call ``await store.open()`` before use.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
 
 from .base import Store
 from .types import (
     MODEL_CALL,
     TOOL_CALL,
     ConflictError,
+    ConversationRecord,
+    Fence,
+    FencedError,
     NotFoundError,
     ResponseRecord,
     Step,
     StepDescriptor,
     StepStateError,
     StoreError,
+    StoreUnavailableError,
     new_id,
 )
 
 __all__ = [
     "ConflictError",
+    "ConversationRecord",
+    "Fence",
+    "FencedError",
     "MODEL_CALL",
     "NotFoundError",
     "ResponseRecord",
@@ -24,6 +39,52 @@ __all__ = [
     "StepStateError",
     "Store",
     "StoreError",
+    "StoreUnavailableError",
     "TOOL_CALL",
     "new_id",
+    "open_store",
+    "redact_url",
 ]
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:)[^/@]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages and logs)."""
+    return _PASSWORD.sub(r"\1***@", url)
+
+
+def open_store(url: str, **options: Any) -> Store:
+    """The store for ``url`` (not yet opened):
+
+    - a plain path (``stepchain.db``, ``/var/lib/x.db``) or ``sqlite:///path`` (absolute:
+      ``sqlite:////var/lib/x.db``; relative: ``sqlite:///x.db``) → :class:`store.sqlite.SQLiteStore`;
+    - ``postgresql://…`` or ``postgres://…`` (any libpq URL) → :class:`store.postgres.PostgresStore`.
+
+    ``options`` go to the backend's constructor (e.g. ``synchronous="FULL"`` for SQLite,
+    ``max_size=20`` for PostgreSQL). Any other scheme raises ValueError naming it.
+    """
+    match = _SCHEME.match(url)
+    if match is None:
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore(url, **options)
+    scheme = match.group(1).lower()
+    if scheme == "sqlite":
+        from .sqlite import SQLiteStore
+
+        path = url[len(match.group(0)):]
+        if path.startswith("/"):
+            path = path[1:]  # sqlite:///x.db → x.db; sqlite:////abs → /abs
+        if not path:
+            raise ValueError("sqlite:// URL without a path; use sqlite:///relative.db or sqlite:////absolute.db")
+        return SQLiteStore(path, **options)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url, **options)
+    raise ValueError(
+        f"unsupported database URL scheme {scheme!r} in {redact_url(url)!r}: "
+        "use a file path, sqlite:///path or postgresql://…"
+    )
