@@ -26,7 +26,15 @@ from pathlib import Path
 import httpx
 import orjson
 
-from .loadgen import HTTPReply, LoadResult, RequestFn, Sample, Worker, run_load, summarize
+from .loadgen import (
+    HTTPReply,
+    LoadResult,
+    RequestFn,
+    Sample,
+    Worker,
+    run_load,
+    summarize,
+)
 from .processes import ServerProcess, cpu_seconds
 from .report import Row
 from .upstream import TOOLS_PHRASE

@@ -23,7 +23,13 @@ from pathlib import Path
 import orjson
 
 from .loadgen import Sample, Worker, run_load
-from .processes import cpu_seconds, raise_fd_limit, rss_kb, start_gateway, start_upstream
+from .processes import (
+    cpu_seconds,
+    raise_fd_limit,
+    rss_kb,
+    start_gateway,
+    start_upstream,
+)
 from .scenarios import LOCALHOST, MODEL, check_response_stream
 
 

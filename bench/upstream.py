@@ -1,6 +1,6 @@
 """The benchmark's scripted upstream, in its own process: ``python -m bench.upstream --port P``.
 
-It is :func:`gateway.scripted_upstream.create_scripted_upstream` with the benchmark script
+It is :func:`gateway.testing.scripted_upstream.create_scripted_upstream` with the benchmark script
 :func:`bench_reply`, no request recording, and one extra route, ``GET /ping`` (a 4-byte answer
 straight from ASGI, the load generator's trivial endpoint). Served by uvicorn with uvloop and
 httptools when installed.
@@ -18,7 +18,11 @@ from typing import Any
 
 import uvicorn
 
-from gateway.scripted_upstream import Reply, ScriptedModel, create_scripted_upstream
+from gateway.testing.scripted_upstream import (
+    Reply,
+    ScriptedModel,
+    create_scripted_upstream,
+)
 
 __all__ = ["SLOW_PREFIX", "TOOLS_PHRASE", "bench_reply", "create_bench_upstream", "main"]
 

@@ -19,10 +19,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .app import create_app
+from gateway.http.app import create_app
+from gateway.testing.scripted_upstream import (
+    Reply,
+    ScriptedModel,
+    create_scripted_upstream,
+)
+from gateway.testing.serving import serve_app
+
 from .config import Settings
-from .scripted_upstream import Reply, ScriptedModel, create_scripted_upstream
-from .serving import serve_app
 
 QUESTION = "What's the weather in Paris and in Oslo?"
 

@@ -3,18 +3,28 @@ the throwaway PostgreSQL server in ``tests/pg.py``.
 
 Databases for any test:
 
-- ``pg_dsn``: the DSN of a fresh, empty PostgreSQL database on a session-wide throwaway server
-  (or on ``STEPCHAIN_TEST_PG_DSN``'s server when that is set). Without PostgreSQL binaries the
-  test is skipped with one reason; with ``CI=true`` that is a failure instead.
+- ``pg_dsn``: the URL (``postgresql://postgres@127.0.0.1:PORT/NAME``) of a fresh, empty PostgreSQL
+  database on a session-wide throwaway server (or on ``STEPCHAIN_TEST_PG_DSN``'s server when that
+  is set). Without PostgreSQL binaries the test is skipped with one reason; with ``CI=true`` that
+  is a failure instead.
 - ``db_url``: parametrised ``sqlite`` / ``postgres``: an SQLite file path or a ``pg_dsn``, for
   suites that should run on both backends (``store.open_store(db_url)`` or ``--db db_url``).
 - ``pg_server``: the :class:`tests.pg.PgServer` itself (``stop()``/``start()`` for outage tests;
   ``managed`` is False on an external server).
+
+``no_process_left_behind`` (every session): the test run is made a child subreaper, so a process
+orphaned by a test (a uvicorn worker whose parent was killed, a daemonised server) becomes a child
+of the run instead of init; at the end of the session any child still running fails the run,
+after being killed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +35,10 @@ from tests.servers import ScriptedUpstream, serve_app, serve_scripted_upstream
 
 __all__ = ["serve_app"]
 
+_PR_SET_CHILD_SUBREAPER = 36
 _NO_POSTGRES = (
     "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin: "
-    "install Debian's postgresql package, or set STEPCHAIN_TEST_PG_DSN to a server's DSN"
+    "install Debian's postgresql package, or set STEPCHAIN_TEST_PG_DSN to a server's URL"
 )
 
 
@@ -37,6 +48,49 @@ def scripted_upstream() -> Iterator[ScriptedUpstream]:
     queue Replies and read the requests it received."""
     with serve_scripted_upstream() as upstream:
         yield upstream
+
+
+def child_processes(parent: int) -> dict[int, str]:
+    """``{pid: command line}`` of the running (not zombie) children of ``parent``; reaps the
+    zombies among them when ``parent`` is this process."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+        if int(ppid) != parent:
+            continue
+        if state == "Z":
+            if parent == os.getpid():
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(int(entry.name), os.WNOHANG)
+            continue
+        children[int(entry.name)] = cmdline.strip()
+    return children
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Fail the session when a test left a process running (see the module docstring)."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    yield
+    left = child_processes(os.getpid())
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in left:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    assert not left, f"processes left running by the tests (killed now): {left}"
 
 
 @pytest.fixture(scope="session")
@@ -57,13 +111,13 @@ def pg_server() -> Iterator[PgServer]:
 
 @pytest.fixture
 def pg_dsn(pg_server: PgServer) -> str:
-    """The DSN of a new, empty PostgreSQL database (``postgresql://postgres@127.0.0.1:PORT/NAME``)."""
+    """The URL of a new, empty PostgreSQL database (``postgresql://postgres@127.0.0.1:PORT/NAME``)."""
     return pg_server.new_database()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database on each backend: an SQLite file path, then a PostgreSQL DSN."""
+    """A fresh database on each backend: an SQLite file path, then a PostgreSQL URL."""
     if request.param == "sqlite":
         return str(tmp_path / "stepchain.db")
     return request.getfixturevalue("pg_dsn")

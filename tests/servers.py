@@ -1,6 +1,6 @@
 """Real servers for tests: any ASGI app under uvicorn on 127.0.0.1, and the scripted upstream.
 
-``serve_app`` is :func:`gateway.serving.serve_app` (a background-thread uvicorn on an ephemeral
+``serve_app`` is :func:`gateway.testing.serving.serve_app` (a background-thread uvicorn on an ephemeral
 port, yielding ``"http://127.0.0.1:PORT"``), re-exported so tests import it from one place.
 """
 
@@ -10,8 +10,8 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from gateway.scripted_upstream import ScriptedModel, create_scripted_upstream
-from gateway.serving import serve_app
+from gateway.testing.scripted_upstream import ScriptedModel, create_scripted_upstream
+from gateway.testing.serving import serve_app
 
 __all__ = ["ScriptedUpstream", "serve_app", "serve_scripted_upstream"]
 

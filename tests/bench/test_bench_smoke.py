@@ -20,9 +20,23 @@ from hypothesis import strategies as st
 
 from bench.__main__ import main as bench_main
 from bench.floorproxy import MODES, create_floor_app
-from bench.loadgen import HTTPConnection, Sample, Worker, percentile, run_load, summarize
+from bench.loadgen import (
+    HTTPConnection,
+    Sample,
+    Worker,
+    percentile,
+    run_load,
+    summarize,
+)
 from bench.processes import start_floor_proxy, start_upstream
-from bench.report import Row, evaluate_targets, floor_notes, render_floor_notes, render_table, write_json
+from bench.report import (
+    Row,
+    evaluate_targets,
+    floor_notes,
+    render_floor_notes,
+    render_table,
+    write_json,
+)
 from bench.scenarios import (
     FLOORS,
     QUICK,
@@ -34,7 +48,7 @@ from bench.scenarios import (
 )
 from bench.toolserver import create_tool_app
 from bench.upstream import bench_reply, create_bench_upstream
-from gateway.serving import serve_app
+from gateway.testing.serving import serve_app
 
 # --- percentile math ---------------------------------------------------------------------------
 

@@ -12,13 +12,18 @@ import orjson
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
-from starlette.responses import StreamingResponse
+from starlette.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 
 from executors.http_tool import HTTPToolExecutor, ToolError, _host_allowed
 from executors.registry import validate_tool_definition
-from gateway.serving import serve_app
+from gateway.testing.serving import serve_app
 
 SECRET = "s3cret-weather-key-0123"
 BIG = 1_200_000

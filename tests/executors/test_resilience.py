@@ -19,7 +19,11 @@ import pytest
 from executors.reassembly import Delta
 from executors.resilience import ResilientUpstream, UpstreamTarget
 from executors.upstream import UpstreamError
-from gateway.scripted_upstream import SCRIPTED_MODEL_ID, Reply, create_scripted_upstream
+from gateway.testing.scripted_upstream import (
+    SCRIPTED_MODEL_ID,
+    Reply,
+    create_scripted_upstream,
+)
 from tests.servers import ScriptedUpstream, serve_app, serve_scripted_upstream
 
 USER = [{"role": "user", "content": "Hello"}]

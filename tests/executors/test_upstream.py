@@ -14,7 +14,7 @@ import pytest
 
 from executors.reassembly import Delta
 from executors.upstream import UpstreamClient, UpstreamError, _from_httpx
-from gateway.scripted_upstream import SCRIPTED_MODEL_ID, Reply
+from gateway.testing.scripted_upstream import SCRIPTED_MODEL_ID, Reply
 from tests.servers import ScriptedUpstream
 
 USER = [{"role": "user", "content": "Hello"}]

@@ -1,0 +1,385 @@
+"""The response loop: model call → server-side tool calls → model call → … → answer.
+
+``run_response_loop`` drives one loop level (the top level of a response, or one sub-agent run)
+from its chain in the store: it asks :func:`gateway.engine.transition.next_action` what to do, records
+the new steps *before* running them, runs sibling steps concurrently, writes each outcome, and
+repeats. It follows the seed ``response_loop.rs`` with its known faults fixed (real ``call_id``s,
+scopes kept apart, resumable from any process because the request lives in the store).
+
+Failure rules (DESIGN.md): an executor error — upstream failure, tool failure, depth cap — fails
+its step and the loop goes on (the transition function decides what that means); a store error
+propagates and stops the loop; an empty AppendSteps is a programming error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from executors.http_tool import HTTPToolExecutor, ToolError
+from executors.reassembly import Delta
+from executors.registry import ToolRegistry
+from executors.resilience import ResilientUpstream
+from executors.upstream import UpstreamError
+from store.base import Store
+from store.types import COMPLETED, MODEL_CALL, PENDING, PROCESSING, Step, StoreError
+
+from .transition import (
+    REJECTED_KEY,
+    AppendSteps,
+    Complete,
+    Fail,
+    Incomplete,
+    LoopRequest,
+    next_action,
+)
+
+logger = logging.getLogger("stepchain.loop")
+
+__all__ = ["EmptyActionError", "LoopDeps", "LoopObserver", "LoopOutcome", "run_response_loop"]
+
+
+class EmptyActionError(RuntimeError):
+    """The transition function returned AppendSteps with no steps."""
+
+
+class LoopObserver(Protocol):
+    """What the loop reports while it runs (``gateway.protocol.events.ResponseBuilder`` implements it)."""
+
+    def model_delta(self, step_id: str, delta: Delta) -> None: ...
+    def model_call_finished(self, step: Step) -> None: ...
+    def hold_events(self) -> None: ...
+    def tool_call_started(self, step: Step) -> None: ...
+    def tool_call_finished(self, step: Step) -> None: ...
+    def add_usage(self, chat_usage: dict[str, Any] | None) -> None: ...
+
+
+@dataclass(slots=True)
+class LoopDeps:
+    """The shared things one response's loops run with (one set per gateway process)."""
+
+    store: Store
+    upstream: ResilientUpstream
+    registry: ToolRegistry
+    http_tools: HTTPToolExecutor
+    max_iterations: int = 10
+    max_depth: int = 8
+    tool_output_max_bytes: int = 50_000
+    tool_output_max_lines: int = 2_000
+
+
+@dataclass(slots=True)
+class LoopOutcome:
+    """How one loop level ended: ``status`` is completed | incomplete | failed."""
+
+    status: str
+    chain: list[Step]
+    error: dict[str, Any] | None = None
+    incomplete_reason: str | None = None
+    # The last model call, completed but not yet stored (see run_response_loop).
+    unwritten: Step | None = None
+
+    @property
+    def final_text(self) -> str:
+        """The text of the last model call (an agent tool's output)."""
+        for step in reversed(self.chain):
+            if step.kind == MODEL_CALL and step.response_payload:
+                try:
+                    return step.response_payload["choices"][0]["message"].get("content") or ""
+                except (KeyError, IndexError, TypeError):
+                    return ""
+        return ""
+
+
+async def run_response_loop(
+    deps: LoopDeps,
+    response_id: str,
+    request: LoopRequest,
+    *,
+    scope_parent: str | None = None,
+    depth: int = 0,
+    observer: LoopObserver | None = None,
+    started: Sequence[Step] | None = None,
+    defer_final_write: bool = False,
+) -> LoopOutcome:
+    """Run one loop level of ``response_id`` until the transition function ends it.
+
+    Resumes from the scope's existing chain: unfinished steps at its end are settled first
+    (model calls and agent tools re-run; HTTP tools re-run only when registered ``idempotent``,
+    otherwise they fail with ``interrupted``). ``started`` is instead the whole chain of a new
+    response whose first steps were recorded with it (``Store.create_response``) and are to run
+    now. ``observer`` receives top-level events; nested levels only report their usage to it.
+    With ``defer_final_write`` (top level) a model call after which the transition function ends
+    the loop is not written here: it comes back completed in :attr:`LoopOutcome.unwritten` for
+    the caller to store with the response's result, in one transaction; the observer is told to
+    hold its events about it (``hold_events``) until that write is done. Raises StoreError (the loop cannot go on) and EmptyActionError.
+    """
+    chain: list[Step] = []
+    deferred: list[Step] = []
+    ends_after = None
+    if defer_final_write and depth == 0:
+
+        def ends_after(done: Step) -> bool:
+            return not isinstance(next_action(request, [*chain, done]), AppendSteps)
+
+    if started is not None:
+        chain = await _run_batch(deps, response_id, started, depth, observer, ends_after, deferred)
+    else:
+        chain = await deps.store.list_chain(response_id, scope_parent)
+        unfinished = [s for s in chain if s.state in (PENDING, PROCESSING)]
+        if unfinished:
+            settled = await _run_batch(deps, response_id, unfinished, depth, observer, resume=True)
+            by_id = {s.id: s for s in settled}
+            chain = [by_id.get(s.id, s) for s in chain]
+    prev = chain[-1].id if chain else None
+    while True:
+        action = next_action(request, chain)
+        if isinstance(action, AppendSteps):
+            if not action.steps:
+                raise EmptyActionError("transition function returned AppendSteps with no steps")
+            steps = await deps.store.record_steps(
+                response_id, scope_parent, prev, action.steps, start=True
+            )
+            prev = steps[-1].id
+            chain.extend(
+                await _run_batch(deps, response_id, steps, depth, observer, ends_after, deferred)
+            )
+            continue
+        unwritten = deferred[0] if deferred else None
+        if isinstance(action, Complete):
+            return LoopOutcome("completed", chain, unwritten=unwritten)
+        if isinstance(action, Incomplete):
+            return LoopOutcome("incomplete", chain, incomplete_reason=action.reason, unwritten=unwritten)
+        if isinstance(action, Fail):
+            return LoopOutcome("failed", chain, error=action.error, unwritten=unwritten)
+        raise TypeError(f"unknown action {action!r}")  # pragma: no cover - the union is closed
+
+
+async def _run_batch(
+    deps: LoopDeps,
+    response_id: str,
+    steps: Sequence[Step],
+    depth: int,
+    observer: LoopObserver | None,
+    ends_after: Callable[[Step], bool] | None = None,
+    deferred: list[Step] | None = None,
+    *,
+    resume: bool = False,
+) -> list[Step]:
+    """Run sibling steps concurrently; a store error in any of them cancels the rest."""
+    if len(steps) == 1:  # the common case: no task overhead (and the only one that defers)
+        return [
+            await _execute_step(
+                deps, response_id, steps[0], depth, observer, resume, ends_after, deferred
+            )
+        ]
+    async with asyncio.TaskGroup() as group:
+        tasks = [
+            group.create_task(_execute_step(deps, response_id, s, depth, observer, resume))
+            for s in steps
+        ]
+    return [t.result() for t in tasks]
+
+
+async def _execute_step(
+    deps: LoopDeps,
+    response_id: str,
+    step: Step,
+    depth: int,
+    observer: LoopObserver | None,
+    resume: bool,
+    ends_after: Callable[[Step], bool] | None = None,
+    deferred: list[Step] | None = None,
+) -> Step:
+    store = deps.store
+    top = observer if depth == 0 else None
+    if step.state == PENDING:
+        step = await store.mark_processing(step.id)
+    elif resume:
+        # Interrupted while processing (the process died): note it, then run it again if safe.
+        await store.record_attempt(step.id, {"type": "interrupted", "message": "process stopped"})
+        if step.kind != MODEL_CALL and not _safe_to_rerun(deps, step):
+            return await store.fail_step(
+                step.id,
+                {"type": "interrupted", "message": "the tool call was interrupted and is not idempotent"},
+            )
+
+    if step.kind == MODEL_CALL:
+        return await _model_call(deps, step, top, observer, ends_after, deferred)
+
+    if top is not None:
+        top.tool_call_started(step)
+    try:
+        output = await _tool_call(deps, response_id, step, depth, observer)
+    except ToolError as exc:
+        step = await store.fail_step(step.id, {"type": exc.type, "message": exc.message})
+    else:
+        step = await store.complete_step(step.id, output)
+    if top is not None:
+        top.tool_call_finished(step)
+    return step
+
+
+def _safe_to_rerun(deps: LoopDeps, step: Step) -> bool:
+    definition = deps.registry.lookup(step.request_payload.get("name", ""))
+    if definition is None:
+        return True  # it will fail as unknown again, harmlessly
+    return definition.get("kind") == "agent" or bool(definition.get("idempotent"))
+
+
+async def _model_call(
+    deps: LoopDeps,
+    step: Step,
+    top: LoopObserver | None,
+    observer: LoopObserver | None,
+    ends_after: Callable[[Step], bool] | None = None,
+    deferred: list[Step] | None = None,
+) -> Step:
+    on_delta = None
+    if top is not None:
+        step_id = step.id
+        model_delta = top.model_delta
+
+        first = True
+
+        async def on_delta(delta: Delta) -> None:
+            nonlocal first
+            model_delta(step_id, delta)
+            if first:
+                # A fast upstream delivers many chunks in one read; without a pause here the
+                # client's first bytes would wait until all of them had been processed.
+                first = False
+                await asyncio.sleep(0)
+
+    step_id_ = step.id
+    store = deps.store
+    answered_by: list[str] = []
+
+    async def on_attempt(error: dict[str, Any] | None, upstream: str) -> None:
+        if error is None:
+            answered_by.append(upstream)  # written with the completion: no extra round trip
+        else:
+            await store.record_attempt(step_id_, error, upstream)
+
+    try:
+        completion = await deps.upstream.chat_completion(
+            step.request_payload, on_delta=on_delta, on_attempt=on_attempt
+        )
+    except UpstreamError as exc:
+        error = {"type": exc.type, "message": str(exc)}
+        if exc.status is not None:
+            error["status"] = exc.status
+        step = await deps.store.fail_step(step.id, error, exc.partial)
+        if top is not None:
+            top.model_call_finished(step)
+        return step
+    usage = completion.get("usage") if isinstance(completion, dict) else None
+    upstream = answered_by[-1] if answered_by else None
+    if ends_after is not None and deferred is not None:
+        done = dataclasses.replace(
+            step, state=COMPLETED, response_payload=completion, usage=usage,
+            finished_at=time.time(), upstream=upstream or step.upstream,
+        )
+        if ends_after(done):  # the caller stores it with the response's result
+            deferred.append(done)
+            if top is not None:
+                top.hold_events()  # its events wait for that write
+                top.model_call_finished(done)
+            return done
+    step = await deps.store.complete_step(step.id, completion, usage, upstream=upstream)
+    if top is not None:
+        top.model_call_finished(step)
+    elif observer is not None:
+        observer.add_usage(usage)
+    return step
+
+
+async def _tool_call(
+    deps: LoopDeps, response_id: str, step: Step, depth: int, observer: LoopObserver | None
+) -> Any:
+    """Run one tool step; raises ToolError with the message the model will see."""
+    payload = step.request_payload
+    name = payload.get("name", "")
+    if payload.get(REJECTED_KEY) == "max_tool_calls":
+        raise ToolError("max_tool_calls_exceeded", "max_tool_calls reached: this call was not run")
+    definition = deps.registry.lookup(name)
+    if definition is None:
+        raise ToolError("unknown_tool", f"unknown tool: {name}")
+    if definition.get("kind") == "agent":
+        return await _agent_call(deps, response_id, step, definition, depth, observer)
+    return await deps.http_tools.call(definition, payload.get("arguments") or "")
+
+
+async def _agent_call(
+    deps: LoopDeps,
+    response_id: str,
+    step: Step,
+    definition: dict[str, Any],
+    depth: int,
+    observer: LoopObserver | None,
+) -> Any:
+    """Run a sub-agent as a nested loop in the scope of this tool step; its final text is the output."""
+    if depth + 1 > deps.max_depth:
+        raise ToolError(
+            "max_depth_exceeded",
+            f"agent tool {definition['name']!r} not run: max_response_step_depth "
+            f"({deps.max_depth}) reached",
+        )
+    raw = step.request_payload.get("arguments") or "{}"
+    try:
+        arguments = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ToolError("invalid_arguments", f"arguments are not valid JSON: {exc}") from exc
+    if isinstance(arguments, dict) and isinstance(arguments.get("input"), str) and len(arguments) == 1:
+        user_text = arguments["input"]
+    else:
+        user_text = raw
+    tools = []
+    for tool_name in definition.get("tools") or []:
+        tool = deps.registry.lookup(tool_name)
+        if tool is not None:
+            tools.append(
+                {
+                    "type": "function",
+                    "function": {
+                        "name": tool["name"],
+                        "description": tool.get("description") or "",
+                        "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
+                    },
+                }
+            )
+    messages: list[dict[str, Any]] = []
+    if definition.get("instructions"):
+        messages.append({"role": "system", "content": definition["instructions"]})
+    messages.append({"role": "user", "content": user_text})
+    body: dict[str, Any] = {"model": definition["model"], "messages": messages}
+    if tools:
+        body["tools"] = tools
+    request = LoopRequest(
+        initial_body=body,
+        max_iterations=deps.max_iterations,
+        tool_output_max_bytes=deps.tool_output_max_bytes,
+        tool_output_max_lines=deps.tool_output_max_lines,
+    )
+    try:
+        outcome = await run_response_loop(
+            deps, response_id, request, scope_parent=step.id, depth=depth + 1, observer=observer
+        )
+    except StoreError:
+        raise
+    if outcome.status == "failed":
+        message = (outcome.error or {}).get("message") or "sub-agent failed"
+        raise ToolError("agent_failed", f"agent tool {definition['name']!r} failed: {message}")
+    if outcome.status == "incomplete":
+        raise ToolError(
+            "agent_incomplete",
+            f"agent tool {definition['name']!r} stopped early: {outcome.incomplete_reason}",
+        )
+    return outcome.final_text

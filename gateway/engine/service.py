@@ -1,0 +1,369 @@
+"""One response from request to stored result: history, tools, the loop, the final record.
+
+:class:`ResponsesService` is what the HTTP routes call. ``prepare`` does everything that can
+fail with a 4xx before anything is written (validation, ``previous_response_id`` history, tool
+offering, the first Chat Completions body); ``run`` creates the response record, runs the loop
+with a :class:`gateway.protocol.events.ResponseBuilder` observing it, and writes the final output, usage
+and status *before* the builder emits the terminal event — so a ``GET`` right after the stream
+ends returns the same response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import InvalidRequestError, PreviousResponseNotFoundError
+from gateway.protocol.convert import (
+    build_chat_request,
+    items_to_messages,
+    normalize_input,
+    tools_to_chat,
+)
+from gateway.protocol.events import ResponseBuilder
+from gateway.protocol.response_object import response_object
+from gateway.protocol.validation import validate_call_outputs, validate_request
+from store.types import (
+    MODEL_CALL,
+    ResponseRecord,
+    Step,
+    StepStateError,
+    StoreError,
+    new_id,
+)
+
+from .loop import LoopDeps, run_response_loop
+from .transition import AppendSteps, LoopRequest, next_action
+
+logger = logging.getLogger("stepchain.service")
+
+__all__ = ["Prepared", "ResponsesService", "record_to_object"]
+
+# How many conversations' histories one process keeps (each a list of items).
+_HISTORY_CACHE_SIZE = 2048
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated request, ready to run: its record, loop request and tool facts."""
+
+    record: ResponseRecord
+    loop_request: LoopRequest
+    input_items: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    client_tools: frozenset[str]
+    # The client's own key, sent upstream instead of the gateway's (pass_client_key); never stored.
+    upstream_key: str | None = None
+
+
+class _NotClient:
+    """``name in hosted`` for the event builder: every tool the client does not run."""
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: frozenset[str]) -> None:
+        self.client = client
+
+    def __contains__(self, name: object) -> bool:
+        return name not in self.client
+
+
+def record_to_object(record: ResponseRecord) -> dict[str, Any]:
+    """The Responses API ``Response`` object for a stored response record."""
+    return response_object(
+        id=record.id,
+        created_at=record.created_at,
+        model=record.model,
+        request=record.request,
+        status=record.status,
+        output=record.output,
+        usage=record.usage,
+        error=record.error,
+        incomplete_details=record.incomplete_details,
+        completed_at=record.completed_at,
+    )
+
+
+def _response_error(error: dict[str, Any] | None) -> dict[str, Any]:
+    """A failed step's ``{"type","message"}`` as the Response's ``{"code","message"}``."""
+    error = error or {}
+    kind = error.get("type") or "server_error"
+    code = {
+        "rate_limited": "rate_limit_exceeded",
+        "insufficient_quota": "insufficient_quota",
+    }.get(kind, "server_error")
+    return {"code": code, "message": error.get("message") or kind}
+
+
+class ResponsesService:
+    """Creates, runs and reads responses for the HTTP layer (one instance per process)."""
+
+    def __init__(self, deps: LoopDeps, *, owner: str | None = None, lease_s: float = 30.0) -> None:
+        self.deps = deps
+        self.store = deps.store
+        self.owner = owner
+        self.lease_s = lease_s
+        # Responses whose task is being cancelled on purpose (not by a shutdown).
+        self._cancel_requested: set[str] = set()
+        # response id -> the conversation's items up to and including that response's output.
+        self._history: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def get_visible(self, response_id: str, tenant: str | None) -> ResponseRecord | None:
+        """The stored response if this tenant may read it (``store: false`` ones are never)."""
+        record = await self.store.get_response(response_id)
+        if record is None or not record.store or record.tenant != tenant:
+            return None
+        return record
+
+    async def conversation_items(self, record: ResponseRecord) -> list[dict[str, Any]]:
+        """Every item of the conversation ending with ``record``: earlier inputs and outputs,
+        oldest first, then this response's input and output (instructions are not items)."""
+        cached = self._history.get(record.id)
+        if cached is not None:
+            self._history.move_to_end(record.id)
+            return cached
+        items: list[dict[str, Any]] = []
+        if record.previous_response_id:
+            previous = await self.store.get_response(record.previous_response_id)
+            if previous is not None:
+                items = list(await self.conversation_items(previous))
+        items.extend(normalize_input(record.request.get("input", []), record.id))
+        items.extend(record.output)
+        self._remember(record.id, items)
+        return items
+
+    def _remember(self, response_id: str, items: list[dict[str, Any]]) -> None:
+        self._history[response_id] = items
+        if len(self._history) > _HISTORY_CACHE_SIZE:
+            self._history.popitem(last=False)
+
+    def cancel(self, response_id: str, task: asyncio.Task[Any]) -> None:
+        """Cancel a running response on purpose: it ends ``cancelled``, its open steps
+        ``canceled`` (unlike a shutdown, which leaves it for another process to resume)."""
+        self._cancel_requested.add(response_id)
+        task.cancel()
+
+    async def _cancel_unfinished(self, response_id: str) -> None:
+        for step in await self.store.list_steps(response_id):
+            if not step.finished:
+                try:
+                    await self.store.cancel_step(step.id)
+                except StepStateError:
+                    pass  # it finished meanwhile
+
+    # -- creating ------------------------------------------------------------------------------
+
+    async def prepare(
+        self, body: dict[str, Any], tenant: str | None, *, upstream_key: str | None = None
+    ) -> Prepared:
+        """Validate ``body`` and build everything the loop needs; writes nothing.
+
+        Raises InvalidRequestError (400, with ``param``) and PreviousResponseNotFoundError.
+        """
+        validate_request(body)
+        prepared = await self._prepare(body, tenant, new_id("resp"), time.time(), check=True)
+        prepared.upstream_key = upstream_key
+        return prepared
+
+    async def _prepare(
+        self, body: dict[str, Any], tenant: str | None, response_id: str, created_at: float,
+        *, check: bool,
+    ) -> Prepared:
+        registry = self.deps.registry
+        await registry.refresh_if_stale()
+        history: list[dict[str, Any]] = []
+        previous_id = body.get("previous_response_id")
+        if previous_id:
+            previous = await self.get_visible(previous_id, tenant)
+            if previous is None:
+                raise PreviousResponseNotFoundError(
+                    f"Previous response with id '{previous_id}' not found.",
+                    param="previous_response_id",
+                )
+            if check and previous.status in ("queued", "in_progress"):
+                raise InvalidRequestError(
+                    f"Previous response '{previous_id}' is still {previous.status}.",
+                    param="previous_response_id",
+                )
+            history = await self.conversation_items(previous)
+        input_items = normalize_input(body.get("input", []), response_id)
+        if check:
+            validate_call_outputs(history, input_items)
+        offered, client_tools, _hosted = registry.offer(body.get("tools"), body.get("tool_choice"))
+        client_names = frozenset(t["name"] for t in client_tools)
+        # Background responses stream upstream too: followers may attach with ?stream=true.
+        stream = body.get("stream") is True or body.get("background") is True
+        initial_body = build_chat_request(
+            body, items_to_messages(history + input_items), tools_to_chat(offered), stream=stream
+        )
+        max_tool_calls = body.get("max_tool_calls")
+        loop_request = LoopRequest(
+            initial_body=initial_body,
+            client_tools=client_names,
+            max_iterations=self.deps.max_iterations,
+            max_tool_calls=max_tool_calls if isinstance(max_tool_calls, int) else None,
+            tool_output_max_bytes=self.deps.tool_output_max_bytes,
+            tool_output_max_lines=self.deps.tool_output_max_lines,
+        )
+        record = ResponseRecord(
+            id=response_id,
+            model=body["model"],
+            request=body,
+            tenant=tenant,
+            status="in_progress",
+            previous_response_id=previous_id,
+            created_at=created_at,
+            metadata=body.get("metadata"),
+            store=body.get("store", True) is not False,
+        )
+        return Prepared(record, loop_request, input_items, history, client_names)
+
+    def builder(self, prepared: Prepared, emit: Callable[[bytes], None] | None = None) -> ResponseBuilder:
+        """The event/output builder for a prepared response (``emit`` None = no events)."""
+        return self._builder(prepared.record, prepared.client_tools, emit)
+
+    def builder_for_record(
+        self, record: ResponseRecord, emit: Callable[[bytes], None] | None = None
+    ) -> ResponseBuilder:
+        """A builder for a stored response (replaying it): client tools from its request."""
+        _offered, client_tools, _hosted = self.deps.registry.offer(
+            record.request.get("tools"), record.request.get("tool_choice")
+        )
+        return self._builder(record, frozenset(t["name"] for t in client_tools), emit)
+
+    @staticmethod
+    def _builder(
+        record: ResponseRecord, client_tools: frozenset[str], emit: Callable[[bytes], None] | None
+    ) -> ResponseBuilder:
+        base = {
+            "id": record.id,
+            "created_at": record.created_at,
+            "model": record.model,
+            "request": record.request,
+        }
+        return ResponseBuilder(base, hosted_tools=_NotClient(client_tools), emit=emit)
+
+    async def replay_chain(self, response_id: str, builder: ResponseBuilder) -> None:
+        """Feed the finished steps of a response to ``builder`` as the loop reported them:
+        top-level steps in order (same item ids as the live stream), sub-agents' usage."""
+        for step in await self.store.list_steps(response_id):
+            if not step.finished:
+                continue
+            if step.scope_parent is not None:
+                if step.kind == MODEL_CALL:
+                    builder.add_usage(step.usage)
+            elif step.kind == MODEL_CALL:
+                builder.model_call_finished(step)
+            else:
+                builder.tool_call_started(step)
+                builder.tool_call_finished(step)
+
+    async def run(self, prepared: Prepared, builder: ResponseBuilder) -> dict[str, Any]:
+        """Create the record, run the loop to its end, store the result, then emit the terminal
+        event. Returns the final Response object. Raises StoreError only if the record itself
+        cannot be created (nothing has run then)."""
+        # The response and its first model call in one transaction (one store round trip).
+        first = next_action(prepared.loop_request, [])
+        assert isinstance(first, AppendSteps)
+        started = await self.store.create_response(
+            prepared.record, owner=self.owner, lease_s=self.lease_s, first_steps=first.steps
+        )
+        builder.start()
+        return await self._drive(prepared, builder, started)
+
+    async def resume(self, record: ResponseRecord) -> dict[str, Any]:
+        """Finish a response another process left unfinished, from its chain in the store.
+
+        Finished top-level steps are replayed into a fresh builder (same item ids as the live
+        stream had), then the loop settles the interrupted steps and goes on.
+        """
+        logger.info("resuming response %s", record.id)
+        if (record.metadata or {}).get("endpoint") == "chat.completions":
+            # A passthrough call's client is gone with its process: nothing to resume it for.
+            await self._cancel_unfinished(record.id)
+            error = {"code": "server_error", "message": "interrupted: the gateway process stopped"}
+            await self.store.update_response(
+                record.id, status="failed", error=error, completed_at=time.time()
+            )
+            return record_to_object(record)
+        try:
+            prepared = await self._prepare(
+                record.request, record.tenant, record.id, record.created_at, check=False
+            )
+        except Exception as exc:  # the request cannot be rebuilt: end it, do not retry forever
+            error = {"code": "server_error", "message": f"cannot resume: {exc}"}
+            await self.store.update_response(
+                record.id, status="failed", error=error, completed_at=time.time()
+            )
+            return record_to_object(record)
+        prepared.record = record
+        builder = self.builder(prepared)
+        await self.replay_chain(record.id, builder)
+        return await self._drive(prepared, builder)
+
+    async def _drive(
+        self, prepared: Prepared, builder: ResponseBuilder, started: list[Step] | None = None
+    ) -> dict[str, Any]:
+        record = prepared.record
+        deps = self.deps
+        if prepared.upstream_key:
+            deps = dataclasses.replace(deps, upstream=deps.upstream.with_api_key(prepared.upstream_key))
+        error = incomplete = None
+        last: Step | None = None  # the final model call, when the loop left storing it to us
+        try:
+            outcome = await run_response_loop(
+                deps, record.id, prepared.loop_request, observer=builder, started=started,
+                # The last step and the result share a write (its events wait for it).
+                defer_final_write=True,
+            )
+        except asyncio.CancelledError:
+            if record.id not in self._cancel_requested:
+                raise  # shutting down: leave it in progress for another process to resume
+            self._cancel_requested.discard(record.id)
+            status, error = "cancelled", None
+            await self._cancel_unfinished(record.id)
+        except StoreError as exc:
+            logger.error("store error in response %s: %s", record.id, exc)
+            status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
+        except Exception:  # a bug must still end the response, never leave it in_progress
+            logger.exception("response %s failed unexpectedly", record.id)
+            status, error = "failed", {"code": "server_error", "message": "internal error"}
+        else:
+            last = outcome.unwritten
+            status = outcome.status
+            if status == "failed":
+                error = _response_error(outcome.error)
+            elif status == "incomplete":
+                incomplete = {"reason": outcome.incomplete_reason}
+        completed_at = time.time()
+        output = builder.output
+        if record.store:
+            self._remember(record.id, prepared.history + prepared.input_items + output)
+        result = {
+            "status": status,
+            "output": output,
+            "usage": builder.usage,
+            "error": error,
+            "incomplete_details": incomplete,
+            "completed_at": completed_at,
+        }
+        try:
+            if last is not None:
+                await self.store.complete_step(
+                    last.id, last.response_payload, last.usage, upstream=last.upstream,
+                    response_update=result,
+                )
+            else:
+                await self.store.update_response(record.id, **result)
+        except StoreError as exc:
+            logger.error("could not store the result of response %s: %s", record.id, exc)
+            status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
+        return builder.finish(status, error=error, incomplete_details=incomplete)

@@ -1,0 +1,164 @@
+"""API keys and tenants: a pure ASGI middleware in front of the OpenAI-compatible routes.
+
+Each configured API key is a tenant. Keys are kept only as SHA-256 hex digests; the tenant id is
+derived from the digest (``tenant_<first 16 hex digits>``), so it is stable across restarts and
+replicas and reveals nothing about the key.
+
+When keys are configured, every request under ``/v1/`` needs ``Authorization: Bearer <key>``
+(401 ``invalid_api_key`` otherwise), except the tool admin API under ``/v1/tools``, which checks
+the admin key itself (:mod:`gateway.http.tools`). ``/healthz`` and other paths are always open.
+The middleware puts the tenant in ``scope["stepchain.tenant"]`` (None for an open gateway), read by
+:func:`gateway.http.responses.tenant_of`, and with ``pass_client_key`` the presented key in
+``scope["stepchain.client_key"]`` for calling the upstream with the client's own key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.config import ConfigError
+from gateway.errors import AuthenticationError
+
+__all__ = [
+    "CLIENT_KEY_SCOPE_KEY",
+    "TENANT_SCOPE_KEY",
+    "AuthMiddleware",
+    "hash_key",
+    "load_api_keys",
+    "tenant_for_hash",
+]
+
+TENANT_SCOPE_KEY = "stepchain.tenant"
+CLIENT_KEY_SCOPE_KEY = "stepchain.client_key"
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest of an API key (UTF-8), the only form in which keys are kept."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def tenant_for_hash(key_hash: str) -> str:
+    """The tenant id of a key, from its digest: ``tenant_`` + the first 16 hex digits."""
+    return "tenant_" + key_hash[:16]
+
+
+def load_api_keys(keys: str | None, keys_file: str | None) -> dict[str, str]:
+    """The configured API keys as ``{sha256_hex(key): tenant_id}``.
+
+    ``keys`` is comma-separated; ``keys_file`` holds one key per line (blank lines and lines
+    starting with ``#`` are ignored). Surrounding whitespace is stripped. Both may be given; an
+    empty result means an open gateway. Raises :class:`gateway.config.ConfigError` if the file
+    cannot be read or holds no key (a file was named, so an open gateway is not what was meant).
+    """
+    raw: list[str] = [k.strip() for k in (keys or "").split(",")]
+    if keys_file:
+        try:
+            with open(keys_file, encoding="utf-8") as fh:
+                lines = [line.strip() for line in fh]
+        except OSError as exc:
+            raise ConfigError(f"api_keys_file: cannot read {keys_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"api_keys_file: {keys_file} is not UTF-8 text") from None
+        from_file = [line for line in lines if line and not line.startswith("#")]
+        if not from_file:
+            raise ConfigError(f"api_keys_file: {keys_file} holds no key")
+        raw.extend(from_file)
+    hashes = {}
+    for key in raw:
+        if key:
+            digest = hash_key(key)
+            hashes[digest] = tenant_for_hash(digest)
+    return hashes
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the router matches (``root_path`` removed), as starlette computes it."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        if path == root_path:
+            return ""
+        if path[len(root_path)] == "/":
+            return path[len(root_path) :]
+    return path
+
+
+def _bearer(scope: Scope) -> str | None:
+    """The token of the first ``Authorization: Bearer …`` header, or None."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer":
+                return None
+            return token.strip() or None
+    return None
+
+
+class AuthMiddleware:
+    """Checks the Bearer key of ``/v1/`` requests and records the caller's tenant in the scope.
+
+    ``key_hashes`` maps key digests to tenant ids (:func:`load_api_keys`); empty = open gateway.
+    Only the digests are held. Unknown or missing keys get 401 with the OpenAI error body, code
+    ``invalid_api_key``.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, key_hashes: Mapping[str, str], pass_client_key: bool = False
+    ) -> None:
+        self.app = app
+        self.key_hashes = dict(key_hashes)
+        self.pass_client_key = pass_client_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path = _route_path(scope)
+        if not (path == "/v1" or path.startswith("/v1/")):
+            await self.app(scope, receive, send)
+            return
+        if path == "/v1/tools" or path.startswith("/v1/tools/"):
+            # The tool admin API checks the admin key; a tenant key grants nothing there.
+            await self.app(scope, receive, send)
+            return
+        token = _bearer(scope)
+        tenant = None
+        if self.key_hashes:
+            # A dict lookup of a digest: timing reveals nothing about any configured key.
+            tenant = self.key_hashes.get(hash_key(token)) if token is not None else None
+            if tenant is None:
+                if scope["type"] == "websocket":  # closing before accept is an HTTP 403
+                    await send({"type": "websocket.close", "code": 1008})
+                else:
+                    await _unauthorized(send, token is None)
+                return
+        scope[TENANT_SCOPE_KEY] = tenant
+        if self.pass_client_key and token is not None:
+            scope[CLIENT_KEY_SCOPE_KEY] = token
+        await self.app(scope, receive, send)
+
+
+async def _unauthorized(send: Send, missing: bool) -> None:
+    if missing:
+        message = (
+            "You didn't provide an API key. You need to provide your API key in an Authorization "
+            "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        )
+    else:
+        message = "Incorrect API key provided."
+    body = AuthenticationError(message).to_json()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": AuthenticationError.status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b"Bearer"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

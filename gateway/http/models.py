@@ -1,0 +1,38 @@
+"""``GET /v1/models`` (passed through to the upstream) and ``GET /healthz``."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from executors.upstream import UpstreamError as UpstreamCallError
+from gateway.errors import UpstreamError
+
+from .bodies import JSON, json_response
+
+__all__ = ["model_routes"]
+
+
+async def list_models(request: Request) -> Response:
+    """``GET /v1/models`` passed through to the upstream."""
+    try:
+        upstream_response = await request.app.state.upstream.get("models")
+    except UpstreamCallError as exc:
+        raise UpstreamError(str(exc)) from None
+    return Response(
+        upstream_response.content,
+        status_code=upstream_response.status_code,
+        media_type=upstream_response.headers.get("content-type", JSON),
+    )
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+def model_routes() -> list[Route]:
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+    ]

@@ -1,0 +1,253 @@
+"""``/v1/responses`` routes: create (JSON, SSE or background), get (and re-attach to a stream),
+cancel, delete, input items, and the step chain (a stepchain extension).
+
+Shapes follow the OpenAI API (``shared/reference/responses-api.md``). Every error is raised as
+a :class:`gateway.errors.GatewayError` and rendered once by the app's handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.engine.live import replay_events
+from gateway.engine.service import ResponsesService, record_to_object
+from gateway.errors import (
+    ConflictError,
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    RateLimitError,
+    UpstreamError,
+)
+from gateway.protocol.sse import DONE
+from store.types import ResponseRecord
+
+from .bodies import json_response, read_json, tenant_of
+from .sse_response import EventStreamResponse
+
+__all__ = ["response_routes"]
+
+logger = logging.getLogger("stepchain.http")
+
+def _error_for_failure(error: dict[str, Any] | None) -> GatewayError:
+    """An HTTP error for a response that failed before any output existed."""
+    error = error or {}
+    message = error.get("message") or "The upstream model call failed."
+    code = error.get("code")
+    if code == "insufficient_quota":
+        return RateLimitError(message, code="insufficient_quota")
+    if code == "rate_limit_exceeded":
+        return RateLimitError(message)
+    return UpstreamError(message)
+
+
+# -- /v1/responses ---------------------------------------------------------------------------
+
+
+async def create_response(request: Request) -> Response | EventStreamResponse:
+    state = request.app.state
+    service: ResponsesService = state.service
+    body = await read_json(request)
+    prepared = await service.prepare(
+        body, tenant_of(request), upstream_key=request.scope.get("stepchain.client_key")
+    )
+    response_id = prepared.record.id
+    stream = body.get("stream") is True
+    background = body.get("background") is True
+    if not stream and not background:
+        # A task of its own: the response finishes and is stored even if the client leaves.
+        task = _start(state, service, prepared, None)
+        final = await asyncio.shield(task)
+        if final["status"] == "failed" and not final["output"]:
+            raise _error_for_failure(final.get("error"))
+        return json_response(final)
+
+    live = state.live.open(response_id)
+    task = _start(state, service, prepared, live.emit)
+    task.add_done_callback(lambda _t: state.live.close(response_id))
+    if background and not stream:
+        await live.wait_for(1)  # response.created: the record is in the store
+        if task.done() and task.exception() is not None:
+            raise task.exception()
+        return json_response(record_to_object(prepared.record))
+    # Hold the headers until the first event after response.in_progress (or the end): a response
+    # that fails before producing anything becomes an HTTP error the SDK can raise.
+    await live.wait_for(3)
+    if live.closed or live.events[-1].startswith(b"event: response.failed"):
+        final = await asyncio.shield(task)
+        if final["status"] == "failed" and not final["output"]:
+            raise _error_for_failure(final.get("error"))
+    if state.settings.cancel_on_disconnect and not background:
+        state.tasks.spawn(_cancel_on_disconnect(request, service, response_id, task))
+    # If the client goes away, the response goes on and is stored (unless configured otherwise).
+    return _sse(live.follow(0))
+
+
+def _start(state: Any, service: ResponsesService, prepared: Any, emit: Any) -> asyncio.Task[Any]:
+    """Run a prepared response as an app-owned task, findable for cancellation while it runs."""
+    response_id = prepared.record.id
+    task = state.tasks.spawn(service.run(prepared, service.builder(prepared, emit=emit)))
+    state.running[response_id] = task
+    task.add_done_callback(lambda _t: state.running.pop(response_id, None))
+    return task
+
+
+def _sse(events: AsyncIterator[bytes]) -> EventStreamResponse:
+    return EventStreamResponse(events, tail=DONE)
+
+
+async def _cancel_on_disconnect(
+    request: Request, service: ResponsesService, response_id: str, task: asyncio.Task[Any]
+) -> None:
+    """Cancel the response when its client disconnects before it ended."""
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    done, _ = await asyncio.wait({watcher, task}, return_when=asyncio.FIRST_COMPLETED)
+    if watcher in done and not task.done():
+        service.cancel(response_id, task)
+    watcher.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _visible(request: Request) -> ResponseRecord:
+    response_id = request.path_params["response_id"]
+    record = await request.app.state.service.get_visible(response_id, tenant_of(request))
+    if record is None:
+        raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+    return record
+
+
+async def get_response(request: Request) -> Response | EventStreamResponse:
+    """``GET /v1/responses/{id}``; with ``?stream=true[&starting_after=N]`` the response's events
+    after sequence number N as SSE: live ones from this process's log while it runs (exactly
+    the original stream's), otherwise rebuilt from the stored chain."""
+    record = await _visible(request)
+    if request.query_params.get("stream") not in ("true", "1"):
+        return json_response(record_to_object(record))
+    raw = request.query_params.get("starting_after", "-1")
+    try:
+        starting_after = int(raw)
+    except ValueError:
+        raise InvalidRequestError("starting_after must be an integer.", param="starting_after") from None
+    state = request.app.state
+    live = state.live.get(record.id)
+    if live is not None:
+        return _sse(live.follow(max(starting_after + 1, 0)))
+    # A replay may wait (polling the store) for a response running elsewhere: stop when the
+    # client leaves rather than when that response ends.
+    return EventStreamResponse(
+        _after(replay_events(state.service, record), starting_after), tail=DONE, watch_disconnect=True
+    )
+
+
+async def _after(events: AsyncIterator[bytes], starting_after: int) -> AsyncIterator[bytes]:
+    index = 0
+    async for event in events:
+        if event.startswith(b":"):
+            yield event  # keep-alive comment while the response runs elsewhere
+            continue
+        if index > starting_after:
+            yield event
+        index += 1
+
+
+async def cancel_response(request: Request) -> Response:
+    """``POST /v1/responses/{id}/cancel``: stop a background response running here; it ends
+    ``cancelled`` with its open steps ``canceled``. Only background responses can be cancelled."""
+    record = await _visible(request)
+    state = request.app.state
+    if not record.request.get("background"):
+        raise InvalidRequestError("Only background responses can be cancelled.", param="response_id")
+    task = state.running.get(record.id)
+    if task is not None and not task.done():
+        state.service.cancel(record.id, task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            pass
+    elif record.status in ("queued", "in_progress"):
+        raise ConflictError(
+            "The response is running on another gateway process; cancel it there.", param="response_id"
+        )
+    record = await _visible(request)
+    return json_response(record_to_object(record))
+
+
+async def delete_response(request: Request) -> Response:
+    record = await _visible(request)
+    await request.app.state.service.store.delete_response(record.id)
+    return json_response({"id": record.id, "object": "response", "deleted": True})
+
+
+async def list_input_items(request: Request) -> Response:
+    """``GET /v1/responses/{id}/input_items``: cursor pagination as OpenAI (after, limit, order)."""
+    from gateway.protocol.convert import normalize_input
+
+    record = await _visible(request)
+    query = request.query_params
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequestError("order must be 'asc' or 'desc'.", param="order")
+    raw_limit = query.get("limit", "20")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+        raise InvalidRequestError("limit must be an integer from 1 to 100.", param="limit")
+    limit = int(raw_limit)
+    items = normalize_input(record.request.get("input", []), record.id)
+    if order == "desc":
+        items = items[::-1]
+    after = query.get("after")
+    if after:
+        ids = [item.get("id") for item in items]
+        if after not in ids:
+            raise InvalidRequestError(f"No input item with id '{after}'.", param="after")
+        items = items[ids.index(after) + 1 :]
+    page = items[:limit]
+    return json_response(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }
+    )
+
+
+async def list_steps(request: Request) -> Response:
+    """``GET /v1/responses/{id}/steps``: the recorded step chain (a stepchain extension).
+
+    Every step of every scope by ``sequence``; ``?scope_parent=<step id>`` lists one sub-agent
+    scope and ``?scope_parent=`` (empty) the top level only.
+    """
+    record = await _visible(request)
+    store = request.app.state.service.store
+    if "scope_parent" in request.query_params:
+        steps = await store.list_chain(record.id, request.query_params["scope_parent"] or None)
+    else:
+        steps = await store.list_steps(record.id)
+    return json_response({"object": "list", "data": [_step_dict(s) for s in steps]})
+
+
+def _step_dict(step: Any) -> dict[str, Any]:
+    return {"object": "response.step", **{name: getattr(step, name) for name in step.__slots__}}
+
+
+def response_routes() -> list[Route]:
+    return [
+        Route("/v1/responses", create_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
+        Route("/v1/responses/{response_id}/input_items", list_input_items, methods=["GET"]),
+        Route("/v1/responses/{response_id}/steps", list_steps, methods=["GET"]),
+        Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
+    ]

@@ -1,0 +1,466 @@
+"""Responses API requests → Chat Completions requests.
+
+Pure functions, no I/O. The mapping follows ``shared/reference/responses-api.md`` ("Mapping to
+Chat Completions"):
+
+* ``normalize_input`` — the request's ``input`` as a list of Responses input items, validated,
+  each with a stable ``id`` (the client's, or ``<prefix>_<response-hex>_<position>``);
+* ``items_to_messages`` — input items (and earlier output items) → Chat Completions messages;
+* ``tools_to_chat`` / ``build_chat_request`` — tools and the whole upstream body;
+* request-level checks (``validate_request``, ``validate_call_outputs``) are in
+  :mod:`gateway.protocol.validation`;
+* token accounting is in :mod:`gateway.protocol.usage`.
+
+Every problem with the client's request raises :class:`gateway.errors.InvalidRequestError` with
+``param`` naming the offending field the way OpenAI does (``input[2].content[0].text``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .checks import bad_value, unsupported_value
+from .truncation import tool_output_text, truncate_for_model
+
+__all__ = ["build_chat_request", "items_to_messages", "normalize_input", "tools_to_chat"]
+
+_ROLES = ("user", "assistant", "system", "developer")
+_TEXT_PARTS = ("input_text", "output_text")
+_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens": "max_tokens"}
+_ID_PREFIX = {
+    "message": "msg", "function_call": "fc", "function_call_output": "fco",
+    "reasoning": "rs", "mcp_call": "mcp",
+}  # fmt: skip
+
+
+def _hex(response_id: str) -> str:
+    return response_id.split("_", 1)[1] if "_" in response_id else response_id
+
+
+# -- input items ------------------------------------------------------------------------------
+
+
+def normalize_input(input: str | list[Any], response_id: str) -> list[dict[str, Any]]:
+    """The request's ``input`` as a list of Responses input items, each with an ``id``.
+
+    A string becomes one user ``message`` with an ``input_text`` part. Messages get
+    ``"type": "message"`` and ``"status": "completed"`` when missing, and string content becomes one
+    ``input_text`` part (``output_text`` with ``annotations: []`` for the assistant). Items without
+    an ``id`` get ``<prefix>_<response-id hex>_<position>`` (``msg``, ``fc``, ``fco``, ``rs``,
+    ``mcp``), so listing the same stored request always gives the same ids. The client's dicts
+    are not modified.
+
+    Raises InvalidRequestError (param ``input``, ``input[i].role``, ``input[i].content[j].type``,
+    …) for malformed items and for item kinds this gateway cannot send to a Chat Completions
+    upstream (``item_reference``, ``file_id`` images and files, OpenAI-hosted tool calls).
+    """
+    hex_id = _hex(response_id)
+    if isinstance(input, str):
+        return [
+            {
+                "type": "message",
+                "id": f"msg_{hex_id}_0",
+                "role": "user",
+                "status": "completed",
+                "content": [{"type": "input_text", "text": input}],
+            }
+        ]
+    if not isinstance(input, list):
+        raise bad_value("input", "a string or a list of input items")
+    items = []
+    for i, raw in enumerate(input):
+        param = f"input[{i}]"
+        if not isinstance(raw, dict):
+            raise bad_value(param, "an object")
+        item = dict(raw)
+        kind = item.get("type")
+        if kind is None and "role" in item:
+            kind = item["type"] = "message"
+        if not isinstance(kind, str):
+            raise bad_value(f"{param}.type", "a string")
+        validator = _ITEM_VALIDATORS.get(kind)
+        if validator is None:
+            message = f"Input items of type '{kind}' are not supported by this gateway."
+            raise unsupported_value(f"{param}.type", message)
+        validator(item, param)
+        if "id" not in item or item["id"] is None:
+            item["id"] = f"{_ID_PREFIX[kind]}_{hex_id}_{i}"
+        else:
+            _require_str(item, "id", param)
+        items.append(item)
+    return items
+
+
+def _require_str(item: dict[str, Any], key: str, param: str, *, empty: bool = False) -> None:
+    value = item.get(key)
+    if not isinstance(value, str) or (not empty and not value):
+        raise bad_value(f"{param}.{key}", "a string" if empty else "a non-empty string")
+
+
+def _validate_message(item: dict[str, Any], param: str) -> None:
+    role = item.get("role")
+    if role not in _ROLES:
+        raise bad_value(f"{param}.role", f"one of {', '.join(_ROLES)}")
+    item.setdefault("status", "completed")
+    content = item.get("content")
+    if isinstance(content, str):
+        if role == "assistant":
+            item["content"] = [{"type": "output_text", "text": content, "annotations": []}]
+        else:
+            item["content"] = [{"type": "input_text", "text": content}]
+        return
+    if not isinstance(content, list):
+        raise bad_value(f"{param}.content", "a string or a list of content parts")
+    for j, part in enumerate(content):
+        _validate_part(part, f"{param}.content[{j}]", media=role == "user")
+
+
+def _validate_part(part: Any, param: str, *, media: bool) -> None:
+    """One content part of a message (``media``: images and files allowed) or a tool output."""
+    if not isinstance(part, dict):
+        raise bad_value(param, "an object")
+    kind = part.get("type")
+    if kind in _TEXT_PARTS:
+        _require_str(part, "text", param, empty=True)
+    elif kind == "refusal":
+        _require_str(part, "refusal", param, empty=True)
+    elif kind in ("input_image", "input_file") and not media:
+        raise bad_value(f"{param}.type", "a text part: images and files go in user messages")
+    elif kind == "input_image":
+        if part.get("file_id") is not None:
+            raise unsupported_value(
+                f"{param}.file_id",
+                "Images given by 'file_id' are not supported by this gateway; use 'image_url'.",
+            )
+        _require_str(part, "image_url", param)
+        if part.get("detail") not in (None, "auto", "low", "high", "original"):
+            raise bad_value(f"{param}.detail", "auto, low, high or original")
+    elif kind == "input_file":
+        for key in ("file_id", "file_url"):
+            if part.get(key) is not None:
+                raise unsupported_value(
+                    f"{param}.{key}",
+                    f"Files given by '{key}' are not supported by this gateway; use 'file_data'.",
+                )
+        _require_str(part, "file_data", param)
+        if part.get("filename") is not None:
+            _require_str(part, "filename", param)
+    else:
+        raise unsupported_value(
+            f"{param}.type", f"Content parts of type '{kind}' are not supported by this gateway."
+        )
+
+
+def _validate_function_call(item: dict[str, Any], param: str) -> None:
+    _require_str(item, "call_id", param)
+    _require_str(item, "name", param)
+    _require_str(item, "arguments", param, empty=True)
+    item.setdefault("status", "completed")
+
+
+def _validate_function_call_output(item: dict[str, Any], param: str) -> None:
+    _require_str(item, "call_id", param)
+    output = item.get("output")
+    if isinstance(output, list):
+        for j, part in enumerate(output):
+            _validate_part(part, f"{param}.output[{j}]", media=True)
+    elif not isinstance(output, str):
+        raise bad_value(f"{param}.output", "a string or a list of content parts")
+    item.setdefault("status", "completed")
+
+
+def _validate_reasoning(item: dict[str, Any], param: str) -> None:
+    # Dropped before the upstream call; only the shape that openai-agents resends is checked.
+    for key in ("summary", "content"):
+        if item.get(key) is not None and not isinstance(item[key], list):
+            raise bad_value(f"{param}.{key}", "a list")
+
+
+def _validate_mcp_call(item: dict[str, Any], param: str) -> None:
+    if item.get("call_id") is not None:
+        _require_str(item, "call_id", param)  # it becomes a tool-call id: a dict key
+    _require_str(item, "name", param)
+    _require_str(item, "arguments", param, empty=True)
+    if item.get("output") is not None and not isinstance(item["output"], str):
+        raise bad_value(f"{param}.output", "a string or null")
+
+
+def _reject_reference(item: dict[str, Any], param: str) -> None:
+    raise unsupported_value(
+        f"{param}.type",
+        "Input items of type 'item_reference' are not supported by this gateway; send the item "
+        "itself, or use 'previous_response_id'.",
+    )
+
+
+_ITEM_VALIDATORS = {
+    "message": _validate_message,
+    "function_call": _validate_function_call,
+    "function_call_output": _validate_function_call_output,
+    "reasoning": _validate_reasoning,
+    "mcp_call": _validate_mcp_call,
+    "item_reference": _reject_reference,
+}
+
+
+# -- items → Chat Completions messages ---------------------------------------------------------
+
+
+def items_to_messages(
+    items: list[dict[str, Any]],
+    *,
+    tool_output_max_bytes: int = 50_000,
+    tool_output_max_lines: int = 2_000,
+) -> list[dict[str, Any]]:
+    """Normalized Responses items (see :func:`normalize_input`) → Chat Completions messages.
+
+    * ``message`` → a message of the same role, ``developer`` → ``system`` (many upstreams do
+      not know ``developer``); all-text content is sent as one string (parts joined by ``\\n``;
+      refusals become text), otherwise as ``text`` / ``image_url`` / ``file`` parts;
+    * consecutive ``function_call`` and ``mcp_call`` items → one assistant message with
+      ``tool_calls``, merged into the assistant message right before them if there is one;
+      reasoning items in between are skipped, they never split a turn;
+    * right after that assistant message comes one ``tool`` message per call: a
+      ``function_call_output``'s output (found anywhere later in ``items``), or an ``mcp_call``'s
+      own output (``"Error: …"`` if it failed), truncated like live tool outputs;
+    * the tool-call id of a ``function_call`` is its ``call_id``; of an ``mcp_call`` its
+      ``call_id`` if it carries one, else its ``id`` (the gateway's own ``mcp_…`` items have
+      none);
+    * ``reasoning`` items are dropped.
+
+    Chat upstreams reject an assistant ``tool_calls`` message that is not followed by exactly one
+    tool message per id, so history that breaks that rule is repaired, never sent as is: a
+    ``function_call`` with no later output is dropped, an output with no earlier call is dropped,
+    and a repeated ``call_id`` within one assistant message is kept once. Images in tool outputs
+    (which ``tool`` messages cannot carry) follow the tool messages as one user message.
+    Never raises for items that :func:`normalize_input` accepted.
+    """
+    outputs: dict[str, list[int]] = {}
+    for position, item in enumerate(items):
+        if item.get("type") == "function_call_output":
+            outputs.setdefault(item["call_id"], []).append(position)
+    claimed: set[int] = set()
+    messages: list[dict[str, Any]] = []
+    limits = (tool_output_max_bytes, tool_output_max_lines)
+    i, n = 0, len(items)
+    while i < n:
+        item = items[i]
+        kind = item.get("type")
+        if kind == "message":
+            if item["role"] == "assistant" and _next_call(items, i + 1) is not None:
+                i = _tool_turn(items, i + 1, _message(item), outputs, claimed, messages, limits)
+                continue
+            messages.append(_message(item))
+        elif kind in ("function_call", "mcp_call"):
+            assistant = {"role": "assistant", "content": None}
+            i = _tool_turn(items, i, assistant, outputs, claimed, messages, limits)
+            continue
+        # function_call_output items are placed with their call; reasoning items are dropped.
+        i += 1
+    return messages
+
+
+def _next_call(items: list[dict[str, Any]], i: int) -> int | None:
+    """Index of the next function/mcp call if only reasoning items come before it."""
+    while i < len(items):
+        kind = items[i].get("type")
+        if kind in ("function_call", "mcp_call"):
+            return i
+        if kind != "reasoning":
+            return None
+        i += 1
+    return None
+
+
+def _tool_turn(
+    items: list[dict[str, Any]],
+    i: int,
+    assistant: dict[str, Any],
+    outputs: dict[str, list[int]],
+    claimed: set[int],
+    messages: list[dict[str, Any]],
+    limits: tuple[int, int],
+) -> int:
+    """Append one assistant message with the calls starting at ``items[i]`` and their tool
+    messages; return the index of the first item after the calls."""
+    calls: list[dict[str, Any]] = []
+    answers: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while i < len(items) and items[i].get("type") in ("function_call", "mcp_call", "reasoning"):
+        item = items[i]
+        kind = item["type"]
+        if kind == "function_call":
+            call_id = item["call_id"]
+            answer = None
+            if call_id not in seen:
+                answer = _claim_output(outputs.get(call_id, ()), i, claimed)
+            if answer is not None:
+                seen.add(call_id)
+                calls.append(_tool_call(call_id, item))
+                content, found = _tool_output_content(items[answer]["output"])
+                answers.append({"role": "tool", "tool_call_id": call_id, "content": content})
+                if found:
+                    note = f"Images returned by tool call {call_id}:"
+                    images += [{"type": "text", "text": note}, *found]
+        elif kind == "mcp_call":
+            call_id = item.get("call_id") or item["id"]
+            if call_id not in seen:
+                seen.add(call_id)
+                calls.append(_tool_call(call_id, item))
+                text = truncate_for_model(
+                    _mcp_output_text(item), max_bytes=limits[0], max_lines=limits[1]
+                )
+                answers.append({"role": "tool", "tool_call_id": call_id, "content": text})
+        i += 1
+    if calls:
+        assistant["tool_calls"] = calls
+    if calls or assistant.get("content"):
+        messages.append(assistant)
+    messages.extend(answers)
+    if images:
+        messages.append({"role": "user", "content": images})
+    return i
+
+
+def _claim_output(positions: Any, after: int, claimed: set[int]) -> int | None:
+    for position in positions:
+        if position > after and position not in claimed:
+            claimed.add(position)
+            return position
+    return None
+
+
+def _tool_call(call_id: str, item: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": item["name"], "arguments": item.get("arguments") or ""},
+    }
+
+
+def _mcp_output_text(item: dict[str, Any]) -> str:
+    """What the model saw for a hosted tool call: its output, or ``Error: <message>``."""
+    error = item.get("error")
+    output = item.get("output")
+    if error is None and output is not None and item.get("status") in (None, "completed"):
+        return output
+    if isinstance(error, dict):
+        error = error.get("content", error.get("message"))
+    if error is not None and error != "":
+        return f"Error: {tool_output_text(error)}"
+    if item.get("status") == "failed":
+        return "Error: the tool call failed"
+    return "Error: the tool call did not finish"
+
+
+def _tool_output_content(output: str | list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """A ``function_call_output``'s output as tool-message text, plus any image/file parts."""
+    if isinstance(output, str):
+        return output, []
+    parts = [_chat_part(part) for part in output]
+    texts = [part["text"] for part in parts if part["type"] == "text"]
+    return "\n".join(texts), [part for part in parts if part["type"] != "text"]
+
+
+def _chat_part(part: dict[str, Any]) -> dict[str, Any]:
+    kind = part["type"]
+    if kind == "input_image":
+        return {
+            "type": "image_url",
+            "image_url": {"url": part["image_url"], "detail": part.get("detail") or "auto"},
+        }
+    if kind == "input_file":
+        file: dict[str, Any] = {"file_data": part["file_data"]}
+        if part.get("filename"):
+            file["filename"] = part["filename"]
+        return {"type": "file", "file": file}
+    text = part["refusal"] if kind == "refusal" else part["text"]
+    return {"type": "text", "text": text}
+
+
+def _message(item: dict[str, Any]) -> dict[str, Any]:
+    role = "system" if item["role"] == "developer" else item["role"]
+    parts = item["content"]
+    if all(part["type"] in _TEXT_PARTS or part["type"] == "refusal" for part in parts):
+        texts = (part["refusal"] if part["type"] == "refusal" else part["text"] for part in parts)
+        return {"role": role, "content": "\n".join(texts)}
+    return {"role": role, "content": [_chat_part(part) for part in parts]}
+
+
+# -- tools and the request body ----------------------------------------------------------------
+
+
+def tools_to_chat(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Responses function tools → Chat Completions tools.
+
+    ``{"type":"function","name","description","parameters","strict"}`` →
+    ``{"type":"function","function":{"name","description","parameters","strict"}}`` with None
+    fields omitted. Any other tool type raises InvalidRequestError (param ``tools[i].type``).
+    """
+    chat = []
+    for i, tool in enumerate(tools or ()):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise unsupported_value(
+                f"tools[{i}].type",
+                f"Tools of type '{kind}' are not supported by this gateway; use function tools.",
+            )
+        function = {
+            key: tool[key]
+            for key in ("name", "description", "parameters", "strict")
+            if tool.get(key) is not None
+        }
+        chat.append({"type": "function", "function": function})
+    return chat
+
+
+def build_chat_request(
+    request: dict[str, Any],
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+    *,
+    stream: bool,
+) -> dict[str, Any]:
+    """The Chat Completions body for a validated Responses ``request``.
+
+    ``messages`` come from :func:`items_to_messages`, ``tools`` from :func:`tools_to_chat`.
+    ``instructions`` become the first (system) message; ``tools``, ``tool_choice`` and
+    ``parallel_tool_calls`` are sent only with tools; ``max_output_tokens`` → ``max_tokens``;
+    ``text.format`` → ``response_format``; ``reasoning.effort`` → ``reasoning_effort``;
+    streaming asks for ``stream_options.include_usage``. Absent or null fields are omitted, unknown
+    request fields ignored.
+    """
+    instructions = request.get("instructions")
+    if instructions:
+        messages = [{"role": "system", "content": instructions}, *messages]
+    body: dict[str, Any] = {"model": request["model"], "messages": messages}
+    if tools:
+        body["tools"] = tools
+        choice = request.get("tool_choice")
+        if isinstance(choice, dict):
+            body["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+        elif choice is not None:
+            body["tool_choice"] = choice
+        if request.get("parallel_tool_calls") is not None:
+            body["parallel_tool_calls"] = request["parallel_tool_calls"]
+    for source, target in _SAMPLING.items():
+        if request.get(source) is not None:
+            body[target] = request[source]
+    text_format = (request.get("text") or {}).get("format") or {}
+    if text_format.get("type") == "json_schema":
+        schema = {
+            key: text_format[key]
+            for key in ("name", "description", "schema", "strict")
+            if text_format.get(key) is not None
+        }
+        body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif text_format.get("type") == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    effort = (request.get("reasoning") or {}).get("effort")
+    if effort is not None:
+        body["reasoning_effort"] = effort
+    body["stream"] = stream
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
