@@ -55,16 +55,22 @@ def redact_url(url: str) -> str:
     return _PASSWORD.sub(r"\1***@", url)
 
 
-def open_store(url: str, **options: Any) -> Store:
+def open_store(url: str, *, synchronous: str | None = None, **options: Any) -> Store:
     """The store for ``url`` (not yet opened):
 
     - a plain path (``stepchain.db``, ``/var/lib/x.db``) or ``sqlite:///path`` (absolute:
       ``sqlite:////var/lib/x.db``; relative: ``sqlite:///x.db``) → :class:`store.sqlite.SQLiteStore`;
     - ``postgresql://…`` or ``postgres://…`` (any libpq URL) → :class:`store.postgres.PostgresStore`.
 
-    ``options`` go to the backend's constructor (e.g. ``synchronous="FULL"`` for SQLite,
-    ``max_size=20`` for PostgreSQL). Any other scheme raises ValueError naming it.
+    ``synchronous`` is SQLite's ``PRAGMA synchronous`` (ignored by PostgreSQL, whose
+    durability is the server's); other ``options`` go to the backend's constructor (e.g.
+    ``max_size=20`` for PostgreSQL). Any other scheme raises ValueError naming it (never the
+    password).
     """
+    if synchronous is not None and not _SCHEME.match(url) or (
+        synchronous is not None and url.lower().startswith("sqlite:")
+    ):
+        options["synchronous"] = synchronous
     match = _SCHEME.match(url)
     if match is None:
         from .sqlite import SQLiteStore

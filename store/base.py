@@ -302,8 +302,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def release_owner(self, owner: str) -> None:
-        """Drop ``owner``'s liveness lock (a clean shutdown; combine with
-        :meth:`release_leases` to hand its responses over at once). Idempotent."""
+        """Drop ``owner``'s liveness lock: from then on the owner counts as gone, as after its
+        death, and :meth:`claim_responses` elsewhere takes its unfinished responses at once
+        (call it after finishing or handing over what it runs). :meth:`close` releases every
+        owner the store registered. Idempotent."""
 
     @abc.abstractmethod
     async def request_cancel(self, response_id: str) -> bool:

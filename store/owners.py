@@ -11,7 +11,6 @@ second open of the file in the same process conflicts too (unlike ``fcntl``/``lo
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -52,14 +51,12 @@ class OwnerLocks:
             return True
 
     def release(self, owner: str) -> None:
-        """Drop ``owner``'s lock and file (a clean exit: nothing of it left to take over)."""
+        """Drop ``owner``'s lock (the file stays): from now on ``owner`` counts as gone, exactly
+        as after its death, so its unfinished responses may be taken over at once."""
         with self._lock:
             fd = self._held.pop(owner, None)
-            if fd is None:
-                return
-            with contextlib.suppress(OSError):
-                self._path(owner).unlink()
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def release_all(self) -> None:
         for owner in list(self._held):

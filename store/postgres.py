@@ -108,6 +108,8 @@ class PostgresStore(PostgresRecords, Store):
         self._owner_conn: psycopg.AsyncConnection[Any] | None = None
         self._owner_lock = asyncio.Lock()
         self._checking = False
+        self._suspect_until = 0.0
+        self._listen_conn: psycopg.AsyncConnection[Any] | None = None
 
     def __repr__(self) -> str:
         state = "open" if self._pool is not None else "closed"
@@ -117,7 +119,7 @@ class PostgresStore(PostgresRecords, Store):
 
     def _reason(self, exc: BaseException) -> str:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = lines[-1] if lines else type(exc).__name__
+        reason = lines[0] if lines else type(exc).__name__
         if self._password:
             reason = reason.replace(self._password, "***")
         return reason
@@ -136,6 +138,16 @@ class PostgresStore(PostgresRecords, Store):
     async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
         set_json_loads(orjson.loads, conn)
 
+    def _suspect(self) -> None:
+        """The server went away (or just came back): for the next 30 s, check each pooled
+        connection before use (one empty query), so connections broken by the outage are
+        replaced instead of failing one call each."""
+        self._suspect_until = time.monotonic() + 30.0
+
+    async def _check(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if time.monotonic() < self._suspect_until:
+            await conn.execute("")  # raises on a broken connection: the pool replaces it
+
     async def _run(self, fn: _Op[_T], *args: Any) -> _T:
         """Run ``fn(conn, *args)`` on a pooled connection; errors come back as StoreError."""
         pool = self._pool
@@ -148,10 +160,13 @@ class PostgresStore(PostgresRecords, Store):
             raise
         except psycopg.errors.UniqueViolation as exc:
             raise ConflictError(f"already exists: {self._reason(exc)}") from None
+        except psycopg.errors.ForeignKeyViolation as exc:
+            raise NotFoundError(f"not found: {self._reason(exc)}") from None
         except psycopg_pool.PoolClosed:
             raise StoreError("the PostgreSQL store is not open") from None
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             if _unavailable(exc):
+                self._suspect()
                 self._check_pool()
                 raise self._down(exc) from None
             raise StoreError(f"postgresql error: {self._reason(exc)}") from None
@@ -226,7 +241,10 @@ class PostgresStore(PostgresRecords, Store):
             timeout=self._pool_timeout_s,
             kwargs={"autocommit": True, "connect_timeout": self._connect_timeout},
             configure=self._configure,
-            reconnect_timeout=3600.0,
+            check=self._check,
+            # Give up a failing reconnect attempt soon: the next call starts a fresh one, so
+            # a server back after a long outage is used at once (not after a long backoff).
+            reconnect_timeout=max(10.0, 2 * self._pool_timeout_s),
             open=False,
             name="stepchain",
         )
@@ -235,8 +253,14 @@ class PostgresStore(PostgresRecords, Store):
         except psycopg_pool.PoolTimeout as exc:
             await pool.close()
             raise self._down(exc) from None
+        try:
+            listener = await self._start_listening()
+        except psycopg.Error as exc:
+            await pool.close()
+            raise self._down(exc) from None
         self._pool = pool
-        self._tasks.append(asyncio.ensure_future(self._listen()))
+        self._listening, self._listen_conn = True, listener
+        self._tasks.append(asyncio.ensure_future(self._listen(listener)))
 
     async def close(self) -> None:
         """Stop the listener, release owner locks, close every connection. Idempotent."""
@@ -249,6 +273,9 @@ class PostgresStore(PostgresRecords, Store):
             with contextlib.suppress(BaseException):
                 await task
         self._tasks.clear()
+        listener, self._listen_conn = self._listen_conn, None
+        if listener is not None:  # a listener task cancelled before it ran never closed it
+            await listener.close()
         self._waiters.wake_all()
         owner_conn, self._owner_conn = self._owner_conn, None
         self._owners.clear()
@@ -256,27 +283,38 @@ class PostgresStore(PostgresRecords, Store):
             await owner_conn.close()
         await pool.close()
 
-    async def _listen(self) -> None:
-        """Keep one connection LISTENing; on (re)connect wake every waiter (they re-check)."""
+    async def _start_listening(self) -> psycopg.AsyncConnection[Any]:
+        conn = await self._connect()
+        try:
+            await conn.execute(f"LISTEN {ops.EVENTS_CHANNEL}")
+            await conn.execute(f"LISTEN {ops.CANCEL_CHANNEL}")
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _listen(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
+        """Keep one connection LISTENing (``conn``: the first one, made by :meth:`open`); after
+        losing it, reconnect with backoff, and wake every waiter on each change (they re-check)."""
         backoff = 0.1
         while True:
-            conn = None
             try:
-                conn = await self._connect()
-                await conn.execute(f"LISTEN {ops.EVENTS_CHANNEL}")
-                await conn.execute(f"LISTEN {ops.CANCEL_CHANNEL}")
+                if conn is None:
+                    conn = self._listen_conn = await self._start_listening()
+                    self._suspect()  # back after an outage: pooled connections may be stale
                 self._listening, backoff = True, 0.1
                 self._waiters.wake_all()
                 async for note in conn.notifies():
                     channel = "events" if note.channel == ops.EVENTS_CHANNEL else "cancel"
                     self._waiters.notify(channel, note.payload)
             except psycopg.Error:
-                pass
+                self._suspect()
             finally:
                 self._listening = False
                 if conn is not None:
                     with contextlib.suppress(BaseException):
                         await conn.close()
+                conn = None
             self._waiters.wake_all()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)

@@ -121,9 +121,10 @@ _FENCE_BY_STEP_SHARE = _FENCE_BY_STEP.format("SHARE")
 _FENCE_BY_STEP_UPDATE = _FENCE_BY_STEP.format("NO KEY UPDATE")
 _FENCE_BY_RESPONSE = "SELECT id, owner, owner_epoch FROM responses WHERE id = %s FOR {}"
 _FENCE_BY_RESPONSE_SHARE = _FENCE_BY_RESPONSE.format("SHARE")
-_EVENTS_INSERT = (
+_EVENTS_INSERT = (  # nothing for an unknown response (the caller reports NotFoundError)
     "INSERT INTO events (response_id, sequence_number, data)"
-    " SELECT %s, %s + t.n - 1, t.d FROM unnest(%s::bytea[]) WITH ORDINALITY AS t(d, n)"
+    " SELECT r.id, %s + t.n - 1, t.d FROM responses r,"
+    " unnest(%s::bytea[]) WITH ORDINALITY AS t(d, n) WHERE r.id = %s"
 )
 _EVENTS_INSERT_BY_STEP = (
     "INSERT INTO events (response_id, sequence_number, data)"
@@ -156,7 +157,7 @@ async def _queue_events(conn: Conn, response_id: str, events: Events) -> None:
     if events:
         first, data = events
         if data:
-            await conn.execute(_EVENTS_INSERT, (response_id, first, list(data)))
+            await conn.execute(_EVENTS_INSERT, (first, list(data), response_id))
 
 
 def _update_sql(fields: dict[str, Any]) -> tuple[str, list[Any]]:

@@ -26,9 +26,11 @@ from urllib.parse import quote
 import psycopg
 from psycopg import conninfo, sql
 
-__all__ = ["PG_USER", "PgServer", "find_binaries", "running_server"]
+__all__ = ["PASSWORD_ROLE", "PG_USER", "PgServer", "find_binaries", "running_server", "url_for"]
 
 PG_USER = "stepchain-pg"
+#: A role that logs in with a password on a managed server (see :func:`running_server`).
+PASSWORD_ROLE = "stepchain_pw"
 _counter = itertools.count(1)
 
 
@@ -150,12 +152,18 @@ def running_server(bin_dir: Path) -> Iterator[PgServer]:
                         "--no-sync", "--locale=C"),
             check=True, capture_output=True, timeout=300, start_new_session=True,
         )  # fmt: skip
+        # Password logins for one role (to test a wrong password); trust for everyone else.
+        (data / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            f"host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n"
+            "host all all 127.0.0.1/32 trust\n"
+        )
         port = _free_port()
         with open(data / "postgresql.conf", "a") as conf:
             conf.write(
                 f"\nport = {port}\nlisten_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{root}'\n"
-                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                "fsync = off\nfull_page_writes = off\n"
                 "max_connections = 300\nshared_buffers = 32MB\n"
             )
         server.start()

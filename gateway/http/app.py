@@ -32,7 +32,7 @@ from gateway.engine.service import ResponsesService
 from gateway.engine.tasks import TaskSet
 from gateway.errors import GatewayError, InvalidRequestError
 from store.base import Store
-from store.sqlite import SQLiteStore
+from store import open_store
 
 from .auth import AuthMiddleware, load_api_keys
 from .chat import chat_routes
@@ -93,7 +93,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        the_store = store or SQLiteStore(settings.db, synchronous=settings.sqlite_synchronous)
+        the_store = store or open_store(settings.db, synchronous=settings.sqlite_synchronous)
         await the_store.open()
         # httpx clients on aiohttp's transport (as openai-python's DefaultAioHttpClient): the
         # same httpx API and httpx-sse parsing, at about half the CPU per request of httpcore.
