@@ -54,6 +54,7 @@ def _error_for_failure(error: dict[str, Any] | None) -> GatewayError:
 
 async def create_response(request: Request) -> Response | EventStreamResponse:
     state = request.app.state
+    state.egress.note_own_socket(request.scope.get("server"))  # tools may not call us back
     service: ResponsesService = state.service
     body = await read_json(request)
     prepared = await service.prepare(
