@@ -32,6 +32,7 @@ from gateway.protocol.events import ResponseBuilder
 from gateway.protocol.response_object import response_object
 from gateway.protocol.sealed import seal, unseal
 from gateway.protocol.tools import ToolPlan, plan_tools
+from gateway.protocol.usage import zero_usage
 from gateway.protocol.validation import validate_call_outputs, validate_request
 from store.types import (
     MODEL_CALL,
@@ -437,6 +438,24 @@ class ResponsesService:
         )
         builder.start()
         return await self._drive(prepared, builder, started)
+
+    async def record_only(self, prepared: Prepared, builder: ResponseBuilder) -> dict[str, Any]:
+        """Store the response as ``completed`` with no output and no model call (WebSocket
+        mode's ``generate: false``: request state for a later ``previous_response_id``), emit
+        its events, and return the Response object."""
+        completed_at = time.time()
+        record = dataclasses.replace(
+            prepared.record, status="completed", output=[], usage=zero_usage(),
+            completed_at=completed_at,
+        )
+        await self.store.create_response(record)
+        if record.store:
+            self._remember(
+                record.id, prepared.history_ids | {record.id},
+                prepared.history + prepared.input_items,
+            )
+        builder.start()
+        return builder.finish("completed", completed_at=completed_at)
 
     async def resume(self, record: ResponseRecord) -> dict[str, Any]:
         """Finish a response another process left unfinished, from its chain in the store.
