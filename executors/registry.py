@@ -3,7 +3,8 @@
 A **tool definition** (what ``POST /v1/tools`` takes and the store keeps) is one of::
 
     HTTP tool:  {"name", "description", "parameters", "kind": "http", "attach", "url",
-                 "headers": {name: value | "env:VAR"}, "timeout_s", "idempotent"}
+                 "headers": {name: value | "env:VAR"}, "timeout_s", "idempotent",
+                 "allow_private"}
     agent tool: {"name", "description", "parameters", "kind": "agent", "attach", "model",
                  "instructions", "tools": [registered tool names]}
 
@@ -23,7 +24,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,7 +33,7 @@ import jsonschema.exceptions
 import jsonschema.validators
 
 from store.base import Store
-from store.types import ConflictError, NotFoundError
+from store.types import StoreConflictError, StoreNotFoundError
 
 from .http_tool import ENV_PREFIX, resolve_headers
 
@@ -64,7 +65,7 @@ _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 _COMMON_KEYS = ("name", "description", "parameters", "kind", "attach")
 _KIND_KEYS = {
-    "http": ("url", "headers", "timeout_s", "idempotent"),
+    "http": ("url", "headers", "timeout_s", "idempotent", "allow_private"),
     "agent": ("model", "instructions", "tools"),
 }
 _ALL_KEYS = frozenset(_COMMON_KEYS + _KIND_KEYS["http"] + _KIND_KEYS["agent"] + ("object",))
@@ -221,10 +222,14 @@ def validate_tool_definition(
         idempotent = body.get("idempotent", False)
         if not isinstance(idempotent, bool):
             raise _fail("idempotent must be true or false.", "idempotent")
+        allow_private = body.get("allow_private", False)
+        if not isinstance(allow_private, bool):
+            raise _fail("allow_private must be true or false.", "allow_private")
         out["url"] = _validate_url(body.get("url"))
         out["headers"] = _validate_headers(body.get("headers", {}), previous)
         out["timeout_s"] = timeout_s
         out["idempotent"] = idempotent
+        out["allow_private"] = allow_private
     else:
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -270,7 +275,7 @@ class ToolRegistry:
     """The registered tools of this gateway: the store is the truth, a cache serves lookups.
 
     Every method raises the store's errors (``store.types.StoreError``); ``register`` raises its
-    ConflictError for a taken name, ``replace`` its NotFoundError for a missing one.
+    StoreConflictError for a taken name, ``replace`` its StoreNotFoundError for a missing one.
     """
 
     def __init__(
@@ -322,7 +327,7 @@ class ToolRegistry:
     async def register(self, body: Any) -> dict[str, Any]:
         """Validate and store a new tool; returns its definition.
 
-        Raises ToolDefinitionError, or the store's ConflictError if the name is taken.
+        Raises ToolDefinitionError, or the store's StoreConflictError if the name is taken.
         """
         definition = validate_tool_definition(body)
         await self.store.create_tool(definition)
@@ -331,7 +336,7 @@ class ToolRegistry:
 
     async def replace(self, name: str, body: Any) -> dict[str, Any]:
         """Replace the tool ``name``; the body's ``name`` must be absent or equal. A header value
-        ``"***"`` keeps the stored one. Raises ToolDefinitionError, or the store's NotFoundError."""
+        ``"***"`` keeps the stored one. Raises ToolDefinitionError, or the store's StoreNotFoundError."""
         if isinstance(body, dict):
             if "name" in body and body["name"] != name:
                 raise _fail(
@@ -342,7 +347,7 @@ class ToolRegistry:
             body = {**body, "name": name}
         previous = await self.store.get_tool(name)
         if previous is None:
-            raise NotFoundError(f"tool {name!r} does not exist")
+            raise StoreNotFoundError(f"tool {name!r} does not exist")
         definition = validate_tool_definition(body, previous=previous)
         await self.store.replace_tool(name, definition)
         self._cache_put(definition)
@@ -381,23 +386,31 @@ class ToolRegistry:
         for definition in definitions:
             try:
                 await self.store.create_tool(definition)
-            except ConflictError:
+            except StoreConflictError:
                 await self.store.replace_tool(definition["name"], definition)
             self._cache_put(definition)
 
     # -- per request -------------------------------------------------------------------------
 
     def offer(
-        self, request_tools: list[dict[str, Any]] | None, tool_choice: Any
+        self,
+        request_tools: list[dict[str, Any]] | None,
+        tool_choice: Any,
+        *,
+        client_only: Container[str] = (),
+        server_only: Container[str] = (),
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], frozenset[str]]:
         """The tools for one Responses request: ``(offered, client_tools, hosted_names)``.
 
-        ``offered`` is every tool the model sees, as Responses function tools: the request's
-        ``tools`` in their order (a registered name → the registered tool, hosted; another name
-        → the client's own tool, as given), then the forced ``tool_choice`` tool and the
-        ``attach: "always"`` tools not listed yet, by name. ``client_tools`` is the client's own
-        subset. ``tool_choice: "none"`` offers nothing. Non-function request tools are ignored
-        (the request validator rejects them).
+        ``request_tools`` are Responses function tools (other types were flattened or left out
+        by :func:`gateway.protocol.tools.plan_tools`). ``offered`` is every tool the model sees,
+        as Responses function tools: the request's ``tools`` in their order (a registered name →
+        the registered tool, hosted; another name → the client's own tool, as given), then the
+        forced ``tool_choice`` tool and the ``attach: "always"`` tools not listed yet, by name.
+        ``client_tools`` is the client's own subset. Names in ``client_only`` (custom and
+        namespaced client tools) are always the client's; names in ``server_only`` (registered
+        tools standing in for hosted tool types) are offered only if registered.
+        ``tool_choice: "none"`` offers nothing. Non-function request tools are ignored.
         """
         if tool_choice == "none":
             return [], [], frozenset()
@@ -413,10 +426,10 @@ class ToolRegistry:
             if not isinstance(name, str) or name in seen:
                 continue
             seen.add(name)
-            if name in registered:
+            if name in registered and name not in client_only:
                 offered.append(registered[name])
                 hosted.add(name)
-            else:
+            elif name not in server_only:
                 offered.append(tool)
                 client.append(tool)
         rest = list(self._always)

@@ -12,11 +12,11 @@ from .base import Store
 from .types import (
     MODEL_CALL,
     TOOL_CALL,
-    ConflictError,
+    StoreConflictError,
     ConversationRecord,
     Fence,
     FencedError,
-    NotFoundError,
+    StoreNotFoundError,
     ResponseRecord,
     Step,
     StepDescriptor,
@@ -27,12 +27,12 @@ from .types import (
 )
 
 __all__ = [
-    "ConflictError",
+    "StoreConflictError",
     "ConversationRecord",
     "Fence",
     "FencedError",
     "MODEL_CALL",
-    "NotFoundError",
+    "StoreNotFoundError",
     "ResponseRecord",
     "Step",
     "StepDescriptor",

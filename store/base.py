@@ -15,7 +15,7 @@ Common keyword arguments of the write methods (``create_response``, ``record_ste
 - ``events: tuple[int, Sequence[bytes]] | None`` — ``(first_sequence, encoded events)``: SSE
   events with sequence numbers ``first_sequence, first_sequence + 1, …`` appended to the
   response's durable event log in the same transaction (see :meth:`Store.append_events`).
-  ValueError for a negative first sequence or a non-bytes event; ConflictError for a sequence
+  ValueError for a negative first sequence or a non-bytes event; StoreConflictError for a sequence
   number the log has already (nothing written).
 
 Errors: every method raises :class:`store.types.StoreError` or a subclass; a raised error means
@@ -72,7 +72,7 @@ class Store(abc.ABC):
         lease for ``lease_s`` seconds; the stored ``owner_epoch`` is 1 (so the writer's fence is
         ``Fence(owner, 1)``). A response whose lease runs out, or whose owner is registered
         (:meth:`register_owner`) and dead, may be claimed by another process
-        (:meth:`claim_responses`). Raises ConflictError if the id exists.
+        (:meth:`claim_responses`). Raises StoreConflictError if the id exists.
         """
 
     @abc.abstractmethod
@@ -113,7 +113,7 @@ class Store(abc.ABC):
 
         ``conversation_items=(conversation_id, items)`` appends items to that conversation in
         the same transaction (as :meth:`add_conversation_items`). Setting ``status`` wakes
-        :meth:`wait_events` followers. Raises NotFoundError if the response (or conversation)
+        :meth:`wait_events` followers. Raises StoreNotFoundError if the response (or conversation)
         does not exist, ValueError for another field name.
         """
 
@@ -145,7 +145,7 @@ class Store(abc.ABC):
         before it in ``descriptors`` (parallel siblings are chained one after another). Each gets
         the next per-response ``sequence``. With ``start`` the steps are written already
         ``processing`` (attempt 1, ``started_at`` set): the pending → processing transition in
-        the same transaction, for callers that run them at once. Raises NotFoundError for an
+        the same transaction, for callers that run them at once. Raises StoreNotFoundError for an
         unknown response.
         """
 
@@ -155,7 +155,7 @@ class Store(abc.ABC):
     ) -> Step:
         """pending → processing; sets ``started_at`` and increments ``attempt``.
 
-        Raises StepStateError from any other state, NotFoundError for an unknown step.
+        Raises StepStateError from any other state, StoreNotFoundError for an unknown step.
         """
 
     @abc.abstractmethod
@@ -232,11 +232,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_tool(self, tool: dict[str, Any]) -> None:
-        """Insert a registered tool definition keyed by ``tool["name"]``; ConflictError if taken."""
+        """Insert a registered tool definition keyed by ``tool["name"]``; StoreConflictError if taken."""
 
     @abc.abstractmethod
     async def replace_tool(self, name: str, tool: dict[str, Any]) -> None:
-        """Replace an existing tool definition; NotFoundError if there is none."""
+        """Replace an existing tool definition; StoreNotFoundError if there is none."""
 
     @abc.abstractmethod
     async def get_tool(self, name: str) -> dict[str, Any] | None:
@@ -267,7 +267,7 @@ class Store(abc.ABC):
         ``sequence_number``), kept as long as the response (deleted with it and by
         :meth:`purge_before`), and wakes :meth:`wait_events` followers on every replica.
 
-        Raises NotFoundError for an unknown response, ConflictError when a sequence number is
+        Raises StoreNotFoundError for an unknown response, StoreConflictError when a sequence number is
         taken, FencedError for a stale fence, ValueError for non-bytes events; nothing written.
         """
 
@@ -297,7 +297,7 @@ class Store(abc.ABC):
         owner's unfinished responses at once when it is no longer alive, without waiting for
         leases. PostgreSQL: a session-level ``pg_advisory_lock`` held on a dedicated connection
         (re-taken if that connection is lost); SQLite: an ``flock`` on
-        ``<db>-owners/<hash>.lock``. Idempotent; ConflictError if a live process holds ``owner``.
+        ``<db>-owners/<hash>.lock``. Idempotent; StoreConflictError if a live process holds ``owner``.
         """
 
     @abc.abstractmethod
@@ -330,7 +330,7 @@ class Store(abc.ABC):
         """Insert a conversation and its first ``items`` (in order) in one transaction.
 
         Each item is a Conversations API item dict (``message``, ``function_call``, …) with its
-        own string ``"id"``, stored as given. ConflictError if the id exists, ValueError for an
+        own string ``"id"``, stored as given. StoreConflictError if the id exists, ValueError for an
         item without an id or ids repeated."""
 
     @abc.abstractmethod
@@ -341,7 +341,7 @@ class Store(abc.ABC):
     async def update_conversation(
         self, conversation_id: str, metadata: dict[str, Any]
     ) -> ConversationRecord:
-        """Replace the conversation's metadata; returns the updated record. NotFoundError."""
+        """Replace the conversation's metadata; returns the updated record. StoreNotFoundError."""
 
     @abc.abstractmethod
     async def delete_conversation(self, conversation_id: str) -> bool:
@@ -353,7 +353,7 @@ class Store(abc.ABC):
         self, conversation_id: str, items: Sequence[dict[str, Any]]
     ) -> None:
         """Append items after the existing ones, in the order given, in one transaction.
-        NotFoundError for an unknown conversation, ConflictError for an item id the
+        StoreNotFoundError for an unknown conversation, StoreConflictError for an item id the
         conversation has already, ValueError for an item without an id."""
 
     @abc.abstractmethod
@@ -367,7 +367,7 @@ class Store(abc.ABC):
     ) -> tuple[list[dict[str, Any]], bool]:
         """A page of items: ``order="desc"`` newest first (the API's default), ``"asc"`` oldest
         first; ``after`` an item id (the page starts after it in that order); at most ``limit``
-        (1–1000). Returns ``(items, has_more)``. NotFoundError for an unknown conversation or
+        (1–1000). Returns ``(items, has_more)``. StoreNotFoundError for an unknown conversation or
         ``after`` id; ValueError for a bad limit or order."""
 
     @abc.abstractmethod
@@ -396,7 +396,7 @@ class Store(abc.ABC):
         ``tenant`` (None: responses without a tenant) unless ``all_tenants``; filtered by exact
         ``status`` and ``model``, and by ``search`` (a substring of the id) when given; the
         page starts after response ``after``; at most ``limit`` (1–1000). Returns
-        ``(records, has_more)``. NotFoundError for an unknown ``after`` id."""
+        ``(records, has_more)``. StoreNotFoundError for an unknown ``after`` id."""
 
     @abc.abstractmethod
     async def purge_before(self, timestamp: float) -> int:

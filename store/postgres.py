@@ -37,10 +37,10 @@ from .types import (
     COMPLETED,
     FAILED,
     PROCESSING,
-    ConflictError,
+    StoreConflictError,
     ConversationRecord,
     Fence,
-    NotFoundError,
+    StoreNotFoundError,
     ResponseRecord,
     Step,
     StepDescriptor,
@@ -159,9 +159,9 @@ class PostgresStore(PostgresRecords, Store):
         except StoreError:
             raise
         except psycopg.errors.UniqueViolation as exc:
-            raise ConflictError(f"already exists: {self._reason(exc)}") from None
+            raise StoreConflictError(f"already exists: {self._reason(exc)}") from None
         except psycopg.errors.ForeignKeyViolation as exc:
-            raise NotFoundError(f"not found: {self._reason(exc)}") from None
+            raise StoreNotFoundError(f"not found: {self._reason(exc)}") from None
         except psycopg_pool.PoolClosed:
             raise StoreError("the PostgreSQL store is not open") from None
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
@@ -530,7 +530,7 @@ class PostgresStore(PostgresRecords, Store):
             (ops.dumps(tool), time.time(), name),
         )
         if count == 0:
-            raise NotFoundError(f"tool {name!r} not found")
+            raise StoreNotFoundError(f"tool {name!r} not found")
 
     async def get_tool(self, name: str) -> dict[str, Any] | None:
         row = await self._fetchone("SELECT definition FROM tools WHERE name = %s", (name,))

@@ -27,7 +27,7 @@ from .types import (
     PROCESSING,
     STEP_STATES,
     Fence,
-    NotFoundError,
+    StoreNotFoundError,
     ResponseRecord,
     Step,
     StepDescriptor,
@@ -121,7 +121,7 @@ _FENCE_BY_STEP_SHARE = _FENCE_BY_STEP.format("SHARE")
 _FENCE_BY_STEP_UPDATE = _FENCE_BY_STEP.format("NO KEY UPDATE")
 _FENCE_BY_RESPONSE = "SELECT id, owner, owner_epoch FROM responses WHERE id = %s FOR {}"
 _FENCE_BY_RESPONSE_SHARE = _FENCE_BY_RESPONSE.format("SHARE")
-_EVENTS_INSERT = (  # nothing for an unknown response (the caller reports NotFoundError)
+_EVENTS_INSERT = (  # nothing for an unknown response (the caller reports StoreNotFoundError)
     "INSERT INTO events (response_id, sequence_number, data)"
     " SELECT r.id, %s + t.n - 1, t.d FROM responses r,"
     " unnest(%s::bytea[]) WITH ORDINALITY AS t(d, n) WHERE r.id = %s"
@@ -149,7 +149,7 @@ async def state_error(conn: Conn, step_id: str, target: str) -> StoreError:
     cursor = await conn.execute("SELECT state FROM steps WHERE id = %s", (step_id,))
     row = await cursor.fetchone()
     if row is None:
-        return NotFoundError(f"step {step_id!r} not found")
+        return StoreNotFoundError(f"step {step_id!r} not found")
     return StepStateError(f"step {step_id!r} is {row[0]!r}; cannot move it to {target!r}")
 
 
@@ -170,7 +170,7 @@ def _update_sql(fields: dict[str, Any]) -> tuple[str, list[Any]]:
 
 
 async def add_items(conn: Conn, conversation_id: str, items: Sequence[dict[str, Any]]) -> None:
-    """Append items (inside the caller's transaction); NotFoundError for an unknown conversation."""
+    """Append items (inside the caller's transaction); StoreNotFoundError for an unknown conversation."""
     ids = check_conversation_items(items)
     cursor = await conn.execute(
         "UPDATE conversations SET last_position = last_position + %s WHERE id = %s"
@@ -179,7 +179,7 @@ async def add_items(conn: Conn, conversation_id: str, items: Sequence[dict[str, 
     )
     row = await cursor.fetchone()
     if row is None:
-        raise NotFoundError(f"conversation {conversation_id!r} not found")
+        raise StoreNotFoundError(f"conversation {conversation_id!r} not found")
     if ids:
         await conn.execute(
             "INSERT INTO conversation_items (conversation_id, position, id, item)"
@@ -294,7 +294,7 @@ async def step_write(
         row = await cursor.fetchone()
         if row is None:
             if target is None:
-                raise NotFoundError(f"step {step_id!r} not found")
+                raise StoreNotFoundError(f"step {step_id!r} not found")
             raise await state_error(conn, step_id, target)
         response_id = row[1]
         if response_update:

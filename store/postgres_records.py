@@ -20,10 +20,10 @@ import psycopg
 from . import postgres_ops as ops
 from .notify import wait_until
 from .types import (
-    ConflictError,
+    StoreConflictError,
     ConversationRecord,
     Fence,
-    NotFoundError,
+    StoreNotFoundError,
     ResponseRecord,
     StoreError,
 )
@@ -67,9 +67,9 @@ async def _list_items(
     )
     exists, position = await cursor.fetchone()  # type: ignore[misc]
     if not exists:
-        raise NotFoundError(f"conversation {conversation_id!r} not found")
+        raise StoreNotFoundError(f"conversation {conversation_id!r} not found")
     if after is not None and position is None:
-        raise NotFoundError(f"item {after!r} not found in conversation {conversation_id!r}")
+        raise StoreNotFoundError(f"item {after!r} not found in conversation {conversation_id!r}")
     if position is None:
         position = -1 if order == "asc" else 2**62
     op, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
@@ -142,7 +142,7 @@ class PostgresRecords(_Base):
                     self._owner_conn = await self._connect()
                     self._spawn(self._keep_owners())
                 if not await self._lock_owner(self._owner_conn, owner):
-                    raise ConflictError(f"owner {owner!r} is registered by a live process")
+                    raise StoreConflictError(f"owner {owner!r} is registered by a live process")
             except psycopg.Error as exc:
                 raise self._down(exc) from None
             self._owners.add(owner)
@@ -234,7 +234,7 @@ class PostgresRecords(_Base):
             (ops.dumps(metadata), conversation_id),
         )
         if row is None:
-            raise NotFoundError(f"conversation {conversation_id!r} not found")
+            raise StoreNotFoundError(f"conversation {conversation_id!r} not found")
         return ConversationRecord(*row)
 
     async def delete_conversation(self, conversation_id: str) -> bool:
@@ -299,7 +299,7 @@ class PostgresRecords(_Base):
         if after is not None:
             row = await self._fetchone("SELECT created_at FROM responses WHERE id = %s", (after,))
             if row is None:
-                raise NotFoundError(f"response {after!r} not found")
+                raise StoreNotFoundError(f"response {after!r} not found")
             where.append("(created_at, id) < (%s, %s)")
             params += [row[0], after]
         sql = ops.RESPONSE_SELECT + (" WHERE " + " AND ".join(where) if where else "")

@@ -37,7 +37,7 @@ from .validation import (
     check_response_fields,
 )
 from .types import (
-    ConflictError,
+    StoreConflictError,
     ConversationRecord,
     Fence,
     ResponseRecord,
@@ -332,7 +332,7 @@ class SQLiteStore(Store):
     ) -> None:
         """See :meth:`Store.record_attempt`; ``upstream=None`` keeps the recorded upstream.
 
-        Raises NotFoundError for an unknown step.
+        Raises StoreNotFoundError for an unknown step.
         """
         check_events(events)
         response_id = await self._run(ops.record_attempt, step_id, error, upstream, fence, events)
@@ -414,7 +414,7 @@ class SQLiteStore(Store):
         except OSError as exc:
             raise StoreError(f"cannot register owner {owner!r}: {exc.strerror}") from None
         if not taken:
-            raise ConflictError(f"owner {owner!r} is registered by a live process")
+            raise StoreConflictError(f"owner {owner!r} is registered by a live process")
 
     async def release_owner(self, owner: str) -> None:
         await asyncio.to_thread(self._owners.release, owner)

@@ -24,9 +24,9 @@ from .types import (
     PROCESSING,
     STEP_STATES,
     TOOL_CALL,
-    ConflictError,
+    StoreConflictError,
     Fence,
-    NotFoundError,
+    StoreNotFoundError,
     ResponseRecord,
     Step,
     StepDescriptor,
@@ -208,7 +208,7 @@ def translate_errors() -> Iterator[None]:
         yield
     except sqlite3.IntegrityError as exc:
         if getattr(exc, "sqlite_errorname", None) in _UNIQUE_ERRORS:
-            raise ConflictError(f"already exists: {exc}") from exc
+            raise StoreConflictError(f"already exists: {exc}") from exc
         raise StoreError(f"sqlite integrity error: {exc}") from exc
     except sqlite3.Error as exc:
         raise StoreError(f"sqlite error: {exc}") from exc
@@ -222,7 +222,7 @@ def _state_error(conn: sqlite3.Connection, step_id: str, target: str) -> StoreEr
     """Why a conditional transition UPDATE matched no row: no such step, or a wrong state."""
     row = conn.execute("SELECT state FROM steps WHERE id = ?", (step_id,)).fetchone()
     if row is None:
-        return NotFoundError(f"step {step_id!r} not found")
+        return StoreNotFoundError(f"step {step_id!r} not found")
     return StepStateError(f"step {step_id!r} is {row[0]!r}; cannot move it to {target!r}")
 
 
@@ -242,7 +242,7 @@ def insert_conversation_items(
 ) -> None:
     """Append ``items`` to the conversation (inside the caller's transaction), in order.
 
-    NotFoundError for an unknown conversation; ConflictError (from the unique index) for an
+    StoreNotFoundError for an unknown conversation; StoreConflictError (from the unique index) for an
     item id the conversation has already."""
     row = conn.execute(
         "UPDATE conversations SET last_position = last_position + ? WHERE id = ?"
@@ -250,7 +250,7 @@ def insert_conversation_items(
         (len(items), conversation_id),
     ).fetchall()
     if not row:
-        raise NotFoundError(f"conversation {conversation_id!r} not found")
+        raise StoreNotFoundError(f"conversation {conversation_id!r} not found")
     base = row[0][0] - len(items)
     conn.executemany(
         "INSERT INTO conversation_items (conversation_id, position, id, item) VALUES (?, ?, ?, ?)",
@@ -336,12 +336,12 @@ def _update_fields(conn: sqlite3.Connection, response_id: str, fields: dict[str,
     if not fields:
         if conn.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone():
             return
-        raise NotFoundError(f"response {response_id!r} not found")
+        raise StoreNotFoundError(f"response {response_id!r} not found")
     names = sorted(fields)  # stable SQL text, so the statement cache is hit
     values = [_dumps_opt(fields[n]) if n in RESPONSE_JSON_FIELDS else fields[n] for n in names]
     sql = "UPDATE responses SET {} WHERE id = ?".format(", ".join(f"{n} = ?" for n in names))
     if conn.execute(sql, (*values, response_id)).rowcount == 0:
-        raise NotFoundError(f"response {response_id!r} not found")
+        raise StoreNotFoundError(f"response {response_id!r} not found")
 
 
 def _fence_response(conn: sqlite3.Connection, response_id: str, fence: Fence | None) -> None:
@@ -473,7 +473,7 @@ def _transition(
         rows = conn.execute(sql, params).fetchall()  # fetchall: finish the statement
         if not rows:
             if target is None:
-                raise NotFoundError(f"step {step_id!r} not found")
+                raise StoreNotFoundError(f"step {step_id!r} not found")
             raise _state_error(conn, step_id, target)
         row = rows[0]
         _write_events(conn, row[1], events)  # row[1]: the step's response_id

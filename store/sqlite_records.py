@@ -19,7 +19,7 @@ from .sqlite_ops import (
     response_from_row,
     transaction,
 )
-from .types import ConversationRecord, NotFoundError, ResponseRecord
+from .types import ConversationRecord, StoreNotFoundError, ResponseRecord
 from .validation import UNFINISHED_STATUSES
 
 _loads = orjson.loads
@@ -105,7 +105,7 @@ def update_conversation(
         (_dumps(metadata), conversation_id),
     ).fetchall()
     if not rows:
-        raise NotFoundError(f"conversation {conversation_id!r} not found")
+        raise StoreNotFoundError(f"conversation {conversation_id!r} not found")
     return _conversation(rows[0])
 
 
@@ -128,7 +128,7 @@ def list_conversation_items(
     conn: sqlite3.Connection, conversation_id: str, after: str | None, limit: int, order: str
 ) -> tuple[list[dict[str, Any]], bool]:
     if not conn.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone():
-        raise NotFoundError(f"conversation {conversation_id!r} not found")
+        raise StoreNotFoundError(f"conversation {conversation_id!r} not found")
     if after is None:
         bound = -1 if order == "asc" else 2**62
     else:
@@ -137,7 +137,7 @@ def list_conversation_items(
             (conversation_id, after),
         ).fetchone()
         if row is None:
-            raise NotFoundError(f"item {after!r} not found in conversation {conversation_id!r}")
+            raise StoreNotFoundError(f"item {after!r} not found in conversation {conversation_id!r}")
         bound = row[0]
     op, direction = (">", "ASC") if order == "asc" else ("<", "DESC")
     rows = conn.execute(
@@ -194,7 +194,7 @@ def list_responses_page(
     if after is not None:
         row = conn.execute("SELECT created_at FROM responses WHERE id = ?", (after,)).fetchone()
         if row is None:
-            raise NotFoundError(f"response {after!r} not found")
+            raise StoreNotFoundError(f"response {after!r} not found")
         where.append("(created_at < ? OR (created_at = ? AND id < ?))")
         params += [row[0], row[0], after]
     sql = RESPONSE_SELECT + (" WHERE " + " AND ".join(where) if where else "")
@@ -231,7 +231,7 @@ def replace_tool(conn: sqlite3.Connection, name: str, tool: dict[str, Any]) -> N
         (_dumps(tool), time.time(), name),
     )
     if cursor.rowcount == 0:
-        raise NotFoundError(f"tool {name!r} not found")
+        raise StoreNotFoundError(f"tool {name!r} not found")
 
 
 def get_tool(conn: sqlite3.Connection, name: str) -> dict[str, Any] | None:

@@ -10,8 +10,8 @@ Error tree::
 
     StoreError                      any failure of the store itself (stops the loop)
     ├── StepStateError              an illegal state transition (completing a completed step, …)
-    ├── NotFoundError               a step, response, tool or conversation that does not exist
-    ├── ConflictError               a unique key taken already (a tool name, a response id)
+    ├── StoreNotFoundError          a step, response, tool or conversation that does not exist
+    ├── StoreConflictError          a unique key taken already (a tool name, a response id)
     ├── FencedError                 the writer no longer owns the response (its fence is stale)
     └── StoreUnavailableError       the database cannot be reached (down, restarting, wrong
                                     password); retry later, nothing of the call was written
@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "ConflictError",
+    "StoreConflictError",
     "ConversationRecord",
     "Fence",
     "FencedError",
     "MODEL_CALL",
-    "NotFoundError",
+    "StoreNotFoundError",
     "ResponseRecord",
     "STEP_STATES",
     "Step",
@@ -78,11 +78,11 @@ class StepStateError(StoreError):
     """A step state transition that the state machine does not allow."""
 
 
-class NotFoundError(StoreError):
+class StoreNotFoundError(StoreError):
     """The step, response or tool named does not exist."""
 
 
-class ConflictError(StoreError):
+class StoreConflictError(StoreError):
     """A record with the same unique key exists already."""
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .types import MODEL_CALL, TOOL_CALL, Fence, FencedError, NotFoundError, StepDescriptor
+from .types import MODEL_CALL, TOOL_CALL, Fence, FencedError, StoreNotFoundError, StepDescriptor
 
 __all__ = [
     "RESPONSE_JSON_FIELDS",
@@ -79,11 +79,11 @@ def check_page(limit: int, order: str = "desc") -> None:
 
 
 def check_fence(fence: Fence | None, what: str, row: Sequence[Any] | None) -> None:
-    """Inside a write's transaction: NotFoundError when ``row`` is None (no such response or
+    """Inside a write's transaction: StoreNotFoundError when ``row`` is None (no such response or
     step), FencedError when ``fence`` is given and ``row[-2:]`` (the response's owner and
     owner_epoch now) differ from it."""
     if row is None:
-        raise NotFoundError(f"{what} not found")
+        raise StoreNotFoundError(f"{what} not found")
     if fence is not None and (row[-2], row[-1]) != (fence.owner, fence.epoch):
         raise FencedError(
             f"{what}: fence {fence.owner!r}/{fence.epoch} is stale (now {row[-2]!r}/{row[-1]})"

@@ -77,7 +77,7 @@ async def create_tool(request: Request) -> Response:
         definition = await registry.register(body)
     except ToolDefinitionError as exc:
         raise InvalidRequestError(exc.message, param=exc.param) from None
-    except store_types.ConflictError:
+    except store_types.StoreConflictError:
         name = body["name"]
         raise ConflictError(f"A tool named '{name}' already exists.", param="name") from None
     return json_response(public_view(definition), 201)
@@ -106,7 +106,7 @@ async def replace_tool(request: Request) -> Response:
         definition = await registry.replace(name, body)
     except ToolDefinitionError as exc:
         raise InvalidRequestError(exc.message, param=exc.param) from None
-    except store_types.NotFoundError:
+    except store_types.StoreNotFoundError:
         raise _not_found(name) from None
     return json_response(public_view(definition))
 

@@ -19,10 +19,10 @@ import pytest
 from store import Store
 from store.types import (
     MODEL_CALL,
-    ConflictError,
+    StoreConflictError,
     Fence,
     FencedError,
-    NotFoundError,
+    StoreNotFoundError,
     ResponseRecord,
     StepDescriptor,
 )
@@ -87,7 +87,7 @@ def test_a_registered_dead_owner_is_taken_over_at_once(make_store: MakeStore) ->
     async def main() -> None:
         await a.register_owner("proc-A")
         await a.register_owner("proc-A")  # idempotent
-        with pytest.raises(ConflictError):
+        with pytest.raises(StoreConflictError):
             await b.register_owner("proc-A")  # alive elsewhere
         await a.create_response(_record("resp_a"), owner="proc-A", lease_s=600)
         await a.create_response(_record("resp_unregistered"), owner="proc-X", lease_s=600)
@@ -201,9 +201,9 @@ def test_stale_fence_writes_nothing(make_store: MakeStore) -> None:
         await b.update_response("resp_f", status="completed", fence=new)
         assert (await b.get_response("resp_f")).status == "completed"  # type: ignore[union-attr]
         assert [n for n, _ in await b.list_events("resp_f")] == [0, 1, 2]
-        with pytest.raises(NotFoundError):
+        with pytest.raises(StoreNotFoundError):
             await b.mark_processing("step_missing", fence=new)
-        with pytest.raises(NotFoundError):
+        with pytest.raises(StoreNotFoundError):
             await b.update_response("resp_missing", fence=new)
 
     run(main())

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from store import Store
 from store.types import (
     MODEL_CALL,
-    ConflictError,
+    StoreConflictError,
     ConversationRecord,
-    NotFoundError,
+    StoreNotFoundError,
     ResponseRecord,
     StepDescriptor,
     StepStateError,
@@ -77,9 +77,9 @@ def test_events_ride_their_write_transaction(store: Store) -> None:
         record = _record()
         (step,) = await store.create_response(record, first_steps=[MODEL], events=(0, [b"e0"]))
         # A taken sequence number: neither the step transition nor any event is written.
-        with pytest.raises(ConflictError):
+        with pytest.raises(StoreConflictError):
             await store.complete_step(step.id, {"ok": 1}, events=(0, [b"dup", b"e1"]), response_update={"status": "completed"})  # noqa: E501
-        with pytest.raises(ConflictError):
+        with pytest.raises(StoreConflictError):
             await store.complete_step(step.id, {"ok": 1}, events=(0, [b"again"]))
         stored = await store.get_step(step.id)
         assert stored is not None and stored.state == "processing"
@@ -89,7 +89,7 @@ def test_events_ride_their_write_transaction(store: Store) -> None:
         with pytest.raises(StepStateError):
             await store.mark_processing(step.id, events=(1, [b"e1"]))
         assert await store.list_events(record.id) == [(0, b"e0")]
-        with pytest.raises(NotFoundError):
+        with pytest.raises(StoreNotFoundError):
             await store.append_events("resp_unknown", 0, [b"x"])
         with pytest.raises(ValueError):
             await store.append_events(record.id, -1, [b"x"])
@@ -226,9 +226,9 @@ def test_conversation_items_page_in_both_orders(store: Store) -> None:
         updated = await store.update_conversation("conv_1", {"topic": "y", "k": "v"})
         assert updated.metadata == {"topic": "y", "k": "v"} and updated.created_at == 123.5
 
-        with pytest.raises(ConflictError):
+        with pytest.raises(StoreConflictError):
             await store.create_conversation(ConversationRecord(id="conv_1"))
-        with pytest.raises(ConflictError):
+        with pytest.raises(StoreConflictError):
             await store.add_conversation_items("conv_1", [_item(7), _item(3)])
         page, _ = await store.list_conversation_items("conv_1", limit=100)
         assert len(page) == 6  # the failed batch added nothing, not even msg_007
@@ -241,7 +241,7 @@ def test_conversation_items_page_in_both_orders(store: Store) -> None:
             store.list_conversation_items("conv_1", after="msg_999"),
             store.update_conversation("conv_missing", {}),
         ):
-            with pytest.raises(NotFoundError):
+            with pytest.raises(StoreNotFoundError):
                 await call
         with pytest.raises(ValueError):
             await store.list_conversation_items("conv_1", limit=0)
@@ -261,7 +261,7 @@ def test_conversation_items_ride_the_last_write(store: Store) -> None:
         record = _record()
         (step,) = await store.create_response(record, first_steps=[MODEL])
         # An unknown conversation: the step is not completed, the response not updated.
-        with pytest.raises(NotFoundError):
+        with pytest.raises(StoreNotFoundError):
             await store.complete_step(
                 step.id, {"ok": 1}, response_update={"status": "completed"},
                 conversation_items=("conv_missing", [_item(1)]),
@@ -305,7 +305,7 @@ def test_list_responses_page(store: Store) -> None:
         assert [r.id for r in done] == [made[3].id, made[0].id]
         found, _ = await store.list_responses_page(all_tenants=True, search=made[4].id[-10:])
         assert [r.id for r in found] == [made[4].id]
-        with pytest.raises(NotFoundError):
+        with pytest.raises(StoreNotFoundError):
             await store.list_responses_page(after="resp_missing")
         with pytest.raises(ValueError):
             await store.list_responses_page(limit=0)
