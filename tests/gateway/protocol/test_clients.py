@@ -137,6 +137,10 @@ def test_vercel_ai_sdk_item_references(tmp_path):
     assert reply.status_code == 400
     assert reply.json()["error"]["param"] == "input[2].id"
     assert listed.status_code == 200
+    listed_types = [item["type"] for item in listed.json()["data"]][::-1]
+    assert listed_types == [
+        "message", "message", "reasoning", "function_call", "function_call_output",
+    ]
     messages = model.requests[2]["messages"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant", "user"]
     assert messages[2]["tool_calls"][0]["function"]["name"] == "weather"
