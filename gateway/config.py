@@ -190,6 +190,11 @@ class Settings(BaseSettings):
         "(`127.0.0.0/8,10.0.0.0/8`)",
     )
     max_body_bytes: int = Field(20_000_000, ge=1, description="largest request body")
+    model_context_windows: dict[str, int] = Field(
+        {},
+        description="context window in tokens by model name (`\"*\"`: any other), for "
+        "`truncation: \"auto\"` (a TOML table; flag and variable: a JSON object)",
+    )
     encrypted_content_key: SecretStr | None = Field(
         None,
         description="Fernet key sealing `encrypted_content` (compaction and reasoning items); "
@@ -273,7 +278,7 @@ _SECRET = frozenset(
     name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)
 )
 _TABLES = frozenset({"tools", "upstream_fallbacks"})
-_JSON = _TABLES | {"hosted_tool_map"}  # flags and variables give these as JSON
+_JSON = _TABLES | {"hosted_tool_map", "model_context_windows"}  # flags and variables: JSON
 
 
 def flag_name(name: str) -> str:

@@ -28,6 +28,7 @@ from executors.reassembly import Delta
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream
 from executors.upstream import UpstreamError
+from gateway.protocol.context_window import is_compaction_request
 from store.base import Store
 from store.types import COMPLETED, MODEL_CALL, PENDING, PROCESSING, Step, StoreError
 
@@ -212,6 +213,9 @@ async def _execute_step(
             )
 
     if step.kind == MODEL_CALL:
+        if top is not None and is_compaction_request(step.request_payload):
+            # A compaction step is no output of the response: only its usage counts.
+            return await _model_call(deps, step, None, observer)
         return await _model_call(deps, step, top, observer, ends_after, deferred)
 
     if top is not None:

@@ -149,6 +149,7 @@ def create_app(
             hosted_tool_map=settings.hosted_tool_map,
             encrypted_content_key=load_or_create_key(settings),
             reasoning_to_upstream=settings.reasoning_to_upstream,
+            context_windows=settings.model_context_windows,
         )
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings
