@@ -225,6 +225,13 @@ def test_hosted_tool_loop_mcp_call_items(tmp_path):
     ]
 
 
+def test_background_stream(tmp_path):
+    with running_gateway(tmp_path, ScriptedModel(["Later."])) as gw:
+        events = check_all(gw, {"model": MODEL, "input": "bg", "background": True})
+    assert events[-1]["response"]["background"] is True
+    assert events[-1]["type"] == "response.completed"
+
+
 def test_failed_and_incomplete(tmp_path):
     model = ScriptedModel(
         [
