@@ -11,7 +11,8 @@ Rows it adds, all in the same run as the SQLite rows they sit beside:
 
 - scenarios 1 and 2: ``stepchain (PostgreSQL)``, a gateway on its own database (in
   :mod:`bench.scenarios`, when ``Bench.gateway_pg`` runs);
-- scenario 6: the store cost per step transition on PostgreSQL (:func:`store_cost_rows`);
+- scenario 6: the store cost per step transition on PostgreSQL (:func:`bench.resources.scenario_store`
+  uses this server);
 - scenario 10: throughput of 2 replicas on one PostgreSQL database vs 1 (:func:`scenario_replicas`),
   with the CPU each process used per request, which says what limits it on a small machine.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +29,12 @@ from typing import Any
 
 import orjson
 
-from .loadgen import Sample, Worker, run_load, summarize
+from .loadgen import Sample, Worker, run_load
 from .processes import ServerProcess, cpu_seconds, start_gateway
 from .report import Row
 
 __all__ = [
     "PgBench", "PostgresUnavailable", "check_in_use", "scenario_10", "scenario_replicas", "start_postgres",
-    "store_cost_rows",
 ]  # fmt: skip
 
 _SETTINGS = {"fsync": "on", "full_page_writes": "on", "synchronous_commit": "off"}
@@ -84,14 +83,15 @@ class PgBench:
 
 @contextlib.contextmanager
 def start_postgres() -> Iterator[PgBench]:
-    """A throwaway server for the run (``STEPCHAIN_TEST_PG_DSN``'s server when that is set)."""
+    """A throwaway server for the run (``STEPCHAIN_BENCH_PG_DSN``'s server when that is set: it
+    must allow ``CREATE DATABASE``)."""
     try:
         import psycopg
 
         from tests.pg import PgServer, find_binaries, running_server
     except ImportError as exc:
         raise PostgresUnavailable(f"cannot import the PostgreSQL helpers: {exc}") from None
-    external = os.environ.get("STEPCHAIN_TEST_PG_DSN")
+    external = os.environ.get("STEPCHAIN_BENCH_PG_DSN")
     if external:
         yield PgBench(PgServer(external))
         return
@@ -117,61 +117,6 @@ def start_gateway_pg(upstream_base_url: str, log_dir: Path, pg: PgBench, *, name
                      url: str | None = None) -> ServerProcess:  # fmt: skip
     """A gateway on a fresh PostgreSQL database (or on ``url``: another replica of it)."""
     return start_gateway(upstream_base_url, log_dir, name=name, db=url or pg.new_database())
-
-
-# --- scenario 6 on PostgreSQL ---------------------------------------------------------------------
-
-
-async def store_cost_pg(url: str, steps: int, chains: int) -> dict[str, Any]:
-    """Scenario 6's loop (``record_steps`` → ``mark_processing`` → ``complete_step``) on the
-    PostgreSQL store at ``url``; the same keys as :func:`bench.resources.store_cost`."""
-    from store import open_store
-
-    from .resources import _STEPS_PER_RESPONSE, MODEL, TEXT, ResponseRecord, _chain, new_id
-
-    store = open_store(url)
-    await store.open()
-    per_chain = steps // chains
-    timings: list[float] = []
-    try:
-        response_ids = []
-        for _ in range(chains * -(-per_chain // _STEPS_PER_RESPONSE)):
-            rid = new_id("resp")
-            await store.create_response(
-                ResponseRecord(id=rid, model=MODEL, request={"model": MODEL, "input": TEXT}, created_at=time.time())
-            )
-            response_ids.append(rid)
-        per = len(response_ids) // chains
-        t0 = time.perf_counter()
-        await asyncio.gather(*(
-            _chain(store, response_ids[i * per:(i + 1) * per], per_chain, timings)  # type: ignore[arg-type]
-            for i in range(chains)
-        ))  # fmt: skip
-        wall = time.perf_counter() - t0
-    finally:
-        await store.close()
-    return {
-        "transitions": len(timings), "wall_s": wall, "us_per_transition": wall * 1e6 / len(timings),
-        "latency_ms": summarize([t * 1000 for t in timings]),
-    }  # fmt: skip
-
-
-async def store_cost_rows(pg: PgBench, steps: int) -> list[Row]:
-    """Scenario 6's rows on PostgreSQL: 1 chain and 16 chains at once, ``steps`` steps each run."""
-    rows = []
-    for chains in (1, 16):
-        result = await store_cost_pg(pg.new_database(), steps, chains)
-        lat = result["latency_ms"]
-        rows.append(Row(
-            id=f"6/store-pg/c{chains}", scenario="6 store (PostgreSQL)",
-            target="1 chain" if chains == 1 else f"{chains} chains",
-            concurrency=chains, requests=result["transitions"], rps=result["transitions"] / result["wall_s"],
-            p50_ms=lat["p50"], p90_ms=lat["p90"], p99_ms=lat["p99"],
-            note=(f"{result['us_per_transition']:.0f} µs/transition, loopback TCP, pool, "
-                  "synchronous_commit=off"),
-            extra=result,
-        ))  # fmt: skip
-    return rows
 
 
 # --- scenario 10: replicas ------------------------------------------------------------------------

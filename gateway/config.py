@@ -45,6 +45,7 @@ from executors.registry import ToolDefinitionError, validate_tool_definition
 
 __all__ = [
     "ConfigError",
+    "ModelPrice",
     "Settings",
     "ToolSetting",
     "UpstreamFallback",
@@ -118,6 +119,18 @@ class ToolSetting(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
+class ModelPrice(BaseModel):
+    """One ``[prices."model-name"]`` table: USD per million tokens (``cached_input`` defaults
+    to ``input``, ``reasoning`` to ``output``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(None, ge=0)
+    reasoning: float | None = Field(None, ge=0)
+
+
 class Settings(BaseSettings):
     """Everything the gateway process is configured with. Times are seconds, sizes bytes."""
 
@@ -133,7 +146,10 @@ class Settings(BaseSettings):
     upstream_api_key: SecretStr | None = Field(
         None, description="sent upstream as `Authorization: Bearer`"
     )
-    db: str = Field("./stepchain.db", description="SQLite file (WAL mode)")
+    db: str = Field(
+        "./stepchain.db",
+        description="the store: an SQLite file path or `sqlite:///path` (WAL mode), or `postgresql://…` (replicas share it)",
+    )
     config: str | None = Field(
         None,
         description="TOML file with these settings, `[[tools]]` and `[[upstream_fallbacks]]`",
@@ -220,6 +236,17 @@ class Settings(BaseSettings):
     log_level: str = Field(
         "info", description="uvicorn log level: critical, error, warning, info, debug, trace"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per log line (response, step, retry and "
+        "error events with ids, tenant and timings; never a secret)"
+    )
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        strict=False,
+        description="`[prices.\"model\"]` `{input, output, cached_input?, reasoning?}` in USD "
+        "per million tokens (a name ending in `*` is a prefix); a model without one has an "
+        "unknown cost, never 0 (flag and variable: a JSON object)",
+    )
     tools: tuple[ToolSetting, ...] = Field(
         (),
         strict=False,
@@ -278,7 +305,7 @@ _SECRET = frozenset(
     name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)
 )
 _TABLES = frozenset({"tools", "upstream_fallbacks"})
-_JSON = _TABLES | {"hosted_tool_map", "model_context_windows"}  # flags and variables: JSON
+_JSON = _TABLES | {"hosted_tool_map", "model_context_windows", "prices"}  # flags, variables: JSON
 
 
 def flag_name(name: str) -> str:
@@ -385,7 +412,7 @@ README_END = "<!-- end of settings table -->"
 
 
 def _default_text(name: str) -> str:
-    default = Settings.model_fields[name].default
+    default = Settings.model_fields[name].get_default(call_default_factory=True)
     if default is None or default == () or default == {}:
         return "—"
     if isinstance(default, bool):

@@ -70,6 +70,8 @@ class Prepared:
     history_ids: frozenset[str] = frozenset()
     # The client's own key, sent upstream instead of the gateway's (pass_client_key); never stored.
     upstream_key: str | None = None
+    # The client request's W3C trace context headers (traceparent, tracestate), for tracing.
+    trace_headers: dict[str, str] | None = None
 
 
 class _NotClient:
@@ -196,6 +198,14 @@ class ResponsesService:
                 param="previous_response_id",
             )
         return list(await self.conversation_items(previous))
+
+    async def input_items(self, record: ResponseRecord) -> list[dict[str, Any]]:
+        """The input items of a stored response as ``input_items`` lists them: normalized, with
+        ``item_reference`` items resolved to the items they named (if still there)."""
+        items = normalize_input(record.request.get("input", []), record.id)
+        if any(item["type"] == "item_reference" for item in items):
+            items = await ItemResolver(self.store, record.tenant).resolve(items, strict=False)
+        return items
 
     def _remember(self, response_id: str, ids: frozenset[str], items: list[dict[str, Any]]) -> None:
         self._history[response_id] = (ids, items)
@@ -485,10 +495,39 @@ class ResponsesService:
         await self.replay_chain(record.id, builder)
         return await self._drive(prepared, builder)
 
+    async def _conversation_root(self, record: ResponseRecord) -> str:
+        """The first response of ``record``'s ``previous_response_id`` chain (at most 100 back)."""
+        root = record
+        for _ in range(100):
+            if not root.previous_response_id:
+                break
+            previous = await self.store.get_response(root.previous_response_id)
+            if previous is None:
+                return root.previous_response_id
+            root = previous
+        return root.id
+
     async def _drive(
         self, prepared: Prepared, builder: ResponseBuilder, started: list[Step] | None = None
     ) -> dict[str, Any]:
+        watch = self.deps.observer
+        if watch is None:
+            return await self._drive_loop(prepared, builder, started, None)
         record = prepared.record
+        conversation = None
+        if watch.tracing is not None:
+            conversation = await self._conversation_root(record)
+        with watch.response(
+            record, conversation_id=conversation, parent_headers=prepared.trace_headers
+        ) as scope:
+            return await self._drive_loop(prepared, builder, started, scope)
+
+    async def _drive_loop(
+        self, prepared: Prepared, builder: ResponseBuilder, started: list[Step] | None,
+        scope: Any,
+    ) -> dict[str, Any]:
+        record = prepared.record
+        iterations = 0
         deps = self.deps
         if prepared.upstream_key:
             deps = dataclasses.replace(deps, upstream=deps.upstream.with_api_key(prepared.upstream_key))
@@ -514,6 +553,7 @@ class ResponsesService:
             status, error = "failed", {"code": "server_error", "message": "internal error"}
         else:
             last = outcome.unwritten
+            iterations = outcome.iterations
             status = outcome.status
             if status == "failed":
                 error = _response_error(outcome.error)
@@ -546,4 +586,6 @@ class ResponsesService:
         except StoreError as exc:
             logger.error("could not store the result of response %s: %s", record.id, exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
+        if scope is not None:
+            scope.finish(status, usage=builder.usage, error=error, iterations=iterations)
         return builder.finish(status, error=error, incomplete_details=incomplete)
