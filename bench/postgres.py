@@ -179,7 +179,8 @@ async def scenario_replicas(
         busy = total * (row.rps or 0) / 1e6
         row.extra["cores_busy"] = busy
         row.note = (f"CPU µs/req: postgres {row.extra['postgres_cpu_us']:.0f}, upstream "
-                    f"{row.extra['upstream_cpu_us']:.0f}; {busy:.1f} of {cores} cores busy")  # fmt: skip
+                    f"{row.extra['upstream_cpu_us']:.0f}; this run's processes used {busy:.1f} of "
+                    f"{cores} cores")  # fmt: skip
     if ratio is not None:
         rows[1].note = f"×{ratio:.2f} one replica's throughput; " + rows[1].note
     return rows

@@ -251,7 +251,7 @@ def evaluate_targets(rows: Sequence[Row], *, quick: bool) -> list[Target]:
     ratio = two.extra.get("throughput_ratio") if two else None
     targets.append(Target(
         "2 replicas on one PostgreSQL: throughput ÷ 1 replica's", "≥ 1.6×",
-        f"{ratio:.2f}× ({two.extra.get('cores_busy', 0):.1f} of {os.cpu_count()} cores busy)"
+        f"{ratio:.2f}× (this run used {two.extra.get('cores_busy', 0):.1f} of {os.cpu_count()} cores)"
         if two and ratio is not None else "not run",
         ratio >= 1.6 if ratio is not None else None,
     ))  # fmt: skip
