@@ -19,7 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.errors import InvalidRequestError, PreviousResponseNotFoundError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    PreviousResponseNotFoundError,
+    to_gateway_error,
+    upstream_error,
+)
 from gateway.protocol.convert import (
     build_chat_request,
     items_to_messages,
@@ -62,6 +68,8 @@ class Prepared:
     history_ids: frozenset[str] = frozenset()
     # The client's own key, sent upstream instead of the gateway's (pass_client_key); never stored.
     upstream_key: str | None = None
+    # Why the response failed, as the error a client sees when nothing was output yet.
+    failure: GatewayError | None = None
 
 
 class _NotClient:
@@ -371,16 +379,23 @@ class ResponsesService:
             status, error = "cancelled", None
             await self._cancel_unfinished(record.id)
         except StoreError as exc:
-            logger.error("store error in response %s: %s", record.id, exc)
+            logger.error("store error in response %s", record.id, exc_info=exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
-        except Exception:  # a bug must still end the response, never leave it in_progress
+            prepared.failure = to_gateway_error(exc)
+        except Exception as exc:  # a bug must still end the response, never leave it in_progress
             logger.exception("response %s failed unexpectedly", record.id)
             status, error = "failed", {"code": "server_error", "message": "internal error"}
+            prepared.failure = to_gateway_error(exc)
         else:
             last = outcome.unwritten
             status = outcome.status
             if status == "failed":
                 error = _response_error(outcome.error)
+                failed = outcome.error or {}
+                prepared.failure = upstream_error(
+                    error["message"], kind=failed.get("type"), status=failed.get("status"),
+                    param=failed.get("param"), code=failed.get("code"),
+                )
             elif status == "incomplete":
                 incomplete = {"reason": outcome.incomplete_reason}
         completed_at = time.time()
@@ -408,6 +423,7 @@ class ResponsesService:
             else:
                 await self.store.update_response(record.id, **result)
         except StoreError as exc:
-            logger.error("could not store the result of response %s: %s", record.id, exc)
+            logger.error("could not store the result of response %s", record.id, exc_info=exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
+            prepared.failure = to_gateway_error(exc)
         return builder.finish(status, error=error, incomplete_details=incomplete)

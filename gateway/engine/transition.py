@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.errors import GatewayError
 from gateway.protocol.truncation import tool_output_text, truncate_for_model
 from store.types import (
     CANCELED,
@@ -96,8 +97,9 @@ class AppendSteps:
 Action = Complete | Fail | Incomplete | AppendSteps
 
 
-class ChainNotSettledError(ValueError):
-    """The chain ends in a step that is still pending or processing; settle it first."""
+class ChainNotSettledError(GatewayError, ValueError):
+    """The chain ends in a step that is still pending or processing; settle it first (a bug
+    if it reaches a client: 500)."""
 
 
 # Marks a tool step that the loop must fail without running (the max_tool_calls cap).
