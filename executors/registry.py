@@ -3,7 +3,8 @@
 A **tool definition** (what ``POST /v1/tools`` takes and the store keeps) is one of::
 
     HTTP tool:  {"name", "description", "parameters", "kind": "http", "attach", "url",
-                 "headers": {name: value | "env:VAR"}, "timeout_s", "idempotent"}
+                 "headers": {name: value | "env:VAR"}, "timeout_s", "idempotent",
+                 "allow_private"}
     agent tool: {"name", "description", "parameters", "kind": "agent", "attach", "model",
                  "instructions", "tools": [registered tool names]}
 
@@ -64,7 +65,7 @@ _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 _COMMON_KEYS = ("name", "description", "parameters", "kind", "attach")
 _KIND_KEYS = {
-    "http": ("url", "headers", "timeout_s", "idempotent"),
+    "http": ("url", "headers", "timeout_s", "idempotent", "allow_private"),
     "agent": ("model", "instructions", "tools"),
 }
 _ALL_KEYS = frozenset(_COMMON_KEYS + _KIND_KEYS["http"] + _KIND_KEYS["agent"] + ("object",))
@@ -221,10 +222,14 @@ def validate_tool_definition(
         idempotent = body.get("idempotent", False)
         if not isinstance(idempotent, bool):
             raise _fail("idempotent must be true or false.", "idempotent")
+        allow_private = body.get("allow_private", False)
+        if not isinstance(allow_private, bool):
+            raise _fail("allow_private must be true or false.", "allow_private")
         out["url"] = _validate_url(body.get("url"))
         out["headers"] = _validate_headers(body.get("headers", {}), previous)
         out["timeout_s"] = timeout_s
         out["idempotent"] = idempotent
+        out["allow_private"] = allow_private
     else:
         model = body.get("model")
         if not isinstance(model, str) or not model:

@@ -20,6 +20,7 @@ rewrites the settings table in README.md from the fields below.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 import sys
 import tomllib
@@ -96,6 +97,7 @@ class ToolSetting(BaseModel):
     headers: dict[str, str] | None = Field(None, repr=False)
     timeout_s: float | None = None
     idempotent: bool | None = None
+    allow_private: bool | None = None
     model: str | None = None
     instructions: str | None = None
     tools: list[str] | None = None
@@ -175,9 +177,21 @@ class Settings(BaseSettings):
         5_000_000, ge=1, description="largest tool response body read"
     )
     tool_allowed_hosts: str | None = Field(
-        None, description="comma-separated hosts HTTP tools may call (`*.example.com` allowed)"
+        None,
+        description="comma-separated hosts tools (HTTP, MCP) may call (`*.example.com` allowed); "
+        "listed hosts may be private",
+    )
+    tool_allowed_networks: str | None = Field(
+        None,
+        description="comma-separated CIDRs tools may reach although private "
+        "(`127.0.0.0/8,10.0.0.0/8`)",
     )
     max_body_bytes: int = Field(20_000_000, ge=1, description="largest request body")
+    encrypted_content_key: SecretStr | None = Field(
+        None,
+        description="Fernet key sealing `encrypted_content` (compaction items); the same on "
+        "every replica. Default: a random key kept in `<db>.key`",
+    )
     cancel_on_disconnect: bool = Field(
         False, description="cancel a streamed response when its client goes away"
     )
@@ -213,6 +227,17 @@ class Settings(BaseSettings):
         return (init_settings,)
 
     _urls = field_validator("upstream_base_url")(_check_http_url)
+
+    @field_validator("tool_allowed_networks")
+    @classmethod
+    def _networks(cls, value: str | None) -> str | None:
+        for net in (value or "").split(","):
+            if net.strip():
+                try:
+                    ipaddress.ip_network(net.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"{net.strip()!r} is not a network such as 10.0.0.0/8") from None
+        return value
 
     @field_validator("sqlite_synchronous")
     @classmethod

@@ -22,15 +22,18 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from executors.egress import EgressPolicy
 from executors.http_tool import HTTPToolExecutor
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream, UpstreamTarget
 from gateway.config import Settings, load_settings
+from gateway.engine.keys import load_or_create_key
 from gateway.engine.live import LiveStreams
 from gateway.engine.loop import LoopDeps
 from gateway.engine.recovery import Recovery, new_owner_id
 from gateway.engine.service import ResponsesService
 from gateway.engine.tasks import TaskSet
+from gateway.engine.tokens import TokenCounter
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -41,11 +44,13 @@ from gateway.errors import (
 from store.base import Store
 from store.sqlite import SQLiteStore
 
-from .auth import AuthMiddleware, load_api_keys
+from .auth import AuthMiddleware, hash_key, load_api_keys
 from .chat import chat_routes
+from .context import context_routes
 from .models import model_routes
 from .responses import response_routes
 from .tools import tool_routes
+from .ui import ui_routes
 from .websocket import websocket_routes
 
 logger = logging.getLogger("stepchain")
@@ -146,12 +151,8 @@ def create_app(
         if settings.tools:
             await registry.upsert_many([tool.definition() for tool in settings.tools])
         await registry.load()
-        allowed = settings.tool_allowed_hosts
         http_tools = HTTPToolExecutor(
-            tool_client,
-            max_response_bytes=settings.tool_max_response_bytes,
-            allowed_hosts=[h.strip() for h in allowed.split(",") if h.strip()] if allowed else None,
-            blocked_ports=(settings.port,),
+            tool_client, max_response_bytes=settings.tool_max_response_bytes, egress=egress
         )
         deps = LoopDeps(
             store=the_store,
@@ -164,9 +165,13 @@ def create_app(
             tool_output_max_lines=settings.tool_output_max_lines,
         )
         tasks = TaskSet()
-        service = ResponsesService(deps, owner=new_owner_id(), lease_s=settings.lease_s)
+        service = ResponsesService(
+            deps, owner=new_owner_id(), lease_s=settings.lease_s,
+            encrypted_content_key=load_or_create_key(settings),
+        )
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings
+        app.state.egress = egress
         app.state.store = the_store
         app.state.upstream = upstream
         app.state.registry = registry
@@ -174,6 +179,7 @@ def create_app(
         app.state.service = service
         app.state.recovery = recovery
         app.state.live = LiveStreams()
+        app.state.token_counter = TokenCounter(upstream)
         app.state.running = {}
         await recovery.start()
         try:
@@ -187,15 +193,35 @@ def create_app(
             await tool_client.aclose()
             await the_store.close()
 
+    # The gateway's own sockets are added as requests arrive (``scope["server"]``: the real port,
+    # also when ``port`` is 0).
+    egress = EgressPolicy.from_settings(
+        settings.tool_allowed_hosts,
+        settings.tool_allowed_networks,
+        own_ports=(settings.port,),
+        own_addresses=(settings.host,),
+    )
     key_hashes = load_api_keys(_secret(settings.api_keys), settings.api_keys_file)
     middleware = []
     if key_hashes or settings.pass_client_key:  # an open gateway skips the layer altogether
+        admin = _secret(settings.admin_key)
         middleware.append(
-            Middleware(AuthMiddleware, key_hashes=key_hashes, pass_client_key=settings.pass_client_key)
+            Middleware(
+                AuthMiddleware,
+                key_hashes=key_hashes,
+                pass_client_key=settings.pass_client_key,
+                admin_key_hash=hash_key(admin) if admin else None,
+            )
         )
     app = Starlette(
         routes=[
-            *model_routes(), *response_routes(), *websocket_routes(), *chat_routes(), *tool_routes()
+            *model_routes(),
+            *context_routes(),
+            *response_routes(),
+            *websocket_routes(),
+            *chat_routes(),
+            *tool_routes(),
+            *ui_routes(),
         ],
         middleware=middleware,
         lifespan=lifespan,

@@ -30,6 +30,7 @@ _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens"
 _ID_PREFIX = {
     "message": "msg", "function_call": "fc", "function_call_output": "fco",
     "reasoning": "rs", "mcp_call": "mcp",
+    "compaction": "cmp",
 }  # fmt: skip
 
 
@@ -185,6 +186,11 @@ def _validate_mcp_call(item: dict[str, Any], param: str) -> None:
         raise bad_value(f"{param}.output", "a string or null")
 
 
+def _validate_compaction(item: dict[str, Any], param: str) -> None:
+    # Opened (and expanded to its summary) by the service, which holds the key.
+    _require_str(item, "encrypted_content", param)
+
+
 def _reject_reference(item: dict[str, Any], param: str) -> None:
     raise unsupported_value(
         f"{param}.type",
@@ -200,6 +206,7 @@ _ITEM_VALIDATORS = {
     "reasoning": _validate_reasoning,
     "mcp_call": _validate_mcp_call,
     "item_reference": _reject_reference,
+    "compaction": _validate_compaction,
 }
 
 
