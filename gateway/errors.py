@@ -39,6 +39,7 @@ transport use::
     executors.reassembly.StreamCutError   → UpstreamError (502)
     executors.http_tool.ToolError         → UpstreamError (502, code = the tool error's type)
     executors.registry.ToolDefinitionError → InvalidRequestError (400, with param)
+    executors.egress.EgressError          → InvalidRequestError (400, url_not_allowed)
 
 The one rule for a failed upstream call (:func:`upstream_error`), as OpenAI-compatible clients
 expect it: the upstream's 429 → :class:`RateLimitError` (``insufficient_quota`` kept); any other
@@ -239,6 +240,7 @@ def _from_upstream(exc: Any) -> GatewayError:
 @functools.cache
 def _translations() -> dict[type[BaseException], Callable[[Any], GatewayError]]:
     # Imported here: the lower layers are loaded by then, and importing this module stays cheap.
+    from executors.egress import EgressError
     from executors.http_tool import ToolError
     from executors.reassembly import StreamCutError
     from executors.registry import ToolDefinitionError
@@ -256,6 +258,7 @@ def _translations() -> dict[type[BaseException], Callable[[Any], GatewayError]]:
         StreamCutError: lambda exc: UpstreamError(f"the upstream stream broke off: {exc}"),
         ToolError: lambda exc: UpstreamError(exc.message, code=exc.type),
         ToolDefinitionError: lambda exc: InvalidRequestError(exc.message, param=exc.param),
+        EgressError: lambda exc: InvalidRequestError(exc.message, code="url_not_allowed"),
     }
 
 

@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from executors.egress import EgressError
 from executors.http_tool import ToolError
 from executors.reassembly import StreamCutError
 from executors.registry import ToolDefinitionError
@@ -76,6 +77,8 @@ def test_every_exception_class_is_in_the_tree_or_translated():
         pytest.param(StreamCutError("ended early"), UpstreamError, 502, "upstream_error", "upstream_error", id="stream-cut"),
         pytest.param(ToolError("http_error", "tool said 500", 500), UpstreamError, 502, "upstream_error", "http_error", id="tool"),
         pytest.param(ToolDefinitionError("url is required", "url"), InvalidRequestError, 400, "invalid_request_error", None, id="tool-definition"),
+        pytest.param(EgressError("169.254.169.254 is a link-local address"), InvalidRequestError, 400,
+                     "invalid_request_error", "url_not_allowed", id="egress"),
         pytest.param(KeyError("a bug"), GatewayError, 500, "server_error", None, id="unmapped"),
     ],
 )
