@@ -46,6 +46,7 @@ from gateway.errors import ConfigError
 
 __all__ = [
     "ConfigError",
+    "ModelPrice",
     "Settings",
     "ToolSetting",
     "UpstreamFallback",
@@ -113,6 +114,18 @@ class ToolSetting(BaseModel):
     def definition(self) -> dict[str, Any]:
         """The registration body (fields that were given)."""
         return self.model_dump(exclude_none=True)
+
+
+class ModelPrice(BaseModel):
+    """One ``[prices."model-name"]`` table: USD per million tokens (``cached_input`` defaults
+    to ``input``, ``reasoning`` to ``output``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(None, ge=0)
+    reasoning: float | None = Field(None, ge=0)
 
 
 class Settings(BaseSettings):
@@ -187,10 +200,15 @@ class Settings(BaseSettings):
         "(`127.0.0.0/8,10.0.0.0/8`)",
     )
     max_body_bytes: int = Field(20_000_000, ge=1, description="largest request body")
+    model_context_windows: dict[str, int] = Field(
+        {},
+        description="context window in tokens by model name (`\"*\"`: any other), for "
+        "`truncation: \"auto\"` (a TOML table; flag and variable: a JSON object)",
+    )
     encrypted_content_key: SecretStr | None = Field(
         None,
-        description="Fernet key sealing `encrypted_content` (compaction items); the same on "
-        "every replica. Default: a random key kept in `<db>.key`",
+        description="Fernet key sealing `encrypted_content` (compaction and reasoning items); "
+        "the same on every replica. Default: a random key kept in `<db>.key`",
     )
     cancel_on_disconnect: bool = Field(
         False, description="cancel a streamed response when its client goes away"
@@ -212,11 +230,34 @@ class Settings(BaseSettings):
     log_level: str = Field(
         "info", description="uvicorn log level: critical, error, warning, info, debug, trace"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per log line (response, step, retry and "
+        "error events with ids, tenant and timings; never a secret)"
+    )
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        strict=False,
+        description="`[prices.\"model\"]` `{input, output, cached_input?, reasoning?}` in USD "
+        "per million tokens (a name ending in `*` is a prefix); a model without one has an "
+        "unknown cost, never 0 (flag and variable: a JSON object)",
+    )
     tools: tuple[ToolSetting, ...] = Field(
         (),
         strict=False,
         description="`[[tools]]` tool definitions as `POST /v1/tools` takes them, registered at "
         "start-up (flag and variable: a JSON list)",
+    )
+    hosted_tool_map: dict[str, str] = Field(
+        {},
+        strict=False,
+        description="hosted tool types a registered tool runs, e.g. `{web_search = "
+        "\"my_search_tool\"}` (flag and variable: a JSON object); other hosted types are left "
+        "out of what the model is offered",
+    )
+    reasoning_to_upstream: bool = Field(
+        False,
+        description="send reasoning items of the input back upstream as `reasoning_content` on "
+        "the next assistant message (vLLM, DeepSeek, llama.cpp take it)",
     )
 
     @classmethod
@@ -258,6 +299,7 @@ _SECRET = frozenset(
     name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)
 )
 _TABLES = frozenset({"tools", "upstream_fallbacks"})
+_JSON = _TABLES | {"hosted_tool_map", "model_context_windows", "prices"}  # flags, variables: JSON
 
 
 def flag_name(name: str) -> str:
@@ -275,7 +317,7 @@ def _parse_text(name: str, value: Any, source: str) -> Any:
     if not isinstance(value, str):  # a switch flag (already a bool), or a JSON-decoded table
         return value
     try:
-        if name in _TABLES:
+        if name in _JSON:
             return _adapter(name).validate_json(value)
         return _adapter(name).validate_strings(value)
     except ValidationError as exc:
@@ -364,8 +406,8 @@ README_END = "<!-- end of settings table -->"
 
 
 def _default_text(name: str) -> str:
-    default = Settings.model_fields[name].default
-    if default is None or default == ():
+    default = Settings.model_fields[name].get_default(call_default_factory=True)
+    if default is None or default == () or default == {}:
         return "—"
     if isinstance(default, bool):
         return str(default).lower()

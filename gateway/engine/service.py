@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from executors.upstream import STEP_NOTES
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -26,6 +27,7 @@ from gateway.errors import (
     to_gateway_error,
     upstream_error,
 )
+from gateway.protocol.context_window import is_compaction_request
 from gateway.protocol.convert import (
     build_chat_request,
     items_to_messages,
@@ -34,6 +36,9 @@ from gateway.protocol.convert import (
 )
 from gateway.protocol.events import ResponseBuilder
 from gateway.protocol.response_object import response_object
+from gateway.protocol.sealed import seal, unseal
+from gateway.protocol.tools import ToolPlan, plan_tools
+from gateway.protocol.usage import zero_usage
 from gateway.protocol.validation import validate_call_outputs, validate_request
 from store.types import (
     MODEL_CALL,
@@ -44,8 +49,9 @@ from store.types import (
     new_id,
 )
 
-from .compaction import expand_compactions
+from .compaction import compact_threshold_of, expand_compactions
 from .loop import LoopDeps, run_response_loop
+from .references import ItemResolver
 from .transition import AppendSteps, LoopRequest, next_action
 
 logger = logging.getLogger("stepchain.service")
@@ -65,12 +71,15 @@ class Prepared:
     input_items: list[dict[str, Any]]
     history: list[dict[str, Any]]
     client_tools: frozenset[str]
+    plan: ToolPlan
     # The responses whose items ``history`` holds (evicted from the cache when one is deleted).
     history_ids: frozenset[str] = frozenset()
     # The client's own key, sent upstream instead of the gateway's (pass_client_key); never stored.
     upstream_key: str | None = None
     # Why the response failed, as the error a client sees when nothing was output yet.
     failure: GatewayError | None = None
+    # The client request's W3C trace context headers (traceparent, tracestate), for tracing.
+    trace_headers: dict[str, str] | None = None
 
 
 class _NotClient:
@@ -121,11 +130,20 @@ class ResponsesService:
         *,
         owner: str | None = None,
         lease_s: float = 30.0,
+        hosted_tool_map: dict[str, str] | None = None,
         encrypted_content_key: str | None = None,
+        reasoning_to_upstream: bool = False,
+        context_windows: dict[str, int] | None = None,
     ) -> None:
         self.deps = deps
-        # Seals and opens encrypted_content (compaction items); None: they are refused.
+        # Hosted tool type (web_search, …) -> the registered tool that implements it.
+        self.hosted_tool_map = dict(hosted_tool_map or {})
+        # Seals and opens encrypted_content (compaction and reasoning items); None: refused.
         self.encrypted_content_key = encrypted_content_key
+        # Send input reasoning back upstream as reasoning_content (upstreams that take it).
+        self.reasoning_to_upstream = reasoning_to_upstream
+        # Context window in tokens by model name ("*": any other), for truncation and compaction.
+        self.context_windows = dict(context_windows or {})
         self.store = deps.store
         self.owner = owner
         self.lease_s = lease_s
@@ -167,7 +185,10 @@ class ResponsesService:
             if previous is not None:
                 ids, earlier = await self._conversation(previous)
                 items = list(earlier)
-        items.extend(normalize_input(record.request.get("input", []), record.id))
+        inputs = normalize_input(record.request.get("input", []), record.id)
+        if any(item["type"] == "item_reference" for item in inputs):
+            inputs = await ItemResolver(self.store, record.tenant).resolve(inputs, strict=False)
+        items.extend(inputs)
         items.extend(record.output)
         ids = ids | {record.id}
         self._remember(record.id, ids, items)
@@ -266,19 +287,33 @@ class ResponsesService:
                 )
             history_ids, history = await self._conversation(previous)
         input_items = normalize_input(body.get("input", []), response_id)
+        if any(item["type"] == "item_reference" for item in input_items):
+            input_items = await ItemResolver(self.store, tenant).resolve(input_items, strict=check)
         if check:
             validate_call_outputs(history, input_items)
-        offered, client_tools, _hosted = registry.offer(body.get("tools"), body.get("tool_choice"))
-        client_names = frozenset(t["name"] for t in client_tools)
+            self._check_encrypted(input_items)
+        plan, offered, client_names = self._offer(body)
+        if plan.left_out and check:
+            logger.info(
+                "response %s: tools left out (nothing runs them): %s",
+                response_id, ", ".join(plan.left_out),
+            )
         # Background responses stream upstream too: followers may attach with ?stream=true.
         stream = body.get("stream") is True or body.get("background") is True
         messages = items_to_messages(
             expand_compactions(history + input_items, self.encrypted_content_key),
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
             tool_output_max_lines=self.deps.tool_output_max_lines,
+            tool_name=plan.upstream_name,
+            reasoning_text=self._reasoning_text if self.reasoning_to_upstream else None,
         )
-        initial_body = build_chat_request(body, messages, tools_to_chat(offered), stream=stream)
+        initial_body = build_chat_request(
+            body, messages, tools_to_chat(offered), stream=stream, tool_name=plan.upstream_name
+        )
+        if plan.left_out:
+            initial_body[STEP_NOTES] = {"left_out_tools": plan.left_out}
         max_tool_calls = body.get("max_tool_calls")
+        window = self.context_windows.get(body["model"], self.context_windows.get("*"))
         loop_request = LoopRequest(
             initial_body=initial_body,
             client_tools=client_names,
@@ -286,6 +321,9 @@ class ResponsesService:
             max_tool_calls=max_tool_calls if isinstance(max_tool_calls, int) else None,
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
             tool_output_max_lines=self.deps.tool_output_max_lines,
+            context_window=window,
+            truncation=body.get("truncation") == "auto",
+            compact_threshold=compact_threshold_of(body.get("context_management"), window),
         )
         record = ResponseRecord(
             id=response_id,
@@ -298,24 +336,69 @@ class ResponsesService:
             metadata=body.get("metadata"),
             store=body.get("store", True) is not False,
         )
-        return Prepared(record, loop_request, input_items, history, client_names, history_ids)
+        return Prepared(
+            record, loop_request, input_items, history, client_names, plan, history_ids
+        )
+
+    def _offer(self, body: dict[str, Any]) -> tuple[ToolPlan, list[dict[str, Any]], frozenset[str]]:
+        """The request's tools planned for the upstream (custom, namespaced and hosted types
+        flattened or left out), then offered by the registry: ``(plan, offered, client names)``.
+        A hosted type mapped to a tool that is not registered is left out too."""
+        registry = self.deps.registry
+        plan = plan_tools(body.get("tools"), self.hosted_tool_map)
+        for kind, name in list(plan.mapped.items()):
+            if registry.lookup(name) is None:
+                logger.warning("hosted_tool_map: %s -> %s, which is not registered", kind, name)
+                plan.left_out.append(kind)
+        offered, client_tools, _hosted = registry.offer(
+            plan.functions, body.get("tool_choice"),
+            client_only=plan.client.keys(), server_only=frozenset(plan.mapped.values()),
+        )
+        return plan, offered, frozenset(t["name"] for t in client_tools)
+
+    def _check_encrypted(self, items: list[dict[str, Any]]) -> None:
+        """Every ``encrypted_content`` in the new input must be one of ours (400 otherwise)."""
+        for i, item in enumerate(items):
+            token = item.get("encrypted_content") if item["type"] == "reasoning" else None
+            if token is not None:
+                if self.encrypted_content_key is None:
+                    raise InvalidRequestError(
+                        "Encrypted content is not enabled on this gateway.",
+                        param=f"input[{i}].encrypted_content", code="invalid_encrypted_content",
+                    )
+                unseal(token, self.encrypted_content_key, param=f"input[{i}].encrypted_content")
+
+    def _reasoning_text(self, item: dict[str, Any]) -> str | None:
+        """The reasoning text of a reasoning item: its sealed text, else its content parts."""
+        token = item.get("encrypted_content")
+        if isinstance(token, str) and self.encrypted_content_key is not None:
+            try:
+                text = unseal(token, self.encrypted_content_key).get("text")
+            except InvalidRequestError:
+                text = None  # checked when it arrived; a rotated key only loses the reasoning
+            if isinstance(text, str):
+                return text
+        parts = item.get("content") or item.get("summary") or ()
+        texts = [p.get("text") for p in parts if isinstance(p, dict)]
+        return "\n".join(t for t in texts if isinstance(t, str)) or None
 
     def builder(self, prepared: Prepared, emit: Callable[[bytes], None] | None = None) -> ResponseBuilder:
         """The event/output builder for a prepared response (``emit`` None = no events)."""
-        return self._builder(prepared.record, prepared.client_tools, emit)
+        return self._builder(prepared.record, prepared.client_tools, prepared.plan, emit)
 
     def builder_for_record(
         self, record: ResponseRecord, emit: Callable[[bytes], None] | None = None
     ) -> ResponseBuilder:
         """A builder for a stored response (replaying it): client tools from its request."""
-        _offered, client_tools, _hosted = self.deps.registry.offer(
-            record.request.get("tools"), record.request.get("tool_choice")
-        )
-        return self._builder(record, frozenset(t["name"] for t in client_tools), emit)
+        plan, _offered, client_names = self._offer(record.request)
+        return self._builder(record, client_names, plan, emit)
 
-    @staticmethod
     def _builder(
-        record: ResponseRecord, client_tools: frozenset[str], emit: Callable[[bytes], None] | None
+        self,
+        record: ResponseRecord,
+        client_tools: frozenset[str],
+        plan: ToolPlan,
+        emit: Callable[[bytes], None] | None,
     ) -> ResponseBuilder:
         base = {
             "id": record.id,
@@ -323,7 +406,18 @@ class ResponsesService:
             "model": record.model,
             "request": record.request,
         }
-        return ResponseBuilder(base, hosted_tools=_NotClient(client_tools), emit=emit)
+        seal_reasoning = None
+        include = record.request.get("include")
+        key = self.encrypted_content_key
+        if key is not None and isinstance(include, list) and "reasoning.encrypted_content" in include:
+
+            def seal_reasoning(text: str) -> str:
+                return seal({"text": text}, key)
+
+        return ResponseBuilder(
+            base, hosted_tools=_NotClient(client_tools), emit=emit,
+            client_tools=plan.client, seal_reasoning=seal_reasoning,
+        )
 
     async def replay_chain(self, response_id: str, builder: ResponseBuilder) -> None:
         """Feed the finished steps of a response to ``builder`` as the loop reported them:
@@ -331,7 +425,7 @@ class ResponsesService:
         for step in await self.store.list_steps(response_id):
             if not step.finished:
                 continue
-            if step.scope_parent is not None:
+            if step.scope_parent is not None or is_compaction_request(step.request_payload):
                 if step.kind == MODEL_CALL:
                     builder.add_usage(step.usage)
             elif step.kind == MODEL_CALL:
@@ -352,6 +446,24 @@ class ResponsesService:
         )
         builder.start()
         return await self._drive(prepared, builder, started)
+
+    async def record_only(self, prepared: Prepared, builder: ResponseBuilder) -> dict[str, Any]:
+        """Store the response as ``completed`` with no output and no model call (WebSocket
+        mode's ``generate: false``: request state for a later ``previous_response_id``), emit
+        its events, and return the Response object."""
+        completed_at = time.time()
+        record = dataclasses.replace(
+            prepared.record, status="completed", output=[], usage=zero_usage(),
+            completed_at=completed_at,
+        )
+        await self.store.create_response(record)
+        if record.store:
+            self._remember(
+                record.id, prepared.history_ids | {record.id},
+                prepared.history + prepared.input_items,
+            )
+        builder.start()
+        return builder.finish("completed", completed_at=completed_at)
 
     async def resume(self, record: ResponseRecord) -> dict[str, Any]:
         """Finish a response another process left unfinished, from its chain in the store.
@@ -383,10 +495,39 @@ class ResponsesService:
         await self.replay_chain(record.id, builder)
         return await self._drive(prepared, builder)
 
+    async def _conversation_root(self, record: ResponseRecord) -> str:
+        """The first response of ``record``'s ``previous_response_id`` chain (at most 100 back)."""
+        root = record
+        for _ in range(100):
+            if not root.previous_response_id:
+                break
+            previous = await self.store.get_response(root.previous_response_id)
+            if previous is None:
+                return root.previous_response_id
+            root = previous
+        return root.id
+
     async def _drive(
         self, prepared: Prepared, builder: ResponseBuilder, started: list[Step] | None = None
     ) -> dict[str, Any]:
+        watch = self.deps.observer
+        if watch is None:
+            return await self._drive_loop(prepared, builder, started, None)
         record = prepared.record
+        conversation = None
+        if watch.tracing is not None:
+            conversation = await self._conversation_root(record)
+        with watch.response(
+            record, conversation_id=conversation, parent_headers=prepared.trace_headers
+        ) as scope:
+            return await self._drive_loop(prepared, builder, started, scope)
+
+    async def _drive_loop(
+        self, prepared: Prepared, builder: ResponseBuilder, started: list[Step] | None,
+        scope: Any,
+    ) -> dict[str, Any]:
+        record = prepared.record
+        iterations = 0
         deps = self.deps
         if prepared.upstream_key:
             deps = dataclasses.replace(deps, upstream=deps.upstream.with_api_key(prepared.upstream_key))
@@ -414,6 +555,7 @@ class ResponsesService:
             prepared.failure = to_gateway_error(exc)
         else:
             last = outcome.unwritten
+            iterations = outcome.iterations
             status = outcome.status
             if status == "failed":
                 error = _response_error(outcome.error)
@@ -452,4 +594,6 @@ class ResponsesService:
             logger.error("could not store the result of response %s", record.id, exc_info=exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
             prepared.failure = to_gateway_error(exc)
+        if scope is not None:
+            scope.finish(status, usage=builder.usage, error=error, iterations=iterations)
         return builder.finish(status, error=error, incomplete_details=incomplete)
