@@ -143,7 +143,10 @@ class Settings(BaseSettings):
     upstream_api_key: SecretStr | None = Field(
         None, description="sent upstream as `Authorization: Bearer`"
     )
-    db: str = Field("./stepchain.db", description="SQLite file (WAL mode)")
+    db: str = Field(
+        "./stepchain.db",
+        description="the store: an SQLite file path or `sqlite:///path` (WAL mode), or `postgresql://…` (replicas share it)",
+    )
     config: str | None = Field(
         None,
         description="TOML file with these settings, `[[tools]]` and `[[upstream_fallbacks]]`",

@@ -207,6 +207,14 @@ class ResponsesService:
             )
         return list(await self.conversation_items(previous))
 
+    async def input_items(self, record: ResponseRecord) -> list[dict[str, Any]]:
+        """The input items of a stored response as ``input_items`` lists them: normalized, with
+        ``item_reference`` items resolved to the items they named (if still there)."""
+        items = normalize_input(record.request.get("input", []), record.id)
+        if any(item["type"] == "item_reference" for item in items):
+            items = await ItemResolver(self.store, record.tenant).resolve(items, strict=False)
+        return items
+
     def _remember(self, response_id: str, ids: frozenset[str], items: list[dict[str, Any]]) -> None:
         self._history[response_id] = (ids, items)
         if len(self._history) > _HISTORY_CACHE_SIZE:

@@ -42,7 +42,7 @@ from gateway.errors import (
     translated_types,
 )
 from store.base import Store
-from store.sqlite import SQLiteStore
+from store import open_store
 
 from gateway.observe.cost import PriceTable
 from gateway.observe.hooks import Observer
@@ -126,7 +126,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        the_store = store or SQLiteStore(settings.db, synchronous=settings.sqlite_synchronous)
+        the_store = store or open_store(settings.db, synchronous=settings.sqlite_synchronous)
         await the_store.open()
         # httpx clients on aiohttp's transport (as openai-python's DefaultAioHttpClient): the
         # same httpx API and httpx-sse parsing, at about half the CPU per request of httpcore.

@@ -192,8 +192,6 @@ async def delete_response(request: Request) -> Response:
 
 async def list_input_items(request: Request) -> Response:
     """``GET /v1/responses/{id}/input_items``: cursor pagination as OpenAI (after, limit, order)."""
-    from gateway.protocol.convert import normalize_input
-
     record = await _visible(request)
     query = request.query_params
     order = query.get("order", "desc")
@@ -203,7 +201,7 @@ async def list_input_items(request: Request) -> Response:
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
         raise InvalidRequestError("limit must be an integer from 1 to 100.", param="limit")
     limit = int(raw_limit)
-    items = normalize_input(record.request.get("input", []), record.id)
+    items = await request.app.state.service.input_items(record)
     if order == "desc":
         items = items[::-1]
     after = query.get("after")
