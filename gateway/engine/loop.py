@@ -314,7 +314,10 @@ async def _tool_call(
         raise ToolError("unknown_tool", f"unknown tool: {name}")
     if definition.get("kind") == "agent":
         return await _agent_call(deps, response_id, step, definition, depth, observer)
-    return await deps.http_tools.call(definition, payload.get("arguments") or "")
+    return await deps.http_tools.call(
+        definition, payload.get("arguments") or "",
+        idempotency_key=step.id, call_id=payload.get("call_id"),
+    )
 
 
 async def _agent_call(
