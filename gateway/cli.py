@@ -20,7 +20,7 @@ _SERVE_OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("port", int, "port to listen on (default 8080)"),
     ("upstream-base-url", str, "Chat Completions base URL, e.g. http://127.0.0.1:9000/v1"),
     ("upstream-api-key", str, "API key sent to the upstream as a Bearer token"),
-    ("db", str, "SQLite database path (default ./stepchain.db)"),
+    ("db", str, "database: an SQLite path or sqlite:///path (default ./stepchain.db), or postgresql://…"),
     ("config", str, "TOML file with the same settings and [[tools]]"),
     ("max-response-iterations", int, "cap on transitions per loop level (default 10)"),
     ("max-response-step-depth", int, "cap on agent-tool recursion (default 8)"),
@@ -53,6 +53,7 @@ def serve(settings: Settings) -> None:
             "upstream_base_url: required (--upstream-base-url or STEPCHAIN_UPSTREAM_BASE_URL); "
             "try `stepchain demo` to run without one"
         )
+    check_database(settings)
     common = dict(
         host=settings.host,
         port=settings.port,
@@ -70,6 +71,30 @@ def serve(settings: Settings) -> None:
 
     tune_gc_for_serving()
     uvicorn.run(create_app(settings), **common)
+
+
+def check_database(settings: Settings) -> None:
+    """Open and close the store ``settings.db`` names (applying migrations) before serving.
+
+    Raises ConfigError with one line naming the database (never its password) when it cannot
+    be reached, authenticated or opened, or its URL scheme is unknown.
+    """
+    import asyncio
+
+    from gateway.http.app import store_for
+    from store import redact_url
+    from store.types import StoreError
+
+    async def probe() -> None:
+        store = store_for(settings)
+        await store.open()
+        await store.close()
+
+    try:
+        asyncio.run(probe())
+    except (StoreError, ValueError, OSError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(f"db: cannot open {redact_url(settings.db)}: {reason}") from None
 
 
 def _as_environment(settings: Settings) -> dict[str, str]:

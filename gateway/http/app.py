@@ -11,7 +11,10 @@ import contextlib
 import gc
 import logging
 import os
+import signal
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from httpx_aiohttp import AiohttpTransport
@@ -30,9 +33,10 @@ from gateway.engine.loop import LoopDeps
 from gateway.engine.recovery import Recovery, new_owner_id
 from gateway.engine.service import ResponsesService
 from gateway.engine.tasks import TaskSet
-from gateway.errors import GatewayError, InvalidRequestError
+from gateway.errors import GatewayError, InvalidRequestError, ServiceUnavailableError
+from store import open_store
 from store.base import Store
-from store.sqlite import SQLiteStore
+from store.types import StoreUnavailableError
 
 from .auth import AuthMiddleware, load_api_keys
 from .chat import chat_routes
@@ -42,7 +46,50 @@ from .tools import tool_routes
 
 logger = logging.getLogger("stepchain")
 
-__all__ = ["app_from_environment", "create_app", "tune_gc_for_serving"]
+__all__ = ["app_from_environment", "create_app", "store_for", "tune_gc_for_serving"]
+
+
+def store_for(settings: Settings) -> Store:
+    """The store ``settings.db`` names (not yet opened): a PostgreSQL URL, ``sqlite:///path``
+    or a plain SQLite path. Raises ValueError for another URL scheme."""
+    if "://" in settings.db and not settings.db.startswith("sqlite:"):
+        return open_store(settings.db)
+    return open_store(settings.db, synchronous=settings.sqlite_synchronous)
+
+
+class _ShutdownClock:
+    """When SIGTERM/SIGINT arrived (uvicorn's handler is chained, not replaced), so the
+    shutdown grace period counts from the signal, not from the end of uvicorn's own wait."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self._previous: dict[int, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous = signal.getsignal(sig)
+                if callable(previous):
+                    self._previous[sig] = previous
+                    signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (an embedding app, tests): no clock
+                pass
+
+    def _handler(self, sig: int, frame: Any) -> None:
+        if self.started is None:
+            self.started = time.monotonic()
+        self._previous[sig](sig, frame)
+
+    def remaining(self, grace_s: float) -> float:
+        if self.started is None:
+            return grace_s
+        return max(0.0, grace_s - (time.monotonic() - self.started))
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            try:
+                if signal.getsignal(sig) == self._handler:
+                    signal.signal(sig, previous)
+            except ValueError:
+                pass
 
 
 def _upstream_targets(settings: Settings) -> list[UpstreamTarget]:
@@ -74,6 +121,13 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return _error_response(InvalidRequestError(str(exc.detail), status_code=exc.status_code))
 
 
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    logger.error("store unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return _error_response(
+        ServiceUnavailableError("The database is unavailable; please retry shortly.")
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _error_response(GatewayError("The server had an error while processing your request."))
@@ -91,7 +145,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        the_store = store or SQLiteStore(settings.db, synchronous=settings.sqlite_synchronous)
+        the_store = store or store_for(settings)
         await the_store.open()
         # httpx clients on aiohttp's transport (as openai-python's DefaultAioHttpClient): the
         # same httpx API and httpx-sse parsing, at about half the CPU per request of httpcore.
@@ -140,7 +194,9 @@ def create_app(
             tool_output_max_lines=settings.tool_output_max_lines,
         )
         tasks = TaskSet()
-        service = ResponsesService(deps, owner=new_owner_id(), lease_s=settings.lease_s)
+        live = LiveStreams()
+        service = ResponsesService(deps, owner=new_owner_id(), lease_s=settings.lease_s, live=live)
+        service.tasks = tasks
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings
         app.state.store = the_store
@@ -149,15 +205,17 @@ def create_app(
         app.state.tasks = tasks
         app.state.service = service
         app.state.recovery = recovery
-        app.state.live = LiveStreams()
-        app.state.running = {}
+        app.state.live = live
         await recovery.start()
+        shutdown = _ShutdownClock()
         try:
             yield
         finally:
-            # uvicorn gave in-flight requests the grace period already; responses still running
-            # now (their clients left, or were cut off) get a moment, then are left for resumption.
-            await tasks.drain(grace_s=min(settings.shutdown_grace_s, 1.0))
+            # Every response still running (with a client or not) may finish within the grace
+            # period, counted from the signal; the rest are handed over: leases and liveness
+            # released, so another replica resumes them at once.
+            await tasks.drain(grace_s=shutdown.remaining(settings.shutdown_grace_s))
+            shutdown.restore()
             await recovery.stop()
             await client.aclose()
             await tool_client.aclose()
@@ -176,6 +234,7 @@ def create_app(
         exception_handlers={
             GatewayError: _gateway_error,
             HTTPException: _http_exception,
+            StoreUnavailableError: _store_unavailable,
             Exception: _unexpected,
         },
     )
