@@ -1,4 +1,4 @@
-"""``python -m bench`` (or ``stepchain bench``): run the benchmarks of issue 6 and print one table.
+"""``python -m bench`` (from the repository; ``bench`` is not part of the wheel): run the benchmarks of issue 6 and print one table.
 
 Starts, each in its own process on 127.0.0.1: the scripted upstream (:mod:`bench.upstream`), the
 HTTP tool server (:mod:`bench.toolserver`), the gateway (``python -m gateway.cli serve``, fresh
@@ -186,8 +186,6 @@ def _print_markdown(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks; see the module docstring for the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:  # `stepchain bench -- --quick`: argparse REMAINDER keeps the "--"
-        argv = argv[1:]
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:

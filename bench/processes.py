@@ -8,6 +8,7 @@ that exits or is not ready in time raises :class:`ServerError` with the log's ta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -94,15 +95,17 @@ class ServerProcess:
         return self.popen.poll() is None
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGINT (uvicorn's graceful stop), then SIGKILL after ``timeout_s`` seconds."""
-        if self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGINT)
-        try:
-            self.popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
+        """SIGINT (uvicorn's graceful stop), then SIGKILL to its whole process group (workers
+        included) after ``timeout_s`` seconds or once it has exited."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(5)
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -142,6 +145,7 @@ def start_server(
             stderr=subprocess.STDOUT,
             env=full_env,
             cwd=str(cwd or log_dir),
+            start_new_session=True,  # its own process group, ended whole by stop()
         )
     server = ServerProcess(name, popen, port, log)
     deadline = time.monotonic() + timeout_s

@@ -32,7 +32,7 @@ import jsonschema.exceptions
 import jsonschema.validators
 
 from store.base import Store
-from store.types import ConflictError, NotFoundError
+from store.types import StoreConflictError, StoreNotFoundError
 
 from .http_tool import ENV_PREFIX, resolve_headers
 
@@ -270,7 +270,7 @@ class ToolRegistry:
     """The registered tools of this gateway: the store is the truth, a cache serves lookups.
 
     Every method raises the store's errors (``store.types.StoreError``); ``register`` raises its
-    ConflictError for a taken name, ``replace`` its NotFoundError for a missing one.
+    StoreConflictError for a taken name, ``replace`` its StoreNotFoundError for a missing one.
     """
 
     def __init__(
@@ -322,7 +322,7 @@ class ToolRegistry:
     async def register(self, body: Any) -> dict[str, Any]:
         """Validate and store a new tool; returns its definition.
 
-        Raises ToolDefinitionError, or the store's ConflictError if the name is taken.
+        Raises ToolDefinitionError, or the store's StoreConflictError if the name is taken.
         """
         definition = validate_tool_definition(body)
         await self.store.create_tool(definition)
@@ -331,7 +331,7 @@ class ToolRegistry:
 
     async def replace(self, name: str, body: Any) -> dict[str, Any]:
         """Replace the tool ``name``; the body's ``name`` must be absent or equal. A header value
-        ``"***"`` keeps the stored one. Raises ToolDefinitionError, or the store's NotFoundError."""
+        ``"***"`` keeps the stored one. Raises ToolDefinitionError, or the store's StoreNotFoundError."""
         if isinstance(body, dict):
             if "name" in body and body["name"] != name:
                 raise _fail(
@@ -342,7 +342,7 @@ class ToolRegistry:
             body = {**body, "name": name}
         previous = await self.store.get_tool(name)
         if previous is None:
-            raise NotFoundError(f"tool {name!r} does not exist")
+            raise StoreNotFoundError(f"tool {name!r} does not exist")
         definition = validate_tool_definition(body, previous=previous)
         await self.store.replace_tool(name, definition)
         self._cache_put(definition)
@@ -381,7 +381,7 @@ class ToolRegistry:
         for definition in definitions:
             try:
                 await self.store.create_tool(definition)
-            except ConflictError:
+            except StoreConflictError:
                 await self.store.replace_tool(definition["name"], definition)
             self._cache_put(definition)
 

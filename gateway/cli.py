@@ -1,76 +1,92 @@
-"""The ``stepchain`` command: ``serve`` (the gateway), ``demo`` (everything, offline), ``bench``.
+"""The ``stepchain`` command (click): ``serve`` (the gateway) and ``demo`` (everything, offline).
 
-Every ``serve`` option is also the environment variable ``STEPCHAIN_<NAME>`` and a key of the
-``--config`` TOML file; a bad value stops start-up with one line on stderr and exit status 2.
+Every setting of :class:`gateway.config.Settings` is a ``serve`` flag, generated from the model:
+``--<name-with-dashes> VALUE`` (switches: ``--name/--no-name``; tables: a JSON list), also the
+environment variable ``STEPCHAIN_<NAME>`` and a key of the ``--config`` TOML file. A bad value
+stops start-up with one line on stderr (``stepchain: <setting> from <source>: …``) and exit
+status 2. The benchmarks run from the repository: ``python -m bench`` (not part of the wheel).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-import orjson
+import click
 
-from .config import ConfigError, Settings, load_settings
+from .config import ENV_PREFIX, ConfigError, Settings, flag_name, load_settings
 
-_SERVE_OPTIONS: tuple[tuple[str, type, str], ...] = (
-    ("host", str, "interface to listen on (default 127.0.0.1)"),
-    ("port", int, "port to listen on (default 8080)"),
-    ("upstream-base-url", str, "Chat Completions base URL, e.g. http://127.0.0.1:9000/v1"),
-    ("upstream-api-key", str, "API key sent to the upstream as a Bearer token"),
-    ("db", str, "database: an SQLite path or sqlite:///path (default ./stepchain.db), or postgresql://…"),
-    ("config", str, "TOML file with the same settings and [[tools]]"),
-    ("max-response-iterations", int, "cap on transitions per loop level (default 10)"),
-    ("max-response-step-depth", int, "cap on agent-tool recursion (default 8)"),
-    ("workers", int, "worker processes (default 1)"),
-    ("admin-key", str, "Bearer key required by the /v1/tools admin API"),
-    ("log-level", str, "uvicorn log level (default info)"),
+__all__ = ["main", "serve"]
+
+
+_METAVARS: dict[Any, str] = {int: "INTEGER", float: "NUMBER"}
+_TABLES = ("tools", "upstream_fallbacks")
+
+
+def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """One click option per settings field, in the model's order; None = not given."""
+    for name, field in reversed(Settings.model_fields.items()):
+        flag = flag_name(name)
+        default = field.default if field.default not in (None, ()) else None
+        text = field.description + (f" (default {default})" if default is not None else "")
+        text += f" [{ENV_PREFIX}{name.upper()}]"
+        if field.annotation is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=text)
+        else:
+            metavar = _METAVARS.get(field.annotation, "JSON" if name in _TABLES else "TEXT")
+            option = click.option(flag, name, default=None, metavar=metavar, help=text)
+        command = option(command)
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """An OpenAI Responses API gateway over any Chat Completions upstream."""
+
+
+@cli.command("serve")
+@_setting_options
+def serve_command(**flags: Any) -> None:
+    """Run the gateway."""
+    serve(load_settings(flags))
+
+
+@cli.command("demo")
+def demo_command() -> int:
+    """Run the gateway against a built-in scripted model, offline."""
+    from .demo import run_demo
+
+    return run_demo()
+
+
+@cli.command(
+    "bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
 )
+@click.pass_context
+def bench_command(ctx: click.Context) -> int:
+    """Run the benchmarks from a checkout: ``python -m bench`` (bench/ is not installed)."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "bench", *ctx.args])
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="stepchain",
-        description="An OpenAI Responses API gateway over any Chat Completions upstream.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gateway")
-    for name, kind, text in _SERVE_OPTIONS:
-        serve.add_argument(f"--{name}", type=str, default=None, help=f"{text} [{kind.__name__}]")
-    commands.add_parser("demo", help="run the gateway against a built-in scripted model, offline")
-    commands.add_parser("bench", help="run the benchmarks (same as python -m bench; see bench/README.md)")
-    return parser
+@dataclass(frozen=True)
+class WorkerApp:
+    """App factory for worker processes. uvicorn pickles it to each worker through the spawn
+    pipe, so the settings (secrets included) reach workers without environment variables or
+    files."""
 
+    settings: Settings
 
-def serve(settings: Settings) -> None:
-    """Run the gateway under uvicorn (uvloop and httptools where installed)."""
-    import uvicorn
+    def __call__(self) -> Any:
+        from gateway.http.app import create_app, tune_gc_for_serving
 
-    if settings.upstream_base_url is None:
-        raise ConfigError(
-            "upstream_base_url: required (--upstream-base-url or STEPCHAIN_UPSTREAM_BASE_URL); "
-            "try `stepchain demo` to run without one"
-        )
-    check_database(settings)
-    common = dict(
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
-    )
-    if settings.workers > 1:
-        # Worker processes build their own app from the environment.
-        for name, value in _as_environment(settings).items():
-            os.environ[name] = value
-        uvicorn.run("gateway.http.app:app_from_environment", factory=True, workers=settings.workers, **common)
-        return
-    from gateway.http.app import create_app, tune_gc_for_serving
-
-    tune_gc_for_serving()
-    uvicorn.run(create_app(settings), **common)
+        tune_gc_for_serving()
+        return create_app(self.settings)
 
 
 def check_database(settings: Settings) -> None:
@@ -97,43 +113,72 @@ def check_database(settings: Settings) -> None:
         raise ConfigError(f"db: cannot open {redact_url(settings.db)}: {reason}") from None
 
 
-def _as_environment(settings: Settings) -> dict[str, str]:
-    """The settings as STEPCHAIN_* variables, read back by each worker's load_settings."""
-    out = {}
-    for name in Settings.__dataclass_fields__:
-        value = getattr(settings, name)
-        if value is None or name == "config":  # the file was read already: pass its values on
-            continue
-        if isinstance(value, tuple):  # [[tools]], [[upstream_fallbacks]]: a JSON list
-            text = orjson.dumps(list(value)).decode()
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        else:
-            text = str(value)
-        out[f"STEPCHAIN_{name.upper()}"] = text
-    return out
+def _drop_secret_variables() -> None:
+    """Remove ``STEPCHAIN_*`` secrets from this process's environment (children inherit it)."""
+    for name, field in Settings.model_fields.items():
+        if "SecretStr" in str(field.annotation):
+            os.environ.pop(ENV_PREFIX + name.upper(), None)
+
+
+def serve(settings: Settings) -> None:
+    """Run the gateway under uvicorn (uvloop and httptools where installed).
+
+    Raises ConfigError when ``upstream_base_url`` is missing.
+    """
+    import uvicorn
+
+    if settings.upstream_base_url is None:
+        raise ConfigError(
+            "upstream_base_url: required (--upstream-base-url or STEPCHAIN_UPSTREAM_BASE_URL); "
+            "try `stepchain demo` to run without one"
+        )
+    check_database(settings)
+    common: dict[str, Any] = dict(
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+    )
+    if settings.workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        from gateway.http.auth import load_api_keys
+
+        # Checked here too: a bad api_keys_file would otherwise fail in each worker.
+        keys = settings.api_keys.get_secret_value() if settings.api_keys else None
+        load_api_keys(keys, settings.api_keys_file)
+
+        _drop_secret_variables()
+        config = uvicorn.Config(WorkerApp(settings), factory=True, workers=settings.workers, **common)
+        sock = config.bind_socket()
+        try:
+            Multiprocess(config, sockets=[sock]).run()
+        except KeyboardInterrupt:  # pragma: no cover - Ctrl-C in a terminal
+            pass
+        return
+    from gateway.http.app import create_app, tune_gc_for_serving
+
+    tune_gc_for_serving()
+    uvicorn.run(create_app(settings), **common)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # bench/ lives in the checkout, not in the installed package: run it from there.
-        import subprocess
-
-        return subprocess.call([sys.executable, "-m", "bench", *argv[1:]])
-    args = _parser().parse_args(argv)
+    """Run the command line; returns the exit status (2 for a bad setting or usage)."""
     try:
-        if args.command == "serve":
-            cli = {k: v for k, v in vars(args).items() if k != "command"}
-            serve(load_settings(cli))
-        elif args.command == "demo":
-            from .demo import run_demo
-
-            return run_demo()
+        status = cli.main(args=list(argv) if argv is not None else None, prog_name="stepchain",
+                          standalone_mode=False)
     except ConfigError as exc:
         print(f"stepchain: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 1
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

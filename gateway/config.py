@@ -1,210 +1,386 @@
-"""One typed settings object, built from CLI flags, ``STEPCHAIN_*`` variables and a TOML file.
+"""One typed settings object (pydantic-settings), built from CLI flags, ``STEPCHAIN_*`` variables
+and a TOML file.
 
-Precedence, highest first: command-line flag, environment variable ``STEPCHAIN_<NAME>``, the
-``--config`` TOML file (top-level keys named as the fields below, plus ``[[tools]]`` tables),
-the default. Every value is validated once at start-up; a bad one raises :class:`ConfigError`
-with one line naming the setting, its source and what is wrong.
+Precedence, highest first: the ``stepchain serve`` flag ``--<name-with-dashes>``, the environment
+variable ``STEPCHAIN_<NAME>``, the key ``<name>`` of the ``--config`` TOML file (plus its
+``[[tools]]`` and ``[[upstream_fallbacks]]`` tables), the default. Flags and variables are text
+and are parsed once (``"8080"`` → 8080, ``"true"``/``"false"`` for switches, a JSON list for the
+two tables); the file's values are typed and must have the right type already (``port = 8080.9``
+and ``workers = true`` are errors). Every value is validated once, at start-up: a bad one raises
+:class:`ConfigError` with one line naming the setting, where it came from and what is wrong.
+
+Keys (``upstream_api_key``, ``admin_key``, ``api_keys``, each fallback's ``api_key``) are
+``SecretStr``: no repr, log line or error message shows them; ``.get_secret_value()`` where used.
+
+``Settings(...)`` takes only the values it is given (tests and embedding); :func:`load_settings`
+reads the flags, the environment and the file. ``python -m gateway.config --readme-table``
+rewrites the settings table in README.md from the fields below.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
+import functools
+import re
+import sys
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
-__all__ = ["ConfigError", "Settings", "load_settings"]
+from executors.registry import ToolDefinitionError, validate_tool_definition
+
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "ToolSetting",
+    "UpstreamFallback",
+    "load_settings",
+    "readme_table",
+]
+
+ENV_PREFIX = "STEPCHAIN_"
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+_SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
 class ConfigError(ValueError):
     """A setting with a bad value; the message is one line meant for the operator."""
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything the gateway process is configured with. Times are seconds, sizes bytes."""
-
-    host: str = "127.0.0.1"
-    port: int = 8080
-    upstream_base_url: str | None = None
-    upstream_api_key: str | None = None
-    db: str = "./stepchain.db"
-    config: str | None = None
-    max_response_iterations: int = 10
-    max_response_step_depth: int = 8
-    workers: int = 1
-    admin_key: str | None = None
-    tool_output_max_bytes: int = 50_000
-    tool_output_max_lines: int = 2_000
-    tool_max_response_bytes: int = 5_000_000
-    max_body_bytes: int = 20_000_000
-    upstream_connect_timeout: float = 10.0
-    upstream_read_timeout: float = 600.0
-    upstream_idle_timeout: float = 120.0
-    upstream_first_byte_timeout: float = 120.0
-    upstream_total_timeout: float = 1800.0
-    upstream_max_retries: int = 3
-    upstream_retry_max_s: float = 60.0
-    # Ordered fallbacks: [{"base_url", "api_key"?, "model"?}] tried when the primary stays down.
-    upstream_fallbacks: tuple[dict[str, Any], ...] = field(default_factory=tuple)
-    # Tenants: comma-separated API keys (or a file of one key per line); empty = open gateway.
-    api_keys: str | None = None
-    api_keys_file: str | None = None
-    pass_client_key: bool = False
-    tool_allowed_hosts: str | None = None
-    cancel_on_disconnect: bool = False
-    shutdown_grace_s: float = 30.0
-    # A process holds a lease on each response it runs; a response whose lease runs out (its
-    # process died) is resumed by another process after at most this many seconds.
-    lease_s: float = 30.0
-    sqlite_synchronous: str = "NORMAL"
-    log_level: str = "info"
-    tools: tuple[dict[str, Any], ...] = field(default_factory=tuple)
-
-
-_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-_SECRET = {"upstream_api_key", "admin_key", "api_keys"}
-_TABLES = {"tools", "upstream_fallbacks"}
-
-
-def _convert(name: str, value: Any, source: str) -> Any:
-    default = _FIELDS[name].default
-    kind = type(default) if default is not None and default is not dataclasses.MISSING else str
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                lowered = value.strip().lower()
-                if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError(value)
-                value = lowered in ("1", "true", "yes", "on")
-            elif not isinstance(value, bool):
-                raise TypeError(value)
-        elif kind is int and not isinstance(value, bool):
-            value = int(value)
-        elif kind is float:
-            value = float(value)
-        elif kind is str:
-            value = str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"{name} from {source}: expected {kind.__name__}, got {value!r}"
-        ) from None
+def _check_http_url(value: str | None) -> str | None:
+    if value is None:
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http(s) URL such as http://127.0.0.1:9000/v1, got {value!r}")
     return value
 
 
-def _validate(s: Settings) -> None:
-    positive = (
-        "port",
-        "max_response_iterations",
-        "max_response_step_depth",
-        "workers",
-        "tool_output_max_bytes",
-        "tool_output_max_lines",
-        "tool_max_response_bytes",
-        "max_body_bytes",
+class UpstreamFallback(BaseModel):
+    """One ``[[upstream_fallbacks]]`` table: another Chat Completions server, tried in order when
+    the primary stays down."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    base_url: str = Field(description="its Chat Completions base URL (`…/v1`)")
+    api_key: SecretStr | None = Field(None, description="sent as `Authorization: Bearer`")
+    model: str | None = Field(None, description="model name used instead of the request's")
+    label: str | None = Field(None, description="name recorded on steps (default: base_url)")
+
+    _url = field_validator("base_url")(_check_http_url)
+
+
+class ToolSetting(BaseModel):
+    """One ``[[tools]]`` table: a tool definition as ``POST /v1/tools`` takes it
+    (:mod:`executors.registry`), registered (or replaced) at start-up."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    kind: Literal["http", "agent"] = "http"
+    attach: Literal["always", "on_request"] | None = None
+    url: str | None = None
+    # Literal header values are secrets (the admin API shows them as "***"): kept out of reprs.
+    headers: dict[str, str] | None = Field(None, repr=False)
+    timeout_s: float | None = None
+    idempotent: bool | None = None
+    model: str | None = None
+    instructions: str | None = None
+    tools: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _valid_definition(self) -> ToolSetting:
+        try:
+            validate_tool_definition(self.definition())
+        except ToolDefinitionError as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+    def definition(self) -> dict[str, Any]:
+        """The registration body (fields that were given)."""
+        return self.model_dump(exclude_none=True)
+
+
+class Settings(BaseSettings):
+    """Everything the gateway process is configured with. Times are seconds, sizes bytes."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, strict=True, frozen=True, extra="forbid", validate_default=True
     )
-    for name in positive:
-        if getattr(s, name) < 1:
-            raise ConfigError(f"{name}: must be at least 1, got {getattr(s, name)}")
-    if s.port > 65535:
-        raise ConfigError(f"port: must be at most 65535, got {s.port}")
-    for name in ("upstream_connect_timeout", "upstream_read_timeout", "upstream_idle_timeout",
-                 "upstream_first_byte_timeout", "upstream_total_timeout", "upstream_retry_max_s",
-                 "shutdown_grace_s", "lease_s"):
-        if getattr(s, name) <= 0:
-            raise ConfigError(f"{name}: must be more than 0 seconds, got {getattr(s, name)}")
-    if s.upstream_base_url is not None:
-        parts = urlsplit(s.upstream_base_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(
-                f"upstream_base_url: expected an http(s) URL such as http://127.0.0.1:9000/v1, "
-                f"got {s.upstream_base_url!r}"
-            )
-    for i, fallback in enumerate(s.upstream_fallbacks):
-        url = fallback.get("base_url")
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"upstream_fallbacks[{i}].base_url: expected an http(s) URL, got {url!r}")
-    if s.upstream_max_retries < 0:
-        raise ConfigError(f"upstream_max_retries: must be 0 or more, got {s.upstream_max_retries}")
-    if s.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-        raise ConfigError(f"sqlite_synchronous: one of OFF NORMAL FULL EXTRA, got {s.sqlite_synchronous!r}")
+
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8080, ge=1, le=65535, description="port to listen on")
+    upstream_base_url: str | None = Field(
+        None, description="the Chat Completions base URL (`…/v1`); required by `serve`"
+    )
+    upstream_api_key: SecretStr | None = Field(
+        None, description="sent upstream as `Authorization: Bearer`"
+    )
+    db: str = Field(
+        "./stepchain.db",
+        description="database: an SQLite file path or sqlite:///path (WAL mode), or a "
+        "postgresql://user:password@host:port/dbname URL for several replicas",
+    )
+    config: str | None = Field(
+        None,
+        description="TOML file with these settings, `[[tools]]` and `[[upstream_fallbacks]]`",
+    )
+    max_response_iterations: int = Field(
+        10, ge=1, description="transitions that append steps, per loop level"
+    )
+    max_response_step_depth: int = Field(8, ge=1, description="agent-tool recursion depth")
+    workers: int = Field(1, ge=1, description="worker processes (they share the database)")
+    admin_key: SecretStr | None = Field(
+        None, description="Bearer key for `/v1/tools` (required when `api_keys` is set)"
+    )
+    api_keys: SecretStr | None = Field(
+        None, description="tenant API keys, comma-separated; none (and no file) = open gateway"
+    )
+    api_keys_file: str | None = Field(None, description="tenant API keys, one per line")
+    pass_client_key: bool = Field(
+        False, description="send the client's own key upstream instead of `upstream_api_key`"
+    )
+    upstream_fallbacks: tuple[UpstreamFallback, ...] = Field(
+        (),
+        strict=False,
+        description="`[[upstream_fallbacks]]` `{base_url, api_key?, model?, label?}`, tried in "
+        "order when the primary stays down (flag and variable: a JSON list)",
+    )
+    upstream_max_retries: int = Field(3, ge=0, description="retries per upstream")
+    upstream_retry_max_s: float = Field(60.0, gt=0, description="time budget of those retries")
+    upstream_connect_timeout: float = Field(10.0, gt=0, description="model call: TCP/TLS connect")
+    upstream_first_byte_timeout: float = Field(
+        120.0, gt=0, description="model call: until the first byte of the answer"
+    )
+    upstream_idle_timeout: float = Field(
+        120.0, gt=0, description="model call: longest pause between streamed chunks"
+    )
+    upstream_read_timeout: float = Field(
+        600.0, gt=0, description="model call: longest wait for one read (non-streamed bodies)"
+    )
+    upstream_total_timeout: float = Field(1800.0, gt=0, description="model call: all of it")
+    tool_output_max_bytes: int = Field(
+        50_000, ge=1, description="tool output shown to the model (the store keeps it whole)"
+    )
+    tool_output_max_lines: int = Field(2_000, ge=1, description="the same, in lines")
+    tool_max_response_bytes: int = Field(
+        5_000_000, ge=1, description="largest tool response body read"
+    )
+    tool_allowed_hosts: str | None = Field(
+        None, description="comma-separated hosts HTTP tools may call (`*.example.com` allowed)"
+    )
+    max_body_bytes: int = Field(20_000_000, ge=1, description="largest request body")
+    cancel_on_disconnect: bool = Field(
+        False, description="cancel a streamed response when its client goes away"
+    )
+    shutdown_grace_s: float = Field(
+        30.0, gt=0, description="SIGTERM: time in-flight responses get to finish"
+    )
+    lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="crash take-over: a response whose process died is resumed by another "
+        "within this time",
+    )
+    sqlite_synchronous: str = Field(
+        "NORMAL",
+        description="SQLite `PRAGMA synchronous`: OFF, NORMAL (WAL: a power cut may lose the "
+        "last commits, never corrupts), FULL, EXTRA",
+    )
+    log_level: str = Field(
+        "info", description="uvicorn log level: critical, error, warning, info, debug, trace"
+    )
+    tools: tuple[ToolSetting, ...] = Field(
+        (),
+        strict=False,
+        description="`[[tools]]` tool definitions as `POST /v1/tools` takes them, registered at "
+        "start-up (flag and variable: a JSON list)",
+    )
+
+    @classmethod
+    def settings_customise_sources(  # type: ignore[no-untyped-def]
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        """``Settings(...)`` uses only its arguments; :func:`load_settings` adds the rest."""
+        return (init_settings,)
+
+    _urls = field_validator("upstream_base_url")(_check_http_url)
+
+    @field_validator("sqlite_synchronous")
+    @classmethod
+    def _synchronous(cls, value: str) -> str:
+        if value.upper() not in _SQLITE_SYNCHRONOUS:
+            raise ValueError(f"one of {' '.join(_SQLITE_SYNCHRONOUS)}, got {value!r}")
+        return value.upper()
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.lower() not in _LOG_LEVELS:
+            raise ValueError(f"one of {' '.join(_LOG_LEVELS)}, got {value!r}")
+        return value.lower()
 
 
-def load_settings(
-    cli: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
-) -> Settings:
-    """Merge CLI values (None = not given), the environment and the config file into Settings.
+_SECRET = frozenset(
+    name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)
+)
+_TABLES = frozenset({"tools", "upstream_fallbacks"})
 
-    Raises ConfigError for an unknown config key, a value of the wrong type, an unreadable
-    config file, or a value out of range.
+
+def flag_name(name: str) -> str:
+    """``upstream_base_url`` → ``--upstream-base-url``."""
+    return "--" + name.replace("_", "-")
+
+
+@functools.cache
+def _adapter(name: str) -> TypeAdapter[Any]:
+    return TypeAdapter(Settings.model_fields[name].annotation)
+
+
+def _parse_text(name: str, value: Any, source: str) -> Any:
+    """A flag's or variable's text as the field's type (tables: a JSON list)."""
+    if not isinstance(value, str):  # a switch flag (already a bool), or a JSON-decoded table
+        return value
+    try:
+        if name in _TABLES:
+            return _adapter(name).validate_json(value)
+        return _adapter(name).validate_strings(value)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, {name: source}, prefix=(name,))) from None
+
+
+def _one_line(exc: ValidationError, sources: Mapping[str, str], prefix: tuple[Any, ...] = ()) -> str:
+    """The first error of ``exc`` as ``name[0].field from SOURCE: what is wrong, got VALUE``."""
+    error = exc.errors(include_url=False)[0]
+    loc = (*prefix, *error["loc"])
+    name = str(loc[0]) if loc else "settings"
+    where = name + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown setting"
+    secret = name in _SECRET or any(p in ("api_key", "headers") for p in loc[1:])
+    got = ""
+    if not secret and error["type"] not in ("extra_forbidden", "value_error", "missing"):
+        got = f", got {error['input']!r}"
+    return f"{where} from {sources.get(name, 'default')}: {message}{got}"
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    values = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in Settings.model_fields:
+            raise ConfigError(f"config: unknown setting {key!r} in {path}")
+        values[name] = value
+    return values
+
+
+def load_settings(flags: Mapping[str, Any] | None = None) -> Settings:
+    """Merge flag values (None = not given), ``STEPCHAIN_*`` variables and the config file.
+
+    Raises ConfigError (one line naming the setting and its source) for an unknown config key,
+    a value of the wrong type or out of range, or an unreadable config file.
     """
-    cli = {k: v for k, v in (cli or {}).items() if v is not None}
-    environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-
-    env_values: dict[str, Any] = {
-        name: environ[f"STEPCHAIN_{name.upper()}"]
-        for name in _FIELDS
-        if f"STEPCHAIN_{name.upper()}" in environ
-    }
-    for name in _TABLES & env_values.keys():
-        # Tables come from the environment as a JSON list of objects.
-        try:
-            parsed = orjson.loads(env_values[name])
-        except orjson.JSONDecodeError:
-            parsed = None
-        if not isinstance(parsed, list) or not all(isinstance(t, dict) for t in parsed):
-            raise ConfigError(f"{name} from STEPCHAIN_{name.upper()}: expected a JSON list of objects")
-        env_values[name] = tuple(parsed)
-    config_path = cli.get("config") or env_values.get("config")
+    try:
+        env = EnvSettingsSource(Settings, env_prefix=ENV_PREFIX, case_sensitive=False)()
+    except SettingsError as exc:  # a table variable that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = field.group(1) if field else "*"
+        raise ConfigError(f"{name} from {ENV_PREFIX}{name.upper()}: expected a JSON list") from None
+    given = {k: v for k, v in (flags or {}).items() if v is not None and k in Settings.model_fields}
+    config_path = given.get("config") or env.get("config")
     if config_path:
-        try:
-            with open(config_path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"config: cannot read {config_path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config: {config_path} is not valid TOML: {exc}") from None
-        for key, value in data.items():
-            name = key.replace("-", "_")
-            if name not in _FIELDS:
-                raise ConfigError(f"config: unknown setting {key!r} in {config_path}")
-            if name in _TABLES:
-                if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-                    raise ConfigError(f"{name} in {config_path}: expected [[{name}]] tables")
-                values[name] = tuple(value)
-                continue
-            values[name] = value
-            sources[name] = config_path
-    for name, value in env_values.items():
-        values[name] = value
-        sources[name] = f"STEPCHAIN_{name.upper()}"
-    for name, value in cli.items():
-        if name not in _FIELDS:
-            continue
-        values[name] = value
-        sources[name] = f"--{name.replace('_', '-')}"
-    for name, value in list(values.items()):
-        if name not in _TABLES:
-            values[name] = _convert(name, value, sources.get(name, "default"))
-    settings = Settings(**values)
-    _validate(settings)
-    return settings
+        for name, value in _read_file(str(config_path)).items():
+            values[name], sources[name] = value, str(config_path)
+    for name, value in env.items():
+        source = ENV_PREFIX + name.upper()
+        values[name], sources[name] = _parse_text(name, value, source), source
+    for name, value in given.items():
+        source = flag_name(name)
+        values[name], sources[name] = _parse_text(name, value, source), source
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, sources)) from None
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
-    """The settings as a dict with secrets replaced by ``"***"`` (for logs)."""
-    out = dataclasses.asdict(settings)
+    """The settings as a dict for logs: secrets ``"***"``, tables by name or URL."""
+    out = settings.model_dump(exclude=set(_TABLES))
     for name in _SECRET:
-        if out.get(name):
+        if out.get(name) is not None:
             out[name] = "***"
-    out["tools"] = [t.get("name") for t in settings.tools]
-    out["upstream_fallbacks"] = [f.get("base_url") for f in settings.upstream_fallbacks]
+    out["tools"] = [t.name for t in settings.tools]
+    out["upstream_fallbacks"] = [f.base_url for f in settings.upstream_fallbacks]
     return out
+
+
+# -- the README's settings table -------------------------------------------------------------
+
+README_BEGIN = "<!-- settings table: generated by `python -m gateway.config --readme-table` -->"
+README_END = "<!-- end of settings table -->"
+
+
+def _default_text(name: str) -> str:
+    default = Settings.model_fields[name].default
+    if default is None or default == ():
+        return "—"
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    if isinstance(default, str):
+        return f"`{default}`"
+    return str(default)
+
+
+def readme_table() -> str:
+    """The Markdown table of every setting: name (flag, variable), default, meaning."""
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        rows.append(f"| `{name}` | {_default_text(name)} | {f.description} |")
+    return "\n".join(rows)
+
+
+def rewrite_readme(path: Path) -> bool:
+    """Replace the table between the markers in ``path``; True when the file changed."""
+    text = path.read_text()
+    pattern = re.compile(re.escape(README_BEGIN) + r"\n.*?" + re.escape(README_END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{path}: the settings table markers are missing")
+    new = pattern.sub(lambda _m: f"{README_BEGIN}\n{readme_table()}\n{README_END}", text)
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m gateway.config --readme-table [README.md]
+    args = sys.argv[1:]
+    if args[:1] != ["--readme-table"]:
+        raise SystemExit("usage: python -m gateway.config --readme-table [README.md]")
+    target = Path(args[1]) if len(args) > 1 else Path(__file__).resolve().parents[1] / "README.md"
+    print(f"{target}: {'rewritten' if rewrite_readme(target) else 'up to date'}")

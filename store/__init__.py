@@ -4,26 +4,26 @@ from .base import Store
 from .types import (
     MODEL_CALL,
     TOOL_CALL,
-    ConflictError,
-    NotFoundError,
     ResponseRecord,
     Step,
     StepDescriptor,
     StepStateError,
+    StoreConflictError,
     StoreError,
+    StoreNotFoundError,
     new_id,
 )
 
 __all__ = [
-    "ConflictError",
     "MODEL_CALL",
-    "NotFoundError",
     "ResponseRecord",
     "Step",
     "StepDescriptor",
     "StepStateError",
     "Store",
+    "StoreConflictError",
     "StoreError",
+    "StoreNotFoundError",
     "TOOL_CALL",
     "new_id",
 ]

@@ -47,7 +47,7 @@ class Store(abc.ABC):
 
         ``owner`` (a process id string) holds the response's lease for ``lease_s`` seconds; a
         response whose lease runs out while queued or in progress may be claimed by another
-        process (:meth:`claim_responses`). Raises ConflictError if the id exists.
+        process (:meth:`claim_responses`). Raises StoreConflictError if the id exists.
         """
 
     @abc.abstractmethod
@@ -73,7 +73,7 @@ class Store(abc.ABC):
     async def update_response(self, response_id: str, **fields: Any) -> None:
         """Set some of: status, output, usage, error, incomplete_details, completed_at, metadata.
 
-        Raises NotFoundError if the response does not exist, ValueError for another field name.
+        Raises StoreNotFoundError if the response does not exist, ValueError for another field name.
         """
 
     @abc.abstractmethod
@@ -102,7 +102,7 @@ class Store(abc.ABC):
         before it in ``descriptors`` (parallel siblings are chained one after another). Each gets
         the next per-response ``sequence``. With ``start`` the steps are written already
         ``processing`` (attempt 1, ``started_at`` set): the pending → processing transition in
-        the same transaction, for callers that run them at once. Raises NotFoundError for an
+        the same transaction, for callers that run them at once. Raises StoreNotFoundError for an
         unknown response.
         """
 
@@ -110,7 +110,7 @@ class Store(abc.ABC):
     async def mark_processing(self, step_id: str) -> Step:
         """pending → processing; sets ``started_at`` and increments ``attempt``.
 
-        Raises StepStateError from any other state, NotFoundError for an unknown step.
+        Raises StepStateError from any other state, StoreNotFoundError for an unknown step.
         """
 
     @abc.abstractmethod
@@ -169,11 +169,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_tool(self, tool: dict[str, Any]) -> None:
-        """Insert a registered tool definition keyed by ``tool["name"]``; ConflictError if taken."""
+        """Insert a registered tool definition keyed by ``tool["name"]``; StoreConflictError if taken."""
 
     @abc.abstractmethod
     async def replace_tool(self, name: str, tool: dict[str, Any]) -> None:
-        """Replace an existing tool definition; NotFoundError if there is none."""
+        """Replace an existing tool definition; StoreNotFoundError if there is none."""
 
     @abc.abstractmethod
     async def get_tool(self, name: str) -> dict[str, Any] | None:

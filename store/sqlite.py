@@ -266,7 +266,7 @@ class SQLiteStore(Store):
     ) -> None:
         """See :meth:`Store.record_attempt`; ``upstream=None`` keeps the recorded upstream.
 
-        Raises NotFoundError for an unknown step.
+        Raises StoreNotFoundError for an unknown step.
         """
         await self._run(_record_attempt, step_id, error, upstream)
 

@@ -23,13 +23,13 @@ from .types import (
     PROCESSING,
     STEP_STATES,
     TOOL_CALL,
-    ConflictError,
-    NotFoundError,
     ResponseRecord,
     Step,
     StepDescriptor,
     StepStateError,
+    StoreConflictError,
     StoreError,
+    StoreNotFoundError,
 )
 
 _T = TypeVar("_T")
@@ -202,7 +202,7 @@ def _translate_errors() -> Iterator[None]:
         yield
     except sqlite3.IntegrityError as exc:
         if getattr(exc, "sqlite_errorname", None) in _UNIQUE_ERRORS:
-            raise ConflictError(f"already exists: {exc}") from exc
+            raise StoreConflictError(f"already exists: {exc}") from exc
         raise StoreError(f"sqlite integrity error: {exc}") from exc
     except sqlite3.Error as exc:
         raise StoreError(f"sqlite error: {exc}") from exc
@@ -216,7 +216,7 @@ def _state_error(conn: sqlite3.Connection, step_id: str, target: str) -> StoreEr
     """Why a conditional transition UPDATE matched no row: no such step, or a wrong state."""
     row = conn.execute("SELECT state FROM steps WHERE id = ?", (step_id,)).fetchone()
     if row is None:
-        return NotFoundError(f"step {step_id!r} not found")
+        return StoreNotFoundError(f"step {step_id!r} not found")
     return StepStateError(f"step {step_id!r} is {row[0]!r}; cannot move it to {target!r}")
 
 
@@ -289,12 +289,12 @@ def _update_response(conn: sqlite3.Connection, response_id: str, fields: dict[st
     if not fields:
         if conn.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone():
             return
-        raise NotFoundError(f"response {response_id!r} not found")
+        raise StoreNotFoundError(f"response {response_id!r} not found")
     names = sorted(fields)  # stable SQL text, so the statement cache is hit
     values = [_dumps_opt(fields[n]) if n in _RESPONSE_JSON_FIELDS else fields[n] for n in names]
     sql = "UPDATE responses SET {} WHERE id = ?".format(", ".join(f"{n} = ?" for n in names))
     if conn.execute(sql, (*values, response_id)).rowcount == 0:
-        raise NotFoundError(f"response {response_id!r} not found")
+        raise StoreNotFoundError(f"response {response_id!r} not found")
 
 
 def _delete_response(conn: sqlite3.Connection, response_id: str) -> bool:
@@ -327,7 +327,7 @@ def _record_steps_txn(
             (response_id, response_id),
         ).fetchone()
         if not exists:
-            raise NotFoundError(f"response {response_id!r} not found")
+            raise StoreNotFoundError(f"response {response_id!r} not found")
         return _record_steps(
             conn, response_id, scope_parent, prev_step_id, descriptors, ids, start, last or 0
         )
@@ -424,7 +424,7 @@ def _record_attempt(
     else:
         sql, params = _RECORD_ATTEMPT, (_dumps(error), upstream, step_id)
     if conn.execute(sql, params).rowcount == 0:
-        raise NotFoundError(f"step {step_id!r} not found")
+        raise StoreNotFoundError(f"step {step_id!r} not found")
 
 
 def _get_step(conn: sqlite3.Connection, step_id: str) -> Step | None:
@@ -463,7 +463,7 @@ def _replace_tool(conn: sqlite3.Connection, name: str, tool: dict[str, Any]) -> 
         (_dumps(tool), time.time(), name),
     )
     if cursor.rowcount == 0:
-        raise NotFoundError(f"tool {name!r} not found")
+        raise StoreNotFoundError(f"tool {name!r} not found")
 
 
 def _get_tool(conn: sqlite3.Connection, name: str) -> dict[str, Any] | None:

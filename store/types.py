@@ -10,8 +10,8 @@ Error tree::
 
     StoreError                      any failure of the store itself (stops the loop)
     ├── StepStateError              an illegal state transition (completing a completed step, …)
-    ├── NotFoundError               a step or response that does not exist
-    └── ConflictError               a unique key taken already (a tool name, a response id)
+    ├── StoreNotFoundError          a step, response or tool that does not exist
+    └── StoreConflictError          a unique key taken already (a tool name, a response id)
 
 All timestamps are Unix seconds as floats (UTC). Payloads are plain JSON values (dict/list/str/…).
 """
@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "ConflictError",
     "MODEL_CALL",
-    "NotFoundError",
     "ResponseRecord",
     "STEP_STATES",
     "Step",
     "StepDescriptor",
     "StepStateError",
+    "StoreConflictError",
     "StoreError",
+    "StoreNotFoundError",
     "TOOL_CALL",
     "new_id",
 ]
@@ -71,11 +71,11 @@ class StepStateError(StoreError):
     """A step state transition that the state machine does not allow."""
 
 
-class NotFoundError(StoreError):
+class StoreNotFoundError(StoreError):
     """The step, response or tool named does not exist."""
 
 
-class ConflictError(StoreError):
+class StoreConflictError(StoreError):
     """A record with the same unique key exists already."""
 
 

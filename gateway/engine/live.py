@@ -51,7 +51,7 @@ class LiveStream:
 
     __slots__ = (
         "response_id", "events", "base", "persisted", "closed", "handed_over", "staged",
-        "holding", "nbytes", "on_pending", "_changed", "_owner",
+        "holding", "nbytes", "on_pending", "listeners", "_changed", "_owner",
     )  # fmt: skip
 
     def __init__(self, response_id: str = "", *, owner: LiveStreams | None = None) -> None:
@@ -67,6 +67,8 @@ class LiveStream:
         self.nbytes = 0
         # Called (once per burst) when unpersisted events appear: the writer schedules a flush.
         self.on_pending: Callable[[], None] | None = None
+        # Called with each event as it is published (a WebSocket connection's sender).
+        self.listeners: list[Callable[[bytes], None]] = []
         self._changed = asyncio.Event()
         self._owner = owner
 
@@ -85,6 +87,8 @@ class LiveStream:
         self.events.append(event)
         self.nbytes += len(event)
         self._changed.set()
+        for listener in self.listeners:
+            listener(event)
         if self.on_pending is not None and self.end - self.persisted == 1:
             self.on_pending()
 
@@ -109,6 +113,9 @@ class LiveStream:
             del self.staged[: count - published]
             self.events.extend(staged)
             self.nbytes += sum(map(len, staged))
+            for event in staged:
+                for listener in self.listeners:
+                    listener(event)
             if not self.staged:
                 self.holding = False
             self._changed.set()

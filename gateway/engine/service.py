@@ -72,6 +72,8 @@ class Prepared:
     input_items: list[dict[str, Any]]
     history: list[dict[str, Any]]
     client_tools: frozenset[str]
+    # The responses whose items ``history`` holds (evicted from the cache when one is deleted).
+    history_ids: frozenset[str] = frozenset()
     # The client's own key, sent upstream instead of the gateway's (pass_client_key); never stored.
     upstream_key: str | None = None
 
@@ -137,8 +139,9 @@ class ResponsesService:
         self.running: dict[str, Running] = {}
         # The app's task set (set by the app): responses run in tasks of their own.
         self.tasks: Any = None
-        # response id -> the conversation's items up to and including that response's output.
-        self._history: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        # response id -> (the ids of the responses in its conversation, the conversation's items
+        # up to and including that response's output).
+        self._history: OrderedDict[str, tuple[frozenset[str], list[dict[str, Any]]]] = OrderedDict()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -151,25 +154,45 @@ class ResponsesService:
 
     async def conversation_items(self, record: ResponseRecord) -> list[dict[str, Any]]:
         """Every item of the conversation ending with ``record``: earlier inputs and outputs,
-        oldest first, then this response's input and output (instructions are not items)."""
+        oldest first, then this response's input and output (instructions are not items).
+        Deleted responses are left out."""
+        return (await self._conversation(record))[1]
+
+    async def _conversation(
+        self, record: ResponseRecord
+    ) -> tuple[frozenset[str], list[dict[str, Any]]]:
         cached = self._history.get(record.id)
         if cached is not None:
             self._history.move_to_end(record.id)
             return cached
+        ids: frozenset[str] = frozenset()
         items: list[dict[str, Any]] = []
         if record.previous_response_id:
             previous = await self.store.get_response(record.previous_response_id)
             if previous is not None:
-                items = list(await self.conversation_items(previous))
+                ids, earlier = await self._conversation(previous)
+                items = list(earlier)
         items.extend(normalize_input(record.request.get("input", []), record.id))
         items.extend(record.output)
-        self._remember(record.id, items)
-        return items
+        ids = ids | {record.id}
+        self._remember(record.id, ids, items)
+        return ids, items
 
-    def _remember(self, response_id: str, items: list[dict[str, Any]]) -> None:
-        self._history[response_id] = items
+    def _remember(self, response_id: str, ids: frozenset[str], items: list[dict[str, Any]]) -> None:
+        self._history[response_id] = (ids, items)
         if len(self._history) > _HISTORY_CACHE_SIZE:
             self._history.popitem(last=False)
+
+    def _forget(self, response_id: str) -> None:
+        """Drop every cached conversation that holds ``response_id``'s items."""
+        for key in [k for k, (ids, _items) in self._history.items() if response_id in ids]:
+            del self._history[key]
+
+    async def delete(self, record: ResponseRecord) -> None:
+        """Delete a stored response; later responses that continue a conversation through it
+        no longer see its items (its children keep theirs). Raises StoreError."""
+        await self.store.delete_response(record.id)
+        self._forget(record.id)
 
     def cancel(self, response_id: str) -> bool:
         """Cancel a response running in this process on purpose: it ends ``cancelled``, its
@@ -204,11 +227,20 @@ class ResponsesService:
                 except StepStateError:
                     pass  # it finished meanwhile
 
-    def start(self, prepared: Prepared, *, streamed: bool) -> tuple[asyncio.Task[Any], LiveStream | None]:
+    def start(
+        self,
+        prepared: Prepared,
+        *,
+        streamed: bool,
+        listener: Callable[[bytes], None] | None = None,
+    ) -> tuple[asyncio.Task[Any], LiveStream | None]:
         """Run a prepared response in a task of its own (it finishes and is stored even if the
         client leaves); ``streamed`` responses get an event log (cached here, durable in the
-        store). Returns the task and the log."""
+        store), whose events are also passed to ``listener`` as they are published. Returns the
+        task and the log."""
         log = self.live.open(prepared.record.id) if streamed else None
+        if log is not None and listener is not None:
+            log.listeners.append(listener)
         builder = self.builder(prepared, emit=None if log is None else log.emit)
         return self._spawn(prepared.record, self.run(prepared, builder, log)), log
 
@@ -235,26 +267,40 @@ class ResponsesService:
     # -- creating ------------------------------------------------------------------------------
 
     async def prepare(
-        self, body: dict[str, Any], tenant: str | None, *, upstream_key: str | None = None
+        self,
+        body: dict[str, Any],
+        tenant: str | None,
+        *,
+        upstream_key: str | None = None,
+        history: list[dict[str, Any]] | None = None,
     ) -> Prepared:
         """Validate ``body`` and build everything the loop needs; writes nothing.
 
-        Raises InvalidRequestError (400, with ``param``) and PreviousResponseNotFoundError.
+        ``history`` is the conversation up to ``previous_response_id`` when the caller holds it
+        already (a WebSocket connection's cache of its ``store: false`` responses); None looks
+        the previous response up in the store. Raises InvalidRequestError (400, with ``param``)
+        and PreviousResponseNotFoundError.
         """
         validate_request(body)
-        prepared = await self._prepare(body, tenant, new_id("resp"), time.time(), check=True)
+        prepared = await self._prepare(
+            body, tenant, new_id("resp"), time.time(), check=True, history=history
+        )
         prepared.upstream_key = upstream_key
         return prepared
 
     async def _prepare(
         self, body: dict[str, Any], tenant: str | None, response_id: str, created_at: float,
-        *, check: bool,
+        *, check: bool, history: list[dict[str, Any]] | None = None,
     ) -> Prepared:
         registry = self.deps.registry
         await registry.refresh_if_stale()
-        history: list[dict[str, Any]] = []
+        history_ids: frozenset[str] = frozenset()
         previous_id = body.get("previous_response_id")
-        if previous_id:
+        if history is not None:
+            history = list(history)
+        elif not previous_id:
+            history = []
+        else:
             previous = await self.get_visible(previous_id, tenant)
             if previous is None:
                 raise PreviousResponseNotFoundError(
@@ -266,7 +312,7 @@ class ResponsesService:
                     f"Previous response '{previous_id}' is still {previous.status}.",
                     param="previous_response_id",
                 )
-            history = await self.conversation_items(previous)
+            history_ids, history = await self._conversation(previous)
         input_items = normalize_input(body.get("input", []), response_id)
         if check:
             validate_call_outputs(history, input_items)
@@ -275,9 +321,12 @@ class ResponsesService:
         # Background responses stream upstream too: followers may attach with ?stream=true.
         background = body.get("background") is True
         stream = body.get("stream") is True or background
-        initial_body = build_chat_request(
-            body, items_to_messages(history + input_items), tools_to_chat(offered), stream=stream
+        messages = items_to_messages(
+            history + input_items,
+            tool_output_max_bytes=self.deps.tool_output_max_bytes,
+            tool_output_max_lines=self.deps.tool_output_max_lines,
         )
+        initial_body = build_chat_request(body, messages, tools_to_chat(offered), stream=stream)
         max_tool_calls = body.get("max_tool_calls")
         loop_request = LoopRequest(
             initial_body=initial_body,
@@ -299,7 +348,7 @@ class ResponsesService:
             # A background response is always stored (as at OpenAI): it is read back later.
             store=background or body.get("store", True) is not False,
         )
-        return Prepared(record, loop_request, input_items, history, client_names)
+        return Prepared(record, loop_request, input_items, history, client_names, history_ids)
 
     def builder(self, prepared: Prepared, emit: Callable[[bytes], None] | None = None) -> ResponseBuilder:
         """The event/output builder for a prepared response (``emit`` None = no events)."""
@@ -481,7 +530,11 @@ class ResponsesService:
         completed_at = time.time()
         output = builder.output
         if record.store:
-            self._remember(record.id, prepared.history + prepared.input_items + output)
+            self._remember(
+                record.id,
+                prepared.history_ids | {record.id},
+                prepared.history + prepared.input_items + output,
+            )
         result = {
             "status": status,
             "output": output,

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 from httpx_aiohttp import AiohttpTransport
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -43,6 +44,7 @@ from .chat import chat_routes
 from .models import model_routes
 from .responses import response_routes
 from .tools import tool_routes
+from .websocket import websocket_routes
 
 logger = logging.getLogger("stepchain")
 
@@ -92,15 +94,17 @@ class _ShutdownClock:
                 pass
 
 
+def _secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
+
+
 def _upstream_targets(settings: Settings) -> list[UpstreamTarget]:
     """The primary upstream, then the configured fallbacks, in order."""
     primary = UpstreamTarget(
-        settings.upstream_base_url or "http://127.0.0.1:9/v1", settings.upstream_api_key
+        settings.upstream_base_url or "http://127.0.0.1:9/v1", _secret(settings.upstream_api_key)
     )
     fallbacks = [
-        UpstreamTarget(
-            f["base_url"], f.get("api_key"), f.get("model"), f.get("label") or f["base_url"]
-        )
+        UpstreamTarget(f.base_url, _secret(f.api_key), f.model, f.label or f.base_url)
         for f in settings.upstream_fallbacks
     ]
     return [primary, *fallbacks]
@@ -174,7 +178,7 @@ def create_app(
         )
         registry = ToolRegistry(the_store)
         if settings.tools:
-            await registry.upsert_many(list(settings.tools))
+            await registry.upsert_many([tool.definition() for tool in settings.tools])
         await registry.load()
         allowed = settings.tool_allowed_hosts
         http_tools = HTTPToolExecutor(
@@ -221,14 +225,16 @@ def create_app(
             await tool_client.aclose()
             await the_store.close()
 
-    key_hashes = load_api_keys(settings.api_keys, settings.api_keys_file)
+    key_hashes = load_api_keys(_secret(settings.api_keys), settings.api_keys_file)
     middleware = []
     if key_hashes or settings.pass_client_key:  # an open gateway skips the layer altogether
         middleware.append(
             Middleware(AuthMiddleware, key_hashes=key_hashes, pass_client_key=settings.pass_client_key)
         )
     app = Starlette(
-        routes=[*model_routes(), *response_routes(), *chat_routes(), *tool_routes()],
+        routes=[
+            *model_routes(), *response_routes(), *websocket_routes(), *chat_routes(), *tool_routes()
+        ],
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
@@ -244,9 +250,9 @@ def create_app(
 
 
 def app_from_environment() -> Starlette:
-    """App factory for ``uvicorn --factory`` (several workers): settings from STEPCHAIN_*."""
+    """App factory for ``uvicorn --factory``: settings from ``STEPCHAIN_*`` and the config file."""
     tune_gc_for_serving()
-    return create_app(load_settings(environ=os.environ))
+    return create_app(load_settings())
 
 
 #: Python's cyclic GC thresholds in a serving process (defaults: 700, 10, 10).

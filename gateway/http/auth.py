@@ -130,10 +130,7 @@ class AuthMiddleware:
             # A dict lookup of a digest: timing reveals nothing about any configured key.
             tenant = self.key_hashes.get(hash_key(token)) if token is not None else None
             if tenant is None:
-                if scope["type"] == "websocket":  # closing before accept is an HTTP 403
-                    await send({"type": "websocket.close", "code": 1008})
-                else:
-                    await _unauthorized(send, token is None)
+                await _unauthorized(scope, send, token is None)
                 return
         scope[TENANT_SCOPE_KEY] = tenant
         if self.pass_client_key and token is not None:
@@ -141,7 +138,9 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
-async def _unauthorized(send: Send, missing: bool) -> None:
+async def _unauthorized(scope: Scope, send: Send, missing: bool) -> None:
+    """401 with the OpenAI error body; for a WebSocket upgrade the same HTTP response where the
+    server offers the ASGI denial-response extension, else a close before accept (HTTP 403)."""
     if missing:
         message = (
             "You didn't provide an API key. You need to provide your API key in an Authorization "
@@ -150,9 +149,15 @@ async def _unauthorized(send: Send, missing: bool) -> None:
     else:
         message = "Incorrect API key provided."
     body = AuthenticationError(message).to_json()
+    prefix = "http."
+    if scope["type"] == "websocket":
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        prefix = "websocket.http."
     await send(
         {
-            "type": "http.response.start",
+            "type": prefix + "response.start",
             "status": AuthenticationError.status_code,
             "headers": [
                 (b"content-type", b"application/json"),
@@ -161,4 +166,4 @@ async def _unauthorized(send: Send, missing: bool) -> None:
             ],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": prefix + "response.body", "body": body})

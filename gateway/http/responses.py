@@ -182,7 +182,7 @@ async def _until_finished(service: ResponsesService, response_id: str, timeout_s
 
 async def delete_response(request: Request) -> Response:
     record = await _visible(request)
-    await request.app.state.service.store.delete_response(record.id)
+    await request.app.state.service.delete(record)
     return json_response({"id": record.id, "object": "response", "deleted": True})
 
 

@@ -54,7 +54,7 @@ def _registry(request: Request) -> ToolRegistry:
     if admin_key:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), admin_key.encode()
+            token.strip().encode(), admin_key.get_secret_value().encode()
         ):
             raise AuthenticationError(
                 "The tool admin API needs the admin key: Authorization: Bearer <admin key>."
@@ -77,7 +77,7 @@ async def create_tool(request: Request) -> Response:
         definition = await registry.register(body)
     except ToolDefinitionError as exc:
         raise InvalidRequestError(exc.message, param=exc.param) from None
-    except store_types.ConflictError:
+    except store_types.StoreConflictError:
         name = body["name"]
         raise ConflictError(f"A tool named '{name}' already exists.", param="name") from None
     return json_response(public_view(definition), 201)
@@ -106,7 +106,7 @@ async def replace_tool(request: Request) -> Response:
         definition = await registry.replace(name, body)
     except ToolDefinitionError as exc:
         raise InvalidRequestError(exc.message, param=exc.param) from None
-    except store_types.NotFoundError:
+    except store_types.StoreNotFoundError:
         raise _not_found(name) from None
     return json_response(public_view(definition))
 

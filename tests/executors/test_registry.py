@@ -22,7 +22,7 @@ from executors.registry import (
     validate_tool_definition,
 )
 from store.sqlite import SQLiteStore
-from store.types import ConflictError, NotFoundError
+from store.types import StoreConflictError, StoreNotFoundError
 
 SCHEMA = {
     "type": "object",
@@ -220,7 +220,7 @@ def test_register_get_list_delete(tmp_path: Path) -> None:
         created = await registry.register(HTTP)
         assert created == validate_tool_definition(HTTP)
         assert registry.lookup("weather") == created
-        with pytest.raises(ConflictError):
+        with pytest.raises(StoreConflictError):
             await registry.register({**HTTP, "description": "again"})
         await registry.register(AGENT)
         assert [t["name"] for t in await registry.list()] == ["researcher", "weather"]
@@ -242,7 +242,7 @@ def test_replace(tmp_path: Path) -> None:
         with pytest.raises(ToolDefinitionError) as info:
             await registry.replace("weather", {**HTTP, "name": "other"})
         assert info.value.param == "name"
-        with pytest.raises(NotFoundError):
+        with pytest.raises(StoreNotFoundError):
             await registry.replace("missing", {"url": "http://h/"})
 
     with_registry(tmp_path, scenario)

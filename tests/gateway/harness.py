@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -73,13 +74,15 @@ def serve_process(
     args: Sequence[str], log: Path, *, env: dict[str, str] | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A real ``stepchain serve`` process (``args`` after ``serve``, a free ``--port`` added),
-    its output in ``log``; yields its URL once ``/healthz`` answers, kills it on exit."""
+    its output in ``log``; yields its URL once ``/healthz`` answers; on exit kills its whole
+    process group (uvicorn's workers too), also when the test failed."""
     port = free_port()
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--log-level",
              "warning", *args],
             env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            start_new_session=True,  # its own process group: workers included in the kill below
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -95,6 +98,12 @@ def serve_process(
             time.sleep(0.05)
         yield url, proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
+        kill_process_group(proc)
+
+
+def kill_process_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL every process in ``proc``'s group (started with ``start_new_session=True``),
+    then reap ``proc``. Safe to call when some or all of them have exited already."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)

@@ -26,13 +26,13 @@ from store.types import (
     PROCESSING,
     STEP_STATES,
     TOOL_CALL,
-    ConflictError,
-    NotFoundError,
     ResponseRecord,
     Step,
     StepDescriptor,
     StepStateError,
+    StoreConflictError,
     StoreError,
+    StoreNotFoundError,
     new_id,
 )
 
@@ -232,7 +232,7 @@ def test_response_round_trip(store: SQLiteStore) -> None:
     run(store.create_response(response))
     assert run(store.get_response("resp_1")) == response
     assert run(store.get_response("resp_missing")) is None
-    with pytest.raises(ConflictError):
+    with pytest.raises(StoreConflictError):
         run(store.create_response(response))
 
 
@@ -284,7 +284,7 @@ def test_update_response_rejects_other_fields(store: SQLiteStore, fields: dict[s
 
 @pytest.mark.parametrize("fields", [{"status": "failed"}, {}], ids=["status", "nothing"])
 def test_update_unknown_response(store: SQLiteStore, fields: dict[str, Any]) -> None:
-    with pytest.raises(NotFoundError):
+    with pytest.raises(StoreNotFoundError):
         run(store.update_response("resp_missing", **fields))
 
 
@@ -336,7 +336,7 @@ def test_record_steps_chains_parallel_siblings(store: SQLiteStore) -> None:
 
 
 def test_record_steps_unknown_response(store: SQLiteStore) -> None:
-    with pytest.raises(NotFoundError):
+    with pytest.raises(StoreNotFoundError):
         run(store.record_steps("resp_missing", None, None, [model_call()]))
 
 
@@ -441,7 +441,7 @@ def test_illegal_transition_rejected(store: SQLiteStore, src: str, dst: str) -> 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_transition_of_unknown_step(store: SQLiteStore, target: str) -> None:
-    with pytest.raises(NotFoundError, match="step_missing"):
+    with pytest.raises(StoreNotFoundError, match="step_missing"):
         run(transition(store, "step_missing", target))
     assert run(store.get_step("step_missing")) is None
 
@@ -457,7 +457,7 @@ def test_record_attempt(store: SQLiteStore) -> None:
     run(store.record_attempt(step.id, {"type": "timeout", "message": "t"}, "b"))
     got = run(store.get_step(step.id))
     assert got is not None and len(got.attempts) == 2 and got.upstream == "b"
-    with pytest.raises(NotFoundError):
+    with pytest.raises(StoreNotFoundError):
         run(store.record_attempt("step_missing", None))
 
 
@@ -596,7 +596,7 @@ def test_tools_crud(store: SQLiteStore) -> None:
         add = {"name": "add", "parameters": {"type": "object"}, "url": "http://b/"}
         await store.create_tool(weather)
         await store.create_tool(add)
-        with pytest.raises(ConflictError):
+        with pytest.raises(StoreConflictError):
             await store.create_tool({"name": "weather"})
         assert await store.get_tool("weather") == weather
         assert await store.get_tool("missing") is None
@@ -605,7 +605,7 @@ def test_tools_crud(store: SQLiteStore) -> None:
         weather2 = {**weather, "timeout_s": 3}
         await store.replace_tool("weather", weather2)
         assert await store.get_tool("weather") == weather2
-        with pytest.raises(NotFoundError):
+        with pytest.raises(StoreNotFoundError):
             await store.replace_tool("missing", {"name": "missing"})
         with pytest.raises(ValueError):
             await store.replace_tool("weather", {"name": "other"})

@@ -308,7 +308,9 @@ def test_websockets_under_v1_need_a_key_too():
         ws_url = url.replace("http://", "ws://") + "/v1/ws"
         with pytest.raises(InvalidStatus) as info:
             connect(ws_url, open_timeout=10).close()
-        assert info.value.response.status_code == 403
+        # Refused before the handshake, as an HTTP 401 with the OpenAI error body.
+        assert info.value.response.status_code == 401
+        assert orjson.loads(info.value.response.body)["error"]["code"] == "invalid_api_key"
         headers = {"Authorization": f"Bearer {KEY_A}"}
         with connect(ws_url, additional_headers=headers, open_timeout=10) as ws:
             assert ws.recv(timeout=10) == "tenant_" + sha(KEY_A)[:16]
