@@ -201,8 +201,9 @@ class ResponsesService:
         running = self.running.get(response_id)
         if running is None or running.task.done():
             return False
-        running.cancel_requested = True
-        running.task.cancel()
+        if not running.cancel_requested:  # once: a second cancel would cut the ending short
+            running.cancel_requested = True
+            running.task.cancel()
         return True
 
     async def request_cancel(self, response_id: str) -> asyncio.Task[Any] | None:
