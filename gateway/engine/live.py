@@ -210,10 +210,19 @@ class LiveStreams:
     def get(self, response_id: str) -> LiveStream | None:
         return self._streams.get(response_id)
 
-    def close(self, response_id: str, *, handed_over: bool = False) -> None:
-        """Close the log and drop it from the cache (its followers keep their reference)."""
-        stream = self._streams.pop(response_id, None)
-        if stream is not None:
+    def close(
+        self, response_id: str, *, stream: LiveStream | None = None, handed_over: bool = False
+    ) -> None:
+        """Close the log (``stream``, or the cached one) and drop it from the cache unless a
+        newer log of the response replaced it there (its followers keep their reference)."""
+        cached = self._streams.get(response_id)
+        if stream is None:
+            stream = cached
+        if stream is None:
+            return
+        if cached is stream:
+            del self._streams[response_id]
+        if not stream.closed:
             stream.close(handed_over=handed_over)
 
     @property

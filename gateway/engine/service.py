@@ -413,7 +413,7 @@ class ResponsesService:
             await writer.close()
             if log is not None:
                 log.drop_staged()
-                self.live.close(prepared.record.id)
+                self.live.close(prepared.record.id, stream=log)
             raise
         return await self._drive(prepared, builder, writer, started)
 
@@ -479,11 +479,12 @@ class ResponsesService:
             logger.warning("response %s was taken over by another process; stopped", prepared.record.id)
             if writer.log is not None:
                 writer.log.drop_staged()
-            self.live.close(prepared.record.id, handed_over=True)
+                self.live.close(prepared.record.id, stream=writer.log, handed_over=True)
             return record_to_object(prepared.record)
         finally:
             await writer.close()
-            self.live.close(prepared.record.id)
+            if writer.log is not None:
+                self.live.close(prepared.record.id, stream=writer.log)
 
     async def _drive_loop(
         self,

@@ -75,7 +75,8 @@ class ResponseWriter:
     # -- writes ----------------------------------------------------------------------------------
 
     async def create_response(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._write("create_response", args, kwargs)
+        """Not retried: a new response the store cannot take fails at once (HTTP 503)."""
+        return await self._write("create_response", args, kwargs, retry=False)
 
     async def record_steps(self, *args: Any, **kwargs: Any) -> Any:
         return await self._write("record_steps", args, kwargs)
@@ -98,7 +99,9 @@ class ResponseWriter:
     async def update_response(self, *args: Any, **kwargs: Any) -> Any:
         return await self._write("update_response", args, kwargs)
 
-    async def _write(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def _write(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, retry: bool = True
+    ) -> Any:
         method = getattr(self.store, name)
         step_id = args[0] if name in _STEP_WRITES and args else None
         if self.fence is not None and name != "create_response":
@@ -107,21 +110,24 @@ class ResponseWriter:
         # Carry the pending events if no other write carries some now; a write that must
         # publish staged events (the final one) waits for its turn.
         if log is None or (self._lock.locked() and not log.holding) or log.pending() is None:
-            return await self._retry(lambda: method(*args, **kwargs), step_id=step_id)
+            return await self._retry(lambda: method(*args, **kwargs), step_id=step_id, retry=retry)
         async with self._lock:
             batch = log.pending()
             if batch is None:
-                return await self._retry(lambda: method(*args, **kwargs), step_id=step_id)
+                return await self._retry(lambda: method(*args, **kwargs), step_id=step_id, retry=retry)
             first, events = batch
             result = await self._retry(
-                lambda: method(*args, events=(first, events), **kwargs), step_id=step_id
+                lambda: method(*args, events=(first, events), **kwargs), step_id=step_id,
+                retry=retry,
             )
             log.committed(first, len(events))
             return result
 
     async def _retry(
-        self, call: Callable[[], Awaitable[_T]], *, step_id: str | None = None
+        self, call: Callable[[], Awaitable[_T]], *, step_id: str | None = None, retry: bool = True
     ) -> _T:
+        if not retry:
+            return await call()
         delay = 0.05
         failed = False
         while True:

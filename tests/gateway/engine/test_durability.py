@@ -317,3 +317,62 @@ def test_unreachable_database_at_start_up(tmp_path):
     assert len(lines) == 1, lines
     assert "127.0.0.1:1" in lines[0] and "nowhere" in lines[0]
     assert "hunter2secret" not in lines[0]
+
+
+def test_sigterm_finishes_responses_without_a_connection(tmp_path):
+    """A background response (no client connected) still finishes within the grace period."""
+    model = ScriptedModel()
+    model.replies.append(Reply(content="finished during shutdown", delay_s=1.5))
+    db = str(tmp_path / "gw.db")
+    with serve_app(create_scripted_upstream(model)) as upstream:
+        with gateway(db, f"{upstream}/v1", tmp_path / "a.log") as (url, proc):
+            started = httpx.post(f"{url}/v1/responses", timeout=30,
+                                 json={"model": MODEL, "input": "x", "background": True}).json()
+            deadline = time.monotonic() + 20
+            while not model.requests:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    record = _status(db, started["id"])["record"]
+    assert record.status == "completed"
+    assert record.output[0]["content"][0]["text"] == "finished during shutdown"
+
+
+def test_database_outage_503_then_in_flight_responses_go_on(pg_server, pg_dsn, tmp_path):
+    """PostgreSQL stopped under a running gateway: new requests get an OpenAI-shaped 503; the
+    response in flight pauses at its next write and completes once the database is back."""
+    if not pg_server.managed:
+        pytest.skip("needs a throwaway PostgreSQL server it may stop")
+    model = ScriptedModel()
+    # The first chunk comes late: the stop below happens while nothing is being written (the
+    # throwaway server runs with synchronous_commit = off, so an immediate stop would lose the
+    # last commits, which no production server does).
+    model.replies.append(Reply(content=TEXT * 3, chunk_size=4, chunk_delay_s=0.05, delay_s=2.0))
+    with ExitStack() as stack:
+        upstream = stack.enter_context(serve_app(create_scripted_upstream(model)))
+        url, _ = stack.enter_context(gateway(pg_dsn, f"{upstream}/v1", tmp_path / "a.log"))
+        started = httpx.post(f"{url}/v1/responses", timeout=30,
+                             json={"model": MODEL, "input": "x", "background": True}).json()
+        deadline = time.monotonic() + 20
+        while not model.requests:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.5)  # the WAL writer flushes the commits so far (wal_writer_delay 200 ms)
+        pg_server.stop()
+        try:
+            refused = httpx.post(f"{url}/v1/responses", timeout=60,
+                                 json={"model": MODEL, "input": "y"})
+            fetched = httpx.get(f"{url}/v1/responses/{started['id']}", timeout=60)
+        finally:
+            pg_server.start()
+        for reply in (refused, fetched):
+            assert reply.status_code == 503, reply.text
+            error = reply.json()["error"]
+            assert error["type"] and error["message"] and "Traceback" not in reply.text
+        events = _reattach(url, started["id"], -1)
+    assert events[-1].startswith(b"event: response.completed")
+    state = _status(pg_dsn, started["id"])
+    assert state["record"].status == "completed"
+    assert [s.state for s in state["steps"]] == ["completed"]
+    assert [event for _seq, event in state["events"]] == events
