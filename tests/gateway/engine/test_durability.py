@@ -376,3 +376,34 @@ def test_database_outage_503_then_in_flight_responses_go_on(pg_server, pg_dsn, t
     assert state["record"].status == "completed"
     assert [s.state for s in state["steps"]] == ["completed"]
     assert [event for _seq, event in state["events"]] == events
+
+
+def test_cancel_a_resumed_response(tmp_path):
+    """A background response resumed after its process was killed can be cancelled."""
+    model = ScriptedModel()
+    model.replies.append(Reply(content=TEXT * 40, chunk_size=3, chunk_delay_s=0.05))
+    model.replies.append(Reply(content=TEXT * 40, chunk_size=3, chunk_delay_s=0.05))
+    db = str(tmp_path / "gw.db")
+    with serve_app(create_scripted_upstream(model)) as upstream:
+        with gateway(db, f"{upstream}/v1", tmp_path / "a.log") as (url, proc):
+            started = httpx.post(f"{url}/v1/responses", timeout=30,
+                                 json={"model": MODEL, "input": "x", "background": True}).json()
+            deadline = time.monotonic() + 20
+            while not model.requests:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        with gateway(db, f"{upstream}/v1", tmp_path / "b.log") as (url, _):
+            deadline = time.monotonic() + 20
+            while len(model.requests) < 2:  # resumed: its model call runs again
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="test", max_retries=0)
+            assert client.responses.cancel(started["id"]).status == "cancelled"
+            events = _reattach(url, started["id"], -1)
+    assert events[-1].startswith(b"event: response.failed")
+    state = _status(db, started["id"])
+    assert state["record"].status == "cancelled" and state["record"].owner_epoch == 2
+    assert [s.state for s in state["steps"]] == ["canceled"]
+    assert [seq for seq, _ in state["events"]] == list(range(len(events)))
