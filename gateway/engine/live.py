@@ -294,7 +294,7 @@ async def stored_events(
         async for chunk in follow_store(store, record.id, starting_after):
             seen = seen or not chunk.startswith(b":")
             yield chunk
-        if seen or has_log or starting_after >= 0 and await store.list_events(record.id, limit=1):
+        if seen or has_log or await store.list_events(record.id, limit=1):
             return
         record = await store.get_response(record.id)
         if record is None:

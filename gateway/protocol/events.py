@@ -142,6 +142,7 @@ class ResponseBuilder:
         self._usage: dict[str, Any] | None = None
         self._final: dict[str, Any] | None = None
         self._held: list[bytes] | None = None  # events waiting for finish(), see hold_events
+        self._ids: set[str] = set()  # item ids in the output (a re-run after a take-over)
 
     # -- what the loop reads ----------------------------------------------------------------
 
@@ -184,7 +185,9 @@ class ResponseBuilder:
         without events. Emits what the log lacks about those steps (``output_item.added`` /
         ``.done`` of items whose step finished after its last stored event), closes the items
         of an interrupted model call as ``incomplete`` (they keep their ``output_index``; its
-        re-run opens new ones), and numbers new events from n on."""
+        re-run opens new ones, their ids suffixed ``_1``), and numbers new events from n on.
+        Exact for one take-over; after a second one, items of a model call interrupted by the
+        first are not known to the chain replay (a known limit)."""
         added: dict[int, dict[str, Any]] = {}
         done: set[int] = set()
         for event in logged:
@@ -208,6 +211,7 @@ class ResponseBuilder:
                 self._output.append(added.get(len(self._output), item))
             item["status"] = "incomplete"
             self._output.append(item)
+            self._ids.add(item.get("id", ""))
             if index not in done:
                 self._send("response.output_item.done", output_index=index, item=item)
 
@@ -360,6 +364,13 @@ class ResponseBuilder:
             self._emit(encode_event(event))
 
     def _open(self, item: dict[str, Any]) -> _Item:
+        item_id = item["id"]
+        if item_id in self._ids:  # a model call re-run after a take-over: its items are new
+            n = 1
+            while f"{item_id}_{n}" in self._ids:
+                n += 1
+            item["id"] = item_id = f"{item_id}_{n}"
+        self._ids.add(item_id)
         opened = _Item(len(self._output), item)
         self._output.append(item)
         self._send("response.output_item.added", output_index=opened.output_index, item=item)

@@ -181,6 +181,12 @@ def test_sigkill_then_restart_resumes_within_two_seconds_and_continues_the_log(t
     assert stored[: len(persisted_before)] == persisted_before
     assert events == stored and _is_terminal(stored[-1])
     assert b"complete answer after the restart" in stored[-1]
+    # The interrupted model call's partial message keeps its place (incomplete); the re-run's
+    # message is a new item with its own id.
+    ids = [item["id"] for item in record.output]
+    assert len(ids) == len(set(ids)) == 2
+    assert [item["status"] for item in record.output] == ["incomplete", "completed"]
+    assert record.output[1]["content"][0]["text"] == "complete answer after the restart"
 
 
 class RecordingTool:
