@@ -51,7 +51,7 @@ class LiveStream:
 
     __slots__ = (
         "response_id", "events", "base", "persisted", "closed", "handed_over", "staged",
-        "holding", "nbytes", "on_pending", "listeners", "_changed", "_owner",
+        "holding", "nbytes", "accounted", "on_pending", "listeners", "_changed", "_owner",
     )  # fmt: skip
 
     def __init__(self, response_id: str = "", *, owner: LiveStreams | None = None) -> None:
@@ -65,6 +65,7 @@ class LiveStream:
         self.staged: list[bytes] = []
         self.holding = False
         self.nbytes = 0
+        self.accounted = 0  # the bytes of it the LiveStreams total counts
         # Called (once per burst) when unpersisted events appear: the writer schedules a flush.
         self.on_pending: Callable[[], None] | None = None
         # Called with each event as it is published (a WebSocket connection's sender).
@@ -202,6 +203,7 @@ class LiveStreams:
         self.max_bytes_per_stream = max_bytes_per_stream
         self.max_bytes = max_bytes
         self._streams: dict[str, LiveStream] = {}
+        self._total = 0  # bytes cached, as of each log's last store write
 
     def open(self, response_id: str) -> LiveStream:
         stream = self._streams[response_id] = LiveStream(response_id, owner=self)
@@ -222,22 +224,32 @@ class LiveStreams:
             return
         if cached is stream:
             del self._streams[response_id]
+            self._total -= stream.accounted
+            stream.accounted = 0
         if not stream.closed:
             stream.close(handed_over=handed_over)
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self._streams.values())
+        """The bytes cached, as of each log's last store write."""
+        return self._total
+
+    def _account(self, stream: LiveStream) -> None:
+        if self._streams.get(stream.response_id) is stream:
+            self._total += stream.nbytes - stream.accounted
+            stream.accounted = stream.nbytes
 
     def trim(self, stream: LiveStream) -> None:
-        """After ``stream`` persisted more: keep it, and the whole cache, within the caps."""
+        """After ``stream`` persisted more: keep it, and the whole cache, within the caps
+        (dropping only events the store has)."""
         if stream.nbytes > self.max_bytes_per_stream:
             stream.trim(self.max_bytes_per_stream // 2)
-        total = self.nbytes if len(self._streams) < 256 or stream.nbytes > 4096 else 0
-        if total > self.max_bytes:
+        self._account(stream)
+        if self._total > self.max_bytes:
             for other in sorted(self._streams.values(), key=lambda s: -s.nbytes):
-                total -= other.trim(0)
-                if total <= self.max_bytes // 2:
+                other.trim(0)
+                self._account(other)
+                if self._total <= self.max_bytes // 2:
                     break
 
     def __len__(self) -> int:

@@ -121,6 +121,8 @@ class ResponseWriter:
                 retry=retry,
             )
             log.committed(first, len(events))
+            if log.pending() is not None:  # emitted while this write was in flight
+                self._schedule_flush()
             return result
 
     async def _retry(
@@ -187,6 +189,8 @@ class ResponseWriter:
                 logger.warning("events of response %s not stored yet: %s", self.response_id, exc)
                 return
             log.committed(first, len(events))
+        if log.pending() is not None:  # emitted while this flush was in flight
+            self._schedule_flush()
 
     async def close(self) -> None:
         """Stop flushing (the response's last write carried its remaining events)."""

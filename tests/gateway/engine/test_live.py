@@ -42,6 +42,7 @@ def test_cache_stays_bounded_and_followers_read_the_rest_from_the_store(tmp_path
         await writer.flush()
         assert log.persisted == 200
         assert log.nbytes <= 2_000 and log.base > 0  # the front went to the store only
+        assert live.nbytes == log.nbytes
         terminal = _event(200, "response.completed")
         log.hold()
         log.emit(terminal)
@@ -49,7 +50,7 @@ def test_cache_stays_bounded_and_followers_read_the_rest_from_the_store(tmp_path
         await writer.update_response("resp_live", status="completed")
         assert log.end == 201 and log.persisted == 201
         live.close("resp_live", stream=log)
-        assert len(live) == 0
+        assert len(live) == 0 and live.nbytes == 0
         followed = [chunk async for chunk in log.follow(0, store)]
         assert b"".join(followed) == b"".join([*events, terminal])
         stored = [chunk async for chunk in follow_store(store, "resp_live", 99)]
@@ -90,3 +91,27 @@ def test_terminal_event_detection_matches_the_builder():
         assert is_terminal(encode_event({"type": kind, "sequence_number": 3}))
     delta = encode_event({"type": "response.output_text.delta", "sequence_number": 1, "delta": "response.completed"})
     assert not is_terminal(delta) and orjson.loads(delta.split(b"data: ")[1])["sequence_number"] == 1
+
+
+def test_the_total_cap_trims_every_log(tmp_path):
+    async def run() -> None:
+        store = await _store(tmp_path, "resp_a")
+        await store.create_response(
+            ResponseRecord(id="resp_b", model="m", request={"model": "m"}, created_at=1.0),
+            owner="me", lease_s=60,
+        )
+        live = LiveStreams(max_bytes_per_stream=100_000, max_bytes=5_000)
+        writers = []
+        for response_id in ("resp_a", "resp_b"):
+            log = live.open(response_id)
+            writer = ResponseWriter(store, response_id, Fence("me", 1), log)
+            writers.append(writer)
+            for i in range(40):
+                log.emit(_event(i))
+            await writer.flush()
+        assert live.nbytes <= 5_000
+        for writer in writers:
+            await writer.close()
+        await store.close()
+
+    asyncio.run(run())
