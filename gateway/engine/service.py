@@ -437,6 +437,8 @@ class ResponsesService:
             prepared = await self._prepare(
                 record.request, record.tenant, record.id, record.created_at, check=False
             )
+        except StoreError:
+            raise  # the store, not the request: the lease lapses and a later claim tries again
         except Exception as exc:  # the request cannot be rebuilt: end it, do not retry forever
             error = {"code": "server_error", "message": f"cannot resume: {exc}"}
             await writer.update_response(
