@@ -9,7 +9,8 @@ Outcome of :meth:`HTTPToolExecutor.call`:
 ``ToolError.type``::
 
     invalid_arguments      the arguments are not JSON, or do not match the tool's parameters
-    blocked_url            the URL's host is not allowed, or it targets a blocked loopback port
+    blocked_url            the egress policy refuses the URL (executors/egress.py): a host not
+                           allowed, a private address, or the gateway's own socket
     configuration_error    a header names an environment variable that is not set (or unusable)
     timeout                no complete answer within the tool's ``timeout_s``
     connection_error       the connection failed (refused, reset, protocol error, …)
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 from collections.abc import Collection, Iterator, Mapping
@@ -38,6 +38,8 @@ import jsonschema
 import jsonschema.exceptions
 import jsonschema.validators
 import orjson
+
+from .egress import ALLOW_PRIVATE_EXTENSION, EgressError, EgressPolicy, host_matches, pin_request
 
 __all__ = ["ENV_PREFIX", "HTTPToolExecutor", "ToolError", "resolve_headers"]
 
@@ -96,38 +98,19 @@ def _resolve(
     return resolved, secrets
 
 
-def _is_loopback(host: str) -> bool:
-    host = host.rstrip(".").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback or address.is_unspecified
-
-
 def _host_allowed(host: str, allowed: Collection[str]) -> bool:
-    host = host.rstrip(".").lower()
-    for pattern in allowed:
-        pattern = pattern.lower()
-        if pattern.startswith("*."):
-            if host.endswith(pattern[1:]):
-                return True
-        elif host == pattern:
-            return True
-    return False
+    return host_matches(host, allowed)
 
 
 class HTTPToolExecutor:
     """Calls HTTP tools over one shared ``httpx.AsyncClient`` (one instance per process).
 
-    ``max_response_bytes`` caps the (decoded) response body; ``allowed_hosts`` (None = any) lists
-    host names, ``*.example.com`` matching subdomains; ``blocked_ports`` are ports no tool may
-    reach on a loopback host (the gateway's own). Redirects are not followed, so a 3xx is an
-    ``http_error`` and cannot lead around the allow-list.
+    ``max_response_bytes`` caps the (decoded) response body. ``egress`` checks every URL and the
+    request goes to the checked address (DNS rebinding); without one, a policy is built from
+    ``allowed_hosts`` (None = any; ``*.example.com`` matches subdomains), ``allowed_networks``
+    and ``blocked_ports`` (the gateway's own). A definition with ``allow_private: true`` may
+    reach private addresses. Redirects are not followed, so a 3xx is an ``http_error`` and
+    cannot lead around the policy.
     """
 
     def __init__(
@@ -136,14 +119,17 @@ class HTTPToolExecutor:
         *,
         max_response_bytes: int = 5_000_000,
         allowed_hosts: Collection[str] | None = None,
+        allowed_networks: Collection[str] = (),
         blocked_ports: Collection[int] = (),
+        egress: EgressPolicy | None = None,
         environ: Mapping[str, str] = os.environ,
     ) -> None:
         self._owns_client = client is None
         self._client = client if client is not None else httpx.AsyncClient()
         self.max_response_bytes = max_response_bytes
-        self.allowed_hosts = None if allowed_hosts is None else frozenset(allowed_hosts)
-        self.blocked_ports = frozenset(blocked_ports)
+        self.egress = egress or EgressPolicy(
+            allowed_hosts=allowed_hosts, allowed_networks=allowed_networks, own_ports=blocked_ports
+        )
         self.environ = environ
         # tool name -> (the schema it was compiled from, its validator)
         self._validators: dict[str, tuple[dict[str, Any], Any]] = {}
@@ -174,7 +160,6 @@ class HTTPToolExecutor:
         args = self._parse_arguments(name, arguments)
         self._validate_arguments(name, definition.get("parameters"), args)
         url = definition["url"]
-        self._check_url(name, url)
         headers, secrets = _resolve(definition.get("headers") or {}, self.environ)
         if not any(key.lower() == "content-type" for key in headers):
             headers["content-type"] = "application/json"
@@ -188,15 +173,20 @@ class HTTPToolExecutor:
         with self._map_errors(name, url, timeout_s):
             # The httpx timeout bounds each read; the outer one the whole call (a slow drip).
             async with asyncio.timeout(timeout_s):
-                async with self._client.stream(
+                request = self._client.build_request(
                     "POST",
                     url,
                     content=body,
                     headers=headers,
                     timeout=httpx.Timeout(timeout_s),
-                    follow_redirects=False,
-                ) as response:
+                    extensions={ALLOW_PRIVATE_EXTENSION: bool(definition.get("allow_private"))},
+                )
+                await pin_request(self.egress, request, False)
+                response = await self._client.send(request, stream=True, follow_redirects=False)
+                try:
                     return await self._read(name, response, secrets)
+                finally:
+                    await response.aclose()
 
     def _parse_arguments(self, name: str, arguments: str) -> Any:
         if not arguments or arguments.isspace():
@@ -234,23 +224,6 @@ class HTTPToolExecutor:
             "invalid_arguments",
             f"arguments for tool {name!r} do not match its parameters at {where}: {error.message}",
         )
-
-    def _check_url(self, name: str, url: str) -> None:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if self.allowed_hosts is not None and not _host_allowed(host, self.allowed_hosts):
-            raise ToolError(
-                "blocked_url", f"tool {name!r}: host {host!r} is not in the allowed hosts"
-            )
-        if self.blocked_ports and _is_loopback(host):
-            try:
-                port = parts.port or (443 if parts.scheme == "https" else 80)
-            except ValueError:
-                port = None
-            if port in self.blocked_ports:
-                raise ToolError(
-                    "blocked_url", f"tool {name!r}: port {port} on {host!r} may not be called"
-                )
 
     async def _read(self, name: str, response: httpx.Response, secrets: list[bytes]) -> Any:
         status = response.status_code
@@ -300,6 +273,8 @@ class HTTPToolExecutor:
             yield
         except ToolError:
             raise
+        except EgressError as exc:
+            raise ToolError("blocked_url", f"tool {name!r}: {exc.message}") from exc
         except (httpx.TimeoutException, TimeoutError) as exc:
             raise ToolError(
                 "timeout", f"tool {name!r} did not answer within {timeout_s:g} s"

@@ -3,7 +3,8 @@
 A **tool definition** (what ``POST /v1/tools`` takes and the store keeps) is one of::
 
     HTTP tool:  {"name", "description", "parameters", "kind": "http", "attach", "url",
-                 "headers": {name: value | "env:VAR"}, "timeout_s", "idempotent"}
+                 "headers": {name: value | "env:VAR"}, "timeout_s", "idempotent",
+                 "allow_private"}
     agent tool: {"name", "description", "parameters", "kind": "agent", "attach", "model",
                  "instructions", "tools": [registered tool names]}
 
@@ -23,7 +24,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -64,7 +65,7 @@ _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 _COMMON_KEYS = ("name", "description", "parameters", "kind", "attach")
 _KIND_KEYS = {
-    "http": ("url", "headers", "timeout_s", "idempotent"),
+    "http": ("url", "headers", "timeout_s", "idempotent", "allow_private"),
     "agent": ("model", "instructions", "tools"),
 }
 _ALL_KEYS = frozenset(_COMMON_KEYS + _KIND_KEYS["http"] + _KIND_KEYS["agent"] + ("object",))
@@ -221,10 +222,14 @@ def validate_tool_definition(
         idempotent = body.get("idempotent", False)
         if not isinstance(idempotent, bool):
             raise _fail("idempotent must be true or false.", "idempotent")
+        allow_private = body.get("allow_private", False)
+        if not isinstance(allow_private, bool):
+            raise _fail("allow_private must be true or false.", "allow_private")
         out["url"] = _validate_url(body.get("url"))
         out["headers"] = _validate_headers(body.get("headers", {}), previous)
         out["timeout_s"] = timeout_s
         out["idempotent"] = idempotent
+        out["allow_private"] = allow_private
     else:
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -388,16 +393,24 @@ class ToolRegistry:
     # -- per request -------------------------------------------------------------------------
 
     def offer(
-        self, request_tools: list[dict[str, Any]] | None, tool_choice: Any
+        self,
+        request_tools: list[dict[str, Any]] | None,
+        tool_choice: Any,
+        *,
+        client_only: Container[str] = (),
+        server_only: Container[str] = (),
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], frozenset[str]]:
         """The tools for one Responses request: ``(offered, client_tools, hosted_names)``.
 
-        ``offered`` is every tool the model sees, as Responses function tools: the request's
-        ``tools`` in their order (a registered name → the registered tool, hosted; another name
-        → the client's own tool, as given), then the forced ``tool_choice`` tool and the
-        ``attach: "always"`` tools not listed yet, by name. ``client_tools`` is the client's own
-        subset. ``tool_choice: "none"`` offers nothing. Non-function request tools are ignored
-        (the request validator rejects them).
+        ``request_tools`` are Responses function tools (other types were flattened or left out
+        by :func:`gateway.protocol.tools.plan_tools`). ``offered`` is every tool the model sees,
+        as Responses function tools: the request's ``tools`` in their order (a registered name →
+        the registered tool, hosted; another name → the client's own tool, as given), then the
+        forced ``tool_choice`` tool and the ``attach: "always"`` tools not listed yet, by name.
+        ``client_tools`` is the client's own subset. Names in ``client_only`` (custom and
+        namespaced client tools) are always the client's; names in ``server_only`` (registered
+        tools standing in for hosted tool types) are offered only if registered.
+        ``tool_choice: "none"`` offers nothing. Non-function request tools are ignored.
         """
         if tool_choice == "none":
             return [], [], frozenset()
@@ -413,10 +426,10 @@ class ToolRegistry:
             if not isinstance(name, str) or name in seen:
                 continue
             seen.add(name)
-            if name in registered:
+            if name in registered and name not in client_only:
                 offered.append(registered[name])
                 hosted.add(name)
-            else:
+            elif name not in server_only:
                 offered.append(tool)
                 client.append(tool)
         rest = list(self._always)

@@ -9,6 +9,7 @@ Every failure is an :class:`UpstreamError`; httpx exceptions are translated in o
 (:func:`_from_httpx`, ``raise … from exc``). ``UpstreamError.type``::
 
     upstream_error              a non-2xx status (not 429), or an ``error`` object in a body or chunk
+    context_length_exceeded     HTTP 400 saying the prompt is longer than the model's context
     rate_limited                HTTP 429
     insufficient_quota          HTTP 429 whose error code/type is ``insufficient_quota``
     upstream_timeout            a timeout: connect, read, first byte, idle (no bytes for
@@ -44,7 +45,11 @@ from httpx_sse import EventSource
 
 from executors.reassembly import Delta, Reassembler, StreamCutError
 
-__all__ = ["UpstreamClient", "UpstreamError"]
+__all__ = ["STEP_NOTES", "UpstreamClient", "UpstreamError"]
+
+#: A key of a model call's request payload that holds the gateway's notes on the step (e.g. the
+#: request's tools it left out); stripped from the body sent upstream.
+STEP_NOTES = "stepchain"
 
 # How much of a non-JSON error body goes into the message.
 _SNIPPET_CHARS = 500
@@ -135,6 +140,21 @@ class UpstreamClient:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _from_httpx(exc, started=False, partial=None, timeout=self._timeout) from exc
 
+    async def post(self, path: str, body: Any) -> httpx.Response:
+        """``POST`` ``body`` as JSON to ``{base_url}/{path}``, or with a leading ``/`` to that path
+        on the server's root (``"/tokenize"``); read in full, any status; UpstreamError on a
+        transport failure."""
+        url = httpx.URL(self.base_url)
+        target = url.copy_with(raw_path=path.encode()) if path.startswith("/") else httpx.URL(
+            self.base_url + "/" + path
+        )
+        try:
+            return await self._client.post(
+                target, content=orjson.dumps(body), headers=self._headers, timeout=self._timeout
+            )
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise _from_httpx(exc, started=False, partial=None, timeout=self._timeout) from exc
+
     async def chat_completion(
         self,
         body: dict[str, Any],
@@ -169,6 +189,8 @@ class UpstreamClient:
         on_delta: Callable[[Delta], Awaitable[None]] | None,
         on_chunk: Callable[[dict[str, Any]], Awaitable[None]] | None,
     ) -> dict[str, Any]:
+        if STEP_NOTES in body:  # the gateway's notes on the step, never sent upstream
+            body = {key: value for key, value in body.items() if key != STEP_NOTES}
         payload = orjson.dumps(body)
         if body.get("stream"):
             return await self._stream(payload, on_delta, on_chunk)
@@ -431,6 +453,8 @@ def _error_object(
     else:
         detail = orjson.dumps(body).decode()[:_SNIPPET_CHARS]
     kind = "upstream_error"
+    if status == 400 and _too_long(code, etype, detail):
+        kind = "context_length_exceeded"
     if status == 429:
         quota = "insufficient_quota" in (code, etype)
         kind = "insufficient_quota" if quota else "rate_limited"
@@ -439,6 +463,18 @@ def _error_object(
         f"{where}: {detail}" if detail else where + ".",
         type=kind, status=status, partial=partial, body=body, retry_after=retry_after,
     )
+
+
+# How OpenAI, vLLM and llama.cpp server say that the prompt does not fit the context window.
+_TOO_LONG_CODES = ("context_length_exceeded", "exceed_context_size_error")
+_TOO_LONG_TEXT = ("maximum context length", "exceeds the available context size", "context length")
+
+
+def _too_long(code: Any, etype: Any, detail: str) -> bool:
+    if code in _TOO_LONG_CODES or etype in _TOO_LONG_CODES:
+        return True
+    lowered = detail.lower()
+    return any(text in lowered for text in _TOO_LONG_TEXT)
 
 
 def _status_error(response: httpx.Response) -> UpstreamError:

@@ -20,6 +20,7 @@ rewrites the settings table in README.md from the fields below.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 import sys
 import tomllib
@@ -44,6 +45,7 @@ from executors.registry import ToolDefinitionError, validate_tool_definition
 
 __all__ = [
     "ConfigError",
+    "ModelPrice",
     "Settings",
     "ToolSetting",
     "UpstreamFallback",
@@ -99,6 +101,7 @@ class ToolSetting(BaseModel):
     headers: dict[str, str] | None = Field(None, repr=False)
     timeout_s: float | None = None
     idempotent: bool | None = None
+    allow_private: bool | None = None
     model: str | None = None
     instructions: str | None = None
     tools: list[str] | None = None
@@ -114,6 +117,18 @@ class ToolSetting(BaseModel):
     def definition(self) -> dict[str, Any]:
         """The registration body (fields that were given)."""
         return self.model_dump(exclude_none=True)
+
+
+class ModelPrice(BaseModel):
+    """One ``[prices."model-name"]`` table: USD per million tokens (``cached_input`` defaults
+    to ``input``, ``reasoning`` to ``output``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(None, ge=0)
+    reasoning: float | None = Field(None, ge=0)
 
 
 class Settings(BaseSettings):
@@ -182,9 +197,26 @@ class Settings(BaseSettings):
         5_000_000, ge=1, description="largest tool response body read"
     )
     tool_allowed_hosts: str | None = Field(
-        None, description="comma-separated hosts HTTP tools may call (`*.example.com` allowed)"
+        None,
+        description="comma-separated hosts tools (HTTP, MCP) may call (`*.example.com` allowed); "
+        "listed hosts may be private",
+    )
+    tool_allowed_networks: str | None = Field(
+        None,
+        description="comma-separated CIDRs tools may reach although private "
+        "(`127.0.0.0/8,10.0.0.0/8`)",
     )
     max_body_bytes: int = Field(20_000_000, ge=1, description="largest request body")
+    model_context_windows: dict[str, int] = Field(
+        {},
+        description="context window in tokens by model name (`\"*\"`: any other), for "
+        "`truncation: \"auto\"` (a TOML table; flag and variable: a JSON object)",
+    )
+    encrypted_content_key: SecretStr | None = Field(
+        None,
+        description="Fernet key sealing `encrypted_content` (compaction and reasoning items); "
+        "the same on every replica. Default: a random key kept in `<db>.key`",
+    )
     cancel_on_disconnect: bool = Field(
         False, description="cancel a streamed response when its client goes away"
     )
@@ -205,11 +237,34 @@ class Settings(BaseSettings):
     log_level: str = Field(
         "info", description="uvicorn log level: critical, error, warning, info, debug, trace"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per log line (response, step, retry and "
+        "error events with ids, tenant and timings; never a secret)"
+    )
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        strict=False,
+        description="`[prices.\"model\"]` `{input, output, cached_input?, reasoning?}` in USD "
+        "per million tokens (a name ending in `*` is a prefix); a model without one has an "
+        "unknown cost, never 0 (flag and variable: a JSON object)",
+    )
     tools: tuple[ToolSetting, ...] = Field(
         (),
         strict=False,
         description="`[[tools]]` tool definitions as `POST /v1/tools` takes them, registered at "
         "start-up (flag and variable: a JSON list)",
+    )
+    hosted_tool_map: dict[str, str] = Field(
+        {},
+        strict=False,
+        description="hosted tool types a registered tool runs, e.g. `{web_search = "
+        "\"my_search_tool\"}` (flag and variable: a JSON object); other hosted types are left "
+        "out of what the model is offered",
+    )
+    reasoning_to_upstream: bool = Field(
+        False,
+        description="send reasoning items of the input back upstream as `reasoning_content` on "
+        "the next assistant message (vLLM, DeepSeek, llama.cpp take it)",
     )
 
     @classmethod
@@ -220,6 +275,17 @@ class Settings(BaseSettings):
         return (init_settings,)
 
     _urls = field_validator("upstream_base_url")(_check_http_url)
+
+    @field_validator("tool_allowed_networks")
+    @classmethod
+    def _networks(cls, value: str | None) -> str | None:
+        for net in (value or "").split(","):
+            if net.strip():
+                try:
+                    ipaddress.ip_network(net.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"{net.strip()!r} is not a network such as 10.0.0.0/8") from None
+        return value
 
     @field_validator("sqlite_synchronous")
     @classmethod
@@ -240,6 +306,7 @@ _SECRET = frozenset(
     name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)
 )
 _TABLES = frozenset({"tools", "upstream_fallbacks"})
+_JSON = _TABLES | {"hosted_tool_map", "model_context_windows", "prices"}  # flags, variables: JSON
 
 
 def flag_name(name: str) -> str:
@@ -257,7 +324,7 @@ def _parse_text(name: str, value: Any, source: str) -> Any:
     if not isinstance(value, str):  # a switch flag (already a bool), or a JSON-decoded table
         return value
     try:
-        if name in _TABLES:
+        if name in _JSON:
             return _adapter(name).validate_json(value)
         return _adapter(name).validate_strings(value)
     except ValidationError as exc:
@@ -346,8 +413,8 @@ README_END = "<!-- end of settings table -->"
 
 
 def _default_text(name: str) -> str:
-    default = Settings.model_fields[name].default
-    if default is None or default == ():
+    default = Settings.model_fields[name].get_default(call_default_factory=True)
+    if default is None or default == () or default == {}:
         return "—"
     if isinstance(default, bool):
         return str(default).lower()

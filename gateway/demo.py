@@ -82,6 +82,7 @@ def run_demo(out: TextIO = sys.stdout) -> int:
                     "kind": "http",
                     "url": f"{tool_url}/weather",
                     "timeout_s": 10,
+                    "allow_private": True,  # the demo tool listens on 127.0.0.1
                 },
             ),
         )

@@ -19,7 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from executors.upstream import STEP_NOTES
 from gateway.errors import InvalidRequestError, PreviousResponseNotFoundError
+from gateway.protocol.context_window import is_compaction_request
 from gateway.protocol.convert import (
     build_chat_request,
     items_to_messages,
@@ -28,6 +30,9 @@ from gateway.protocol.convert import (
 )
 from gateway.protocol.events import ResponseBuilder
 from gateway.protocol.response_object import response_object
+from gateway.protocol.sealed import seal, unseal
+from gateway.protocol.tools import ToolPlan, plan_tools
+from gateway.protocol.usage import zero_usage
 from gateway.protocol.validation import validate_call_outputs, validate_request
 from store.types import (
     MODEL_CALL,
@@ -40,8 +45,10 @@ from store.types import (
     new_id,
 )
 
+from .compaction import compact_threshold_of, expand_compactions
 from .live import LiveStream, LiveStreams
 from .loop import LoopDeps, run_response_loop
+from .references import ItemResolver
 from .transition import AppendSteps, LoopRequest, next_action
 from .writer import ResponseWriter
 
@@ -72,10 +79,13 @@ class Prepared:
     input_items: list[dict[str, Any]]
     history: list[dict[str, Any]]
     client_tools: frozenset[str]
+    plan: ToolPlan
     # The responses whose items ``history`` holds (evicted from the cache when one is deleted).
     history_ids: frozenset[str] = frozenset()
     # The client's own key, sent upstream instead of the gateway's (pass_client_key); never stored.
     upstream_key: str | None = None
+    # The client request's W3C trace context headers (traceparent, tracestate), for tracing.
+    trace_headers: dict[str, str] | None = None
 
 
 class _NotClient:
@@ -128,8 +138,20 @@ class ResponsesService:
         lease_s: float = 30.0,
         live: LiveStreams | None = None,
         flush_s: float = 0.025,
+        hosted_tool_map: dict[str, str] | None = None,
+        encrypted_content_key: str | None = None,
+        reasoning_to_upstream: bool = False,
+        context_windows: dict[str, int] | None = None,
     ) -> None:
         self.deps = deps
+        # Hosted tool type (web_search, …) -> the registered tool that implements it.
+        self.hosted_tool_map = dict(hosted_tool_map or {})
+        # Seals and opens encrypted_content (compaction and reasoning items); None: refused.
+        self.encrypted_content_key = encrypted_content_key
+        # Send input reasoning back upstream as reasoning_content (upstreams that take it).
+        self.reasoning_to_upstream = reasoning_to_upstream
+        # Context window in tokens by model name ("*": any other), for truncation and compaction.
+        self.context_windows = dict(context_windows or {})
         self.store = deps.store
         self.owner = owner
         self.lease_s = lease_s
@@ -145,10 +167,13 @@ class ResponsesService:
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def get_visible(self, response_id: str, tenant: str | None) -> ResponseRecord | None:
-        """The stored response if this tenant may read it (``store: false`` ones are never)."""
+    async def get_visible(
+        self, response_id: str, tenant: str | None, *, any_tenant: bool = False
+    ) -> ResponseRecord | None:
+        """The stored response if this tenant (or the admin: ``any_tenant``) may read it
+        (``store: false`` ones are never)."""
         record = await self.store.get_response(response_id)
-        if record is None or not record.store or record.tenant != tenant:
+        if record is None or not record.store or (record.tenant != tenant and not any_tenant):
             return None
         return record
 
@@ -172,11 +197,27 @@ class ResponsesService:
             if previous is not None:
                 ids, earlier = await self._conversation(previous)
                 items = list(earlier)
-        items.extend(normalize_input(record.request.get("input", []), record.id))
+        inputs = normalize_input(record.request.get("input", []), record.id)
+        if any(item["type"] == "item_reference" for item in inputs):
+            inputs = await ItemResolver(self.store, record.tenant).resolve(inputs, strict=False)
+        items.extend(inputs)
         items.extend(record.output)
         ids = ids | {record.id}
         self._remember(record.id, ids, items)
         return ids, items
+
+    async def history_for(self, previous_id: str | None, tenant: str | None) -> list[dict[str, Any]]:
+        """The conversation items up to ``previous_id`` (none for None); 400
+        ``previous_response_not_found`` if this tenant cannot read that response."""
+        if not previous_id:
+            return []
+        previous = await self.get_visible(previous_id, tenant)
+        if previous is None:
+            raise PreviousResponseNotFoundError(
+                f"Previous response with id '{previous_id}' not found.",
+                param="previous_response_id",
+            )
+        return list(await self.conversation_items(previous))
 
     def _remember(self, response_id: str, ids: frozenset[str], items: list[dict[str, Any]]) -> None:
         self._history[response_id] = (ids, items)
@@ -234,15 +275,19 @@ class ResponsesService:
         *,
         streamed: bool,
         listener: Callable[[bytes], None] | None = None,
+        generate: bool = True,
     ) -> tuple[asyncio.Task[Any], LiveStream | None]:
         """Run a prepared response in a task of its own (it finishes and is stored even if the
         client leaves); ``streamed`` responses get an event log (cached here, durable in the
-        store), whose events are also passed to ``listener`` as they are published. Returns the
-        task and the log."""
+        store), whose events are also passed to ``listener`` as they are published. Without
+        ``generate`` the response is only recorded (:meth:`record_only`). Returns the task and
+        the log."""
         log = self.live.open(prepared.record.id) if streamed else None
         if log is not None and listener is not None:
             log.listeners.append(listener)
         builder = self.builder(prepared, emit=None if log is None else log.emit)
+        if not generate:
+            return self._spawn(prepared.record, self.record_only(prepared, builder, log)), log
         return self._spawn(prepared.record, self.run(prepared, builder, log)), log
 
     def _spawn(self, record: ResponseRecord, coro: Any) -> asyncio.Task[Any]:
@@ -315,20 +360,34 @@ class ResponsesService:
                 )
             history_ids, history = await self._conversation(previous)
         input_items = normalize_input(body.get("input", []), response_id)
+        if any(item["type"] == "item_reference" for item in input_items):
+            input_items = await ItemResolver(self.store, tenant).resolve(input_items, strict=check)
         if check:
             validate_call_outputs(history, input_items)
-        offered, client_tools, _hosted = registry.offer(body.get("tools"), body.get("tool_choice"))
-        client_names = frozenset(t["name"] for t in client_tools)
+            self._check_encrypted(input_items)
+        plan, offered, client_names = self._offer(body)
+        if plan.left_out and check:
+            logger.info(
+                "response %s: tools left out (nothing runs them): %s",
+                response_id, ", ".join(plan.left_out),
+            )
         # Background responses stream upstream too: followers may attach with ?stream=true.
         background = body.get("background") is True
         stream = body.get("stream") is True or background
         messages = items_to_messages(
-            history + input_items,
+            expand_compactions(history + input_items, self.encrypted_content_key),
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
             tool_output_max_lines=self.deps.tool_output_max_lines,
+            tool_name=plan.upstream_name,
+            reasoning_text=self._reasoning_text if self.reasoning_to_upstream else None,
         )
-        initial_body = build_chat_request(body, messages, tools_to_chat(offered), stream=stream)
+        initial_body = build_chat_request(
+            body, messages, tools_to_chat(offered), stream=stream, tool_name=plan.upstream_name
+        )
+        if plan.left_out:
+            initial_body[STEP_NOTES] = {"left_out_tools": plan.left_out}
         max_tool_calls = body.get("max_tool_calls")
+        window = self.context_windows.get(body["model"], self.context_windows.get("*"))
         loop_request = LoopRequest(
             initial_body=initial_body,
             client_tools=client_names,
@@ -336,6 +395,9 @@ class ResponsesService:
             max_tool_calls=max_tool_calls if isinstance(max_tool_calls, int) else None,
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
             tool_output_max_lines=self.deps.tool_output_max_lines,
+            context_window=window,
+            truncation=body.get("truncation") == "auto",
+            compact_threshold=compact_threshold_of(body.get("context_management"), window),
         )
         record = ResponseRecord(
             id=response_id,
@@ -349,24 +411,69 @@ class ResponsesService:
             # A background response is always stored (as at OpenAI): it is read back later.
             store=background or body.get("store", True) is not False,
         )
-        return Prepared(record, loop_request, input_items, history, client_names, history_ids)
+        return Prepared(
+            record, loop_request, input_items, history, client_names, plan, history_ids
+        )
+
+    def _offer(self, body: dict[str, Any]) -> tuple[ToolPlan, list[dict[str, Any]], frozenset[str]]:
+        """The request's tools planned for the upstream (custom, namespaced and hosted types
+        flattened or left out), then offered by the registry: ``(plan, offered, client names)``.
+        A hosted type mapped to a tool that is not registered is left out too."""
+        registry = self.deps.registry
+        plan = plan_tools(body.get("tools"), self.hosted_tool_map)
+        for kind, name in list(plan.mapped.items()):
+            if registry.lookup(name) is None:
+                logger.warning("hosted_tool_map: %s -> %s, which is not registered", kind, name)
+                plan.left_out.append(kind)
+        offered, client_tools, _hosted = registry.offer(
+            plan.functions, body.get("tool_choice"),
+            client_only=plan.client.keys(), server_only=frozenset(plan.mapped.values()),
+        )
+        return plan, offered, frozenset(t["name"] for t in client_tools)
+
+    def _check_encrypted(self, items: list[dict[str, Any]]) -> None:
+        """Every ``encrypted_content`` in the new input must be one of ours (400 otherwise)."""
+        for i, item in enumerate(items):
+            token = item.get("encrypted_content") if item["type"] == "reasoning" else None
+            if token is not None:
+                if self.encrypted_content_key is None:
+                    raise InvalidRequestError(
+                        "Encrypted content is not enabled on this gateway.",
+                        param=f"input[{i}].encrypted_content", code="invalid_encrypted_content",
+                    )
+                unseal(token, self.encrypted_content_key, param=f"input[{i}].encrypted_content")
+
+    def _reasoning_text(self, item: dict[str, Any]) -> str | None:
+        """The reasoning text of a reasoning item: its sealed text, else its content parts."""
+        token = item.get("encrypted_content")
+        if isinstance(token, str) and self.encrypted_content_key is not None:
+            try:
+                text = unseal(token, self.encrypted_content_key).get("text")
+            except InvalidRequestError:
+                text = None  # checked when it arrived; a rotated key only loses the reasoning
+            if isinstance(text, str):
+                return text
+        parts = item.get("content") or item.get("summary") or ()
+        texts = [p.get("text") for p in parts if isinstance(p, dict)]
+        return "\n".join(t for t in texts if isinstance(t, str)) or None
 
     def builder(self, prepared: Prepared, emit: Callable[[bytes], None] | None = None) -> ResponseBuilder:
         """The event/output builder for a prepared response (``emit`` None = no events)."""
-        return self._builder(prepared.record, prepared.client_tools, emit)
+        return self._builder(prepared.record, prepared.client_tools, prepared.plan, emit)
 
     def builder_for_record(
         self, record: ResponseRecord, emit: Callable[[bytes], None] | None = None
     ) -> ResponseBuilder:
         """A builder for a stored response (replaying it): client tools from its request."""
-        _offered, client_tools, _hosted = self.deps.registry.offer(
-            record.request.get("tools"), record.request.get("tool_choice")
-        )
-        return self._builder(record, frozenset(t["name"] for t in client_tools), emit)
+        plan, _offered, client_names = self._offer(record.request)
+        return self._builder(record, client_names, plan, emit)
 
-    @staticmethod
     def _builder(
-        record: ResponseRecord, client_tools: frozenset[str], emit: Callable[[bytes], None] | None
+        self,
+        record: ResponseRecord,
+        client_tools: frozenset[str],
+        plan: ToolPlan,
+        emit: Callable[[bytes], None] | None,
     ) -> ResponseBuilder:
         base = {
             "id": record.id,
@@ -374,7 +481,18 @@ class ResponsesService:
             "model": record.model,
             "request": record.request,
         }
-        return ResponseBuilder(base, hosted_tools=_NotClient(client_tools), emit=emit)
+        seal_reasoning = None
+        include = record.request.get("include")
+        key = self.encrypted_content_key
+        if key is not None and isinstance(include, list) and "reasoning.encrypted_content" in include:
+
+            def seal_reasoning(text: str) -> str:
+                return seal({"text": text}, key)
+
+        return ResponseBuilder(
+            base, hosted_tools=_NotClient(client_tools), emit=emit,
+            client_tools=plan.client, seal_reasoning=seal_reasoning,
+        )
 
     async def replay_chain(self, response_id: str, builder: ResponseBuilder) -> None:
         """Feed the finished steps of a response to ``builder`` as the loop reported them:
@@ -382,7 +500,7 @@ class ResponsesService:
         for step in await self.store.list_steps(response_id):
             if not step.finished:
                 continue
-            if step.scope_parent is not None:
+            if step.scope_parent is not None or is_compaction_request(step.request_payload):
                 if step.kind == MODEL_CALL:
                     builder.add_usage(step.usage)
             elif step.kind == MODEL_CALL:
@@ -416,6 +534,40 @@ class ResponsesService:
                 self.live.close(prepared.record.id, stream=log)
             raise
         return await self._drive(prepared, builder, writer, started)
+
+    async def record_only(
+        self, prepared: Prepared, builder: ResponseBuilder, log: LiveStream | None = None
+    ) -> dict[str, Any]:
+        """Store the response as ``completed`` with no output and no model call (WebSocket
+        mode's ``generate: false``: request state for a later ``previous_response_id``), with
+        its events (``log``) in the same write, and return the Response object."""
+        completed_at = time.time()
+        record = dataclasses.replace(
+            prepared.record, status="completed", output=[], usage=zero_usage(),
+            completed_at=completed_at,
+        )
+        if log is not None:
+            log.hold()
+        builder.start()
+        final = builder.finish("completed", completed_at=completed_at)
+        pending = log.pending() if log is not None else None
+        try:
+            await self.store.create_response(record, events=pending)
+        except BaseException:
+            if log is not None:
+                log.drop_staged()
+            raise
+        finally:
+            if log is not None:
+                if pending is not None and log.staged:
+                    log.committed(pending[0], len(pending[1]))
+                self.live.close(record.id, stream=log)
+        if record.store:
+            self._remember(
+                record.id, prepared.history_ids | {record.id},
+                prepared.history + prepared.input_items,
+            )
+        return final
 
     async def resume(self, record: ResponseRecord) -> dict[str, Any]:
         """Finish a response another process left unfinished, from its chain in the store.
@@ -465,6 +617,18 @@ class ResponsesService:
         """End a resumed response whose cancel was requested while nobody ran it."""
         return await self._drive(prepared, builder, writer, cancelled=True)
 
+    async def _conversation_root(self, record: ResponseRecord) -> str:
+        """The first response of ``record``'s ``previous_response_id`` chain (at most 100 back)."""
+        root = record
+        for _ in range(100):
+            if not root.previous_response_id:
+                break
+            previous = await self.store.get_response(root.previous_response_id)
+            if previous is None:
+                return root.previous_response_id
+            root = previous
+        return root.id
+
     async def _drive(
         self,
         prepared: Prepared,
@@ -475,7 +639,7 @@ class ResponsesService:
         cancelled: bool = False,
     ) -> dict[str, Any]:
         try:
-            return await self._drive_loop(prepared, builder, writer, started, cancelled)
+            return await self._observed(prepared, builder, writer, started, cancelled)
         except FencedError:
             # Another process owns the response now: stop without writing anything more.
             logger.warning("response %s was taken over by another process; stopped", prepared.record.id)
@@ -488,7 +652,7 @@ class ResponsesService:
             if writer.log is not None:
                 self.live.close(prepared.record.id, stream=writer.log)
 
-    async def _drive_loop(
+    async def _observed(
         self,
         prepared: Prepared,
         builder: ResponseBuilder,
@@ -496,7 +660,29 @@ class ResponsesService:
         started: list[Step] | None,
         cancelled: bool,
     ) -> dict[str, Any]:
+        watch = self.deps.observer
+        if watch is None:
+            return await self._drive_loop(prepared, builder, writer, started, cancelled, None)
         record = prepared.record
+        conversation = None
+        if watch.tracing is not None:
+            conversation = await self._conversation_root(record)
+        with watch.response(
+            record, conversation_id=conversation, parent_headers=prepared.trace_headers
+        ) as scope:
+            return await self._drive_loop(prepared, builder, writer, started, cancelled, scope)
+
+    async def _drive_loop(
+        self,
+        prepared: Prepared,
+        builder: ResponseBuilder,
+        writer: ResponseWriter,
+        started: list[Step] | None,
+        cancelled: bool,
+        scope: Any,
+    ) -> dict[str, Any]:
+        record = prepared.record
+        iterations = 0
         deps = dataclasses.replace(self.deps, store=writer)
         if prepared.upstream_key:
             deps = dataclasses.replace(deps, upstream=deps.upstream.with_api_key(prepared.upstream_key))
@@ -526,6 +712,7 @@ class ResponsesService:
             status, error = "failed", {"code": "server_error", "message": "internal error"}
         else:
             last = outcome.unwritten
+            iterations = outcome.iterations
             status = outcome.status
             if status == "failed":
                 error = _response_error(outcome.error)
@@ -569,8 +756,11 @@ class ResponsesService:
         except StoreError as exc:
             logger.error("could not store the result of response %s: %s", record.id, exc)
             error = {"code": "server_error", "message": f"store error: {exc}"}
+            status = "failed"
             if log is not None:
                 log.drop_staged()
             builder.rewind(resume_at)
             final = builder.finish("failed", error=error, completed_at=completed_at)
+        if scope is not None:
+            scope.finish(status, usage=builder.usage, error=error, iterations=iterations)
         return final

@@ -25,25 +25,36 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from executors.egress import EgressPolicy
 from executors.http_tool import HTTPToolExecutor
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream, UpstreamTarget
 from gateway.config import Settings, load_settings
+from gateway.engine.keys import load_or_create_key
 from gateway.engine.live import LiveStreams
 from gateway.engine.loop import LoopDeps
 from gateway.engine.recovery import Recovery, new_owner_id
 from gateway.engine.service import ResponsesService
 from gateway.engine.tasks import TaskSet
+from gateway.engine.tokens import TokenCounter
 from gateway.errors import GatewayError, InvalidRequestError, ServiceUnavailableError
 from store import open_store
 from store.base import Store
 from store.types import StoreUnavailableError
 
-from .auth import AuthMiddleware, load_api_keys
+from gateway.observe.cost import PriceTable
+from gateway.observe.hooks import Observer
+from gateway.observe.metrics import MetricsMiddleware, TimedStore
+from gateway.observe.metrics import metrics as get_metrics
+from gateway.observe.tracing import PropagatingTransport, get_tracing
+
+from .auth import AuthMiddleware, hash_key, load_api_keys
 from .chat import chat_routes
+from .context import context_routes
 from .models import model_routes
 from .responses import response_routes
 from .tools import tool_routes
+from .ui import ui_routes
 from .websocket import websocket_routes
 
 logger = logging.getLogger("stepchain")
@@ -155,6 +166,9 @@ def create_app(
         # same httpx API and httpx-sse parsing, at about half the CPU per request of httpcore.
         upstream_limits = httpx.Limits(max_connections=2000, max_keepalive_connections=500)
         transport = upstream_transport or AiohttpTransport(limits=upstream_limits)
+        tracing = get_tracing()
+        if tracing is not None:  # the current span's traceparent goes upstream
+            transport = PropagatingTransport(transport)
         client = httpx.AsyncClient(
             transport=transport,
             limits=upstream_limits,
@@ -163,7 +177,10 @@ def create_app(
             ),
         )
         tool_limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        tool_client = httpx.AsyncClient(transport=AiohttpTransport(limits=tool_limits), limits=tool_limits)
+        tool_transport: httpx.AsyncBaseTransport = AiohttpTransport(limits=tool_limits)
+        if tracing is not None:  # ... and to the tools
+            tool_transport = PropagatingTransport(tool_transport)
+        tool_client = httpx.AsyncClient(transport=tool_transport, limits=tool_limits)
         upstream = ResilientUpstream(
             _upstream_targets(settings),
             client=client,
@@ -180,15 +197,19 @@ def create_app(
         if settings.tools:
             await registry.upsert_many([tool.definition() for tool in settings.tools])
         await registry.load()
-        allowed = settings.tool_allowed_hosts
         http_tools = HTTPToolExecutor(
-            tool_client,
-            max_response_bytes=settings.tool_max_response_bytes,
-            allowed_hosts=[h.strip() for h in allowed.split(",") if h.strip()] if allowed else None,
-            blocked_ports=(settings.port,),
+            tool_client, max_response_bytes=settings.tool_max_response_bytes, egress=egress
+        )
+        metrics = get_metrics()
+        metrics.tool_names = lambda name: registry.lookup(name) is not None
+        observer = Observer(
+            metrics=metrics,
+            prices=PriceTable({m: p.model_dump(exclude_none=True) for m, p in settings.prices.items()}),
+            tracing=tracing,
         )
         deps = LoopDeps(
-            store=the_store,
+            store=TimedStore(the_store, metrics),
+            observer=observer,
             upstream=upstream,
             registry=registry,
             http_tools=http_tools,
@@ -199,10 +220,17 @@ def create_app(
         )
         tasks = TaskSet()
         live = LiveStreams()
-        service = ResponsesService(deps, owner=new_owner_id(), lease_s=settings.lease_s, live=live)
+        service = ResponsesService(
+            deps, owner=new_owner_id(), lease_s=settings.lease_s, live=live,
+            hosted_tool_map=settings.hosted_tool_map,
+            encrypted_content_key=load_or_create_key(settings),
+            reasoning_to_upstream=settings.reasoning_to_upstream,
+            context_windows=settings.model_context_windows,
+        )
         service.tasks = tasks
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings
+        app.state.egress = egress
         app.state.store = the_store
         app.state.upstream = upstream
         app.state.registry = registry
@@ -210,6 +238,7 @@ def create_app(
         app.state.service = service
         app.state.recovery = recovery
         app.state.live = live
+        app.state.token_counter = TokenCounter(upstream)
         await recovery.start()
         shutdown = _ShutdownClock()
         try:
@@ -225,15 +254,35 @@ def create_app(
             await tool_client.aclose()
             await the_store.close()
 
+    # The gateway's own sockets are added as requests arrive (``scope["server"]``: the real port,
+    # also when ``port`` is 0).
+    egress = EgressPolicy.from_settings(
+        settings.tool_allowed_hosts,
+        settings.tool_allowed_networks,
+        own_ports=(settings.port,),
+        own_addresses=(settings.host,),
+    )
     key_hashes = load_api_keys(_secret(settings.api_keys), settings.api_keys_file)
-    middleware = []
+    middleware = [Middleware(MetricsMiddleware)]
     if key_hashes or settings.pass_client_key:  # an open gateway skips the layer altogether
+        admin = _secret(settings.admin_key)
         middleware.append(
-            Middleware(AuthMiddleware, key_hashes=key_hashes, pass_client_key=settings.pass_client_key)
+            Middleware(
+                AuthMiddleware,
+                key_hashes=key_hashes,
+                pass_client_key=settings.pass_client_key,
+                admin_key_hash=hash_key(admin) if admin else None,
+            )
         )
     app = Starlette(
         routes=[
-            *model_routes(), *response_routes(), *websocket_routes(), *chat_routes(), *tool_routes()
+            *model_routes(),
+            *context_routes(),
+            *response_routes(),
+            *websocket_routes(),
+            *chat_routes(),
+            *tool_routes(),
+            *ui_routes(),
         ],
         middleware=middleware,
         lifespan=lifespan,

@@ -28,6 +28,7 @@ from gateway.errors import (
 from gateway.protocol.sse import DONE
 from store.types import ResponseRecord
 
+from .auth import caller_is_admin
 from .bodies import json_response, read_json, tenant_of
 from .sse_response import EventStreamResponse
 
@@ -52,11 +53,17 @@ def _error_for_failure(error: dict[str, Any] | None) -> GatewayError:
 
 async def create_response(request: Request) -> Response | EventStreamResponse:
     state = request.app.state
+    state.egress.note_own_socket(request.scope.get("server"))  # tools may not call us back
     service: ResponsesService = state.service
     body = await read_json(request)
     prepared = await service.prepare(
         body, tenant_of(request), upstream_key=request.scope.get("stepchain.client_key")
     )
+    traceparent = request.headers.get("traceparent")
+    if traceparent:
+        prepared.trace_headers = {"traceparent": traceparent}
+        if "tracestate" in request.headers:
+            prepared.trace_headers["tracestate"] = request.headers["tracestate"]
     response_id = prepared.record.id
     stream = body.get("stream") is True
     background = body.get("background") is True
@@ -110,7 +117,9 @@ async def _wait_disconnect(request: Request) -> None:
 
 async def _visible(request: Request) -> ResponseRecord:
     response_id = request.path_params["response_id"]
-    record = await request.app.state.service.get_visible(response_id, tenant_of(request))
+    record = await request.app.state.service.get_visible(
+        response_id, tenant_of(request), any_tenant=request.method == "GET" and caller_is_admin(request)
+    )
     if record is None:
         raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
     return record

@@ -138,6 +138,7 @@ def call(
     definition: dict[str, Any], arguments: str, *, environ: dict[str, str] | None = None, **kw: Any
 ) -> Any:
     async def run() -> Any:
+        kw.setdefault("allowed_networks", ("127.0.0.0/8",))
         executor = HTTPToolExecutor(environ=environ or {}, **kw)
         try:
             return await executor.call(definition, arguments)
@@ -197,7 +198,7 @@ def test_shared_client_is_not_closed(tool_server: str) -> None:
 
     async def run() -> None:
         async with httpx.AsyncClient() as client:
-            executor = HTTPToolExecutor(client)
+            executor = HTTPToolExecutor(client, allowed_networks=("127.0.0.0/8",))
             await executor.call(tool(f"{tool_server}/list"), "{}")
             await executor.aclose()
             assert not client.is_closed
@@ -229,7 +230,7 @@ def test_invalid_arguments(tool_server: str, arguments: str, needle: str) -> Non
 
 def test_schema_change_replaces_the_cached_validator(tool_server: str) -> None:
     async def run() -> None:
-        executor = HTTPToolExecutor(environ={})
+        executor = HTTPToolExecutor(environ={}, allowed_networks=("127.0.0.0/8",))
         try:
             loose = tool(f"{tool_server}/echo")
             assert (await executor.call(loose, '{"days": 2}'))["json"] == {"days": 2}

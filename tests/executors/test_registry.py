@@ -74,6 +74,7 @@ def test_http_defaults() -> None:
         "headers": {},
         "timeout_s": 30,
         "idempotent": False,
+        "allow_private": False,
     }
 
 

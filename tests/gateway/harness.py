@@ -55,6 +55,8 @@ def running_gateway(
 @contextlib.contextmanager
 def gateway_on(db: Path, upstream_base_url: str, **settings: Any) -> Iterator[tuple[str, Settings]]:
     """Just the gateway, on ``db``, against ``upstream_base_url`` (for restarts)."""
+    # Tool servers in tests listen on 127.0.0.1: allow loopback unless a test says otherwise.
+    settings.setdefault("tool_allowed_networks", "127.0.0.0/8")
     config = Settings(upstream_base_url=upstream_base_url, db=str(db), **settings)
     with serve_app(create_app(config)) as url:
         yield url, config
@@ -81,7 +83,8 @@ def serve_process(
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--log-level",
              "warning", *args],
-            env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "STEPCHAIN_TOOL_ALLOWED_NETWORKS": "127.0.0.0/8", **(env or {})},
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
             start_new_session=True,  # its own process group: workers included in the kill below
         )
     url = f"http://127.0.0.1:{port}"

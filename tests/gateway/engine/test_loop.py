@@ -96,7 +96,7 @@ async def loop_deps(tmp_path, upstream_url, tools_url, *, definitions=(), **caps
     ]:
         await registry.register({"description": definition["name"], **definition})
     upstream = ResilientUpstream([UpstreamTarget(f"{upstream_url}/v1")], max_retries=0)
-    http_tools = HTTPToolExecutor()
+    http_tools = HTTPToolExecutor(allowed_networks=("127.0.0.0/8",))
     try:
         yield LoopDeps(store=store, upstream=upstream, registry=registry, http_tools=http_tools, **caps)
     finally:

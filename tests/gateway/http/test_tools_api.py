@@ -105,6 +105,7 @@ def test_crud_and_secrets_never_returned(db: Path) -> None:
         assert {k: v for k, v in tool.items() if k not in ("object", "headers")} == {
             **{k: v for k, v in WEATHER.items() if k != "headers"},
             "idempotent": False,
+            "allow_private": False,
         }
 
         duplicate = client.post("/v1/tools", json=WEATHER)
