@@ -32,10 +32,13 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 MODEL = "scripted-model"
 TEXT = "The quick brown fox jumps over the lazy dog. "
 DONE = b"data: [DONE]\n\n"
+SEALING_KEY = "mgIu3c1E_lBwzHjKc9Xl4y2yqsk1VnGm5ZKLL0x9Yyo="
 
 
 @contextmanager
 def gateway(db: str, upstream: str, log: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    # Replicas share their sealing key (without it a PostgreSQL gateway keeps one in its cwd).
+    env.setdefault("STEPCHAIN_ENCRYPTED_CONTENT_KEY", SEALING_KEY)
     with serve_process(["--db", db, "--upstream-base-url", upstream], log, env=env) as running:
         yield running
 
