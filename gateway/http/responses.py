@@ -79,8 +79,8 @@ async def create_response(request: Request) -> Response | EventStreamResponse:
     assert live is not None
     if background and not stream:
         await live.wait_for(1)  # response.created: the record is in the store
-        if task.done() and task.exception() is not None:
-            raise task.exception()
+        if live.end == 0:  # nothing published: the record could not be created
+            await asyncio.shield(task)  # raises why
         return json_response(record_to_object(prepared.record))
     # Hold the headers until the first event after response.in_progress (or the end): a response
     # that fails before producing anything becomes an HTTP error the SDK can raise.
