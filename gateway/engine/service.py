@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from executors.upstream import STEP_NOTES
-from gateway.errors import InvalidRequestError, PreviousResponseNotFoundError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    PreviousResponseNotFoundError,
+    to_gateway_error,
+    upstream_error,
+)
 from gateway.protocol.context_window import is_compaction_request
 from gateway.protocol.convert import (
     build_chat_request,
@@ -84,6 +90,8 @@ class Prepared:
     history_ids: frozenset[str] = frozenset()
     # The client's own key, sent upstream instead of the gateway's (pass_client_key); never stored.
     upstream_key: str | None = None
+    # Why the response failed, as the error a client sees when nothing was output yet.
+    failure: GatewayError | None = None
     # The client request's W3C trace context headers (traceparent, tracestate), for tracing.
     trace_headers: dict[str, str] | None = None
 
@@ -218,6 +226,14 @@ class ResponsesService:
                 param="previous_response_id",
             )
         return list(await self.conversation_items(previous))
+
+    async def input_items(self, record: ResponseRecord) -> list[dict[str, Any]]:
+        """The input items of a stored response as ``input_items`` lists them: normalized, with
+        ``item_reference`` items resolved to the items they named (if still there)."""
+        items = normalize_input(record.request.get("input", []), record.id)
+        if any(item["type"] == "item_reference" for item in items):
+            items = await ItemResolver(self.store, record.tenant).resolve(items, strict=False)
+        return items
 
     def _remember(self, response_id: str, ids: frozenset[str], items: list[dict[str, Any]]) -> None:
         self._history[response_id] = (ids, items)
@@ -705,17 +721,24 @@ class ResponsesService:
         except FencedError:
             raise
         except StoreError as exc:
-            logger.error("store error in response %s: %s", record.id, exc)
+            logger.error("store error in response %s", record.id, exc_info=exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
-        except Exception:  # a bug must still end the response, never leave it in_progress
+            prepared.failure = to_gateway_error(exc)
+        except Exception as exc:  # a bug must still end the response, never leave it in_progress
             logger.exception("response %s failed unexpectedly", record.id)
             status, error = "failed", {"code": "server_error", "message": "internal error"}
+            prepared.failure = to_gateway_error(exc)
         else:
             last = outcome.unwritten
             iterations = outcome.iterations
             status = outcome.status
             if status == "failed":
                 error = _response_error(outcome.error)
+                failed = outcome.error or {}
+                prepared.failure = upstream_error(
+                    error["message"], kind=failed.get("type"), status=failed.get("status"),
+                    param=failed.get("param"), code=failed.get("code"),
+                )
             elif status == "incomplete":
                 incomplete = {"reason": outcome.incomplete_reason}
         completed_at = time.time()
@@ -754,9 +777,9 @@ class ResponsesService:
         except FencedError:
             raise
         except StoreError as exc:
-            logger.error("could not store the result of response %s: %s", record.id, exc)
-            error = {"code": "server_error", "message": f"store error: {exc}"}
-            status = "failed"
+            logger.error("could not store the result of response %s", record.id, exc_info=exc)
+            status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
+            prepared.failure = to_gateway_error(exc)
             if log is not None:
                 log.drop_staged()
             builder.rewind(resume_at)

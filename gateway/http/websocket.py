@@ -48,9 +48,8 @@ from gateway.errors import (
     InvalidRequestError,
     PreviousResponseNotFoundError,
     RequestTooLargeError,
-    ServiceUnavailableError,
+    to_gateway_error,
 )
-from store.types import StoreError
 
 from .bodies import MAX_DEPTH, _too_deep
 
@@ -164,11 +163,11 @@ class _Connection:
             await self.create(event, stream_id)
         except GatewayError as exc:
             self.send(error_event(exc, stream_id))
-        except Exception:
-            logger.exception("websocket response.create failed")
-            self.send(error_event(GatewayError(
-                "The server had an error while processing your request."
-            ), stream_id))
+        except Exception as exc:  # a lower layer's error, translated at the one boundary
+            error = to_gateway_error(exc)
+            if error.status_code >= 500:
+                logger.error("websocket response.create failed", exc_info=exc)
+            self.send(error_event(error, stream_id))
 
     async def create(self, event: dict[str, Any], stream_id: str | None) -> None:
         if self.in_flight is not None:
@@ -237,15 +236,11 @@ class _Connection:
         async def watch() -> None:
             try:
                 await task
-            except GatewayError as exc:  # the record could not be created: nothing ran
-                self.send(error_event(exc, stream_id))
-                if previous_id:
-                    self.cache.pop(previous_id, None)
-            except StoreError as exc:
-                logger.error("websocket response %s not stored: %s", response_id, exc)
-                self.send(error_event(ServiceUnavailableError(
-                    "The response could not be stored; try again."
-                ), stream_id))
+            except Exception as exc:  # e.g. the record could not be created: nothing ran
+                error = to_gateway_error(exc)
+                if error.status_code >= 500:
+                    logger.error("websocket response %s failed", response_id, exc_info=exc)
+                self.send(error_event(error, stream_id))
                 if previous_id:
                     self.cache.pop(previous_id, None)
             finally:
