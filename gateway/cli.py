@@ -185,6 +185,29 @@ class WorkerApp:
         return create_app(self.settings)
 
 
+def check_database(settings: Settings) -> None:
+    """Open and close the store ``settings.db`` names (applying migrations) before serving.
+
+    Raises ConfigError with one line naming the database (never its password) when it cannot
+    be reached, authenticated or opened, or its URL scheme is unknown.
+    """
+    import asyncio
+
+    from store import open_store, redact_url
+    from store.types import StoreError
+
+    async def probe() -> None:
+        store = open_store(settings.db, synchronous=settings.sqlite_synchronous)
+        await store.open()
+        await store.close()
+
+    try:
+        asyncio.run(probe())
+    except (StoreError, ValueError, OSError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(f"db: cannot open {redact_url(settings.db)}: {reason}") from None
+
+
 def _configure_logging(settings: Settings) -> dict[str, Any]:
     """JSON log lines for ``--log-format json`` (uvicorn's own logging config is then skipped)."""
     if settings.log_format != "json":
@@ -214,6 +237,7 @@ def serve(settings: Settings) -> None:
             "upstream_base_url: required (--upstream-base-url or STEPCHAIN_UPSTREAM_BASE_URL); "
             "try `stepchain demo` to run without one"
         )
+    check_database(settings)
     common: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,

@@ -222,8 +222,8 @@ class Settings(BaseSettings):
     lease_s: float = Field(
         30.0,
         gt=0,
-        description="crash take-over: a response whose process died is resumed by another "
-        "within this time",
+        description="lease of a running response: a hung process's responses are taken over "
+        "after this time (a dead process's within about a second)",
     )
     sqlite_synchronous: str = Field(
         "NORMAL",

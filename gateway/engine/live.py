@@ -1,99 +1,326 @@
-"""Live event logs: one per streamed response, so any number of clients can follow it.
+"""Event logs of streamed responses: the durable log in the store, and a bounded cache of it.
 
-The streaming client of ``POST /v1/responses`` is just the first follower of its response's
-log; a client that lost its connection re-attaches with ``GET /v1/responses/{id}?stream=true
-&starting_after=N`` and receives exactly the events after sequence number N (event *i* of the
-log has ``sequence_number`` *i*), then the live ones. A log is kept for ``ttl_s`` seconds after
-its response ends; later (or on another replica) the events are rebuilt from the stored chain.
+Every event a client can see of a streamed or background response is stored byte-identical
+(type, payload and ``sequence_number``; event *i* of a response has sequence number *i*) in the
+store's event log (``Store.append_events`` and the ``events=`` argument of every write, see
+:mod:`gateway.engine.writer`). So ``GET /v1/responses/{id}?stream=true&starting_after=N`` on any
+replica, after a restart, at any time while the response is stored, gives exactly the events
+after N, then the live ones, then ``[DONE]``.
+
+A :class:`LiveStream` is this process's cache of one running response's log: the owner appends
+each event as the builder encodes it (followers in this process get it at once), the writer
+persists the pending ones with the next store write or after ``flush_s``. Its memory is
+bounded: persisted events beyond ``max_bytes`` per response, or beyond the total of
+:class:`LiveStreams`, are dropped from the front (followers that need them read the store), and
+a log leaves the cache as soon as its response ends. Followers on other replicas (or of a
+response no longer cached here) read the store and wait with ``Store.wait_events``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gateway.protocol.events import ResponseBuilder
 
-__all__ = ["LiveStream", "LiveStreams", "replay_events"]
+__all__ = ["LiveStream", "LiveStreams", "follow_store", "is_terminal", "replay_events"]
+
+_TERMINAL = (
+    b"event: response.completed\n",
+    b"event: response.failed\n",
+    b"event: response.incomplete\n",
+    b"event: response.cancelled\n",
+)
+_KEEP_ALIVE = b": keep-alive\n\n"
+_UNFINISHED = ("queued", "in_progress")
+
+
+def is_terminal(event: bytes) -> bool:
+    """Whether an encoded event ends its response's stream."""
+    return event.startswith(_TERMINAL)
 
 
 class LiveStream:
-    """The encoded SSE events of one running response, in sequence order."""
+    """The encoded SSE events of one response run by this process, in sequence order.
 
-    __slots__ = ("events", "closed", "_changed")
+    ``events[i]`` has sequence number ``base + i``; ``end`` is the next sequence number. Events
+    below ``persisted`` are in the store. Events emitted while :meth:`hold` is on are *staged*:
+    published (visible to followers) only when the store write that carries them commits.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "response_id", "events", "base", "persisted", "closed", "handed_over", "staged",
+        "holding", "nbytes", "accounted", "on_pending", "listeners", "_changed", "_owner",
+    )  # fmt: skip
+
+    def __init__(self, response_id: str = "", *, owner: LiveStreams | None = None) -> None:
+        self.response_id = response_id
         self.events: list[bytes] = []
+        self.base = 0
+        self.persisted = 0
         self.closed = False
+        # Closed because another process took the response over: followers go on from the store.
+        self.handed_over = False
+        self.staged: list[bytes] = []
+        self.holding = False
+        self.nbytes = 0
+        self.accounted = 0  # the bytes of it the LiveStreams total counts
+        # Called (once per burst) when unpersisted events appear: the writer schedules a flush.
+        self.on_pending: Callable[[], None] | None = None
+        # Called with each event as it is published (a WebSocket connection's sender).
+        self.listeners: list[Callable[[bytes], None]] = []
         self._changed = asyncio.Event()
+        self._owner = owner
+
+    @property
+    def end(self) -> int:
+        """The sequence number the next published event gets."""
+        return self.base + len(self.events)
+
+    # -- the owner's side ----------------------------------------------------------------------
 
     def emit(self, event: bytes) -> None:
         """Append one encoded event (the ResponseBuilder's ``emit``)."""
+        if self.holding:
+            self.staged.append(event)
+            return
         self.events.append(event)
+        self.nbytes += len(event)
+        self._changed.set()
+        for listener in self.listeners:
+            listener(event)
+        if self.on_pending is not None and self.end - self.persisted == 1:
+            self.on_pending()
+
+    def hold(self) -> None:
+        """Stage the events emitted from now on until the next write that carries them."""
+        self.holding = True
+
+    def pending(self) -> tuple[int, list[bytes]] | None:
+        """``(first sequence, events)`` not yet in the store (published ones, then staged)."""
+        unpersisted = self.events[self.persisted - self.base :] if self.persisted < self.end else []
+        if not unpersisted and not self.staged:
+            return None
+        return self.persisted, unpersisted + self.staged
+
+    def committed(self, first: int, count: int) -> None:
+        """The store has the ``count`` events from ``first`` on: publish the staged ones."""
+        if first != self.persisted:
+            return
+        published = self.end - self.persisted
+        if count > published:  # the batch carried staged events: publish them now
+            staged = self.staged[: count - published]
+            del self.staged[: count - published]
+            self.events.extend(staged)
+            self.nbytes += sum(map(len, staged))
+            for event in staged:
+                for listener in self.listeners:
+                    listener(event)
+            if not self.staged:
+                self.holding = False
+            self._changed.set()
+        self.persisted = first + count
+        if self._owner is not None:
+            self._owner.trim(self)
+
+    def drop_staged(self) -> None:
+        """Forget staged events (their write failed) and stop holding."""
+        self.staged.clear()
+        self.holding = False
+
+    def trim(self, keep_bytes: int) -> int:
+        """Drop persisted events from the front until at most ``keep_bytes`` remain cached;
+        returns the bytes freed."""
+        freed = 0
+        while self.nbytes > keep_bytes and self.base < self.persisted and self.events:
+            freed += len(self.events[0])
+            self.nbytes -= len(self.events[0])
+            del self.events[0]
+            self.base += 1
+        return freed
+
+    def close(self, *, handed_over: bool = False) -> None:
+        self.closed = True
+        self.handed_over = handed_over
         self._changed.set()
 
-    def close(self) -> None:
-        self.closed = True
-        self._changed.set()
+    # -- followers ------------------------------------------------------------------------------
 
     async def wait_for(self, count: int) -> None:
-        """Until the log holds ``count`` events or is closed."""
-        while len(self.events) < count and not self.closed:
+        """Until the log holds ``count`` events (published) or is closed."""
+        while self.end < count and not self.closed:
             self._changed.clear()
             await self._changed.wait()
 
-    async def follow(self, start: int = 0) -> AsyncIterator[bytes]:
-        """Yield events from index ``start`` on, as they come, until the log closes.
+    def event_at(self, sequence: int) -> bytes | None:
+        """The cached event with this sequence number, or None."""
+        i = sequence - self.base
+        return self.events[i] if 0 <= i < len(self.events) else None
 
-        Events already waiting are joined into one chunk: one write instead of many.
+    async def follow(self, start: int = 0, store: Any = None) -> AsyncIterator[bytes]:
+        """Yield events from sequence number ``start`` on, as they come, until the log closes
+        (then, if the response was handed over to another process, on from the store).
+
+        Events already waiting are joined into one chunk: one write instead of many. Events
+        dropped from the cache are read from ``store``.
         """
         i = start
         while True:
-            n = len(self.events)
+            if i < self.base and store is not None:
+                rows = await store.list_events(self.response_id, after=i - 1, limit=self.base - i)
+                chunk = []
+                for sequence, event in rows:
+                    if sequence != i:
+                        break
+                    chunk.append(event)
+                    i += 1
+                if chunk:
+                    yield b"".join(chunk)
+                    continue
+                i = max(i, self.base)  # not in the store either (cannot happen): go on
+            n = self.end
             if i < n:
-                yield self.events[i] if n - i == 1 else b"".join(self.events[i:n])
+                events = self.events
+                lo, hi = i - self.base, n - self.base
+                yield events[lo] if hi - lo == 1 else b"".join(events[lo:hi])
                 i = n
                 continue
             if self.closed:
+                if self.handed_over and store is not None:
+                    async for chunk in follow_store(store, self.response_id, i - 1):
+                        yield chunk
                 return
             self._changed.clear()
             await self._changed.wait()
 
 
 class LiveStreams:
-    """The live logs of this process, by response id, each kept ``ttl_s`` after it closes."""
+    """The cached logs of this process, by response id: at most ``max_bytes_per_stream`` of
+    persisted events per response and ``max_bytes`` in all; a log leaves as it closes."""
 
-    def __init__(self, ttl_s: float = 300.0) -> None:
-        self.ttl_s = ttl_s
+    def __init__(self, *, max_bytes_per_stream: int = 1 << 20, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes_per_stream = max_bytes_per_stream
+        self.max_bytes = max_bytes
         self._streams: dict[str, LiveStream] = {}
+        self._total = 0  # bytes cached, as of each log's last store write
 
     def open(self, response_id: str) -> LiveStream:
-        stream = self._streams[response_id] = LiveStream()
+        stream = self._streams[response_id] = LiveStream(response_id, owner=self)
         return stream
 
     def get(self, response_id: str) -> LiveStream | None:
         return self._streams.get(response_id)
 
-    def close(self, response_id: str) -> None:
-        stream = self._streams.get(response_id)
-        if stream is not None:
-            stream.close()
-            asyncio.get_running_loop().call_later(self.ttl_s, self._streams.pop, response_id, None)
+    def close(
+        self, response_id: str, *, stream: LiveStream | None = None, handed_over: bool = False
+    ) -> None:
+        """Close the log (``stream``, or the cached one) and drop it from the cache unless a
+        newer log of the response replaced it there (its followers keep their reference)."""
+        cached = self._streams.get(response_id)
+        if stream is None:
+            stream = cached
+        if stream is None:
+            return
+        if cached is stream:
+            del self._streams[response_id]
+            self._total -= stream.accounted
+            stream.accounted = 0
+        if not stream.closed:
+            stream.close(handed_over=handed_over)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes cached, as of each log's last store write."""
+        return self._total
+
+    def _account(self, stream: LiveStream) -> None:
+        if self._streams.get(stream.response_id) is stream:
+            self._total += stream.nbytes - stream.accounted
+            stream.accounted = stream.nbytes
+
+    def trim(self, stream: LiveStream) -> None:
+        """After ``stream`` persisted more: keep it, and the whole cache, within the caps
+        (dropping only events the store has)."""
+        if stream.nbytes > self.max_bytes_per_stream:
+            stream.trim(self.max_bytes_per_stream // 2)
+        self._account(stream)
+        if self._total > self.max_bytes:
+            for other in sorted(self._streams.values(), key=lambda s: -s.nbytes):
+                other.trim(0)
+                self._account(other)
+                if self._total <= self.max_bytes // 2:
+                    break
+
+    def __len__(self) -> int:
+        return len(self._streams)
 
 
-async def replay_events(
-    service: Any, record: Any, *, poll_s: float = 0.5
+async def follow_store(
+    store: Any, response_id: str, after: int, *, keep_alive_s: float = 15.0
 ) -> AsyncIterator[bytes]:
-    """The events of a stored response rebuilt from its chain (one delta per content part, so
-    sequence numbers are those of this replay). A response still running elsewhere is waited
-    for, with keep-alive comments meanwhile."""
-    while record.status in ("queued", "in_progress"):
-        yield b": keep-alive\n\n"
-        await asyncio.sleep(poll_s)
-        record = await service.store.get_response(record.id)
+    """The stored events of a response with sequence number > ``after``, then the new ones as
+    they are stored (``Store.wait_events``), until the terminal event; a keep-alive comment
+    every ``keep_alive_s`` seconds without events. Ends without a terminal event only when the
+    response ends (or is deleted) with none stored (e.g. it was not streamed)."""
+    cursor = after
+    while True:
+        rows = await store.list_events(response_id, after=cursor)
+        chunk = []
+        done = False
+        for sequence, event in rows:
+            if sequence != cursor + 1:
+                break  # a gap (a later batch committed first): wait for the missing ones
+            chunk.append(event)
+            cursor = sequence
+            if is_terminal(event):
+                done = True
+                break
+        if chunk:
+            yield b"".join(chunk)
+        if done:
+            return
+        if chunk:
+            continue
+        await store.wait_events(response_id, cursor, keep_alive_s)
+        if await store.list_events(response_id, after=cursor, limit=1):
+            continue
+        record = await store.get_response(response_id)
+        if record is None or record.status not in _UNFINISHED:
+            if await store.list_events(response_id, after=cursor, limit=1):
+                continue  # its last events committed with its status
+            return
+        yield _KEEP_ALIVE
+
+
+async def stored_events(
+    service: Any, record: Any, starting_after: int
+) -> AsyncIterator[bytes]:
+    """A stored response's events after ``starting_after``, from the durable log (then live
+    ones, from any replica); a response that has no log (not streamed, or stored before the
+    log existed) is rebuilt from its chain once it has ended."""
+    store = service.store
+    has_log = bool(await store.list_events(record.id, limit=1))
+    if has_log or record.status in _UNFINISHED:
+        seen = False
+        async for chunk in follow_store(store, record.id, starting_after):
+            seen = seen or not chunk.startswith(b":")
+            yield chunk
+        if seen or has_log or await store.list_events(record.id, limit=1):
+            return
+        record = await store.get_response(record.id)
         if record is None:
             return
+    index = 0
+    async for event in replay_events(service, record):
+        if index > starting_after:
+            yield event
+        index += 1
+
+
+async def replay_events(service: Any, record: Any) -> AsyncIterator[bytes]:
+    """The events of a finished response without a stored log, rebuilt from its chain (one
+    delta per content part, so sequence numbers are those of this replay)."""
     events: list[bytes] = []
     builder: ResponseBuilder = service.builder_for_record(record, emit=events.append)
     builder.start()

@@ -1,11 +1,15 @@
-"""Leases and crash recovery: no response stays ``in_progress`` forever.
+"""Liveness, leases and crash take-over: no response stays ``in_progress`` forever.
 
-Every process that runs responses has an ``owner`` id and holds a lease on each response it
-runs, renewed every ``lease_s / 3`` seconds. A response whose lease runs out — its process was
-killed, or shut down and gave its leases up — is claimed by any live process sharing the store
-(at start-up and then periodically) and resumed from its chain: model calls and agent tools are
-re-run, HTTP tools only when registered ``idempotent``; otherwise the interrupted step fails with
-``interrupted`` and the loop goes on from there (``gateway.engine.loop``).
+Every process that runs responses has an ``owner`` id, registered in the store for the
+process's lifetime (``Store.register_owner``: an advisory lock on PostgreSQL, an ``flock`` beside
+the SQLite file — the kernel or the database drops it however the process dies), and holds a
+lease on each response it runs, renewed every ``lease_s / 3`` seconds. Every ``claim_s`` (1 s)
+and at start-up, :class:`Recovery` claims the responses whose owner is dead (at once) or whose
+lease ran out (a hung owner, after ``lease_s``) and resumes them from their chain and event log:
+model calls and agent tools are re-run, HTTP tools only when registered ``idempotent``;
+otherwise the interrupted step fails with ``interrupted`` and the loop goes on from there
+(``gateway.engine.loop``). Each claim bumps the response's owner epoch, so the previous owner's
+writes (fenced, ``gateway.engine.writer``) fail from then on.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from store.types import StoreError, new_id
@@ -35,30 +40,43 @@ def new_owner_id() -> str:
 class Recovery:
     """Renews this process's leases and resumes responses whose owner is gone."""
 
-    def __init__(self, service: ResponsesService, tasks: TaskSet, *, lease_s: float) -> None:
+    def __init__(
+        self, service: ResponsesService, tasks: TaskSet, *, lease_s: float, claim_s: float = 1.0
+    ) -> None:
         self.service = service
         self.tasks = tasks
         self.lease_s = lease_s
+        self.claim_s = min(claim_s, lease_s / 3)
         self.owner = service.owner or new_owner_id()
+        self.registered_at: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._renewed = 0.0
 
     async def start(self) -> None:
-        """Claim and resume stale responses now, then keep doing it in the background."""
+        """Register this process's liveness, claim and resume dead owners' and stale
+        responses now, then keep doing it in the background."""
+        await self.service.store.register_owner(self.owner)
+        self.registered_at = time.time()
+        logger.info("owner %s registered", self.owner)
         await self.sweep()
         self._task = asyncio.create_task(self._run(), name="stepchain-recovery")
 
     async def sweep(self) -> int:
-        """Renew our leases, then claim and resume every stale response; returns how many."""
+        """Renew our leases (every ``lease_s / 3``), then claim and resume every response of a
+        dead owner or with a lapsed lease; returns how many were claimed."""
         store = self.service.store
-        await store.renew_leases(self.owner, self.lease_s)
+        now = time.monotonic()
+        if now - self._renewed >= self.lease_s / 3:
+            await store.renew_leases(self.owner, self.lease_s)
+            self._renewed = now
         claimed = await store.claim_responses(self.owner, self.lease_s)
         for record in claimed:
-            self.tasks.spawn(self.service.resume(record))
+            self.service.resume_in_task(record)
         return len(claimed)
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.lease_s / 3)
+            await asyncio.sleep(self.claim_s)
             try:
                 await self.sweep()
             except Exception:  # keep trying, whatever it was: the store may come back
@@ -73,8 +91,10 @@ class Recovery:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        store = self.service.store
         try:
-            released = await self.service.store.release_leases(self.owner)
+            released = await store.release_leases(self.owner)
+            await store.release_owner(self.owner)
         except StoreError as exc:
             logger.error("could not release leases: %s", exc)
             return

@@ -42,6 +42,8 @@ from gateway.protocol.usage import zero_usage
 from gateway.protocol.validation import validate_call_outputs, validate_request
 from store.types import (
     MODEL_CALL,
+    Fence,
+    FencedError,
     ResponseRecord,
     Step,
     StepStateError,
@@ -50,9 +52,11 @@ from store.types import (
 )
 
 from .compaction import compact_threshold_of, expand_compactions
+from .live import LiveStream, LiveStreams
 from .loop import LoopDeps, run_response_loop
 from .references import ItemResolver
 from .transition import AppendSteps, LoopRequest, next_action
+from .writer import ResponseWriter
 
 logger = logging.getLogger("stepchain.service")
 
@@ -60,6 +64,16 @@ __all__ = ["Prepared", "ResponsesService", "record_to_object"]
 
 # How many conversations' histories one process keeps (each a list of items).
 _HISTORY_CACHE_SIZE = 2048
+
+
+@dataclass(slots=True)
+class Running:
+    """A response this process runs: its task, and whether it is being cancelled on purpose
+    (a cancel request, from this or any replica) rather than by a shutdown."""
+
+    task: asyncio.Task[Any]
+    cancel_requested: bool = False
+    watcher: asyncio.Task[Any] | None = None
 
 
 @dataclass(slots=True)
@@ -130,6 +144,8 @@ class ResponsesService:
         *,
         owner: str | None = None,
         lease_s: float = 30.0,
+        live: LiveStreams | None = None,
+        flush_s: float = 0.025,
         hosted_tool_map: dict[str, str] | None = None,
         encrypted_content_key: str | None = None,
         reasoning_to_upstream: bool = False,
@@ -147,8 +163,12 @@ class ResponsesService:
         self.store = deps.store
         self.owner = owner
         self.lease_s = lease_s
-        # Responses whose task is being cancelled on purpose (not by a shutdown).
-        self._cancel_requested: set[str] = set()
+        self.live = live if live is not None else LiveStreams()
+        self.flush_s = flush_s
+        # The responses running in this process, by id (the one place cancellation is kept).
+        self.running: dict[str, Running] = {}
+        # The app's task set (set by the app): responses run in tasks of their own.
+        self.tasks: Any = None
         # response id -> (the ids of the responses in its conversation, the conversation's items
         # up to and including that response's output).
         self._history: OrderedDict[str, tuple[frozenset[str], list[dict[str, Any]]]] = OrderedDict()
@@ -231,19 +251,80 @@ class ResponsesService:
         await self.store.delete_response(record.id)
         self._forget(record.id)
 
-    def cancel(self, response_id: str, task: asyncio.Task[Any]) -> None:
-        """Cancel a running response on purpose: it ends ``cancelled``, its open steps
-        ``canceled`` (unlike a shutdown, which leaves it for another process to resume)."""
-        self._cancel_requested.add(response_id)
-        task.cancel()
+    def cancel(self, response_id: str) -> bool:
+        """Cancel a response running in this process on purpose: it ends ``cancelled``, its
+        open steps ``canceled`` (unlike a shutdown, which leaves it for another process to
+        resume). False if it does not run here."""
+        running = self.running.get(response_id)
+        if running is None or running.task.done():
+            return False
+        if not running.cancel_requested:  # once: a second cancel would cut the ending short
+            running.cancel_requested = True
+            running.task.cancel()
+        return True
 
-    async def _cancel_unfinished(self, response_id: str) -> None:
-        for step in await self.store.list_steps(response_id):
+    async def request_cancel(self, response_id: str) -> asyncio.Task[Any] | None:
+        """Record a cancel request in the store (any replica's owner observes it) and cancel
+        the response at once if it runs here; returns its task then."""
+        await self.store.request_cancel(response_id)
+        running = self.running.get(response_id)
+        if running is not None and self.cancel(response_id):
+            return running.task
+        return None
+
+    async def _watch_cancel(self, response_id: str) -> None:
+        """Cancel the response when a cancel request reaches the store (another replica's)."""
+        if await self.store.wait_cancel(response_id):
+            self.cancel(response_id)
+
+    async def _cancel_unfinished(self, store: Any, response_id: str) -> None:
+        for step in await store.list_steps(response_id):
             if not step.finished:
                 try:
-                    await self.store.cancel_step(step.id)
+                    await store.cancel_step(step.id)
                 except StepStateError:
                     pass  # it finished meanwhile
+
+    def start(
+        self,
+        prepared: Prepared,
+        *,
+        streamed: bool,
+        listener: Callable[[bytes], None] | None = None,
+        generate: bool = True,
+    ) -> tuple[asyncio.Task[Any], LiveStream | None]:
+        """Run a prepared response in a task of its own (it finishes and is stored even if the
+        client leaves); ``streamed`` responses get an event log (cached here, durable in the
+        store), whose events are also passed to ``listener`` as they are published. Without
+        ``generate`` the response is only recorded (:meth:`record_only`). Returns the task and
+        the log."""
+        log = self.live.open(prepared.record.id) if streamed else None
+        if log is not None and listener is not None:
+            log.listeners.append(listener)
+        builder = self.builder(prepared, emit=None if log is None else log.emit)
+        if not generate:
+            return self._spawn(prepared.record, self.record_only(prepared, builder, log)), log
+        return self._spawn(prepared.record, self.run(prepared, builder, log)), log
+
+    def _spawn(self, record: ResponseRecord, coro: Any) -> asyncio.Task[Any]:
+        task = self.tasks.spawn(coro) if self.tasks is not None else asyncio.ensure_future(coro)
+        running = self.running[record.id] = Running(task)
+        if record.request.get("background") is True:
+            # Only background responses can be cancelled through the API: only they watch.
+            running.watcher = asyncio.ensure_future(self._watch_cancel(record.id))
+
+        def done(_task: asyncio.Task[Any]) -> None:
+            if self.running.get(record.id) is running:
+                del self.running[record.id]
+            if running.watcher is not None:
+                running.watcher.cancel()
+
+        task.add_done_callback(done)
+        return task
+
+    def resume_in_task(self, record: ResponseRecord) -> asyncio.Task[Any]:
+        """Resume a claimed response in a task of its own (see :meth:`resume`)."""
+        return self._spawn(record, self.resume(record))
 
     # -- creating ------------------------------------------------------------------------------
 
@@ -307,7 +388,8 @@ class ResponsesService:
                 response_id, ", ".join(plan.left_out),
             )
         # Background responses stream upstream too: followers may attach with ?stream=true.
-        stream = body.get("stream") is True or body.get("background") is True
+        background = body.get("background") is True
+        stream = body.get("stream") is True or background
         messages = items_to_messages(
             expand_compactions(history + input_items, self.encrypted_content_key),
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
@@ -342,7 +424,8 @@ class ResponsesService:
             previous_response_id=previous_id,
             created_at=created_at,
             metadata=body.get("metadata"),
-            store=body.get("store", True) is not False,
+            # A background response is always stored (as at OpenAI): it is read back later.
+            store=background or body.get("store", True) is not False,
         )
         return Prepared(
             record, loop_request, input_items, history, client_names, plan, history_ids
@@ -442,36 +525,65 @@ class ResponsesService:
                 builder.tool_call_started(step)
                 builder.tool_call_finished(step)
 
-    async def run(self, prepared: Prepared, builder: ResponseBuilder) -> dict[str, Any]:
+    async def run(
+        self, prepared: Prepared, builder: ResponseBuilder, log: LiveStream | None = None
+    ) -> dict[str, Any]:
         """Create the record, run the loop to its end, store the result, then emit the terminal
         event. Returns the final Response object. Raises StoreError only if the record itself
         cannot be created (nothing has run then)."""
-        # The response and its first model call in one transaction (one store round trip).
+        # The response, its first model call and its first events in one transaction.
         first = next_action(prepared.loop_request, [])
         assert isinstance(first, AppendSteps)
-        started = await self.store.create_response(
-            prepared.record, owner=self.owner, lease_s=self.lease_s, first_steps=first.steps
-        )
+        fence = Fence(self.owner, 1) if self.owner is not None else None
+        writer = ResponseWriter(self.store, prepared.record.id, fence, log, flush_s=self.flush_s)
+        if log is not None:
+            log.hold()
         builder.start()
-        return await self._drive(prepared, builder, started)
+        try:
+            started = await writer.create_response(
+                prepared.record, owner=self.owner, lease_s=self.lease_s, first_steps=first.steps
+            )
+        except BaseException:
+            await writer.close()
+            if log is not None:
+                log.drop_staged()
+                self.live.close(prepared.record.id, stream=log)
+            raise
+        return await self._drive(prepared, builder, writer, started)
 
-    async def record_only(self, prepared: Prepared, builder: ResponseBuilder) -> dict[str, Any]:
+    async def record_only(
+        self, prepared: Prepared, builder: ResponseBuilder, log: LiveStream | None = None
+    ) -> dict[str, Any]:
         """Store the response as ``completed`` with no output and no model call (WebSocket
-        mode's ``generate: false``: request state for a later ``previous_response_id``), emit
-        its events, and return the Response object."""
+        mode's ``generate: false``: request state for a later ``previous_response_id``), with
+        its events (``log``) in the same write, and return the Response object."""
         completed_at = time.time()
         record = dataclasses.replace(
             prepared.record, status="completed", output=[], usage=zero_usage(),
             completed_at=completed_at,
         )
-        await self.store.create_response(record)
+        if log is not None:
+            log.hold()
+        builder.start()
+        final = builder.finish("completed", completed_at=completed_at)
+        pending = log.pending() if log is not None else None
+        try:
+            await self.store.create_response(record, events=pending)
+        except BaseException:
+            if log is not None:
+                log.drop_staged()
+            raise
+        finally:
+            if log is not None:
+                if pending is not None and log.staged:
+                    log.committed(pending[0], len(pending[1]))
+                self.live.close(record.id, stream=log)
         if record.store:
             self._remember(
                 record.id, prepared.history_ids | {record.id},
                 prepared.history + prepared.input_items,
             )
-        builder.start()
-        return builder.finish("completed", completed_at=completed_at)
+        return final
 
     async def resume(self, record: ResponseRecord) -> dict[str, Any]:
         """Finish a response another process left unfinished, from its chain in the store.
@@ -480,11 +592,12 @@ class ResponsesService:
         stream had), then the loop settles the interrupted steps and goes on.
         """
         logger.info("resuming response %s", record.id)
+        writer = ResponseWriter(self.store, record.id, record.fence, flush_s=self.flush_s)
         if (record.metadata or {}).get("endpoint") == "chat.completions":
             # A passthrough call's client is gone with its process: nothing to resume it for.
-            await self._cancel_unfinished(record.id)
+            await self._cancel_unfinished(writer, record.id)
             error = {"code": "server_error", "message": "interrupted: the gateway process stopped"}
-            await self.store.update_response(
+            await writer.update_response(
                 record.id, status="failed", error=error, completed_at=time.time()
             )
             return record_to_object(record)
@@ -492,16 +605,33 @@ class ResponsesService:
             prepared = await self._prepare(
                 record.request, record.tenant, record.id, record.created_at, check=False
             )
+        except StoreError:
+            raise  # the store, not the request: the lease lapses and a later claim tries again
         except Exception as exc:  # the request cannot be rebuilt: end it, do not retry forever
             error = {"code": "server_error", "message": f"cannot resume: {exc}"}
-            await self.store.update_response(
+            await writer.update_response(
                 record.id, status="failed", error=error, completed_at=time.time()
             )
             return record_to_object(record)
         prepared.record = record
         builder = self.builder(prepared)
         await self.replay_chain(record.id, builder)
-        return await self._drive(prepared, builder)
+        logged = await writer.list_events(record.id)
+        if logged:
+            # It was streamed: go on with its durable log (sequence numbers continue).
+            log = self.live.open(record.id)
+            log.base = log.persisted = logged[-1][0] + 1
+            writer = ResponseWriter(self.store, record.id, record.fence, log, flush_s=self.flush_s)
+            builder.continue_stream(log.emit, [event for _seq, event in logged])
+        if record.cancel_requested:
+            return await self._end_cancelled(prepared, builder, writer)
+        return await self._drive(prepared, builder, writer)
+
+    async def _end_cancelled(
+        self, prepared: Prepared, builder: ResponseBuilder, writer: ResponseWriter
+    ) -> dict[str, Any]:
+        """End a resumed response whose cancel was requested while nobody ran it."""
+        return await self._drive(prepared, builder, writer, cancelled=True)
 
     async def _conversation_root(self, record: ResponseRecord) -> str:
         """The first response of ``record``'s ``previous_response_id`` chain (at most 100 back)."""
@@ -516,11 +646,39 @@ class ResponsesService:
         return root.id
 
     async def _drive(
-        self, prepared: Prepared, builder: ResponseBuilder, started: list[Step] | None = None
+        self,
+        prepared: Prepared,
+        builder: ResponseBuilder,
+        writer: ResponseWriter,
+        started: list[Step] | None = None,
+        *,
+        cancelled: bool = False,
+    ) -> dict[str, Any]:
+        try:
+            return await self._observed(prepared, builder, writer, started, cancelled)
+        except FencedError:
+            # Another process owns the response now: stop without writing anything more.
+            logger.warning("response %s was taken over by another process; stopped", prepared.record.id)
+            if writer.log is not None:
+                writer.log.drop_staged()
+                self.live.close(prepared.record.id, stream=writer.log, handed_over=True)
+            return record_to_object(prepared.record)
+        finally:
+            await writer.close()
+            if writer.log is not None:
+                self.live.close(prepared.record.id, stream=writer.log)
+
+    async def _observed(
+        self,
+        prepared: Prepared,
+        builder: ResponseBuilder,
+        writer: ResponseWriter,
+        started: list[Step] | None,
+        cancelled: bool,
     ) -> dict[str, Any]:
         watch = self.deps.observer
         if watch is None:
-            return await self._drive_loop(prepared, builder, started, None)
+            return await self._drive_loop(prepared, builder, writer, started, cancelled, None)
         record = prepared.record
         conversation = None
         if watch.tracing is not None:
@@ -528,31 +686,40 @@ class ResponsesService:
         with watch.response(
             record, conversation_id=conversation, parent_headers=prepared.trace_headers
         ) as scope:
-            return await self._drive_loop(prepared, builder, started, scope)
+            return await self._drive_loop(prepared, builder, writer, started, cancelled, scope)
 
     async def _drive_loop(
-        self, prepared: Prepared, builder: ResponseBuilder, started: list[Step] | None,
+        self,
+        prepared: Prepared,
+        builder: ResponseBuilder,
+        writer: ResponseWriter,
+        started: list[Step] | None,
+        cancelled: bool,
         scope: Any,
     ) -> dict[str, Any]:
         record = prepared.record
         iterations = 0
-        deps = self.deps
+        deps = dataclasses.replace(self.deps, store=writer)
         if prepared.upstream_key:
             deps = dataclasses.replace(deps, upstream=deps.upstream.with_api_key(prepared.upstream_key))
         error = incomplete = None
         last: Step | None = None  # the final model call, when the loop left storing it to us
         try:
+            if cancelled:
+                raise asyncio.CancelledError
             outcome = await run_response_loop(
                 deps, record.id, prepared.loop_request, observer=builder, started=started,
                 # The last step and the result share a write (its events wait for it).
                 defer_final_write=True,
             )
         except asyncio.CancelledError:
-            if record.id not in self._cancel_requested:
+            running = self.running.get(record.id)
+            if not cancelled and (running is None or not running.cancel_requested):
                 raise  # shutting down: leave it in progress for another process to resume
-            self._cancel_requested.discard(record.id)
             status, error = "cancelled", None
-            await self._cancel_unfinished(record.id)
+            await self._cancel_unfinished(writer, record.id)
+        except FencedError:
+            raise
         except StoreError as exc:
             logger.error("store error in response %s", record.id, exc_info=exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
@@ -590,18 +757,33 @@ class ResponsesService:
             "incomplete_details": incomplete,
             "completed_at": completed_at,
         }
+        # The terminal event (and any held back) is stored with the result, in one write, and
+        # reaches followers only once that write is done.
+        log = writer.log
+        resume_at = log.end if log is not None else 0
+        if log is not None:
+            log.hold()
+        final = builder.finish(
+            status, error=error, incomplete_details=incomplete, completed_at=completed_at
+        )
         try:
             if last is not None:
-                await self.store.complete_step(
+                await writer.complete_step(
                     last.id, last.response_payload, last.usage, upstream=last.upstream,
                     response_update=result,
                 )
             else:
-                await self.store.update_response(record.id, **result)
+                await writer.update_response(record.id, **result)
+        except FencedError:
+            raise
         except StoreError as exc:
             logger.error("could not store the result of response %s", record.id, exc_info=exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
             prepared.failure = to_gateway_error(exc)
+            if log is not None:
+                log.drop_staged()
+            builder.rewind(resume_at)
+            final = builder.finish("failed", error=error, completed_at=completed_at)
         if scope is not None:
             scope.finish(status, usage=builder.usage, error=error, iterations=iterations)
-        return builder.finish(status, error=error, incomplete_details=incomplete)
+        return final

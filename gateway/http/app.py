@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
+import signal
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -62,6 +65,41 @@ from .websocket import websocket_routes
 logger = logging.getLogger("stepchain")
 
 __all__ = ["app_from_environment", "create_app", "error_handlers", "tune_gc_for_serving"]
+
+
+class _ShutdownClock:
+    """When SIGTERM/SIGINT arrived (uvicorn's handler is chained, not replaced), so the
+    shutdown grace period counts from the signal, not from the end of uvicorn's own wait."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self._previous: dict[int, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous = signal.getsignal(sig)
+                if callable(previous):
+                    self._previous[sig] = previous
+                    signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (an embedding app, tests): no clock
+                pass
+
+    def _handler(self, sig: int, frame: Any) -> None:
+        if self.started is None:
+            self.started = time.monotonic()
+        self._previous[sig](sig, frame)
+
+    def remaining(self, grace_s: float) -> float:
+        if self.started is None:
+            return grace_s
+        return max(0.0, grace_s - (time.monotonic() - self.started))
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            try:
+                if signal.getsignal(sig) == self._handler:
+                    signal.signal(sig, previous)
+            except ValueError:
+                pass
 
 
 def _secret(value: SecretStr | None) -> str | None:
@@ -185,13 +223,15 @@ def create_app(
             tool_output_max_lines=settings.tool_output_max_lines,
         )
         tasks = TaskSet()
+        live = LiveStreams()
         service = ResponsesService(
-            deps, owner=new_owner_id(), lease_s=settings.lease_s,
+            deps, owner=new_owner_id(), lease_s=settings.lease_s, live=live,
             hosted_tool_map=settings.hosted_tool_map,
             encrypted_content_key=load_or_create_key(settings),
             reasoning_to_upstream=settings.reasoning_to_upstream,
             context_windows=settings.model_context_windows,
         )
+        service.tasks = tasks
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings
         app.state.egress = egress
@@ -201,16 +241,18 @@ def create_app(
         app.state.tasks = tasks
         app.state.service = service
         app.state.recovery = recovery
-        app.state.live = LiveStreams()
+        app.state.live = live
         app.state.token_counter = TokenCounter(upstream)
-        app.state.running = {}
         await recovery.start()
+        shutdown = _ShutdownClock()
         try:
             yield
         finally:
-            # uvicorn gave in-flight requests the grace period already; responses still running
-            # now (their clients left, or were cut off) get a moment, then are left for resumption.
-            await tasks.drain(grace_s=min(settings.shutdown_grace_s, 1.0))
+            # Every response still running (with a client or not) may finish within the grace
+            # period, counted from the signal; the rest are handed over: leases and liveness
+            # released, so another replica resumes them at once.
+            await tasks.drain(grace_s=shutdown.remaining(settings.shutdown_grace_s))
+            shutdown.restore()
             await recovery.stop()
             await client.aclose()
             await tool_client.aclose()

@@ -16,10 +16,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.engine.live import replay_events
+from gateway.engine.live import stored_events
 from gateway.engine.service import Prepared, ResponsesService, record_to_object
 from gateway.errors import (
-    ConflictError,
     GatewayError,
     InvalidRequestError,
     NotFoundError,
@@ -62,19 +61,18 @@ async def create_response(request: Request) -> Response | EventStreamResponse:
     background = body.get("background") is True
     if not stream and not background:
         # A task of its own: the response finishes and is stored even if the client leaves.
-        task = _start(state, service, prepared, None)
+        task, _ = service.start(prepared, streamed=False)
         final = await asyncio.shield(task)
         if final["status"] == "failed" and not final["output"]:
             raise _error_for_failure(prepared)
         return json_response(final)
 
-    live = state.live.open(response_id)
-    task = _start(state, service, prepared, live.emit)
-    task.add_done_callback(lambda _t: state.live.close(response_id))
+    task, live = service.start(prepared, streamed=True)
+    assert live is not None
     if background and not stream:
         await live.wait_for(1)  # response.created: the record is in the store
-        if task.done() and task.exception() is not None:
-            raise task.exception()
+        if live.end == 0:  # nothing published: the record could not be created
+            await asyncio.shield(task)  # raises why
         return json_response(record_to_object(prepared.record))
     # Hold the headers until the first event after response.in_progress (or the end): a response
     # that fails before producing anything becomes an HTTP error the SDK can raise.
@@ -86,16 +84,7 @@ async def create_response(request: Request) -> Response | EventStreamResponse:
     if state.settings.cancel_on_disconnect and not background:
         state.tasks.spawn(_cancel_on_disconnect(request, service, response_id, task))
     # If the client goes away, the response goes on and is stored (unless configured otherwise).
-    return _sse(live.follow(0))
-
-
-def _start(state: Any, service: ResponsesService, prepared: Any, emit: Any) -> asyncio.Task[Any]:
-    """Run a prepared response as an app-owned task, findable for cancellation while it runs."""
-    response_id = prepared.record.id
-    task = state.tasks.spawn(service.run(prepared, service.builder(prepared, emit=emit)))
-    state.running[response_id] = task
-    task.add_done_callback(lambda _t: state.running.pop(response_id, None))
-    return task
+    return _sse(live.follow(0, service.store))
 
 
 def _sse(events: AsyncIterator[bytes]) -> EventStreamResponse:
@@ -109,7 +98,7 @@ async def _cancel_on_disconnect(
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     done, _ = await asyncio.wait({watcher, task}, return_when=asyncio.FIRST_COMPLETED)
     if watcher in done and not task.done():
-        service.cancel(response_id, task)
+        service.cancel(response_id)
     watcher.cancel()
 
 
@@ -130,8 +119,9 @@ async def _visible(request: Request) -> ResponseRecord:
 
 async def get_response(request: Request) -> Response | EventStreamResponse:
     """``GET /v1/responses/{id}``; with ``?stream=true[&starting_after=N]`` the response's events
-    after sequence number N as SSE: live ones from this process's log while it runs (exactly
-    the original stream's), otherwise rebuilt from the stored chain."""
+    after sequence number N as SSE, byte-identical to the original stream's, then the live ones,
+    then ``[DONE]``: from this process's cache while it runs the response here, otherwise from
+    the store's durable event log (any replica, any time while the response is stored)."""
     record = await _visible(request)
     if request.query_params.get("stream") not in ("true", "1"):
         return json_response(record_to_object(record))
@@ -140,48 +130,55 @@ async def get_response(request: Request) -> Response | EventStreamResponse:
         starting_after = int(raw)
     except ValueError:
         raise InvalidRequestError("starting_after must be an integer.", param="starting_after") from None
-    state = request.app.state
-    live = state.live.get(record.id)
-    if live is not None:
-        return _sse(live.follow(max(starting_after + 1, 0)))
-    # A replay may wait (polling the store) for a response running elsewhere: stop when the
-    # client leaves rather than when that response ends.
+    service: ResponsesService = request.app.state.service
+    live = service.live.get(record.id)
+    if live is not None and not live.closed:
+        return _sse(live.follow(max(starting_after + 1, 0), service.store))
+    # Following the store may wait for a response running elsewhere: stop when the client
+    # leaves rather than when that response ends.
     return EventStreamResponse(
-        _after(replay_events(state.service, record), starting_after), tail=DONE, watch_disconnect=True
+        stored_events(service, record, starting_after), tail=DONE, watch_disconnect=True
     )
 
 
-async def _after(events: AsyncIterator[bytes], starting_after: int) -> AsyncIterator[bytes]:
-    index = 0
-    async for event in events:
-        if event.startswith(b":"):
-            yield event  # keep-alive comment while the response runs elsewhere
-            continue
-        if index > starting_after:
-            yield event
-        index += 1
-
-
 async def cancel_response(request: Request) -> Response:
-    """``POST /v1/responses/{id}/cancel``: stop a background response running here; it ends
-    ``cancelled`` with its open steps ``canceled``. Only background responses can be cancelled."""
+    """``POST /v1/responses/{id}/cancel``: stop a background response, on whichever replica
+    runs it (a flag in the store its owner observes); it ends ``cancelled`` with its open steps
+    ``canceled``. Answers once it has ended (or after ``_CANCEL_WAIT_S`` with its state then).
+    Only background responses can be cancelled; a finished one is returned as it is."""
     record = await _visible(request)
-    state = request.app.state
+    service: ResponsesService = request.app.state.service
     if not record.request.get("background"):
         raise InvalidRequestError("Only background responses can be cancelled.", param="response_id")
-    task = state.running.get(record.id)
-    if task is not None and not task.done():
-        state.service.cancel(record.id, task)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            pass
-    elif record.status in ("queued", "in_progress"):
-        raise ConflictError(
-            "The response is running on another gateway process; cancel it there.", param="response_id"
-        )
+    if record.status in ("queued", "in_progress"):
+        task = await service.request_cancel(record.id)
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), _CANCEL_WAIT_S)
+            except (asyncio.CancelledError, TimeoutError):
+                pass
+        else:
+            await _until_finished(service, record.id, _CANCEL_WAIT_S)
     record = await _visible(request)
     return json_response(record_to_object(record))
+
+
+_CANCEL_WAIT_S = 10.0
+
+
+async def _until_finished(service: ResponsesService, response_id: str, timeout_s: float) -> None:
+    """Wait (``Store.wait_events``) until the response is no longer in progress."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    after = -1
+    while loop.time() < deadline:
+        record = await service.store.get_response(response_id)
+        if record is None or record.status not in ("queued", "in_progress"):
+            return
+        events = await service.store.list_events(response_id, after=after)
+        if events:
+            after = events[-1][0]
+        await service.store.wait_events(response_id, after, min(1.0, deadline - loop.time()))
 
 
 async def delete_response(request: Request) -> Response:

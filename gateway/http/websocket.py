@@ -40,6 +40,7 @@ import orjson
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from gateway.engine.live import is_terminal
 from gateway.engine.service import Prepared, ResponsesService
 from gateway.errors import (
     ConflictError,
@@ -124,9 +125,8 @@ class _Connection:
         finally:
             self.open = False
             self.outbox.put_nowait(None)
-            running = self.state.running.get(self.in_flight) if self.in_flight else None
-            if running is not None and self.state.settings.cancel_on_disconnect:
-                self.service.cancel(self.in_flight, running)
+            if self.in_flight is not None and self.state.settings.cancel_on_disconnect:
+                self.service.cancel(self.in_flight)
             if not writer.done():
                 await asyncio.wait({writer}, timeout=5)
             if not writer.done():
@@ -208,35 +208,20 @@ class _Connection:
 
     def start(self, prepared: Prepared, stream_id: str | None, *, generate: bool = True) -> None:
         """Run the response as an app-owned task (it outlives this connection), its events
-        sent here and kept in the live log (``GET …?stream=true`` can follow it)."""
-        state = self.state
+        sent here as they are published to its event log (``GET …?stream=true`` can follow
+        it, on any replica)."""
         response_id = prepared.record.id
-        live = state.live.open(response_id)
+        previous_id = prepared.record.previous_response_id
 
-        def emit(event: bytes) -> None:
-            live.emit(event)
+        def on_event(event: bytes) -> None:
             self.send(sse_to_message(event, stream_id))
-
-        async def run() -> None:
-            previous_id = prepared.record.previous_response_id
-            final: dict[str, Any] | None = None
-            try:
-                builder = self.service.builder(prepared, emit=emit)
-                if generate:
-                    final = await self.service.run(prepared, builder)
-                else:
-                    final = await self.service.record_only(prepared, builder)
-            except Exception as exc:  # e.g. the record could not be created: nothing ran
-                error = to_gateway_error(exc)
-                if error.status_code >= 500:
-                    logger.error("websocket response %s failed", response_id, exc_info=exc)
-                self.send(error_event(error, stream_id))
-            finally:
-                # No await between the terminal event and here: the client's next
-                # response.create cannot be read before the connection is free and cached.
-                self.in_flight = None
-                state.live.close(response_id)
-            if final is None or final["status"] == "failed":
+            if not is_terminal(event):
+                return
+            # Synchronously with the terminal event: the client's next response.create cannot
+            # be read before the connection is free and cached.
+            self.in_flight = None
+            final = orjson.loads(event[event.index(_DATA) + len(_DATA) : -2])["response"]
+            if final["status"] == "failed":
                 if previous_id:
                     self.cache.pop(previous_id, None)
                 return
@@ -244,9 +229,25 @@ class _Connection:
             if len(self.cache) > CACHE_SIZE:
                 self.cache.popitem(last=False)
 
-        task = state.tasks.spawn(run())
-        state.running[response_id] = task
-        task.add_done_callback(lambda _t: state.running.pop(response_id, None))
+        task, _log = self.service.start(
+            prepared, streamed=True, listener=on_event, generate=generate
+        )
+
+        async def watch() -> None:
+            try:
+                await task
+            except Exception as exc:  # e.g. the record could not be created: nothing ran
+                error = to_gateway_error(exc)
+                if error.status_code >= 500:
+                    logger.error("websocket response %s failed", response_id, exc_info=exc)
+                self.send(error_event(error, stream_id))
+                if previous_id:
+                    self.cache.pop(previous_id, None)
+            finally:
+                if self.in_flight == response_id:
+                    self.in_flight = None
+
+        self.state.tasks.spawn(watch())
 
 
 async def responses_socket(websocket: WebSocket) -> None:

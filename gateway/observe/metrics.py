@@ -246,7 +246,12 @@ class TimedStore:
         if wrapped is not None:
             return wrapped
         attr = getattr(self._store, name)
-        if not name.startswith("_") and callable(attr) and _is_coroutine_function(attr):
+        # wait_events / wait_cancel block until something happens: not a store call's duration.
+        if (
+            not name.startswith(("_", "wait_"))
+            and callable(attr)
+            and _is_coroutine_function(attr)
+        ):
             histogram = self._m.child(self._m.store_duration, name)
 
             async def timed(*args: Any, **kwargs: Any) -> Any:

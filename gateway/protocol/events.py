@@ -156,6 +156,7 @@ class ResponseBuilder:
         self._usage: dict[str, Any] | None = None
         self._final: dict[str, Any] | None = None
         self._held: list[bytes] | None = None  # events waiting for finish(), see hold_events
+        self._ids: set[str] = set()  # item ids in the output (a re-run after a take-over)
 
     # -- what the loop reads ----------------------------------------------------------------
 
@@ -191,6 +192,48 @@ class ResponseBuilder:
         does not have yet, and the client gets both at once after that one write."""
         if self._emit is not None and self._held is None:
             self._held = []
+
+    def continue_stream(self, emit: Callable[[bytes], None], logged: list[bytes]) -> None:
+        """Go on with a stream another process began: ``logged`` is its stored event log
+        (sequence numbers 0…n-1), this builder has replayed the response's finished steps
+        without events. Emits what the log lacks about those steps (``output_item.added`` /
+        ``.done`` of items whose step finished after its last stored event), closes the items
+        of an interrupted model call as ``incomplete`` (they keep their ``output_index``; its
+        re-run opens new ones, their ids suffixed ``_1``), and numbers new events from n on.
+        Exact for one take-over; after a second one, items of a model call interrupted by the
+        first are not known to the chain replay (a known limit)."""
+        added: dict[int, dict[str, Any]] = {}
+        done: set[int] = set()
+        for event in logged:
+            if event.startswith(b"event: response.output_item."):
+                data = orjson.loads(event[event.index(b"data: ") + 6 :])
+                if data["type"] == "response.output_item.added":
+                    added[data["output_index"]] = data["item"]
+                elif data["type"] == "response.output_item.done":
+                    done.add(data["output_index"])
+        self._emit = emit
+        self._sequence = len(logged)
+        still_open = {id(item.item) for item in self._mcp.values()}
+        for index, item in enumerate(self._output):
+            if index not in added:
+                self._send("response.output_item.added", output_index=index, item=item)
+            if index not in done and id(item) not in still_open:
+                self._send("response.output_item.done", output_index=index, item=item)
+        for index in sorted(i for i in added if i >= len(self._output)):
+            item = added[index]
+            while len(self._output) < index:  # cannot happen: items open in order
+                self._output.append(added.get(len(self._output), item))
+            item["status"] = "incomplete"
+            self._output.append(item)
+            self._ids.add(item.get("id", ""))
+            if index not in done:
+                self._send("response.output_item.done", output_index=index, item=item)
+
+    def rewind(self, sequence: int) -> None:
+        """Undo :meth:`finish` (its events were not stored): the next event gets ``sequence``."""
+        self._final = None
+        self._held = None
+        self._sequence = sequence
 
     def model_delta(self, step_id: str, delta: Delta) -> None:
         """One streamed piece of the top-level model call ``step_id``; opens items as needed."""
@@ -340,6 +383,13 @@ class ResponseBuilder:
             self._emit(encode_event(event))
 
     def _open(self, item: dict[str, Any]) -> _Item:
+        item_id = item["id"]
+        if item_id in self._ids:  # a model call re-run after a take-over: its items are new
+            n = 1
+            while f"{item_id}_{n}" in self._ids:
+                n += 1
+            item["id"] = item_id = f"{item_id}_{n}"
+        self._ids.add(item_id)
         opened = _Item(len(self._output), item)
         self._output.append(item)
         self._send("response.output_item.added", output_index=opened.output_index, item=item)

@@ -267,7 +267,7 @@ def test_secrets_never_leave_the_gateway(tmp_path, tools, monkeypatch, caplog):
     assert created["headers"] == {"X-Api-Key": "env:WEATHER_KEY", "X-Literal": "***"}
     for text in [*bodies, response.model_dump_json(), caplog.text]:
         assert SECRET not in text and "literal-secret-456" not in text
-    stored = b"".join(p.read_bytes() for p in tmp_path.glob("stepchain.db*"))
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("stepchain.db*") if p.is_file())
     assert SECRET.encode() not in stored  # env secrets are never written; literal ones only in the tool row
     assert all(b"literal-secret-456" not in model_request for model_request in
                [str(r).encode() for r in model.requests])

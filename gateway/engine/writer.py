@@ -1,0 +1,209 @@
+"""The store as one response's loop sees it: fenced writes that carry the response's events.
+
+:class:`ResponseWriter` wraps the process's store for one response. Every write of the
+response's loop (every scope: sub-agents too) goes through it and
+
+- carries the response's :class:`store.types.Fence` (owner + epoch): once another process has
+  taken the response over, the write fails with ``FencedError`` and nothing is written — the
+  loop stops there, without further tool calls or a terminal write;
+- carries the events of the response's :class:`gateway.engine.live.LiveStream` not yet stored
+  (``events=(first_sequence, [bytes])``), in the same transaction: the stream's durable log
+  costs no round trip of its own while steps are written. Events emitted between writes (a
+  model call's deltas) are flushed by :meth:`ResponseWriter.flush` after ``flush_s`` seconds
+  (a follower on another replica sees them within about ``flush_s`` + its wake-up latency);
+- retries with backoff while the database is unreachable (``StoreUnavailableError``): the loop
+  pauses at its next write and goes on when the database is back, or stops with
+  ``FencedError`` if another replica has taken the response over meanwhile.
+
+One event-carrying write is in flight at a time, so the log is appended in sequence order.
+Reads pass through unchanged (retried the same way while the database is unreachable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from store.types import Fence, FencedError, StepStateError, StoreError, StoreUnavailableError
+
+from .live import LiveStream
+
+logger = logging.getLogger("stepchain.writer")
+
+__all__ = ["ResponseWriter"]
+
+_T = TypeVar("_T")
+
+_STEP_WRITES = frozenset({"mark_processing", "complete_step", "fail_step", "cancel_step"})
+_READS = ("list_chain", "list_steps", "get_step", "get_response", "list_events")
+
+
+class ResponseWriter:
+    """The store for one response's loop: fenced, event-carrying, retried writes."""
+
+    def __init__(
+        self,
+        store: Any,
+        response_id: str,
+        fence: Fence | None,
+        log: LiveStream | None = None,
+        *,
+        flush_s: float = 0.025,
+        retry_max_s: float = 2.0,
+    ) -> None:
+        self.store = store
+        self.response_id = response_id
+        self.fence = fence
+        self.log = log
+        self.flush_s = flush_s
+        self.retry_max_s = retry_max_s
+        self.fenced = False  # set once a write was refused: this process no longer owns it
+        self._lock = asyncio.Lock()  # one event-carrying write at a time
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_task: asyncio.Task[None] | None = None
+        if log is not None:
+            log.on_pending = self._schedule_flush
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.store, name)
+        if name in _READS:
+            return lambda *args, **kwargs: self._retry(lambda: attr(*args, **kwargs))
+        return attr
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    async def create_response(self, *args: Any, **kwargs: Any) -> Any:
+        """Not retried: a new response the store cannot take fails at once (HTTP 503)."""
+        return await self._write("create_response", args, kwargs, retry=False)
+
+    async def record_steps(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._write("record_steps", args, kwargs)
+
+    async def mark_processing(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._write("mark_processing", args, kwargs)
+
+    async def complete_step(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._write("complete_step", args, kwargs)
+
+    async def fail_step(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._write("fail_step", args, kwargs)
+
+    async def cancel_step(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._write("cancel_step", args, kwargs)
+
+    async def record_attempt(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._write("record_attempt", args, kwargs)
+
+    async def update_response(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._write("update_response", args, kwargs)
+
+    async def _write(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, retry: bool = True
+    ) -> Any:
+        method = getattr(self.store, name)
+        step_id = args[0] if name in _STEP_WRITES and args else None
+        if self.fence is not None and name != "create_response":
+            kwargs["fence"] = self.fence
+        log = self.log
+        # Carry the pending events if no other write carries some now; a write that must
+        # publish staged events (the final one) waits for its turn.
+        if log is None or (self._lock.locked() and not log.holding) or log.pending() is None:
+            return await self._retry(lambda: method(*args, **kwargs), step_id=step_id, retry=retry)
+        async with self._lock:
+            batch = log.pending()
+            if batch is None:
+                return await self._retry(lambda: method(*args, **kwargs), step_id=step_id, retry=retry)
+            first, events = batch
+            result = await self._retry(
+                lambda: method(*args, events=(first, events), **kwargs), step_id=step_id,
+                retry=retry,
+            )
+            log.committed(first, len(events))
+            if log.pending() is not None:  # emitted while this write was in flight
+                self._schedule_flush()
+            return result
+
+    async def _retry(
+        self, call: Callable[[], Awaitable[_T]], *, step_id: str | None = None, retry: bool = True
+    ) -> _T:
+        if not retry:
+            return await call()
+        delay = 0.05
+        failed = False
+        while True:
+            try:
+                return await call()
+            except StoreUnavailableError as exc:
+                if not failed:
+                    logger.warning("response %s waits for the store: %s", self.response_id, exc)
+                failed = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+            except StoreError as exc:
+                if isinstance(exc, FencedError):
+                    self.fenced = True
+                    raise
+                if failed and isinstance(exc, StepStateError) and step_id is not None:
+                    # The attempt cut off by the outage had committed after all.
+                    logger.info("response %s: a retried write had committed", self.response_id)
+                    step = await self.store.get_step(step_id)
+                    if step is not None:
+                        return step  # type: ignore[no-any-return]
+                raise
+
+    # -- flushing deltas --------------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and not self.fenced:
+            self._flush_handle = asyncio.get_running_loop().call_later(self.flush_s, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_handle = None
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.ensure_future(self.flush())
+        else:  # a flush is running: look again later
+            self._schedule_flush()
+
+    async def flush(self) -> None:
+        """Store the log's published events not yet stored (``append_events``), unless another
+        write carries them; errors are left to the next write."""
+        log = self.log
+        if log is None or self._lock.locked():
+            if log is not None and log.pending() is not None:
+                self._schedule_flush()
+            return
+        async with self._lock:
+            batch = log.pending()
+            if batch is None or log.holding:
+                return
+            first, events = batch
+            try:
+                await self._retry(
+                    lambda: self.store.append_events(
+                        self.response_id, first, events, fence=self.fence
+                    )
+                )
+            except StoreError as exc:
+                logger.warning("events of response %s not stored yet: %s", self.response_id, exc)
+                return
+            log.committed(first, len(events))
+        if log.pending() is not None:  # emitted while this flush was in flight
+            self._schedule_flush()
+
+    async def close(self) -> None:
+        """Stop flushing (the response's last write carried its remaining events)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        task = self._flush_task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, StoreError):
+                pass
+        if self.log is not None:
+            self.log.on_pending = None
+

@@ -1,0 +1,117 @@
+"""The event-log cache: bounded memory, staged events, followers that fall back to the store
+(a real SQLite store; the writer that persists through it)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from gateway.engine.live import LiveStreams, follow_store
+from gateway.engine.writer import ResponseWriter
+from gateway.protocol.sse import encode_event
+from store import open_store
+from store.types import Fence, FencedError, ResponseRecord
+
+
+def _event(sequence: int, kind: str = "response.output_text.delta") -> bytes:
+    return encode_event({"type": kind, "sequence_number": sequence, "delta": "x" * 80})
+
+
+async def _store(tmp_path, response_id: str = "resp_live"):
+    store = open_store(str(tmp_path / "live.db"))
+    await store.open()
+    await store.create_response(
+        ResponseRecord(id=response_id, model="m", request={"model": "m"}, created_at=1.0),
+        owner="me", lease_s=60,
+    )
+    return store
+
+
+def test_cache_stays_bounded_and_followers_read_the_rest_from_the_store(tmp_path):
+    async def run() -> None:
+        store = await _store(tmp_path)
+        live = LiveStreams(max_bytes_per_stream=2_000, max_bytes=10_000)
+        log = live.open("resp_live")
+        writer = ResponseWriter(store, "resp_live", Fence("me", 1), log, flush_s=0.001)
+        events = [_event(i) for i in range(200)]
+        for event in events:
+            log.emit(event)
+            if len(log.events) % 20 == 0:
+                await writer.flush()
+        await writer.flush()
+        assert log.persisted == 200
+        assert log.nbytes <= 2_000 and log.base > 0  # the front went to the store only
+        assert live.nbytes == log.nbytes
+        terminal = _event(200, "response.completed")
+        log.hold()
+        log.emit(terminal)
+        assert log.end == 200  # staged: not visible until its write commits
+        await writer.update_response("resp_live", status="completed")
+        assert log.end == 201 and log.persisted == 201
+        live.close("resp_live", stream=log)
+        assert len(live) == 0 and live.nbytes == 0
+        followed = [chunk async for chunk in log.follow(0, store)]
+        assert b"".join(followed) == b"".join([*events, terminal])
+        stored = [chunk async for chunk in follow_store(store, "resp_live", 99)]
+        assert b"".join(stored) == b"".join([*events[100:], terminal])
+        await writer.close()
+        await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_fenced_writer_writes_nothing(tmp_path):
+    async def run() -> None:
+        store = await _store(tmp_path)
+        live = LiveStreams()
+        log = live.open("resp_live")
+        stale = ResponseWriter(store, "resp_live", Fence("me", 0), log)
+        log.emit(_event(0))
+        try:
+            await stale.update_response("resp_live", status="completed")
+        except FencedError:
+            pass
+        else:
+            raise AssertionError("a stale fence was accepted")
+        assert stale.fenced and log.persisted == 0
+        record = await store.get_response("resp_live")
+        assert record is not None and record.status == "in_progress"
+        assert await store.list_events("resp_live") == []
+        await stale.close()
+        await store.close()
+
+    asyncio.run(run())
+
+
+def test_terminal_event_detection_matches_the_builder():
+    from gateway.engine.live import is_terminal
+
+    for kind in ("response.completed", "response.failed", "response.incomplete"):
+        assert is_terminal(encode_event({"type": kind, "sequence_number": 3}))
+    delta = encode_event({"type": "response.output_text.delta", "sequence_number": 1, "delta": "response.completed"})
+    assert not is_terminal(delta) and orjson.loads(delta.split(b"data: ")[1])["sequence_number"] == 1
+
+
+def test_the_total_cap_trims_every_log(tmp_path):
+    async def run() -> None:
+        store = await _store(tmp_path, "resp_a")
+        await store.create_response(
+            ResponseRecord(id="resp_b", model="m", request={"model": "m"}, created_at=1.0),
+            owner="me", lease_s=60,
+        )
+        live = LiveStreams(max_bytes_per_stream=100_000, max_bytes=5_000)
+        writers = []
+        for response_id in ("resp_a", "resp_b"):
+            log = live.open(response_id)
+            writer = ResponseWriter(store, response_id, Fence("me", 1), log)
+            writers.append(writer)
+            for i in range(40):
+                log.emit(_event(i))
+            await writer.flush()
+        assert live.nbytes <= 5_000
+        for writer in writers:
+            await writer.close()
+        await store.close()
+
+    asyncio.run(run())
