@@ -186,7 +186,7 @@ def _tools_toml(tools_url: str) -> str:
             f'description = "Chaos tool {name}: logs every call."\n'
             'kind = "http"\nattach = "on_request"\n'
             f'url = "{tools_url}/{name}"\n'
-            "timeout_s = 60\n"
+            "timeout_s = 60\nallow_private = true\n"
             f"idempotent = {'true' if idempotent else 'false'}\n"
             "[tools.parameters]\n"
             'type = "object"\nrequired = ["q"]\n'

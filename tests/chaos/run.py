@@ -26,6 +26,7 @@ import itertools
 import random
 import secrets
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ class ChaosConfig:
 
     clients: int = 50
     replicas: int = 3
-    chaos_s: float = 24.0
+    chaos_s: float = 30.0
     kill_every_s: float = 3.0
     restart_after_s: float = 1.0
     restart_database: bool = True
@@ -67,7 +68,7 @@ class ChaosConfig:
     seed: int | None = None
 
 
-SHORT = ChaosConfig()
+SHORT = ChaosConfig()  # about a minute of kills and settling, plus start-up
 LONG = ChaosConfig(chaos_s=180.0, kill_every_s=4.0, rounds=3, pieces=20, settle_s=240.0)
 
 
@@ -173,6 +174,7 @@ class _Run:
         self.kills: list[tuple[float, str]] = []
         self.database_restarts = 0
         self.chaos_over = asyncio.Event()
+        self.stopping = threading.Event()  # the chaos threads stop early when set
         self.t0 = time.monotonic()
 
     def _pick(self, avoid: int | None, start: int) -> int:
@@ -242,69 +244,80 @@ class _Run:
             if self.chaos_over.is_set():
                 return
 
-    async def killer(self) -> None:
+    def killer(self) -> None:
         """Every ``kill_every_s``: SIGKILL a random live replica (never the last one up) and
-        start it again ``restart_after_s`` later, in the background."""
+        start it again ``restart_after_s`` later. Runs in a thread of its own, so a busy event
+        loop (50 clients parsing events) does not slow the chaos down."""
         cfg = self.config
         end = self.t0 + cfg.chaos_s
-        restarts: list[asyncio.Task[None]] = []
-
         restarting: set[str] = set()
+        lock = threading.Lock()
+        restarts: list[threading.Thread] = []
 
-        async def restart(victim: Replica) -> None:
-            await asyncio.sleep(cfg.restart_after_s)
-            await self.start_replica(victim)
-            restarting.discard(victim.name)
+        def restart(victim: Replica) -> None:
+            time.sleep(cfg.restart_after_s)
+            try:
+                self.start_replica(victim)
+            finally:
+                with lock:
+                    restarting.discard(victim.name)
 
         while True:
-            await asyncio.sleep(cfg.kill_every_s)
-            if time.monotonic() >= end:
+            time.sleep(cfg.kill_every_s)
+            if time.monotonic() >= end or self.stopping.is_set():
                 break
-            up = [r for r in self.cluster.alive_replicas() if r.name not in restarting]
-            if len(up) < 2:
-                continue
-            victim = self.random.choice(up)
-            restarting.add(victim.name)
+            with lock:
+                up = [r for r in self.cluster.alive_replicas() if r.name not in restarting]
+                if len(up) < 2:
+                    continue
+                victim = self.random.choice(up)
+                restarting.add(victim.name)
             victim.kill()
             self.kills.append((time.monotonic() - self.t0, victim.name))
-            restarts.append(asyncio.create_task(restart(victim)))
-        await asyncio.gather(*restarts)
+            thread = threading.Thread(target=restart, args=(victim,), name=f"restart-{victim.name}")
+            thread.start()
+            restarts.append(thread)
+        for thread in restarts:
+            thread.join()
 
-    async def start_replica(self, replica: Replica) -> None:
+    def start_replica(self, replica: Replica) -> None:
         """Start ``replica`` again; while the database is restarting it may refuse to come up
         (exit status 2), so it is tried again for up to a minute."""
         deadline = time.monotonic() + 60
         while True:
             try:
-                await asyncio.to_thread(replica.start)
+                replica.start()
                 return
             except RuntimeError:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self.stopping.is_set():
                     raise
-                await asyncio.sleep(0.5)
+                time.sleep(0.5)
 
-    async def database_restarter(self) -> None:
+    def database_restarter(self) -> None:
         if not (self.config.restart_database and self.cluster.db.restartable):
             return
-        await asyncio.sleep(self.config.chaos_s / 2)
-        await asyncio.to_thread(self.cluster.db.restart)
+        if self.stopping.wait(self.config.chaos_s / 2):
+            return
+        self.cluster.db.restart()
         self.database_restarts += 1
 
     async def main(self) -> None:
         clients = [asyncio.create_task(self.client(i)) for i in range(self.config.clients)]
-        chaos = [asyncio.create_task(self.killer()), asyncio.create_task(self.database_restarter())]
+        chaos = [asyncio.create_task(asyncio.to_thread(self.killer)),
+                 asyncio.create_task(asyncio.to_thread(self.database_restarter))]  # fmt: skip
         try:
             await asyncio.gather(*chaos)
             remaining = self.t0 + self.config.chaos_s - time.monotonic()
             if remaining > 0:
                 await asyncio.sleep(remaining)
             self.chaos_over.set()
-            for replica in self.cluster.replicas:  # a replica mid-restart when the chaos ended
+            for replica in self.cluster.replicas:  # a replica whose restart failed
                 if not replica.alive():
-                    await self.start_replica(replica)
+                    await asyncio.to_thread(self.start_replica, replica)
             await asyncio.wait(clients, timeout=self.config.settle_s + 30)
         finally:
-            for task in clients + chaos:
+            self.stopping.set()
+            for task in clients:
                 task.cancel()
             await asyncio.gather(*clients, *chaos, return_exceptions=True)
         for task in clients:
