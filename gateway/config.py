@@ -42,6 +42,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from executors.registry import ToolDefinitionError, validate_tool_definition
+from gateway.errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -56,10 +57,6 @@ __all__ = [
 ENV_PREFIX = "STEPCHAIN_"
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 _SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-
-
-class ConfigError(ValueError):
-    """A setting with a bad value; the message is one line meant for the operator."""
 
 
 def _check_http_url(value: str | None) -> str | None:

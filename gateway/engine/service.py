@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from executors.upstream import STEP_NOTES
-from gateway.errors import InvalidRequestError, PreviousResponseNotFoundError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    PreviousResponseNotFoundError,
+    to_gateway_error,
+    upstream_error,
+)
 from gateway.protocol.context_window import is_compaction_request
 from gateway.protocol.convert import (
     build_chat_request,
@@ -70,6 +76,8 @@ class Prepared:
     history_ids: frozenset[str] = frozenset()
     # The client's own key, sent upstream instead of the gateway's (pass_client_key); never stored.
     upstream_key: str | None = None
+    # Why the response failed, as the error a client sees when nothing was output yet.
+    failure: GatewayError | None = None
     # The client request's W3C trace context headers (traceparent, tracestate), for tracing.
     trace_headers: dict[str, str] | None = None
 
@@ -546,17 +554,24 @@ class ResponsesService:
             status, error = "cancelled", None
             await self._cancel_unfinished(record.id)
         except StoreError as exc:
-            logger.error("store error in response %s: %s", record.id, exc)
+            logger.error("store error in response %s", record.id, exc_info=exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
-        except Exception:  # a bug must still end the response, never leave it in_progress
+            prepared.failure = to_gateway_error(exc)
+        except Exception as exc:  # a bug must still end the response, never leave it in_progress
             logger.exception("response %s failed unexpectedly", record.id)
             status, error = "failed", {"code": "server_error", "message": "internal error"}
+            prepared.failure = to_gateway_error(exc)
         else:
             last = outcome.unwritten
             iterations = outcome.iterations
             status = outcome.status
             if status == "failed":
                 error = _response_error(outcome.error)
+                failed = outcome.error or {}
+                prepared.failure = upstream_error(
+                    error["message"], kind=failed.get("type"), status=failed.get("status"),
+                    param=failed.get("param"), code=failed.get("code"),
+                )
             elif status == "incomplete":
                 incomplete = {"reason": outcome.incomplete_reason}
         completed_at = time.time()
@@ -584,8 +599,9 @@ class ResponsesService:
             else:
                 await self.store.update_response(record.id, **result)
         except StoreError as exc:
-            logger.error("could not store the result of response %s: %s", record.id, exc)
+            logger.error("could not store the result of response %s", record.id, exc_info=exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
+            prepared.failure = to_gateway_error(exc)
         if scope is not None:
             scope.finish(status, usage=builder.usage, error=error, iterations=iterations)
         return builder.finish(status, error=error, incomplete_details=incomplete)
