@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small counts (CI smoke run, < 1 min)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peers (LiteLLM, agentic-api)")
     parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL rows (scenarios 1, 2, 6, 10)")
+    parser.add_argument(
+        "--postgres", action="store_true", help="with --quick: all PostgreSQL rows, not only scenario 6's"
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     parser.add_argument(
         "--only", default=None, help="comma-separated scenario numbers, e.g. 1,4 (8 runs only when named)"
@@ -272,10 +275,13 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"start-up failed: {exc}")
                 raise _Abort from None
             pg = gateway_pg = None
-            if not args.no_postgres and POSTGRES_SCENARIOS & set(selected):
+            # A --quick run keeps to scenario 6's PostgreSQL rows (seconds) unless --postgres.
+            pg_full = not args.quick or args.postgres
+            wanted = POSTGRES_SCENARIOS if pg_full else {"6"}
+            if not args.no_postgres and wanted & set(selected):
                 try:
                     pg = stack.enter_context(start_postgres())
-                    if {"1", "2"} & set(selected):
+                    if pg_full and {"1", "2"} & set(selected):
                         url = pg.new_database()
                         gateway_pg = stack.enter_context(
                             start_gateway(upstream.url + "/v1", work_dir, name="gateway-pg", db=url)
@@ -285,8 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                         except RuntimeError as exc:  # a gateway without the PostgreSQL backend
                             raise PostgresUnavailable(f"stepchain serve did not use --db postgresql://…: {exc}") from None
                         register_tools(gateway_pg.url, tools.url, names)
-                    postgres_status = "running (a throwaway server on loopback, synchronous_commit=off)"
+                    postgres_status = "running (a throwaway server on loopback, synchronous_commit=off)" + (
+                        "" if pg_full else "; --quick: scenario 6 only (--postgres for all its rows)"
+                    )
                 except PostgresUnavailable as exc:
+                    pg = gateway_pg = None
                     postgres_status = f"unavailable: {exc}"
                     _say(f"postgres {postgres_status}; its rows are skipped")
                 except (ServerError, RuntimeError, OSError) as exc:
@@ -313,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(
                 upstream, tools, gateway, peer, work_dir, sizes, names, **floor_servers,
                 agentic=agentic, sustained_s=sustained_s, gateway_pg=gateway_pg, pg=pg,
+                pg_replicas=pg is not None and pg_full,
             )
             rows, failures = _run(_run_scenarios(bench, selected))
     except _Abort:

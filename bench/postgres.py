@@ -199,8 +199,9 @@ def check_in_use(url: str) -> None:
 
 
 async def scenario_10(b: Any) -> list[Row]:
-    """10 (:func:`scenario_replicas` with the run's sizes); no rows when no PostgreSQL server runs."""
-    if b.pg is None:
+    """10 (:func:`scenario_replicas` with the run's sizes); no rows when no PostgreSQL server runs
+    or in a ``--quick`` run without ``--postgres``."""
+    if b.pg is None or not b.pg_replicas:
         return []
     return await scenario_replicas(b.upstream, b.work_dir, b.pg, concurrency=b.sizes.replicas_concurrency,
                                    count=b.sizes.replicas_requests)  # fmt: skip

@@ -136,6 +136,7 @@ class Bench:
     sustained_s: float = 600.0
     gateway_pg: ServerProcess | None = None  # the same gateway on PostgreSQL (bench.postgres)
     pg: Any = None  # bench.postgres.PgBench when a PostgreSQL server runs
+    pg_replicas: bool = False  # scenario 10 runs (not in a --quick run without --postgres)
 
 
 def tool_names(count: int) -> list[str]:
