@@ -35,7 +35,7 @@ from gateway.engine.tasks import TaskSet
 from gateway.engine.tokens import TokenCounter
 from gateway.errors import GatewayError, InvalidRequestError
 from store.base import Store
-from store.sqlite import SQLiteStore
+from store import open_store
 
 from gateway.observe.cost import PriceTable
 from gateway.observe.hooks import Observer
@@ -105,7 +105,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        the_store = store or SQLiteStore(settings.db, synchronous=settings.sqlite_synchronous)
+        the_store = store or open_store(settings.db, synchronous=settings.sqlite_synchronous)
         await the_store.open()
         # httpx clients on aiohttp's transport (as openai-python's DefaultAioHttpClient): the
         # same httpx API and httpx-sse parsing, at about half the CPU per request of httpcore.
