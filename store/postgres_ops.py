@@ -27,6 +27,7 @@ from .types import (
     PROCESSING,
     STEP_STATES,
     Fence,
+    FencedError,
     StoreNotFoundError,
     ResponseRecord,
     Step,
@@ -132,24 +133,58 @@ _EVENTS_INSERT_BY_STEP = (
     " unnest(%s::bytea[]) WITH ORDINALITY AS t(d, n) WHERE s.id = %s"
 )
 _NOTIFY = "SELECT pg_notify(%s, %s)"
-_STEP_INSERT = (
-    "INSERT INTO steps (id, response_id, scope_parent, prev_step_id, sequence, kind, state,"
-    " request_payload, attempt, created_at, started_at)"
-    " SELECT t.id, %s, %s, t.prev, r.last_sequence - %s + t.n, t.kind, %s, t.payload::json, %s, %s, %s"
-    " FROM responses r, unnest(%s::text[], %s::text[], %s::text[], %s::text[])"
-    " WITH ORDINALITY AS t(id, prev, kind, payload, n) WHERE r.id = %s"
-)
-_BUMP_SEQUENCE = (
-    "UPDATE responses SET last_sequence = last_sequence + %s WHERE id = %s"
-    " RETURNING last_sequence, owner, owner_epoch"
-)
-
 
 async def state_error(conn: Conn, step_id: str, target: str) -> StoreError:
     cursor = await conn.execute("SELECT state FROM steps WHERE id = %s", (step_id,))
     row = await cursor.fetchone()
     if row is None:
         return StoreNotFoundError(f"step {step_id!r} not found")
+    return StepStateError(f"step {step_id!r} is {row[0]!r}; cannot move it to {target!r}")
+
+
+_STATEMENTS: dict[tuple[str, bool, bool], str] = {}
+
+
+def _step_statement(sql: str, fenced: bool, with_events: bool) -> str:
+    """``sql`` (a step UPDATE … RETURNING) as one statement with the fence check (params:
+    step id, owner, epoch — first) and the events insert + NOTIFY (params: first sequence,
+    events — last). Returns the step's columns (and a void NOTIFY column with events)."""
+    key = (sql, fenced, with_events)
+    statement = _STATEMENTS.get(key)
+    if statement is None:
+        parts = []
+        if fenced:
+            parts.append(
+                "f AS (SELECT 1 FROM steps s JOIN responses r ON r.id = s.response_id"
+                " WHERE s.id = %s AND r.owner = %s AND r.owner_epoch = %s FOR SHARE OF r)"
+            )
+            sql = sql.replace(" RETURNING ", " AND EXISTS (SELECT 1 FROM f) RETURNING ", 1)
+        parts.append(f"u AS ({sql})")
+        select = "SELECT u.* FROM u"
+        if with_events:
+            parts.append(
+                "e AS (INSERT INTO events (response_id, sequence_number, data)"
+                " SELECT u.response_id, %s + t.n - 1, t.d FROM u,"
+                " unnest(%s::bytea[]) WITH ORDINALITY AS t(d, n))"
+            )
+            select = f"SELECT u.*, pg_notify('{EVENTS_CHANNEL}', u.response_id) FROM u"
+        statement = _STATEMENTS[key] = "WITH " + ", ".join(parts) + " " + select
+    return statement
+
+
+async def _why_not(conn: Conn, step_id: str, target: str | None, fence: Fence | None) -> StoreError:
+    """Why a step write matched no row: no such step, a stale fence, or a wrong state."""
+    cursor = await conn.execute(
+        "SELECT s.state, r.owner, r.owner_epoch FROM steps s JOIN responses r"
+        " ON r.id = s.response_id WHERE s.id = %s",
+        (step_id,),
+    )
+    row = await cursor.fetchone()
+    what = f"step {step_id!r}"
+    check_fence(fence, what, row)  # NotFoundError / FencedError
+    assert row is not None
+    if target is None:
+        return StoreNotFoundError(f"{what} not found")
     return StepStateError(f"step {step_id!r} is {row[0]!r}; cannot move it to {target!r}")
 
 
@@ -239,31 +274,65 @@ async def record_steps(
     fence: Fence | None,
     events: Events,
 ) -> list[Step]:
+    """One statement: bump the response's ``last_sequence`` (its row lock orders concurrent
+    appends; the fence is part of its WHERE), insert the steps after it, and the events."""
     now = time.time()
     state, attempt, started = (PROCESSING, 1, now) if start else (PENDING, 0, None)
     n = len(descriptors)
     prevs: list[str | None] = [prev_step_id, *ids[:-1]] if ids else []
-    async with conn.pipeline(), conn.transaction():
-        bump = await conn.execute(_BUMP_SEQUENCE, (n, response_id))
-        if n:
-            await conn.execute(
-                _STEP_INSERT,
-                (response_id, scope_parent, n, state, attempt, now, started, ids, prevs,
-                 [d.kind for d in descriptors], [dumps(d.request_payload) for d in descriptors],
-                 response_id),
-            )  # fmt: skip
-        await _queue_events(conn, response_id, events)
-        row = await bump.fetchone()
-        check_fence(fence, f"response {response_id!r}", row)
-        if events and events[1]:
-            await conn.execute(_NOTIFY, (EVENTS_CHANNEL, response_id))
-    assert row is not None
+    has_events = bool(events and events[1])
+    sql = _RECORD_STEPS[(fence is not None, has_events)]
+    args: dict[str, Any] = {
+        "n": n, "rid": response_id, "scope": scope_parent, "state": state, "attempt": attempt,
+        "now": now, "started": started, "ids": ids, "prevs": prevs,
+        "kinds": [d.kind for d in descriptors],
+        "payloads": [dumps(d.request_payload) for d in descriptors],
+    }  # fmt: skip
+    if fence is not None:
+        args["owner"], args["epoch"] = fence.owner, fence.epoch
+    if has_events:
+        assert events is not None
+        args["first"], args["events"] = events[0], list(events[1])
+    cursor = await conn.execute(sql, args)
+    row = await cursor.fetchone()
+    if row is None:
+        cursor = await conn.execute(
+            "SELECT owner, owner_epoch FROM responses WHERE id = %s", (response_id,)
+        )
+        check_fence(fence, f"response {response_id!r}", await cursor.fetchone())
+        raise FencedError(f"response {response_id!r}: fence is stale")  # changed meanwhile
     last = row[0]
     return [
         Step(step_id, response_id, scope_parent, prev, last - n + i, d.kind, state,
              d.request_payload, attempt=attempt, created_at=now, started_at=started)
         for i, (step_id, prev, d) in enumerate(zip(ids, prevs, descriptors), start=1)
     ]  # fmt: skip
+
+
+def _record_steps_sql(fenced: bool, with_events: bool) -> str:
+    fence = " AND owner = %(owner)s AND owner_epoch = %(epoch)s" if fenced else ""
+    parts = [
+        "r AS (UPDATE responses SET last_sequence = last_sequence + %(n)s"
+        f" WHERE id = %(rid)s{fence} RETURNING last_sequence)",
+        "i AS (INSERT INTO steps (id, response_id, scope_parent, prev_step_id, sequence, kind,"
+        " state, request_payload, attempt, created_at, started_at)"
+        " SELECT t.id, %(rid)s::text, %(scope)s::text, t.prev, r.last_sequence - %(n)s + t.n,"
+        " t.kind, %(state)s::text, t.payload::json, %(attempt)s::int, %(now)s::float8,"
+        " %(started)s::float8 FROM r, unnest(%(ids)s::text[], %(prevs)s::text[],"
+        " %(kinds)s::text[], %(payloads)s::text[]) WITH ORDINALITY AS t(id, prev, kind, payload, n))",
+    ]
+    select = "SELECT r.last_sequence FROM r"
+    if with_events:
+        parts.append(
+            "e AS (INSERT INTO events (response_id, sequence_number, data)"
+            " SELECT %(rid)s::text, %(first)s + t.n - 1, t.d FROM r,"
+            " unnest(%(events)s::bytea[]) WITH ORDINALITY AS t(d, n))"
+        )
+        select = f"SELECT r.last_sequence, pg_notify('{EVENTS_CHANNEL}', %(rid)s::text) FROM r"
+    return "WITH " + ", ".join(parts) + " " + select
+
+
+_RECORD_STEPS = {(f, e): _record_steps_sql(f, e) for f in (False, True) for e in (False, True)}
 
 
 async def step_write(
@@ -279,7 +348,25 @@ async def step_write(
 ) -> Sequence[Any]:
     """One step UPDATE (``sql`` RETURNING the step's columns) with its fence check, events,
     response update and conversation items, in one transaction. ``target`` names the state
-    moved to (None: not a transition; no row then means no such step)."""
+    moved to (None: not a transition; no row then means no such step).
+
+    Without a response update or conversation items (every step write but a response's last)
+    it is one statement, one round trip: the fence check, the UPDATE, the events and their
+    NOTIFY as CTEs of one query (:func:`_step_statement`)."""
+    if response_update is None and conversation_items is None:
+        has_events = bool(events and events[1])
+        args: list[Any] = []
+        if fence is not None:
+            args += [step_id, fence.owner, fence.epoch]
+        args += params
+        if has_events:
+            assert events is not None
+            args += [events[0], list(events[1])]
+        cursor = await conn.execute(_step_statement(sql, fence is not None, has_events), args)
+        row = await cursor.fetchone()
+        if row is None:
+            raise await _why_not(conn, step_id, target, fence)
+        return row[:-1] if has_events else row
     async with conn.pipeline(), conn.transaction():
         fenced = None
         if fence is not None:
@@ -315,35 +402,71 @@ async def update_response(
     events: Events,
     conversation_items: Items,
 ) -> None:
+    """Without conversation items one statement: the UPDATE (or, with no fields, a ``FOR
+    SHARE`` read) with the fence in its WHERE, the events and the NOTIFY as CTEs."""
+    what = f"response {response_id!r}"
+    if conversation_items is not None:
+        await _update_with_items(conn, response_id, fields, fence, events, conversation_items)
+        return
+    has_events = bool(events and events[1])
+    names = sorted(fields)  # stable SQL text, so prepared statements are reused
+    args: dict[str, Any] = {"rid": response_id}
+    for name in names:
+        args[f"v_{name}"] = dumps_opt(fields[name]) if name in RESPONSE_JSON_FIELDS else fields[name]
+    where = "id = %(rid)s"
+    if fence is not None:
+        where += " AND owner = %(owner)s AND owner_epoch = %(epoch)s"
+        args["owner"], args["epoch"] = fence.owner, fence.epoch
+    if names:
+        sets = ", ".join(f"{n} = %(v_{n})s" for n in names)
+        parts = [f"u AS (UPDATE responses SET {sets} WHERE {where} RETURNING id)"]
+    else:
+        parts = [f"u AS (SELECT id FROM responses WHERE {where} FOR SHARE)"]
+    if has_events:
+        assert events is not None
+        args["first"], args["events"] = events[0], list(events[1])
+        parts.append(
+            "e AS (INSERT INTO events (response_id, sequence_number, data)"
+            " SELECT u.id, %(first)s + t.n - 1, t.d FROM u,"
+            " unnest(%(events)s::bytea[]) WITH ORDINALITY AS t(d, n))"
+        )
+    select = "SELECT u.id FROM u"
+    if has_events or "status" in fields:
+        select = f"SELECT u.id, pg_notify('{EVENTS_CHANNEL}', u.id) FROM u"
+    cursor = await conn.execute("WITH " + ", ".join(parts) + " " + select, args)
+    if await cursor.fetchone() is None:
+        cursor = await conn.execute(
+            "SELECT owner, owner_epoch FROM responses WHERE id = %s", (response_id,)
+        )
+        check_fence(fence, what, await cursor.fetchone())
+        raise FencedError(f"{what}: fence is stale")  # changed in between
+
+
+async def _update_with_items(
+    conn: Conn,
+    response_id: str,
+    fields: dict[str, Any],
+    fence: Fence | None,
+    events: Events,
+    conversation_items: tuple[str, Sequence[dict[str, Any]]],
+) -> None:
     what = f"response {response_id!r}"
     if fields:
         sql, values = _update_sql(fields)
         params: tuple[Any, ...] = (*values, response_id)
     else:
         sql, params = _FENCE_BY_RESPONSE_SHARE, (response_id,)
-    simple = fence is None and not events and conversation_items is None
-    if simple:
-        cursor = await conn.execute(sql, params)
-        check_fence(None, what, await cursor.fetchone())
-        if "status" in fields:
-            await conn.execute(_NOTIFY, (EVENTS_CHANNEL, response_id))
-        return
     async with conn.pipeline(), conn.transaction():
         cursor = await conn.execute(sql, params)
         await _queue_events(conn, response_id, events)
         check_fence(fence, what, await cursor.fetchone())
-        if conversation_items is not None:
-            await add_items(conn, *conversation_items)
+        await add_items(conn, *conversation_items)
         if (events and events[1]) or "status" in fields:
             await conn.execute(_NOTIFY, (EVENTS_CHANNEL, response_id))
 
 
 async def append_events(conn: Conn, response_id: str, events: Events, fence: Fence | None) -> None:
-    async with conn.pipeline(), conn.transaction():
-        cursor = await conn.execute(_FENCE_BY_RESPONSE_SHARE, (response_id,))
-        await _queue_events(conn, response_id, events)
-        check_fence(fence, f"response {response_id!r}", await cursor.fetchone())
-        await conn.execute(_NOTIFY, (EVENTS_CHANNEL, response_id))
+    await update_response(conn, response_id, {}, fence, events, None)
 
 
 async def claim_responses(

@@ -62,6 +62,11 @@ class SQLiteStore(Store):
     ValueError. Call :meth:`open` before use and :meth:`close` after; a method called while
     the store is not open raises StoreError.
 
+    ``poll_s`` (25 ms) and ``cancel_poll_s`` (250 ms) are how often :meth:`wait_events` and
+    :meth:`wait_cancel` look for other processes' writes on the same file (this store's own
+    writes wake them at once). Owner liveness uses lock files in ``<path>-owners/``
+    (:mod:`store.owners`).
+
     Returned objects own the payloads passed in (no copies are made).
     """
 
