@@ -220,3 +220,25 @@ def test_left_out_tools_recorded_on_the_step_and_mapped_types_run(tmp_path):
     assert steps[0]["request_payload"]["stepchain"] == {"left_out_tools": ["code_interpreter"]}
     assert "stepchain" not in model.requests[3]
     assert plain.metadata == {}
+
+
+def test_openai_sdk_stream_accumulates_custom_and_namespaced_calls(tmp_path):
+    calls = [
+        {"id": "call_c", "name": "apply_patch", "arguments": json.dumps({"input": PATCH})},
+        {"id": "call_n", "name": "ns__read", "arguments": '{"path": "a"}'},
+    ]
+    model = ScriptedModel([Reply(reasoning="r", content="c", tool_calls=calls)])
+    tools = [
+        {"type": "custom", "name": "apply_patch"},
+        {"type": "namespace", "name": "ns", "description": "Files",
+         "tools": [{"type": "function", "name": "read", "parameters": {"type": "object"}}]},
+    ]
+    with running_gateway(tmp_path, model) as gw, gw.client() as client:
+        with client.responses.stream(model="scripted-model", input="x", tools=tools) as stream:
+            for _event in stream:
+                pass
+            final = stream.get_final_response()
+    reasoning, message, custom, function = final.output
+    assert (custom.type, custom.name, custom.input) == ("custom_tool_call", "apply_patch", PATCH)
+    assert (function.type, function.name, function.namespace) == ("function_call", "read", "ns")
+    assert message.phase == "commentary"
