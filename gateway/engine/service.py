@@ -150,7 +150,7 @@ class ResponsesService:
         lease_s: float = 30.0,
         hosted_tool_map: dict[str, str] | None = None,
         encrypted_content_key: str | None = None,
-        reasoning_to_upstream: bool = False,
+        reasoning_to_upstream: str = "encrypted",
         context_windows: dict[str, int] | None = None,
     ) -> None:
         self.deps = deps
@@ -158,7 +158,7 @@ class ResponsesService:
         self.hosted_tool_map = dict(hosted_tool_map or {})
         # Seals and opens encrypted_content (compaction and reasoning items); None: refused.
         self.encrypted_content_key = encrypted_content_key
-        # Send input reasoning back upstream as reasoning_content (upstreams that take it).
+        # Which input reasoning goes back upstream as reasoning_content: off | encrypted | all.
         self.reasoning_to_upstream = reasoning_to_upstream
         # Context window in tokens by model name ("*": any other), for truncation and compaction.
         self.context_windows = dict(context_windows or {})
@@ -341,7 +341,7 @@ class ResponsesService:
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
             tool_output_max_lines=self.deps.tool_output_max_lines,
             tool_name=plan.upstream_name,
-            reasoning_text=self._reasoning_text if self.reasoning_to_upstream else None,
+            reasoning_text=None if self.reasoning_to_upstream == "off" else self._reasoning_text,
         )
         initial_body = build_chat_request(
             body, messages, tools_to_chat(offered), stream=stream, tool_name=plan.upstream_name
@@ -406,7 +406,8 @@ class ResponsesService:
                 unseal(token, self.encrypted_content_key, param=f"input[{i}].encrypted_content")
 
     def _reasoning_text(self, item: dict[str, Any]) -> str | None:
-        """The reasoning text of a reasoning item: its sealed text, else its content parts."""
+        """The reasoning text of a reasoning item for the upstream: its sealed text, else (with
+        ``reasoning_to_upstream = "all"``) its content or summary parts."""
         token = item.get("encrypted_content")
         if isinstance(token, str) and self.encrypted_content_key is not None:
             try:
@@ -415,6 +416,8 @@ class ResponsesService:
                 text = None  # checked when it arrived; a rotated key only loses the reasoning
             if isinstance(text, str):
                 return text
+        if self.reasoning_to_upstream != "all":
+            return None
         parts = item.get("content") or item.get("summary") or ()
         texts = [p.get("text") for p in parts if isinstance(p, dict)]
         return "\n".join(t for t in texts if isinstance(t, str)) or None
