@@ -128,11 +128,19 @@ class PostgresStore(PostgresRecords, Store):
         return StoreUnavailableError(f"PostgreSQL at {self.where} is unavailable: {self._reason(exc)}")
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        conn = await psycopg.AsyncConnection.connect(
-            self._dsn, autocommit=True, connect_timeout=self._connect_timeout
-        )
+        conn = await psycopg.AsyncConnection.connect(self._dsn, **self._conn_kwargs())
         set_json_loads(orjson.loads, conn)
         return conn
+
+    def _conn_kwargs(self) -> dict[str, Any]:
+        """Connection options: autocommit, the connect timeout, and TCP keepalives plus a user
+        timeout so a server that vanished from the network (no reset) is noticed in ~10 s
+        instead of hanging a call until the kernel gives up."""
+        return {
+            "autocommit": True, "connect_timeout": self._connect_timeout, "keepalives": 1,
+            "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+            "tcp_user_timeout": 10_000,
+        }  # fmt: skip
 
     @staticmethod
     async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -239,7 +247,7 @@ class PostgresStore(PostgresRecords, Store):
             min_size=self._min_size,
             max_size=self._max_size,
             timeout=self._pool_timeout_s,
-            kwargs={"autocommit": True, "connect_timeout": self._connect_timeout},
+            kwargs=self._conn_kwargs(),
             configure=self._configure,
             check=self._check,
             # Give up a failing reconnect attempt soon: the next call starts a fresh one, so

@@ -78,6 +78,8 @@ def test_server_going_away_and_coming_back(pg_server: PgServer, pg_dsn: str) -> 
         await follower.open()
         kept = _record()
         await store.create_response(kept, events=(0, [b"e0"]))
+        await store.register_owner("proc-outage")
+        assert await _owner_lock_held("proc-outage")
         pg_server.stop()
         took = []
         lost = _record()
@@ -112,7 +114,22 @@ def test_server_going_away_and_coming_back(pg_server: PgServer, pg_dsn: str) -> 
         await store.append_events(kept.id, 1, [b"e1"])
         await asyncio.wait_for(waiting, 60)
         assert await follower.list_events(kept.id, after=0) == [(1, b"e1")]
+        # The owner's liveness lock died with the server's sessions; the store takes it again.
+        deadline = time.monotonic() + 60
+        while not await _owner_lock_held("proc-outage"):
+            assert time.monotonic() < deadline, "the owner lock was not taken again"
+            await asyncio.sleep(0.2)
         return took
+
+    async def _owner_lock_held(owner: str) -> bool:
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+            cursor = await conn.execute(
+                "SELECT EXISTS(SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(%s, 0))",
+                (owner,),
+            )
+            row = await cursor.fetchone()
+            return bool(row and row[0])
 
     try:
         took = run(main())
