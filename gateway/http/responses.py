@@ -195,7 +195,7 @@ async def list_input_items(request: Request) -> Response:
     if order not in ("asc", "desc"):
         raise InvalidRequestError("order must be 'asc' or 'desc'.", param="order")
     raw_limit = query.get("limit", "20")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
         raise InvalidRequestError("limit must be an integer from 1 to 100.", param="limit")
     limit = int(raw_limit)
     items = await request.app.state.service.input_items(record)
