@@ -15,7 +15,8 @@ ending with ``response.completed`` / ``response.incomplete`` / ``response.failed
 * Errors are ``{"type": "error", "status": <HTTP status>, "error": {"type", "code", "message",
   "param"}}`` (openai-python's ``ResponseWsError``). A message that is not JSON, not an object,
   of an unknown ``type``, or larger than ``max_body_bytes`` gets one and the connection stays
-  usable; a frame larger than the server's WebSocket limit is closed with 1009 by uvicorn.
+  usable; a frame larger than the server's WebSocket limit (``stepchain serve``: max_body_bytes
+  + 1 MiB, at least 16 MiB) is closed with 1009 by uvicorn.
 * Auth: the upgrade request's ``Authorization: Bearer`` header, checked by
   :class:`gateway.http.auth.AuthMiddleware` (a bad key is refused with HTTP 401 before the
   handshake completes); the tenant is the one the key maps to, as over HTTP.
@@ -47,9 +48,8 @@ from gateway.errors import (
     InvalidRequestError,
     PreviousResponseNotFoundError,
     RequestTooLargeError,
-    ServiceUnavailableError,
+    to_gateway_error,
 )
-from store.types import StoreError
 
 from .bodies import MAX_DEPTH, _too_deep
 
@@ -154,6 +154,13 @@ class _Connection:
             return
         kind = event.get("type")
         stream_id = event.get("stream_id") if isinstance(event.get("stream_id"), str) else None
+        if kind == "response.steer":
+            self.send(error_event(InvalidRequestError(
+                "response.steer is not supported by this gateway; send the input with the next "
+                "response.create and previous_response_id.",
+                param="type", code="unsupported_event_type",
+            ), stream_id))
+            return
         if kind != "response.create":
             self.send(error_event(InvalidRequestError(
                 f"Unknown event type {kind!r}; this server accepts 'response.create'.",
@@ -164,11 +171,11 @@ class _Connection:
             await self.create(event, stream_id)
         except GatewayError as exc:
             self.send(error_event(exc, stream_id))
-        except Exception:
-            logger.exception("websocket response.create failed")
-            self.send(error_event(GatewayError(
-                "The server had an error while processing your request."
-            ), stream_id))
+        except Exception as exc:  # a lower layer's error, translated at the one boundary
+            error = to_gateway_error(exc)
+            if error.status_code >= 500:
+                logger.error("websocket response.create failed", exc_info=exc)
+            self.send(error_event(error, stream_id))
 
     async def create(self, event: dict[str, Any], stream_id: str | None) -> None:
         if self.in_flight is not None:
@@ -227,13 +234,11 @@ class _Connection:
                     final = await self.service.run(prepared, builder)
                 else:
                     final = await self.service.record_only(prepared, builder)
-            except GatewayError as exc:
-                self.send(error_event(exc, stream_id))
-            except StoreError as exc:  # the record could not be created: nothing ran
-                logger.error("websocket response %s not stored: %s", response_id, exc)
-                self.send(error_event(ServiceUnavailableError(
-                    "The response could not be stored; try again."
-                ), stream_id))
+            except Exception as exc:  # e.g. the record could not be created: nothing ran
+                error = to_gateway_error(exc)
+                if error.status_code >= 500:
+                    logger.error("websocket response %s failed", response_id, exc_info=exc)
+                self.send(error_event(error, stream_id))
             finally:
                 # No await between the terminal event and here: the client's next
                 # response.create cannot be read before the connection is free and cached.
