@@ -55,6 +55,7 @@ from .chat import chat_routes
 from .context import context_routes
 from .models import model_routes
 from .responses import response_routes
+from .state import GatewayState
 from .tools import tool_routes
 from .ui import ui_routes
 from .websocket import websocket_routes
@@ -191,19 +192,19 @@ def create_app(
             encrypted_content_key=load_or_create_key(settings),
             reasoning_to_upstream=settings.reasoning_to_upstream,
             context_windows=settings.model_context_windows,
+            tasks=tasks,
         )
-        recovery = Recovery(service, tasks, lease_s=settings.lease_s)
-        app.state.settings = settings
-        app.state.egress = egress
-        app.state.store = the_store
-        app.state.upstream = upstream
-        app.state.registry = registry
-        app.state.tasks = tasks
-        app.state.service = service
-        app.state.recovery = recovery
-        app.state.live = LiveStreams()
-        app.state.token_counter = TokenCounter(upstream)
-        app.state.running = {}
+        recovery = Recovery(service, lease_s=settings.lease_s)
+        app.state.gateway = GatewayState(
+            settings=settings,
+            service=service,
+            registry=registry,
+            upstream=upstream,
+            live=LiveStreams(),
+            token_counter=TokenCounter(upstream),
+            recovery=recovery,
+            egress=egress,
+        )
         await recovery.start()
         try:
             yield
@@ -251,7 +252,6 @@ def create_app(
         exception_handlers=error_handlers(),
     )
     app.router.redirect_slashes = False  # a bodiless 307 is no OpenAI error: 404 instead
-    app.state.settings = settings
     return app
 
 
