@@ -182,6 +182,8 @@ class ResponsesService:
         # response id -> (the ids of the responses in its conversation, the conversation's items
         # up to and including that response's output).
         self._history: OrderedDict[str, tuple[frozenset[str], list[dict[str, Any]]]] = OrderedDict()
+        # Recently deleted responses: a conversation holding one is not cached again.
+        self._deleted: OrderedDict[str, None] = OrderedDict()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -246,12 +248,17 @@ class ResponsesService:
         return items
 
     def _remember(self, response_id: str, ids: frozenset[str], items: list[dict[str, Any]]) -> None:
+        if not ids.isdisjoint(self._deleted):
+            return  # an earlier response was deleted while this one ran: rebuild it when asked
         self._history[response_id] = (ids, items)
         if len(self._history) > _HISTORY_CACHE_SIZE:
             self._history.popitem(last=False)
 
     def _forget(self, response_id: str) -> None:
         """Drop every cached conversation that holds ``response_id``'s items."""
+        self._deleted[response_id] = None
+        if len(self._deleted) > _HISTORY_CACHE_SIZE:
+            self._deleted.popitem(last=False)
         for key in [k for k, (ids, _items) in self._history.items() if response_id in ids]:
             del self._history[key]
 
