@@ -25,7 +25,6 @@ from store.types import StoreError, new_id
 
 if TYPE_CHECKING:
     from .service import ResponsesService
-    from .tasks import TaskSet
 
 logger = logging.getLogger("stepchain.recovery")
 
@@ -41,10 +40,9 @@ class Recovery:
     """Renews this process's leases and resumes responses whose owner is gone."""
 
     def __init__(
-        self, service: ResponsesService, tasks: TaskSet, *, lease_s: float, claim_s: float = 1.0
+        self, service: ResponsesService, *, lease_s: float, claim_s: float = 1.0
     ) -> None:
         self.service = service
-        self.tasks = tasks
         self.lease_s = lease_s
         self.claim_s = min(claim_s, lease_s / 3)
         self.owner = service.owner or new_owner_id()

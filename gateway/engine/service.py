@@ -11,16 +11,19 @@ ends returns the same response.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any
 
 from executors.upstream import STEP_NOTES
 from gateway.errors import (
+    ConflictError,
     GatewayError,
     InvalidRequestError,
     PreviousResponseNotFoundError,
@@ -53,11 +56,14 @@ from store.types import (
     new_id,
 )
 
+from .chat import ENDPOINT as CHAT_ENDPOINT
+from .chat import run_chat_completion
 from .compaction import compact_threshold_of, expand_compactions
 from .conversations import ConversationService, conversation_id_of
 from .live import LiveStream, LiveStreams
 from .loop import LoopDeps, run_response_loop
 from .references import ItemResolver
+from .tasks import TaskSet
 from .transition import AppendSteps, LoopRequest, next_action
 from .writer import ResponseWriter
 
@@ -67,16 +73,6 @@ __all__ = ["Prepared", "ResponsesService", "record_to_object"]
 
 # How many conversations' histories one process keeps (each a list of items).
 _HISTORY_CACHE_SIZE = 2048
-
-
-@dataclass(slots=True)
-class Running:
-    """A response this process runs: its task, and whether it is being cancelled on purpose
-    (a cancel request, from this or any replica) rather than by a shutdown."""
-
-    task: asyncio.Task[Any]
-    cancel_requested: bool = False
-    watcher: asyncio.Task[Any] | None = None
 
 
 @dataclass(slots=True)
@@ -153,6 +149,10 @@ def _response_error(error: dict[str, Any] | None) -> dict[str, Any]:
     return {"code": code, "message": error.get("message") or kind}
 
 
+#: How long ``POST …/cancel`` waits for the response to end (its owner may be another replica).
+CANCEL_WAIT_S = 10.0
+
+
 class ResponsesService:
     """Creates, runs and reads responses for the HTTP layer (one instance per process)."""
 
@@ -168,8 +168,11 @@ class ResponsesService:
         encrypted_content_key: str | None = None,
         reasoning_to_upstream: str = "encrypted",
         context_windows: dict[str, int] | None = None,
+        tasks: TaskSet | None = None,
     ) -> None:
         self.deps = deps
+        # The background tasks responses run in (they outlive their HTTP request).
+        self.tasks = tasks if tasks is not None else TaskSet()
         # Hosted tool type (web_search, …) -> the registered tool that implements it.
         self.hosted_tool_map = dict(hosted_tool_map or {})
         # Seals and opens encrypted_content (compaction and reasoning items); None: refused.
@@ -184,13 +187,17 @@ class ResponsesService:
         self.lease_s = lease_s
         self.live = live if live is not None else LiveStreams()
         self.flush_s = flush_s
-        # The responses running in this process, by id (the one place cancellation is kept).
-        self.running: dict[str, Running] = {}
-        # The app's task set (set by the app): responses run in tasks of their own.
-        self.tasks: Any = None
+        # The task of each response running in this process, those being cancelled on purpose
+        # (not by a shutdown), and the cancel-request watchers of background ones: the one
+        # place cancellation is kept (the request itself is a flag in the store).
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._cancel_requested: set[str] = set()
+        self._watchers: dict[str, asyncio.Task[Any]] = {}
         # response id -> (the ids of the responses in its conversation, the conversation's items
         # up to and including that response's output).
         self._history: OrderedDict[str, tuple[frozenset[str], list[dict[str, Any]]]] = OrderedDict()
+        # Recently deleted responses: a conversation holding one is not cached again.
+        self._deleted: OrderedDict[str, None] = OrderedDict()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -255,14 +262,46 @@ class ResponsesService:
         return items
 
     def _remember(self, response_id: str, ids: frozenset[str], items: list[dict[str, Any]]) -> None:
+        if not ids.isdisjoint(self._deleted):
+            return  # an earlier response was deleted while this one ran: rebuild it when asked
         self._history[response_id] = (ids, items)
         if len(self._history) > _HISTORY_CACHE_SIZE:
             self._history.popitem(last=False)
 
     def _forget(self, response_id: str) -> None:
         """Drop every cached conversation that holds ``response_id``'s items."""
+        self._deleted[response_id] = None
+        if len(self._deleted) > _HISTORY_CACHE_SIZE:
+            self._deleted.popitem(last=False)
         for key in [k for k, (ids, _items) in self._history.items() if response_id in ids]:
             del self._history[key]
+
+    async def steps(
+        self, record: ResponseRecord, scope_parent: str | None | EllipsisType = ...
+    ) -> list[Step]:
+        """The recorded step chain: every step of every scope by ``sequence`` (the default),
+        or one scope's (``scope_parent`` None: the top level; a step id: that sub-agent's)."""
+        if scope_parent is ...:
+            return await self.store.list_steps(record.id)
+        return await self.store.list_chain(record.id, scope_parent)
+
+    async def chat_completion(
+        self,
+        body: dict[str, Any],
+        tenant: str | None,
+        *,
+        upstream_key: str | None = None,
+        on_chunk: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
+        """A Chat Completions call passed through and recorded (:mod:`gateway.engine.chat`);
+        ``upstream_key`` replaces the gateway's upstream key (pass_client_key)."""
+        upstream = self.deps.upstream
+        if upstream_key:
+            upstream = upstream.with_api_key(upstream_key)
+        return await run_chat_completion(
+            self.store, upstream, body, tenant=tenant, owner=self.owner, lease_s=self.lease_s,
+            on_chunk=on_chunk,
+        )
 
     async def delete(self, record: ResponseRecord) -> None:
         """Delete a stored response; later responses that continue a conversation through it
@@ -270,26 +309,79 @@ class ResponsesService:
         await self.store.delete_response(record.id)
         self._forget(record.id)
 
-    def cancel(self, response_id: str) -> bool:
-        """Cancel a response running in this process on purpose: it ends ``cancelled``, its
-        open steps ``canceled`` (unlike a shutdown, which leaves it for another process to
-        resume). False if it does not run here."""
-        running = self.running.get(response_id)
-        if running is None or running.task.done():
-            return False
-        if not running.cancel_requested:  # once: a second cancel would cut the ending short
-            running.cancel_requested = True
-            running.task.cancel()
-        return True
+    # -- running tasks -------------------------------------------------------------------------
 
-    async def request_cancel(self, response_id: str) -> asyncio.Task[Any] | None:
-        """Record a cancel request in the store (any replica's owner observes it) and cancel
-        the response at once if it runs here; returns its task then."""
-        await self.store.request_cancel(response_id)
-        running = self.running.get(response_id)
-        if running is not None and self.cancel(response_id):
-            return running.task
-        return None
+    def spawn(
+        self, response_id: str, coro: Coroutine[Any, Any, Any], *, background: bool = False
+    ) -> asyncio.Task[Any]:
+        """Run ``coro`` (the work of response ``response_id``) as a background task of its own,
+        findable by :meth:`running` and :meth:`cancel` until it ends. A ``background``
+        response also watches the store for a cancel request from any replica."""
+        task = self.tasks.spawn(coro)
+        self._running[response_id] = task
+        if background:
+            old = self._watchers.pop(response_id, None)
+            if old is not None:
+                old.cancel()
+            self._watchers[response_id] = asyncio.ensure_future(self._watch_cancel(response_id))
+        task.add_done_callback(lambda _t: self._forget_task(response_id, task))
+        return task
+
+    def _forget_task(self, response_id: str, task: asyncio.Task[Any]) -> None:
+        if self._running.get(response_id) is task:
+            del self._running[response_id]
+            self._cancel_requested.discard(response_id)
+            watcher = self._watchers.pop(response_id, None)
+            if watcher is not None:
+                watcher.cancel()
+
+    def running(self, response_id: str) -> asyncio.Task[Any] | None:
+        """The task of a response running in this process, None when it is not."""
+        task = self._running.get(response_id)
+        return task if task is not None and not task.done() else None
+
+    def cancel(self, response_id: str) -> asyncio.Task[Any] | None:
+        """Cancel a response running here on purpose: it ends ``cancelled``, its open steps
+        ``canceled`` (unlike a shutdown, which leaves it for another process to resume).
+        Returns its task (to await), None when it is not running here."""
+        task = self.running(response_id)
+        if task is not None and response_id not in self._cancel_requested:
+            self._cancel_requested.add(response_id)  # once: a second cancel would cut it short
+            task.cancel()
+        return task
+
+    async def cancel_background(self, record: ResponseRecord) -> ResponseRecord:
+        """``POST /v1/responses/{id}/cancel``: stop a background response, on whichever
+        replica runs it (a flag in the store that its owner observes), and return its record
+        once it has ended (after ``CANCEL_WAIT_S`` at most: as stored then). A finished one is
+        returned as it is. Raises InvalidRequestError for a response that is not background."""
+        if not record.request.get("background"):
+            raise InvalidRequestError(
+                "Only background responses can be cancelled.", param="response_id"
+            )
+        if record.status in ("queued", "in_progress"):
+            await self.store.request_cancel(record.id)
+            task = self.cancel(record.id)
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), CANCEL_WAIT_S)
+            else:
+                await self._until_finished(record.id, CANCEL_WAIT_S)
+        return await self.store.get_response(record.id) or record
+
+    async def _until_finished(self, response_id: str, timeout_s: float) -> None:
+        """Wait (``Store.wait_events``) until the response is no longer in progress."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        after = -1
+        while loop.time() < deadline:
+            record = await self.store.get_response(response_id)
+            if record is None or record.status not in ("queued", "in_progress"):
+                return
+            events = await self.store.list_events(response_id, after=after)
+            if events:
+                after = events[-1][0]
+            await self.store.wait_events(response_id, after, min(1.0, deadline - loop.time()))
 
     async def _watch_cancel(self, response_id: str) -> None:
         """Cancel the response when a cancel request reaches the store (another replica's)."""
@@ -321,29 +413,14 @@ class ResponsesService:
         if log is not None and listener is not None:
             log.listeners.append(listener)
         builder = self.builder(prepared, emit=None if log is None else log.emit)
-        if not generate:
-            return self._spawn(prepared.record, self.record_only(prepared, builder, log)), log
-        return self._spawn(prepared.record, self.run(prepared, builder, log)), log
-
-    def _spawn(self, record: ResponseRecord, coro: Any) -> asyncio.Task[Any]:
-        task = self.tasks.spawn(coro) if self.tasks is not None else asyncio.ensure_future(coro)
-        running = self.running[record.id] = Running(task)
-        if record.request.get("background") is True:
-            # Only background responses can be cancelled through the API: only they watch.
-            running.watcher = asyncio.ensure_future(self._watch_cancel(record.id))
-
-        def done(_task: asyncio.Task[Any]) -> None:
-            if self.running.get(record.id) is running:
-                del self.running[record.id]
-            if running.watcher is not None:
-                running.watcher.cancel()
-
-        task.add_done_callback(done)
-        return task
+        coro = self.run(prepared, builder, log) if generate else self.record_only(prepared, builder, log)
+        background = prepared.record.request.get("background") is True
+        return self.spawn(prepared.record.id, coro, background=background), log
 
     def resume_in_task(self, record: ResponseRecord) -> asyncio.Task[Any]:
         """Resume a claimed response in a task of its own (see :meth:`resume`)."""
-        return self._spawn(record, self.resume(record))
+        background = record.request.get("background") is True
+        return self.spawn(record.id, self.resume(record), background=background)
 
     # -- creating ------------------------------------------------------------------------------
 
@@ -625,7 +702,7 @@ class ResponsesService:
         """
         logger.info("resuming response %s", record.id)
         writer = ResponseWriter(self.store, record.id, record.fence, flush_s=self.flush_s)
-        if (record.metadata or {}).get("endpoint") == "chat.completions":
+        if (record.metadata or {}).get("endpoint") == CHAT_ENDPOINT:
             # A passthrough call's client is gone with its process: nothing to resume it for.
             await self._cancel_unfinished(writer, record.id)
             error = {"code": "server_error", "message": "interrupted: the gateway process stopped"}
@@ -745,8 +822,7 @@ class ResponsesService:
                 defer_final_write=True,
             )
         except asyncio.CancelledError:
-            running = self.running.get(record.id)
-            if not cancelled and (running is None or not running.cancel_requested):
+            if not cancelled and record.id not in self._cancel_requested:
                 raise  # shutting down: leave it in progress for another process to resume
             status, error = "cancelled", None
             await self._cancel_unfinished(writer, record.id)

@@ -59,6 +59,7 @@ from .context import context_routes
 from .conversations import conversation_routes
 from .models import model_routes
 from .responses import response_routes
+from .state import GatewayState
 from .tools import tool_routes
 from .ui import ui_routes
 from .websocket import websocket_routes
@@ -231,19 +232,19 @@ def create_app(
             encrypted_content_key=load_or_create_key(settings),
             reasoning_to_upstream=settings.reasoning_to_upstream,
             context_windows=settings.model_context_windows,
+            tasks=tasks,
         )
-        service.tasks = tasks
-        recovery = Recovery(service, tasks, lease_s=settings.lease_s)
-        app.state.settings = settings
-        app.state.egress = egress
-        app.state.store = the_store
-        app.state.upstream = upstream
-        app.state.registry = registry
-        app.state.tasks = tasks
-        app.state.service = service
-        app.state.recovery = recovery
-        app.state.live = live
-        app.state.token_counter = TokenCounter(upstream)
+        recovery = Recovery(service, lease_s=settings.lease_s)
+        app.state.gateway = GatewayState(
+            settings=settings,
+            service=service,
+            registry=registry,
+            upstream=upstream,
+            live=live,
+            token_counter=TokenCounter(upstream),
+            recovery=recovery,
+            egress=egress,
+        )
         await recovery.start()
         shutdown = _ShutdownClock()
         try:
@@ -295,7 +296,6 @@ def create_app(
         exception_handlers=error_handlers(),
     )
     app.router.redirect_slashes = False  # a bodiless 307 is no OpenAI error: 404 instead
-    app.state.settings = settings
     return app
 
 

@@ -18,17 +18,14 @@ from starlette.routing import Route
 
 from gateway.engine.live import stored_events
 from gateway.engine.service import Prepared, ResponsesService, record_to_object
-from gateway.errors import (
-    GatewayError,
-    InvalidRequestError,
-    NotFoundError,
-)
+from gateway.errors import GatewayError, InvalidRequestError, NotFoundError
 from gateway.protocol.sse import DONE
 from store.types import ResponseRecord
 
 from .auth import caller_is_admin
 from .bodies import json_response, read_json, tenant_of
 from .sse_response import EventStreamResponse
+from .state import gateway_state
 
 __all__ = ["response_routes"]
 
@@ -44,9 +41,9 @@ def _error_for_failure(prepared: Prepared) -> GatewayError:
 
 
 async def create_response(request: Request) -> Response | EventStreamResponse:
-    state = request.app.state
+    state = gateway_state(request)
     state.egress.note_own_socket(request.scope.get("server"))  # tools may not call us back
-    service: ResponsesService = state.service
+    service = state.service
     body = await read_json(request)
     prepared = await service.prepare(
         body, tenant_of(request), upstream_key=request.scope.get("stepchain.client_key")
@@ -82,7 +79,7 @@ async def create_response(request: Request) -> Response | EventStreamResponse:
         if final["status"] == "failed" and not final["output"]:
             raise _error_for_failure(prepared)
     if state.settings.cancel_on_disconnect and not background:
-        state.tasks.spawn(_cancel_on_disconnect(request, service, response_id, task))
+        service.tasks.spawn(_cancel_on_disconnect(request, service, response_id, task))
     # If the client goes away, the response goes on and is stored (unless configured otherwise).
     return _sse(live.follow(0, service.store))
 
@@ -109,7 +106,7 @@ async def _wait_disconnect(request: Request) -> None:
 
 async def _visible(request: Request) -> ResponseRecord:
     response_id = request.path_params["response_id"]
-    record = await request.app.state.service.get_visible(
+    record = await gateway_state(request).service.get_visible(
         response_id, tenant_of(request), any_tenant=request.method == "GET" and caller_is_admin(request)
     )
     if record is None:
@@ -130,7 +127,7 @@ async def get_response(request: Request) -> Response | EventStreamResponse:
         starting_after = int(raw)
     except ValueError:
         raise InvalidRequestError("starting_after must be an integer.", param="starting_after") from None
-    service: ResponsesService = request.app.state.service
+    service = gateway_state(request).service
     live = service.live.get(record.id)
     if live is not None and not live.closed:
         return _sse(live.follow(max(starting_after + 1, 0), service.store))
@@ -144,46 +141,16 @@ async def get_response(request: Request) -> Response | EventStreamResponse:
 async def cancel_response(request: Request) -> Response:
     """``POST /v1/responses/{id}/cancel``: stop a background response, on whichever replica
     runs it (a flag in the store its owner observes); it ends ``cancelled`` with its open steps
-    ``canceled``. Answers once it has ended (or after ``_CANCEL_WAIT_S`` with its state then).
+    ``canceled``. Answers once it has ended (or after ``CANCEL_WAIT_S`` with its state then).
     Only background responses can be cancelled; a finished one is returned as it is."""
     record = await _visible(request)
-    service: ResponsesService = request.app.state.service
-    if not record.request.get("background"):
-        raise InvalidRequestError("Only background responses can be cancelled.", param="response_id")
-    if record.status in ("queued", "in_progress"):
-        task = await service.request_cancel(record.id)
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), _CANCEL_WAIT_S)
-            except (asyncio.CancelledError, TimeoutError):
-                pass
-        else:
-            await _until_finished(service, record.id, _CANCEL_WAIT_S)
-    record = await _visible(request)
+    record = await gateway_state(request).service.cancel_background(record)
     return json_response(record_to_object(record))
-
-
-_CANCEL_WAIT_S = 10.0
-
-
-async def _until_finished(service: ResponsesService, response_id: str, timeout_s: float) -> None:
-    """Wait (``Store.wait_events``) until the response is no longer in progress."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    after = -1
-    while loop.time() < deadline:
-        record = await service.store.get_response(response_id)
-        if record is None or record.status not in ("queued", "in_progress"):
-            return
-        events = await service.store.list_events(response_id, after=after)
-        if events:
-            after = events[-1][0]
-        await service.store.wait_events(response_id, after, min(1.0, deadline - loop.time()))
 
 
 async def delete_response(request: Request) -> Response:
     record = await _visible(request)
-    await request.app.state.service.delete(record)
+    await gateway_state(request).service.delete(record)
     return json_response({"id": record.id, "object": "response", "deleted": True})
 
 
@@ -198,7 +165,7 @@ async def list_input_items(request: Request) -> Response:
     if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
         raise InvalidRequestError("limit must be an integer from 1 to 100.", param="limit")
     limit = int(raw_limit)
-    items = await request.app.state.service.input_items(record)
+    items = await gateway_state(request).service.input_items(record)
     if order == "desc":
         items = items[::-1]
     after = query.get("after")
@@ -226,11 +193,11 @@ async def list_steps(request: Request) -> Response:
     scope and ``?scope_parent=`` (empty) the top level only.
     """
     record = await _visible(request)
-    store = request.app.state.service.store
+    service = gateway_state(request).service
     if "scope_parent" in request.query_params:
-        steps = await store.list_chain(record.id, request.query_params["scope_parent"] or None)
+        steps = await service.steps(record, request.query_params["scope_parent"] or None)
     else:
-        steps = await store.list_steps(record.id)
+        steps = await service.steps(record)
     return json_response({"object": "list", "data": [_step_dict(s) for s in steps]})
 
 

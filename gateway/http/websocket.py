@@ -53,6 +53,7 @@ from gateway.errors import (
 )
 
 from .bodies import MAX_DEPTH, _too_deep
+from .state import gateway_state
 
 __all__ = ["CACHE_SIZE", "error_event", "sse_to_message", "websocket_routes"]
 
@@ -87,7 +88,7 @@ class _Connection:
 
     def __init__(self, websocket: WebSocket) -> None:
         self.websocket = websocket
-        state = websocket.app.state
+        state = gateway_state(websocket)
         self.state = state
         self.service: ResponsesService = state.service
         self.limit: int = state.settings.max_body_bytes
@@ -126,7 +127,7 @@ class _Connection:
         finally:
             self.open = False
             self.outbox.put_nowait(None)
-            if self.in_flight is not None and self.state.settings.cancel_on_disconnect:
+            if self.in_flight and self.state.settings.cancel_on_disconnect:
                 self.service.cancel(self.in_flight)
             if not writer.done():
                 await asyncio.wait({writer}, timeout=5)
@@ -255,7 +256,7 @@ class _Connection:
                 if self.in_flight == response_id:
                     self.in_flight = None
 
-        self.state.tasks.spawn(watch())
+        self.service.tasks.spawn(watch())
 
 
 async def responses_socket(websocket: WebSocket) -> None:
