@@ -100,6 +100,7 @@ class ChaosReport:
     kills: list[tuple[float, str]]
     database_restarts: int
     database_restartable: bool
+    restart_failures: list[str]
     responses_by_status: dict[str, int]
     steps_by_state: dict[str, int]
     tool_executions: int
@@ -134,6 +135,7 @@ class ChaosReport:
             f"responses by status: {self.responses_by_status}; steps by state: {self.steps_by_state}",
             f"tool server: {self.tool_executions} executions, {self.tool_calls_without_key} calls "
             "without an Idempotency-Key",
+            _verdict("every killed replica started again", self.restart_failures),
             _verdict("every response terminal", self.not_terminal),
             _verdict("no step processing", [f"{self.steps_processing} steps"] if self.steps_processing else []),
             _verdict("no non-idempotent tool call executed twice", self.duplicate_executions),
@@ -175,6 +177,7 @@ class _Run:
         self.database_restarts = 0
         self.chaos_over = asyncio.Event()
         self.stopping = threading.Event()  # the chaos threads stop early when set
+        self.restart_failures: list[str] = []
         self.t0 = time.monotonic()
 
     def _pick(self, avoid: int | None, start: int) -> int:
@@ -258,6 +261,8 @@ class _Run:
             time.sleep(cfg.restart_after_s)
             try:
                 self.start_replica(victim)
+            except RuntimeError as exc:  # a finding, not a crash of the harness
+                self.restart_failures.append(f"{victim.name}: {str(exc)[-300:]}")
             finally:
                 with lock:
                     restarting.discard(victim.name)
@@ -311,9 +316,12 @@ class _Run:
             if remaining > 0:
                 await asyncio.sleep(remaining)
             self.chaos_over.set()
-            for replica in self.cluster.replicas:  # a replica whose restart failed
+            for replica in self.cluster.replicas:  # a replica whose restart failed: once more
                 if not replica.alive():
-                    await asyncio.to_thread(self.start_replica, replica)
+                    try:
+                        await asyncio.to_thread(self.start_replica, replica)
+                    except RuntimeError as exc:
+                        self.restart_failures.append(f"{replica.name} (after the chaos): {str(exc)[-300:]}")
             await asyncio.wait(clients, timeout=self.config.settle_s + 30)
         finally:
             self.stopping.set()
@@ -447,7 +455,7 @@ def run_chaos(config: ChaosConfig = SHORT, work_dir: Path | None = None, *, pg_s
     return ChaosReport(
         config=config, backend=cluster.db.backend, streams=run.streams, kills=run.kills,
         database_restarts=run.database_restarts,
-        database_restartable=cluster.db.restartable, responses_by_status=responses, steps_by_state=steps,
+        database_restartable=cluster.db.restartable, restart_failures=run.restart_failures, responses_by_status=responses, steps_by_state=steps,
         tool_executions=executions, tool_calls_without_key=without_key, not_terminal=not_terminal,
         steps_processing=steps.get("processing", 0), duplicate_executions=duplicates,
         stream_mismatches=mismatches, elapsed_s=time.monotonic() - started, work_dir=work_dir,

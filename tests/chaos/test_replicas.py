@@ -34,6 +34,7 @@ def test_the_chaos_happened(report: ChaosReport) -> None:
     assert len(report.kills) >= 4, report.summary()
     assert len({name for _, name in report.kills}) >= 2, report.summary()
     assert report.reattached, report.summary()
+    assert not report.restart_failures, report.summary()
     expected = 1 if report.config.restart_database and report.database_restartable else 0
     assert report.database_restarts == expected, report.summary()
     assert len(report.responses) >= report.config.clients
