@@ -455,7 +455,8 @@ def run_chaos(config: ChaosConfig = SHORT, work_dir: Path | None = None, *, pg_s
     return ChaosReport(
         config=config, backend=cluster.db.backend, streams=run.streams, kills=run.kills,
         database_restarts=run.database_restarts,
-        database_restartable=cluster.db.restartable, restart_failures=run.restart_failures, responses_by_status=responses, steps_by_state=steps,
+        database_restartable=cluster.db.restartable, restart_failures=run.restart_failures,
+        responses_by_status=responses, steps_by_state=steps,
         tool_executions=executions, tool_calls_without_key=without_key, not_terminal=not_terminal,
         steps_processing=steps.get("processing", 0), duplicate_executions=duplicates,
         stream_mismatches=mismatches, elapsed_s=time.monotonic() - started, work_dir=work_dir,
