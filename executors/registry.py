@@ -7,6 +7,15 @@ A **tool definition** (what ``POST /v1/tools`` takes and the store keeps) is one
                  "allow_private"}
     agent tool: {"name", "description", "parameters", "kind": "agent", "attach", "model",
                  "instructions", "tools": [registered tool names]}
+    MCP server: {"name" (its server_label), "description" (its server_description),
+                 "kind": "mcp", "attach", "server_url", "headers", "allowed_tools",
+                 "require_approval", "timeout_s", "allow_private"}
+
+HTTP tools also take ``require_approval`` (``"never"``, the default, or ``"always"``): a call
+then waits for the client's ``mcp_approval_response``. An MCP server's tools are listed per
+response chain (``gateway/engine/tool_sources.py``); its ``require_approval`` defaults to
+``"always"`` as at OpenAI. ``attach: "on_request"`` MCP servers are used when a request names
+them: ``{"type": "mcp", "server_label": NAME}`` without ``server_url``.
 
 ``attach`` is ``"always"`` (offered to the model on every request) or ``"on_request"`` (offered
 only when the request's ``tools`` names it). ``idempotent`` HTTP tools may be re-run after a
@@ -36,6 +45,7 @@ from store.base import Store
 from store.types import StoreConflictError, StoreNotFoundError
 
 from .http_tool import ENV_PREFIX, resolve_headers
+from .mcp_tool import option_problem
 
 __all__ = [
     "AGENT_DEFAULT_PARAMETERS",
@@ -65,10 +75,15 @@ _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 _COMMON_KEYS = ("name", "description", "parameters", "kind", "attach")
 _KIND_KEYS = {
-    "http": ("url", "headers", "timeout_s", "idempotent", "allow_private"),
+    "http": ("url", "headers", "timeout_s", "idempotent", "allow_private", "require_approval"),
     "agent": ("model", "instructions", "tools"),
+    "mcp": (
+        "server_url", "headers", "timeout_s", "allow_private", "allowed_tools", "require_approval",
+    ),
 }
-_ALL_KEYS = frozenset(_COMMON_KEYS + _KIND_KEYS["http"] + _KIND_KEYS["agent"] + ("object",))
+_ALL_KEYS = frozenset(
+    _COMMON_KEYS + _KIND_KEYS["http"] + _KIND_KEYS["agent"] + _KIND_KEYS["mcp"] + ("object",)
+)
 
 
 class ToolDefinitionError(ValueError):
@@ -141,18 +156,18 @@ def _validate_headers(headers: Any, previous: Mapping[str, Any] | None) -> dict[
     return out
 
 
-def _validate_url(url: Any) -> str:
+def _validate_url(url: Any, field: str = "url") -> str:
     if not isinstance(url, str):
-        raise _fail("url is required for an http tool: an http(s) URL.", "url")
+        raise _fail(f"{field} is required for an http tool: an http(s) URL.", field)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
-        raise _fail(f"url is not a valid URL: {exc}.", "url") from None
+        raise _fail(f"{field} is not a valid URL: {exc}.", field) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _fail(f"url must be an http(s) URL with a host, got {url!r}.", "url")
+        raise _fail(f"{field} must be an http(s) URL with a host, got {url!r}.", field)
     if parts.username is not None or parts.password is not None:
-        raise _fail("url must not contain credentials; put them in headers (env:NAME).", "url")
+        raise _fail(f"{field} must not contain credentials; put them in headers (env:NAME).", field)
     return url
 
 
@@ -186,10 +201,9 @@ def validate_tool_definition(
         )
     kind = body.get("kind", "http")
     if not isinstance(kind, str) or kind not in _KIND_KEYS:
-        raise _fail(f'kind must be "http" or "agent", got {kind!r}.', "kind")
-    other = "agent" if kind == "http" else "http"
-    for key in _KIND_KEYS[other]:
-        if key in body:
+        raise _fail(f'kind must be "http", "agent" or "mcp", got {kind!r}.', "kind")
+    for key in body:
+        if key in _ALL_KEYS and key not in _COMMON_KEYS and key != "object" and key not in _KIND_KEYS[kind]:
             raise _fail(f"{key} is not a field of {kind} tools.", key)
     description = body.get("description", "")
     if not isinstance(description, str):
@@ -198,6 +212,8 @@ def validate_tool_definition(
     if attach not in ("always", "on_request"):
         raise _fail(f'attach must be "always" or "on_request", got {attach!r}.', "attach")
     default_parameters = AGENT_DEFAULT_PARAMETERS if kind == "agent" else _EMPTY_PARAMETERS
+    if kind == "mcp" and "parameters" in body:
+        raise _fail("parameters is not a field of mcp tool sources (the server lists them).", "parameters")
     parameters = _validate_parameters(body.get("parameters", default_parameters))
 
     out: dict[str, Any] = {
@@ -207,7 +223,13 @@ def validate_tool_definition(
         "kind": kind,
         "attach": attach,
     }
+    if kind == "mcp":
+        return _validate_mcp(body, out, previous)
     if kind == "http":
+        approval = body.get("require_approval", "never")
+        if approval not in ("always", "never"):
+            raise _fail('require_approval must be "always" or "never".', "require_approval")
+        out["require_approval"] = approval
         timeout_s = body.get("timeout_s", 30)
         if (
             isinstance(timeout_s, bool)
@@ -249,6 +271,48 @@ def validate_tool_definition(
     return out
 
 
+def _timeout(body: Mapping[str, Any]) -> float:
+    timeout_s = body.get("timeout_s", 30)
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or not 0 < timeout_s <= MAX_TIMEOUT_S
+    ):
+        raise _fail(
+            f"timeout_s must be a number of seconds more than 0 and at most {MAX_TIMEOUT_S}, "
+            f"got {timeout_s!r}.",
+            "timeout_s",
+        )
+    return timeout_s
+
+
+def _validate_mcp(
+    body: Mapping[str, Any], out: dict[str, Any], previous: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    del out["parameters"]
+    options = {
+        "server_label": out["name"],
+        "server_url": body.get("server_url"),
+        "allowed_tools": body.get("allowed_tools"),
+        "require_approval": body.get("require_approval"),
+    }
+    if not isinstance(body.get("server_url"), str):
+        raise _fail("server_url is required for an mcp tool source: an http(s) URL.", "server_url")
+    problem = option_problem(options)
+    if problem is not None:
+        raise _fail(f"{problem[0]} must be {problem[1]}.", problem[0])
+    allow_private = body.get("allow_private", False)
+    if not isinstance(allow_private, bool):
+        raise _fail("allow_private must be true or false.", "allow_private")
+    out["server_url"] = _validate_url(body["server_url"], "server_url")
+    out["headers"] = _validate_headers(body.get("headers", {}), previous)
+    out["allowed_tools"] = body.get("allowed_tools")
+    out["require_approval"] = body.get("require_approval", "always")
+    out["timeout_s"] = _timeout(body)
+    out["allow_private"] = allow_private
+    return out
+
+
 def public_view(definition: Mapping[str, Any]) -> dict[str, Any]:
     """The definition as the API returns it: ``object: "tool"``, and every literal header value
     replaced by ``"***"`` (``env:NAME`` references stay, they hold no secret)."""
@@ -287,6 +351,8 @@ class ToolRegistry:
         self._tools: dict[str, dict[str, Any]] = {}
         self._offered: dict[str, dict[str, Any]] = {}  # name -> Responses function tool
         self._always: list[str] = []  # always-attached names, sorted
+        self._mcp_always: list[str] = []  # always-attached MCP servers, sorted
+        self._approval: frozenset[str] = frozenset()
         self._loaded_at = float("-inf")
         self._lock = asyncio.Lock()
 
@@ -294,8 +360,18 @@ class ToolRegistry:
 
     def _set_cache(self, tools: dict[str, dict[str, Any]]) -> None:
         self._tools = tools
-        self._offered = {name: _responses_tool(d) for name, d in tools.items()}
-        self._always = sorted(n for n, d in tools.items() if d.get("attach", "always") == "always")
+        functions = {n: d for n, d in tools.items() if d.get("kind") != "mcp"}
+        self._offered = {name: _responses_tool(d) for name, d in functions.items()}
+        self._always = sorted(
+            n for n, d in functions.items() if d.get("attach", "always") == "always"
+        )
+        self._approval = frozenset(
+            n for n, d in functions.items()
+            if d.get("kind") == "http" and d.get("require_approval") == "always"
+        )
+        self._mcp_always = sorted(
+            n for n, d in tools.items() if d.get("kind") == "mcp" and d.get("attach", "always") == "always"
+        )
 
     def _cache_put(self, definition: dict[str, Any]) -> None:
         tools = dict(self._tools)
@@ -435,6 +511,22 @@ class ToolRegistry:
                 offered.append(registered[name])
                 hosted.add(name)
         return offered, client, frozenset(hosted)
+
+    def mcp_sources(self, request_tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """The registered MCP servers a request uses: those it names (``{"type": "mcp",
+        "server_label": NAME}`` without ``server_url``), then the ``attach: "always"`` ones."""
+        named = []
+        for tool in request_tools or ():
+            if isinstance(tool, dict) and tool.get("type") == "mcp" and not tool.get("server_url"):
+                definition = self._tools.get(tool.get("server_label") or "")
+                if definition is not None and definition.get("kind") == "mcp":
+                    named.append(definition)
+        labels = {t.get("server_label") for t in request_tools or () if isinstance(t, dict) and t.get("type") == "mcp"}
+        return named + [self._tools[n] for n in self._mcp_always if n not in labels]
+
+    def approval_required(self) -> frozenset[str]:
+        """Registered HTTP tools whose calls wait for the client's approval."""
+        return self._approval
 
     def resolve_header_secrets(self, definition: Mapping[str, Any]) -> dict[str, str]:
         """The definition's headers with ``env:NAME`` values read from the environment.

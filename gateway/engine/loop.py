@@ -17,13 +17,14 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
 from executors.http_tool import HTTPToolExecutor, ToolError
+from executors.mcp_tool import MCPServer, MCPToolExecutor
 from executors.reassembly import Delta
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream
@@ -69,6 +70,10 @@ class LoopDeps:
     upstream: ResilientUpstream
     registry: ToolRegistry
     http_tools: HTTPToolExecutor
+    mcp_tools: MCPToolExecutor | None = None
+    # Per response: function name -> (the MCP server, its tool name) the model may call.
+    mcp_routes: Mapping[str, tuple[MCPServer, str]] | None = None
+    mcp_timeout_s: float = 30.0
     max_iterations: int = 10
     max_depth: int = 8
     tool_output_max_bytes: int = 50_000
@@ -228,6 +233,10 @@ async def _execute_step(
 
 
 def _safe_to_rerun(deps: LoopDeps, step: Step) -> bool:
+    if step.request_payload.get(REJECTED_KEY):
+        return True  # never runs anyway
+    if deps.mcp_routes and step.request_payload.get("name") in deps.mcp_routes:
+        return False  # an MCP tool may have side effects
     definition = deps.registry.lookup(step.request_payload.get("name", ""))
     if definition is None:
         return True  # it will fail as unknown again, harmlessly
@@ -309,6 +318,16 @@ async def _tool_call(
     name = payload.get("name", "")
     if payload.get(REJECTED_KEY) == "max_tool_calls":
         raise ToolError("max_tool_calls_exceeded", "max_tool_calls reached: this call was not run")
+    if payload.get(REJECTED_KEY) == "denied":
+        reason = payload.get("reason")
+        raise ToolError(
+            "approval_denied",
+            "the user denied this tool call" + (f": {reason}" if isinstance(reason, str) and reason else ""),
+        )
+    route = deps.mcp_routes.get(name) if deps.mcp_routes and depth == 0 else None
+    if route is not None and deps.mcp_tools is not None:
+        server, tool_name = route
+        return await deps.mcp_tools.call(server, tool_name, payload.get("arguments") or "")
     definition = deps.registry.lookup(name)
     if definition is None:
         raise ToolError("unknown_tool", f"unknown tool: {name}")

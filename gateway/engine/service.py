@@ -39,6 +39,14 @@ from store.types import (
 )
 
 from .loop import LoopDeps, run_response_loop
+from .tool_sources import (
+    LISTINGS_KEY,
+    ResponseTools,
+    approved_calls,
+    collect_servers,
+    list_tools,
+    response_tools,
+)
 from .transition import AppendSteps, LoopRequest, next_action
 
 logger = logging.getLogger("stepchain.service")
@@ -62,6 +70,8 @@ class Prepared:
     history_ids: frozenset[str] = frozenset()
     # The client's own key, sent upstream instead of the gateway's (pass_client_key); never stored.
     upstream_key: str | None = None
+    # The MCP tools (and approvals) of this response.
+    mcp: ResponseTools | None = None
 
 
 class _NotClient:
@@ -234,8 +244,13 @@ class ResponsesService:
         input_items = normalize_input(body.get("input", []), response_id)
         if check:
             validate_call_outputs(history, input_items)
+            if LISTINGS_KEY in body:
+                body = {k: v for k, v in body.items() if k != LISTINGS_KEY}
         offered, client_tools, _hosted = registry.offer(body.get("tools"), body.get("tool_choice"))
         client_names = frozenset(t["name"] for t in client_tools)
+        body, offered, hosted, approved = await self._tool_sources(
+            body, offered, history, input_items, response_id, check=check
+        )
         # Background responses stream upstream too: followers may attach with ?stream=true.
         stream = body.get("stream") is True or body.get("background") is True
         messages = items_to_messages(
@@ -243,11 +258,28 @@ class ResponsesService:
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
             tool_output_max_lines=self.deps.tool_output_max_lines,
         )
+        if approved:  # the turn that asked for them, answered by the steps that run them
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": call["call_id"],
+                            "type": "function",
+                            "function": {"name": call["name"], "arguments": call["arguments"]},
+                        }
+                        for call in approved
+                    ],
+                }
+            )
         initial_body = build_chat_request(body, messages, tools_to_chat(offered), stream=stream)
         max_tool_calls = body.get("max_tool_calls")
         loop_request = LoopRequest(
             initial_body=initial_body,
             client_tools=client_names,
+            approval_tools=hosted.approval,
+            approved_calls=approved,
             max_iterations=self.deps.max_iterations,
             max_tool_calls=max_tool_calls if isinstance(max_tool_calls, int) else None,
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
@@ -264,7 +296,70 @@ class ResponsesService:
             metadata=body.get("metadata"),
             store=body.get("store", True) is not False,
         )
-        return Prepared(record, loop_request, input_items, history, client_names, history_ids)
+        return Prepared(
+            record, loop_request, input_items, history, client_names, history_ids, mcp=hosted
+        )
+
+    async def _tool_sources(
+        self,
+        body: dict[str, Any],
+        offered: list[dict[str, Any]],
+        history: list[dict[str, Any]],
+        input_items: list[dict[str, Any]],
+        response_id: str,
+        *,
+        check: bool,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], ResponseTools, tuple[dict[str, Any], ...]]:
+        """MCP servers and approvals (``gateway/engine/tool_sources.py``): the request body to
+        store (with the listings), the tools to offer, the response's hosted tools, the approved
+        calls to run first. A request without MCP tools or approvals passes through unchanged."""
+        registry = self.deps.registry
+        tools = body.get("tools")
+        sources = registry.mcp_sources(tools)
+        wants_mcp = bool(sources) or any(
+            isinstance(t, dict) and t.get("type") == "mcp" for t in tools or ()
+        )
+        answers = any(i.get("type") == "mcp_approval_response" for i in input_items)
+        registered_approval = registry.approval_required()
+        if not wants_mcp and not answers and not registered_approval:
+            return body, offered, ResponseTools(), ()
+        stored = body.get(LISTINGS_KEY) if not check else None
+        hosted = ResponseTools()
+        listings: list[dict[str, Any]] = []
+        if wants_mcp:
+            servers = collect_servers(
+                tools, sources, registry.environ, timeout_s=self.deps.mcp_timeout_s
+            )
+            if stored is not None:
+                listings = stored.get("listings") or []
+            else:
+                if self.deps.mcp_tools is None:
+                    raise InvalidRequestError("MCP tools are not enabled on this gateway.", param="tools")
+                listings = await list_tools(
+                    self.deps.mcp_tools, servers, history + input_items, response_id
+                )
+            hosted = response_tools(servers, listings, {t["name"] for t in offered})
+            if body.get("tool_choice") != "none":
+                offered = offered + hosted.offered
+        offered_names = {t["name"] for t in offered}
+        hosted.approval = hosted.approval | (registered_approval & offered_names)
+        approved: tuple[dict[str, Any], ...] = ()
+        if answers:
+            approved = approved_calls(
+                history + input_items, input_items, hosted, registered_approval
+            )
+        if stored is None and (listings or hosted.approval):
+            body = {
+                **body,
+                LISTINGS_KEY: {
+                    "listings": listings,
+                    "labels": {fn: list(v) for fn, v in hosted.labels.items()},
+                    "approval": sorted(hosted.approval),
+                },
+            }
+        elif stored is not None:
+            hosted.approval = frozenset(stored.get("approval") or ())
+        return body, offered, hosted, approved
 
     def builder(self, prepared: Prepared, emit: Callable[[bytes], None] | None = None) -> ResponseBuilder:
         """The event/output builder for a prepared response (``emit`` None = no events)."""
@@ -289,7 +384,17 @@ class ResponsesService:
             "model": record.model,
             "request": record.request,
         }
-        return ResponseBuilder(base, hosted_tools=_NotClient(client_tools), emit=emit)
+        sources = record.request.get(LISTINGS_KEY)
+        if not sources:
+            return ResponseBuilder(base, hosted_tools=_NotClient(client_tools), emit=emit)
+        return ResponseBuilder(
+            base,
+            hosted_tools=_NotClient(client_tools),
+            emit=emit,
+            approval_tools=frozenset(sources.get("approval") or ()),
+            labels={fn: (v[0], v[1]) for fn, v in (sources.get("labels") or {}).items()},
+            listings=sources.get("listings"),
+        )
 
     async def replay_chain(self, response_id: str, builder: ResponseBuilder) -> None:
         """Feed the finished steps of a response to ``builder`` as the loop reported them:
@@ -346,6 +451,7 @@ class ResponsesService:
             return record_to_object(record)
         prepared.record = record
         builder = self.builder(prepared)
+        builder.start()  # no events: adds the listings' items to the output
         await self.replay_chain(record.id, builder)
         return await self._drive(prepared, builder)
 
@@ -356,6 +462,8 @@ class ResponsesService:
         deps = self.deps
         if prepared.upstream_key:
             deps = dataclasses.replace(deps, upstream=deps.upstream.with_api_key(prepared.upstream_key))
+        if prepared.mcp is not None and prepared.mcp.routes:
+            deps = dataclasses.replace(deps, mcp_routes=prepared.mcp.routes)
         error = incomplete = None
         last: Step | None = None  # the final model call, when the loop left storing it to us
         try:

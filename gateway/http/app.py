@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from executors.egress import EgressPolicy
 from executors.http_tool import HTTPToolExecutor
+from executors.mcp_tool import MCPToolExecutor
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream, UpstreamTarget
 from gateway.config import Settings, load_settings
@@ -134,6 +135,7 @@ def create_app(
             upstream=upstream,
             registry=registry,
             http_tools=http_tools,
+            mcp_tools=MCPToolExecutor(egress, max_response_bytes=settings.tool_max_response_bytes),
             max_iterations=settings.max_response_iterations,
             max_depth=settings.max_response_step_depth,
             tool_output_max_bytes=settings.tool_output_max_bytes,

@@ -29,7 +29,8 @@ _TEXT_PARTS = ("input_text", "output_text")
 _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens": "max_tokens"}
 _ID_PREFIX = {
     "message": "msg", "function_call": "fc", "function_call_output": "fco",
-    "reasoning": "rs", "mcp_call": "mcp",
+    "reasoning": "rs", "mcp_call": "mcp", "mcp_list_tools": "mcpl",
+    "mcp_approval_request": "mcpr", "mcp_approval_response": "mcpa",
 }  # fmt: skip
 
 
@@ -185,6 +186,28 @@ def _validate_mcp_call(item: dict[str, Any], param: str) -> None:
         raise bad_value(f"{param}.output", "a string or null")
 
 
+def _validate_mcp_list_tools(item: dict[str, Any], param: str) -> None:
+    # Resent by clients that keep the conversation themselves; its tools are reused.
+    _require_str(item, "server_label", param)
+    if not isinstance(item.get("tools"), list) or not all(isinstance(t, dict) for t in item["tools"]):
+        raise bad_value(f"{param}.tools", "a list of tools")
+
+
+def _validate_mcp_approval_request(item: dict[str, Any], param: str) -> None:
+    _require_str(item, "id", param)
+    _require_str(item, "server_label", param)
+    _require_str(item, "name", param)
+    _require_str(item, "arguments", param, empty=True)
+
+
+def _validate_mcp_approval_response(item: dict[str, Any], param: str) -> None:
+    _require_str(item, "approval_request_id", param)
+    if not isinstance(item.get("approve"), bool):
+        raise bad_value(f"{param}.approve", "a boolean")
+    if item.get("reason") is not None and not isinstance(item["reason"], str):
+        raise bad_value(f"{param}.reason", "a string")
+
+
 def _reject_reference(item: dict[str, Any], param: str) -> None:
     raise unsupported_value(
         f"{param}.type",
@@ -199,6 +222,9 @@ _ITEM_VALIDATORS = {
     "function_call_output": _validate_function_call_output,
     "reasoning": _validate_reasoning,
     "mcp_call": _validate_mcp_call,
+    "mcp_list_tools": _validate_mcp_list_tools,
+    "mcp_approval_request": _validate_mcp_approval_request,
+    "mcp_approval_response": _validate_mcp_approval_response,
     "item_reference": _reject_reference,
 }
 
@@ -226,7 +252,8 @@ def items_to_messages(
     * the tool-call id of a ``function_call`` is its ``call_id``; of an ``mcp_call`` its
       ``call_id`` if it carries one, else its ``id`` (the gateway's own ``mcp_…`` items have
       none);
-    * ``reasoning`` items are dropped.
+    * ``reasoning``, ``mcp_list_tools`` and ``mcp_approval_*`` items are dropped (an approved
+      call becomes an ``mcp_call`` item of the response that ran it).
 
     Chat upstreams reject an assistant ``tool_calls`` message that is not followed by exactly one
     tool message per id, so history that breaks that rule is repaired, never sent as is: a

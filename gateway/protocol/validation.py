@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from executors.mcp_tool import option_problem
 from gateway.errors import InvalidRequestError
 
 from .checks import (
@@ -94,6 +95,20 @@ def _validate_metadata(metadata: Any) -> None:
             raise bad_value(f"metadata.{key}", "a string of at most 512 characters")
 
 
+def _validate_mcp_tool(tool: dict[str, Any], param: str) -> None:
+    """OpenAI's ``Mcp`` tool: a remote server (``server_url``) or a registered one (its label)."""
+    for key in ("connector_id", "tunnel_id"):
+        if tool.get(key) is not None:
+            raise unsupported_value(
+                f"{param}.{key}",
+                f"MCP {key} is not supported by this gateway; give server_url, or the "
+                "server_label of an MCP server registered on the gateway.",
+            )
+    problem = option_problem(tool)
+    if problem is not None:
+        raise bad_value(f"{param}.{problem[0]}", problem[1])
+
+
 def _validate_tools(tools: Any) -> None:
     if tools is None:
         return
@@ -105,6 +120,9 @@ def _validate_tools(tools: Any) -> None:
             raise bad_value(param, "an object")
         if not isinstance(tool.get("type"), str):
             raise bad_value(f"{param}.type", "a string")
+        if tool["type"] == "mcp":
+            _validate_mcp_tool(tool, param)
+            continue
         if tool["type"] != "function":
             # Hosted OpenAI tools (web_search, file_search, mcp, …) cannot run behind a Chat
             # Completions upstream; silently dropping them would hide that from the client.
