@@ -84,6 +84,24 @@ class Store(abc.ABC):
     async def list_responses(self, statuses: Sequence[str]) -> list[ResponseRecord]:
         """Every response whose status is one of ``statuses``, oldest first (for recovery)."""
 
+    @abc.abstractmethod
+    async def list_responses_page(
+        self,
+        *,
+        tenant: str | None = None,
+        all_tenants: bool = False,
+        status: str | None = None,
+        model: str | None = None,
+        search: str | None = None,
+        after: str | None = None,
+        limit: int = 20,
+    ) -> tuple[list[ResponseRecord], bool]:
+        """One page of responses, newest first, and whether more follow: those of ``tenant``
+        (None = the open gateway's) or of everyone with ``all_tenants``; optionally only one
+        ``status`` or ``model``, ids containing ``search``, and those after the response id
+        ``after`` (the previous page's last). ``limit`` 1–1000. StoreNotFoundError for an unknown
+        ``after``."""
+
     # -- steps -------------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -43,6 +43,7 @@ from .sqlite_ops import (
     _get_tool,
     _list_chain,
     _list_responses,
+    _list_responses_page,
     _list_steps,
     _list_tools,
     _list_unfinished_steps,
@@ -211,6 +212,23 @@ class SQLiteStore(Store):
         if not statuses:
             return []
         return await self._run(_list_responses, tuple(statuses))
+
+    async def list_responses_page(
+        self,
+        *,
+        tenant: str | None = None,
+        all_tenants: bool = False,
+        status: str | None = None,
+        model: str | None = None,
+        search: str | None = None,
+        after: str | None = None,
+        limit: int = 20,
+    ) -> tuple[list[ResponseRecord], bool]:
+        if not 1 <= limit <= 1000:
+            raise ValueError("limit must be from 1 to 1000")
+        return await self._run(
+            _list_responses_page, tenant, all_tenants, status, model, search, after, limit
+        )
 
     # -- steps -------------------------------------------------------------------------------
 

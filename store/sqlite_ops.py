@@ -311,6 +311,43 @@ def _list_responses(conn: sqlite3.Connection, statuses: tuple[str, ...]) -> list
     return [_response_from_row(row) for row in conn.execute(sql, statuses)]
 
 
+def _list_responses_page(
+    conn: sqlite3.Connection,
+    tenant: str | None,
+    all_tenants: bool,
+    status: str | None,
+    model: str | None,
+    search: str | None,
+    after: str | None,
+    limit: int,
+) -> tuple[list[ResponseRecord], bool]:
+    where: list[str] = []
+    params: list[Any] = []
+    if not all_tenants:
+        where.append("tenant IS ?")
+        params.append(tenant)
+    if status is not None:
+        where.append("status = ?")
+        params.append(status)
+    if model is not None:
+        where.append("model = ?")
+        params.append(model)
+    if search:
+        where.append("instr(id, ?) > 0")
+        params.append(search)
+    if after is not None:
+        row = conn.execute("SELECT created_at FROM responses WHERE id = ?", (after,)).fetchone()
+        if row is None:
+            raise StoreNotFoundError(f"response {after!r} not found")
+        where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+        params += [row[0], row[0], after]
+    sql = _RESPONSE_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+    rows = conn.execute(
+        sql + " ORDER BY created_at DESC, id DESC LIMIT ?", (*params, limit + 1)
+    ).fetchall()
+    return [_response_from_row(r) for r in rows[:limit]], len(rows) > limit
+
+
 def _record_steps_txn(
     conn: sqlite3.Connection,
     response_id: str,

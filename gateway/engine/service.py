@@ -129,10 +129,13 @@ class ResponsesService:
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def get_visible(self, response_id: str, tenant: str | None) -> ResponseRecord | None:
-        """The stored response if this tenant may read it (``store: false`` ones are never)."""
+    async def get_visible(
+        self, response_id: str, tenant: str | None, *, any_tenant: bool = False
+    ) -> ResponseRecord | None:
+        """The stored response if this tenant (or the admin: ``any_tenant``) may read it
+        (``store: false`` ones are never)."""
         record = await self.store.get_response(response_id)
-        if record is None or not record.store or record.tenant != tenant:
+        if record is None or not record.store or (record.tenant != tenant and not any_tenant):
             return None
         return record
 

@@ -36,11 +36,12 @@ from gateway.errors import GatewayError, InvalidRequestError
 from store.base import Store
 from store.sqlite import SQLiteStore
 
-from .auth import AuthMiddleware, load_api_keys
+from .auth import AuthMiddleware, hash_key, load_api_keys
 from .chat import chat_routes
 from .models import model_routes
 from .responses import response_routes
 from .tools import tool_routes
+from .ui import ui_routes
 from .websocket import websocket_routes
 
 logger = logging.getLogger("stepchain")
@@ -177,12 +178,23 @@ def create_app(
     key_hashes = load_api_keys(_secret(settings.api_keys), settings.api_keys_file)
     middleware = []
     if key_hashes or settings.pass_client_key:  # an open gateway skips the layer altogether
+        admin = _secret(settings.admin_key)
         middleware.append(
-            Middleware(AuthMiddleware, key_hashes=key_hashes, pass_client_key=settings.pass_client_key)
+            Middleware(
+                AuthMiddleware,
+                key_hashes=key_hashes,
+                pass_client_key=settings.pass_client_key,
+                admin_key_hash=hash_key(admin) if admin else None,
+            )
         )
     app = Starlette(
         routes=[
-            *model_routes(), *response_routes(), *websocket_routes(), *chat_routes(), *tool_routes()
+            *model_routes(),
+            *response_routes(),
+            *websocket_routes(),
+            *chat_routes(),
+            *tool_routes(),
+            *ui_routes(),
         ],
         middleware=middleware,
         lifespan=lifespan,

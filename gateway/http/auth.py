@@ -7,7 +7,10 @@ replicas and reveals nothing about the key.
 When keys are configured, every request under ``/v1/`` needs ``Authorization: Bearer <key>``
 (401 ``invalid_api_key`` otherwise), except the tool admin API under ``/v1/tools``, which checks
 the admin key itself (:mod:`gateway.http.tools`). ``/healthz`` and other paths are always open.
-The middleware puts the tenant in ``scope["stepchain.tenant"]`` (None for an open gateway), read by
+The admin key is accepted too on reads of stored responses (``GET``/``HEAD`` of
+``/v1/responses/…`` and ``/v1/stepchain/…``, for the trace viewer): it
+is no tenant (``None``), and :func:`caller_is_admin` tells the routes it may read every tenant's
+responses. The middleware puts the tenant in ``scope["stepchain.tenant"]`` (None for an open gateway), read by
 :func:`gateway.http.responses.tenant_of`, and with ``pass_client_key`` the presented key in
 ``scope["stepchain.client_key"]`` for calling the upstream with the client's own key.
 """
@@ -15,17 +18,22 @@ The middleware puts the tenant in ``scope["stepchain.tenant"]`` (None for an ope
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Mapping
+from typing import Any
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import ConfigError
 from gateway.errors import AuthenticationError
 
 __all__ = [
+    "ADMIN_SCOPE_KEY",
     "CLIENT_KEY_SCOPE_KEY",
     "TENANT_SCOPE_KEY",
     "AuthMiddleware",
+    "caller_is_admin",
     "hash_key",
     "load_api_keys",
     "tenant_for_hash",
@@ -33,6 +41,28 @@ __all__ = [
 
 TENANT_SCOPE_KEY = "stepchain.tenant"
 CLIENT_KEY_SCOPE_KEY = "stepchain.client_key"
+ADMIN_SCOPE_KEY = "stepchain.admin"
+# What the admin key may read under /v1/ (the trace viewer's data); it calls no upstream there.
+_ADMIN_READABLE = ("/v1/responses/", "/v1/stepchain/")
+
+
+def _secret(value: Any) -> str | None:
+    """A key setting's text (a plain str, or a pydantic SecretStr)."""
+    if value is None:
+        return None
+    getter = getattr(value, "get_secret_value", None)
+    return getter() if getter is not None else str(value)
+
+
+def caller_is_admin(request: Request) -> bool:
+    """True when the request carries the configured admin key (``Authorization: Bearer``)."""
+    if request.scope.get(ADMIN_SCOPE_KEY):
+        return True
+    admin = _secret(request.app.state.settings.admin_key)
+    if not admin:
+        return False
+    token = _bearer(request.scope)
+    return token is not None and hmac.compare_digest(token.encode(), admin.encode())
 
 
 def hash_key(key: str) -> str:
@@ -106,11 +136,17 @@ class AuthMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, *, key_hashes: Mapping[str, str], pass_client_key: bool = False
+        self,
+        app: ASGIApp,
+        *,
+        key_hashes: Mapping[str, str],
+        pass_client_key: bool = False,
+        admin_key_hash: str | None = None,
     ) -> None:
         self.app = app
         self.key_hashes = dict(key_hashes)
         self.pass_client_key = pass_client_key
+        self.admin_key_hash = admin_key_hash
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -128,7 +164,20 @@ class AuthMiddleware:
         tenant = None
         if self.key_hashes:
             # A dict lookup of a digest: timing reveals nothing about any configured key.
-            tenant = self.key_hashes.get(hash_key(token)) if token is not None else None
+            digest = hash_key(token) if token is not None else None
+            tenant = self.key_hashes.get(digest) if digest is not None else None
+            if (
+                tenant is None
+                and digest is not None
+                and self.admin_key_hash is not None
+                and scope.get("method") in ("GET", "HEAD")
+                and path.startswith(_ADMIN_READABLE)
+                and hmac.compare_digest(digest, self.admin_key_hash)
+            ):
+                scope[ADMIN_SCOPE_KEY] = True  # reads every tenant's responses; never a tenant
+                scope[TENANT_SCOPE_KEY] = None
+                await self.app(scope, receive, send)
+                return
             if tenant is None:
                 await _unauthorized(scope, send, token is None)
                 return

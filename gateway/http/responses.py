@@ -29,6 +29,7 @@ from gateway.errors import (
 from gateway.protocol.sse import DONE
 from store.types import ResponseRecord
 
+from .auth import caller_is_admin
 from .bodies import json_response, read_json, tenant_of
 from .sse_response import EventStreamResponse
 
@@ -122,7 +123,9 @@ async def _wait_disconnect(request: Request) -> None:
 
 async def _visible(request: Request) -> ResponseRecord:
     response_id = request.path_params["response_id"]
-    record = await request.app.state.service.get_visible(response_id, tenant_of(request))
+    record = await request.app.state.service.get_visible(
+        response_id, tenant_of(request), any_tenant=request.method == "GET" and caller_is_admin(request)
+    )
     if record is None:
         raise NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
     return record

@@ -62,6 +62,8 @@ LAYERS = [
     ("executors", 1),
     ("gateway.errors", 2),
     ("gateway.protocol", 3),
+    ("gateway.observe", 3),
+    ("gateway.ui", 3),
     ("gateway.engine", 4),
     ("gateway.config", 4),
     ("gateway.http", 5),
