@@ -169,6 +169,11 @@ class ResilientUpstream:
         assert last is not None
         raise last
 
+    async def post(self, path: str, body: Any) -> httpx.Response:
+        """``POST`` JSON to the first target (see :meth:`UpstreamClient.post`), no retries:
+        for auxiliary endpoints such as vLLM's ``/tokenize``. Raises UpstreamError."""
+        return await self._calls[0].post(path, body)
+
     async def chat_completion(
         self,
         body: dict[str, Any],

@@ -135,6 +135,21 @@ class UpstreamClient:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _from_httpx(exc, started=False, partial=None, timeout=self._timeout) from exc
 
+    async def post(self, path: str, body: Any) -> httpx.Response:
+        """``POST`` ``body`` as JSON to ``{base_url}/{path}``, or with a leading ``/`` to that path
+        on the server's root (``"/tokenize"``); read in full, any status; UpstreamError on a
+        transport failure."""
+        url = httpx.URL(self.base_url)
+        target = url.copy_with(raw_path=path.encode()) if path.startswith("/") else httpx.URL(
+            self.base_url + "/" + path
+        )
+        try:
+            return await self._client.post(
+                target, content=orjson.dumps(body), headers=self._headers, timeout=self._timeout
+            )
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise _from_httpx(exc, started=False, partial=None, timeout=self._timeout) from exc
+
     async def chat_completion(
         self,
         body: dict[str, Any],

@@ -190,6 +190,11 @@ class Settings(BaseSettings):
         "(`127.0.0.0/8,10.0.0.0/8`)",
     )
     max_body_bytes: int = Field(20_000_000, ge=1, description="largest request body")
+    encrypted_content_key: SecretStr | None = Field(
+        None,
+        description="Fernet key sealing `encrypted_content` (compaction items); the same on "
+        "every replica. Default: a random key kept in `<db>.key`",
+    )
     cancel_on_disconnect: bool = Field(
         False, description="cancel a streamed response when its client goes away"
     )

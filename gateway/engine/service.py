@@ -38,6 +38,7 @@ from store.types import (
     new_id,
 )
 
+from .compaction import expand_compactions
 from .loop import LoopDeps, run_response_loop
 from .tool_sources import (
     LISTINGS_KEY,
@@ -116,8 +117,17 @@ def _response_error(error: dict[str, Any] | None) -> dict[str, Any]:
 class ResponsesService:
     """Creates, runs and reads responses for the HTTP layer (one instance per process)."""
 
-    def __init__(self, deps: LoopDeps, *, owner: str | None = None, lease_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        deps: LoopDeps,
+        *,
+        owner: str | None = None,
+        lease_s: float = 30.0,
+        encrypted_content_key: str | None = None,
+    ) -> None:
         self.deps = deps
+        # Seals and opens encrypted_content (compaction items); None: they are refused.
+        self.encrypted_content_key = encrypted_content_key
         self.store = deps.store
         self.owner = owner
         self.lease_s = lease_s
@@ -164,6 +174,19 @@ class ResponsesService:
         ids = ids | {record.id}
         self._remember(record.id, ids, items)
         return ids, items
+
+    async def history_for(self, previous_id: str | None, tenant: str | None) -> list[dict[str, Any]]:
+        """The conversation items up to ``previous_id`` (none for None); 400
+        ``previous_response_not_found`` if this tenant cannot read that response."""
+        if not previous_id:
+            return []
+        previous = await self.get_visible(previous_id, tenant)
+        if previous is None:
+            raise PreviousResponseNotFoundError(
+                f"Previous response with id '{previous_id}' not found.",
+                param="previous_response_id",
+            )
+        return list(await self.conversation_items(previous))
 
     def _remember(self, response_id: str, ids: frozenset[str], items: list[dict[str, Any]]) -> None:
         self._history[response_id] = (ids, items)
@@ -257,7 +280,7 @@ class ResponsesService:
         # Background responses stream upstream too: followers may attach with ?stream=true.
         stream = body.get("stream") is True or body.get("background") is True
         messages = items_to_messages(
-            history + input_items,
+            expand_compactions(history + input_items, self.encrypted_content_key),
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
             tool_output_max_lines=self.deps.tool_output_max_lines,
         )

@@ -27,17 +27,20 @@ from executors.mcp_tool import MCPToolExecutor
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream, UpstreamTarget
 from gateway.config import Settings, load_settings
+from gateway.engine.keys import load_or_create_key
 from gateway.engine.live import LiveStreams
 from gateway.engine.loop import LoopDeps
 from gateway.engine.recovery import Recovery, new_owner_id
 from gateway.engine.service import ResponsesService
 from gateway.engine.tasks import TaskSet
+from gateway.engine.tokens import TokenCounter
 from gateway.errors import GatewayError, InvalidRequestError
 from store.base import Store
 from store.sqlite import SQLiteStore
 
 from .auth import AuthMiddleware, hash_key, load_api_keys
 from .chat import chat_routes
+from .context import context_routes
 from .models import model_routes
 from .responses import response_routes
 from .tools import tool_routes
@@ -143,7 +146,10 @@ def create_app(
             tool_output_max_lines=settings.tool_output_max_lines,
         )
         tasks = TaskSet()
-        service = ResponsesService(deps, owner=new_owner_id(), lease_s=settings.lease_s)
+        service = ResponsesService(
+            deps, owner=new_owner_id(), lease_s=settings.lease_s,
+            encrypted_content_key=load_or_create_key(settings),
+        )
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings
         app.state.egress = egress
@@ -154,6 +160,7 @@ def create_app(
         app.state.service = service
         app.state.recovery = recovery
         app.state.live = LiveStreams()
+        app.state.token_counter = TokenCounter(upstream)
         app.state.running = {}
         await recovery.start()
         try:
@@ -190,6 +197,7 @@ def create_app(
     app = Starlette(
         routes=[
             *model_routes(),
+            *context_routes(),
             *response_routes(),
             *websocket_routes(),
             *chat_routes(),

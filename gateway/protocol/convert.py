@@ -31,6 +31,7 @@ _ID_PREFIX = {
     "message": "msg", "function_call": "fc", "function_call_output": "fco",
     "reasoning": "rs", "mcp_call": "mcp", "mcp_list_tools": "mcpl",
     "mcp_approval_request": "mcpr", "mcp_approval_response": "mcpa",
+    "compaction": "cmp",
 }  # fmt: skip
 
 
@@ -208,6 +209,11 @@ def _validate_mcp_approval_response(item: dict[str, Any], param: str) -> None:
         raise bad_value(f"{param}.reason", "a string")
 
 
+def _validate_compaction(item: dict[str, Any], param: str) -> None:
+    # Opened (and expanded to its summary) by the service, which holds the key.
+    _require_str(item, "encrypted_content", param)
+
+
 def _reject_reference(item: dict[str, Any], param: str) -> None:
     raise unsupported_value(
         f"{param}.type",
@@ -226,6 +232,7 @@ _ITEM_VALIDATORS = {
     "mcp_approval_request": _validate_mcp_approval_request,
     "mcp_approval_response": _validate_mcp_approval_response,
     "item_reference": _reject_reference,
+    "compaction": _validate_compaction,
 }
 
 

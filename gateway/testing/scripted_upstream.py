@@ -1,7 +1,8 @@
 """A scripted Chat Completions server: no network, no model. For tests, the demo and benchmarks.
 
 :func:`create_scripted_upstream` returns a starlette app serving ``POST /v1/chat/completions``
-(streamed or not; ``stream_options.include_usage`` honoured) and ``GET /v1/models``. A *script*
+(streamed or not; ``stream_options.include_usage`` honoured), ``GET /v1/models`` and, when
+``ScriptedModel.tokenize`` is set, vLLM's ``POST /tokenize``. A *script*
 picks each :class:`Reply` from the request body: a callable ``(body) -> Reply``, a list of Replies
 answered in order, or a :class:`ScriptedModel` (a queue of Replies, then its ``default``), which
 also records every request body it received::
@@ -118,6 +119,9 @@ class ScriptedModel:
         self.default = default or default_reply
         self.record = record
         self.streams_finished = 0
+        # POST /tokenize (vLLM's form) answers only when set; otherwise 404, as OpenAI's API.
+        self.tokenize = False
+        self.tokenize_requests: list[dict[str, Any]] = []
 
     def __call__(self, body: dict[str, Any]) -> Reply | str:
         if self.record:
@@ -425,6 +429,25 @@ async def _models(request: Request) -> Response:
     return Response(orjson.dumps({"object": "list", "data": [data]}), media_type="application/json")
 
 
+def tokenize_count(body: dict[str, Any]) -> int:
+    """The scripted tokenizer: one token per whitespace-separated word of each message's text,
+    plus 3 per message (deliberately unlike the four-characters estimate)."""
+    messages = body.get("messages") or ()
+    return sum(len(_text(m.get("content")).split()) + 3 for m in messages if isinstance(m, dict))
+
+
+async def _tokenize(request: Request) -> Response:
+    """vLLM's ``POST /tokenize`` with ``messages``: ``{"count", "max_model_len", "tokens"}``."""
+    model = request.app.state.model
+    if model is None or not model.tokenize:
+        return Response(b'{"detail":"Not Found"}', status_code=404, media_type="application/json")
+    body = orjson.loads(await request.body())
+    model.tokenize_requests.append(body)
+    count = tokenize_count(body)
+    payload = {"count": count, "max_model_len": 8192, "tokens": list(range(count))}
+    return Response(orjson.dumps(payload), media_type="application/json")
+
+
 def create_scripted_upstream(script: Script | None = None) -> Starlette:
     """The scripted upstream app; ``script`` defaults to a fresh :class:`ScriptedModel`.
 
@@ -437,6 +460,7 @@ def create_scripted_upstream(script: Script | None = None) -> Starlette:
         routes=[
             Route("/v1/chat/completions", _ChatCompletions(script), methods=["POST"]),
             Route("/v1/models", _models, methods=["GET"]),
+            Route("/tokenize", _tokenize, methods=["POST"]),
         ]
     )
     app.state.model = script if isinstance(script, ScriptedModel) else None
