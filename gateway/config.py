@@ -93,7 +93,7 @@ class ToolSetting(BaseModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    kind: Literal["http", "agent"] = "http"
+    kind: Literal["http", "agent", "mcp"] = "http"
     attach: Literal["always", "on_request"] | None = None
     url: str | None = None
     # Literal header values are secrets (the admin API shows them as "***"): kept out of reprs.
@@ -101,6 +101,9 @@ class ToolSetting(BaseModel):
     timeout_s: float | None = None
     idempotent: bool | None = None
     allow_private: bool | None = None
+    require_approval: Any = None
+    server_url: str | None = None
+    allowed_tools: Any = None
     model: str | None = None
     instructions: str | None = None
     tools: list[str] | None = None
@@ -188,6 +191,9 @@ class Settings(BaseSettings):
         None,
         description="comma-separated CIDRs tools may reach although private "
         "(`127.0.0.0/8,10.0.0.0/8`)",
+    )
+    mcp_timeout_s: float = Field(
+        30.0, gt=0, description="client-supplied MCP servers: time for one listing or call"
     )
     max_body_bytes: int = Field(20_000_000, ge=1, description="largest request body")
     encrypted_content_key: SecretStr | None = Field(

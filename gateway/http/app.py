@@ -140,6 +140,7 @@ def create_app(
             registry=registry,
             http_tools=http_tools,
             mcp_tools=MCPToolExecutor(egress, max_response_bytes=settings.tool_max_response_bytes),
+            mcp_timeout_s=settings.mcp_timeout_s,
             max_iterations=settings.max_response_iterations,
             max_depth=settings.max_response_step_depth,
             tool_output_max_bytes=settings.tool_output_max_bytes,

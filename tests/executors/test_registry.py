@@ -75,6 +75,7 @@ def test_http_defaults() -> None:
         "timeout_s": 30,
         "idempotent": False,
         "allow_private": False,
+        "require_approval": "never",
     }
 
 
@@ -127,7 +128,7 @@ def test_good_definitions(body: dict[str, Any]) -> None:
         pytest.param({**HTTP, "color": "red"}, "color", "Unknown field 'color'", id="unknown-key"),
         pytest.param({**HTTP, "model": "m"}, "model", "not a field of http", id="agent-key-on-http"),
         pytest.param({**AGENT, "url": "http://h"}, "url", "not a field of agent", id="http-key-on-agent"),
-        pytest.param({**HTTP, "kind": "mcp"}, "kind", "kind must be", id="kind"),
+        pytest.param({**HTTP, "kind": "ftp"}, "kind", "kind must be", id="kind"),
         pytest.param({**HTTP, "attach": "sometimes"}, "attach", "attach must be", id="attach"),
         pytest.param({**HTTP, "description": 3}, "description", "string", id="description"),
         pytest.param({**HTTP, "object": "model"}, "object", "object", id="object"),

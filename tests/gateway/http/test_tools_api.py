@@ -106,6 +106,7 @@ def test_crud_and_secrets_never_returned(db: Path) -> None:
             **{k: v for k, v in WEATHER.items() if k != "headers"},
             "idempotent": False,
             "allow_private": False,
+            "require_approval": "never",
         }
 
         duplicate = client.post("/v1/tools", json=WEATHER)
