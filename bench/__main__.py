@@ -3,7 +3,8 @@
 Starts, each in its own process on 127.0.0.1: the scripted upstream (:mod:`bench.upstream`), the
 HTTP tool server (:mod:`bench.toolserver`), the gateway (``python -m gateway.cli serve``, fresh
 SQLite file), when scenario 1 runs its two floors (do-nothing proxies, :mod:`bench.floorproxy`),
-and unless ``--no-peers`` the LiteLLM proxy (:mod:`bench.peers`). The load generator
+and unless ``--no-peers`` the peers (:mod:`bench.peers`): the LiteLLM proxy and vLLM's
+agentic-api (against the upstream's Responses mode). The load generator
 (:mod:`bench.loadgen`) runs in this process. Prints the table and the targets, writes the same
 as JSON (``--json``), and exits 0 iff every scenario ran with zero errors (1 otherwise,
 with the reason on stderr; 2 for bad arguments). A peer that cannot run is reported as
@@ -23,7 +24,16 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .peers import LITELLM_SPEC, PeerUnavailable, install_litellm, start_litellm
+from .instructions import scenario_instructions
+from .peers import (
+    AGENTIC_SPEC,
+    LITELLM_SPEC,
+    PeerUnavailable,
+    install_agentic,
+    install_litellm,
+    start_agentic,
+    start_litellm,
+)
 from .processes import (
     ServerError,
     ServerProcess,
@@ -58,6 +68,7 @@ from .scenarios import (
     scenario_tool_loop,
     tool_names,
 )
+from .sustained import scenario_sustained
 
 __all__ = ["SCENARIOS", "main"]
 
@@ -72,7 +83,11 @@ SCENARIOS: dict[str, tuple[str, Callable[[Bench], Awaitable[list[Row]]]]] = {
     "5": ("previous_response_id conversation", scenario_conversation),
     "6": ("store cost", scenario_store),
     "7": ("memory per held stream", scenario_memory),
+    "8": ("instructions per response (valgrind)", scenario_instructions),
+    "9": ("memory under sustained load", scenario_sustained),
 }
+# Run only when named with --only (minutes each, not for a smoke run).
+ON_REQUEST = {"8", "9"}
 DEFAULT_JSON = Path(__file__).resolve().parent / "results-latest.json"
 
 
@@ -81,12 +96,18 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m bench", description="Benchmark the gateway against its upstream (issue 6)."
     )
     parser.add_argument("--quick", action="store_true", help="small counts (CI smoke run, < 1 min)")
-    parser.add_argument("--no-peers", action="store_true", help="skip the LiteLLM comparison")
+    parser.add_argument("--no-peers", action="store_true", help="skip the peers (LiteLLM, agentic-api)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
-    parser.add_argument("--only", default=None, help="comma-separated scenario numbers, e.g. 1,4")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated scenario numbers, e.g. 1,4 (8 runs only when named)"
+    )
     parser.add_argument("--upstream-latency-ms", type=float, default=0.0, help="scripted upstream latency")
     parser.add_argument("--tool-latency-ms", type=float, default=None, help="HTTP tool latency (default 10)")
     parser.add_argument("--litellm-spec", default=LITELLM_SPEC, help=f"pip spec of the peer ({LITELLM_SPEC})")
+    parser.add_argument("--agentic-spec", default=AGENTIC_SPEC, help=f"pip spec of the peer ({AGENTIC_SPEC})")
+    parser.add_argument(
+        "--sustained-s", type=float, default=None, help="scenario 9's duration (default 600; 30 with --quick)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, databases)")
     parser.add_argument(
         "--markdown-from", type=Path, default=None, metavar="JSON",
@@ -128,7 +149,7 @@ async def _run_scenarios(bench: Bench, selected: Sequence[str]) -> tuple[list[Ro
             continue
         _say(f"scenario {number}: done in {time.monotonic() - t0:.1f} s")
         for row in produced:
-            if row.errors and row.target != "litellm":
+            if row.errors and row.target not in ("litellm", "agentic-api"):
                 failures.append(
                     f"scenario {number} ({title}), {row.target} c={row.concurrency}: "
                     f"{row.errors} errors; first: {row.first_error}"
@@ -152,6 +173,21 @@ def _start_peer(args: argparse.Namespace, upstream_base_url: str, work_dir: Path
             reply = httpx.post(server.url + path, json=body, timeout=30)
             if reply.status_code != 200:
                 raise PeerUnavailable(f"litellm {path} answered HTTP {reply.status_code}: {reply.text[:120]}")
+    except (httpx.HTTPError, PeerUnavailable) as exc:
+        server.stop()
+        raise PeerUnavailable(str(exc)) from None
+    return server
+
+
+def _start_agentic(args: argparse.Namespace, upstream_root_url: str, work_dir: Path) -> Any:
+    exe = install_agentic(args.agentic_spec, log=work_dir / "agentic-install.log")
+    server = start_agentic(exe, upstream_root_url, work_dir)
+    import httpx
+
+    try:
+        reply = httpx.post(server.url + "/v1/responses", json={"model": "scripted-model", "input": "hi"}, timeout=30)
+        if reply.status_code != 200:
+            raise PeerUnavailable(f"agentic-api /v1/responses answered HTTP {reply.status_code}: {reply.text[:120]}")
     except (httpx.HTTPError, PeerUnavailable) as exc:
         server.stop()
         raise PeerUnavailable(str(exc)) from None
@@ -192,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.markdown_from is not None:
         return _print_markdown(args.markdown_from)
-    selected = sorted(SCENARIOS) if args.only is None else [s.strip() for s in args.only.split(",")]
+    if args.only is None:
+        selected = sorted(n for n in SCENARIOS if n not in ON_REQUEST)
+    else:
+        selected = [s.strip() for s in args.only.split(",")]
     unknown = [s for s in selected if s not in SCENARIOS]
     if unknown:
         print(f"bench: unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}", file=sys.stderr)
@@ -226,15 +265,27 @@ def main(argv: list[str] | None = None) -> int:
             except (ServerError, RuntimeError, OSError) as exc:
                 failures.append(f"start-up failed: {exc}")
                 raise _Abort from None
-            peer = None
+            peer = agentic = None
             if not args.no_peers:
+                statuses = []
                 try:
                     peer = stack.enter_context(_start_peer(args, upstream.url + "/v1", work_dir))
-                    peer_status = f"running ({args.litellm_spec})"
+                    statuses.append(f"running ({args.litellm_spec})")
                 except PeerUnavailable as exc:
-                    peer_status = f"peer unavailable: {exc}"
-                    _say(peer_status)
-            bench = Bench(upstream, tools, gateway, peer, work_dir, sizes, names, **floor_servers)
+                    statuses.append(f"peer unavailable: {exc}")
+                    _say(statuses[-1])
+                try:
+                    agentic = stack.enter_context(_start_agentic(args, upstream.url, work_dir))
+                    statuses.append(f"running ({args.agentic_spec})")
+                except PeerUnavailable as exc:
+                    statuses.append(f"peer unavailable: {exc}")
+                    _say(statuses[-1])
+                peer_status = "; ".join(statuses)
+            sustained_s = args.sustained_s or (30.0 if args.quick else 600.0)
+            bench = Bench(
+                upstream, tools, gateway, peer, work_dir, sizes, names, **floor_servers,
+                agentic=agentic, sustained_s=sustained_s,
+            )
             rows, failures = _run(_run_scenarios(bench, selected))
     except _Abort:
         pass
@@ -248,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
     print(f"peers: {peer_status}")
     if targets:
-        print("targets (issue 6; 2-core machine, upstream at 0 ms):")
+        print("targets (issue 15: ratios in this run; 2-core machine, upstream at 0 ms):")
         print(render_targets(targets))
         if notes:
             print(render_floor_notes(notes))

@@ -1,8 +1,15 @@
-"""Peer gateways run side by side with stepchain: the LiteLLM proxy, from PyPI, in its own venv.
+"""Peer gateways run side by side with stepchain, each from PyPI in a venv of its own: the LiteLLM
+proxy and vLLM's ``agentic-api`` (a Rust gateway with a server-side loop and a SQLite store).
 
-LiteLLM is never a project dependency and never enters the project's venv: it is installed once
-into ``<cache>/stepchain-bench/litellm-<version>/`` (``$XDG_CACHE_HOME`` or ``~/.cache``) and
-reused by later runs. Its config points the model ``scripted-model`` at the same scripted
+A peer is never a project dependency and never enters the project's venv: it is installed once
+into ``<cache>/stepchain-bench/<name>-<version>/`` (``$XDG_CACHE_HOME`` or ``~/.cache``) and
+reused by later runs.
+
+agentic-api forwards ``/v1/responses`` to an upstream that speaks the Responses API (vLLM), so it
+is pointed at the bench upstream's ``/v1/responses`` mode (:mod:`bench.responses_upstream`, the
+same scripted model); it stores every response in a SQLite file of its own, as stepchain does.
+
+LiteLLM: Its config points the model ``scripted-model`` at the same scripted
 upstream as stepchain, with ``use_chat_completions_api: true`` so ``POST /v1/responses`` goes
 through LiteLLM's Responses → Chat Completions bridge (as stepchain's does), not to an upstream
 ``/responses`` that the scripted upstream does not have. Start-up stays offline: the bundled model
@@ -23,13 +30,23 @@ import orjson
 
 from .processes import ServerError, ServerProcess, free_port, start_server
 
-__all__ = ["LITELLM_SPEC", "PeerUnavailable", "install_litellm", "start_litellm"]
+__all__ = [
+    "AGENTIC_SPEC",
+    "LITELLM_SPEC",
+    "PeerUnavailable",
+    "install_agentic",
+    "install_litellm",
+    "start_agentic",
+    "start_litellm",
+]
 
 # A pinned release: newer ones require a certifi release that PyPI does not have yet, and a
 # pin keeps runs comparable (and away from unvetted releases of a package that once shipped a
 # compromised version).
 LITELLM_VERSION = "1.102.4"
 LITELLM_SPEC = f"litellm[proxy]=={LITELLM_VERSION}"
+AGENTIC_VERSION = "0.9.0"
+AGENTIC_SPEC = f"agentic-api=={AGENTIC_VERSION}"
 
 
 class PeerUnavailable(RuntimeError):
@@ -47,9 +64,19 @@ def install_litellm(spec: str = LITELLM_SPEC, *, log: Path | None = None) -> Pat
     Raises PeerUnavailable if the venv cannot be made or pip fails (no network, no wheel).
     Takes about a minute the first time.
     """
-    name = spec.replace("litellm[proxy]==", "litellm-").replace("/", "_").replace(" ", "")
+    return _install(spec, "litellm", log=log)
+
+
+def install_agentic(spec: str = AGENTIC_SPEC, *, log: Path | None = None) -> Path:
+    """The ``agentic-server`` executable of a venv holding ``spec`` (a 66 MB wheel with the Rust
+    binaries); created on first use. Raises PeerUnavailable as :func:`install_litellm`."""
+    return _install(spec, "agentic-server", log=log)
+
+
+def _install(spec: str, executable: str, *, log: Path | None) -> Path:
+    name = spec.replace("[proxy]", "").replace("==", "-").replace("/", "_").replace(" ", "")
     venv = cache_dir() / name
-    exe = venv / "bin" / "litellm"
+    exe = venv / "bin" / executable
     marker = venv / ".installed"
     if exe.exists() and marker.exists():
         return exe
@@ -71,7 +98,7 @@ def install_litellm(spec: str = LITELLM_SPEC, *, log: Path | None = None) -> Pat
         if log:
             out.close()  # type: ignore[union-attr]
     if not exe.exists():
-        raise PeerUnavailable(f"{spec} installed no litellm executable")
+        raise PeerUnavailable(f"{spec} installed no {executable} executable")
     marker.write_text(spec)
     return exe
 
@@ -141,3 +168,25 @@ def start_litellm(exe: Path, upstream_base_url: str, work_dir: Path) -> ServerPr
     except ServerError as exc:
         last = str(exc).strip().splitlines()
         raise PeerUnavailable(f"litellm did not start: {last[-1] if last else exc}") from None
+
+
+def start_agentic(exe: Path, upstream_root_url: str, work_dir: Path) -> ServerProcess:
+    """Run agentic-api's gateway on a free loopback port against ``upstream_root_url`` (the
+    upstream's root, without ``/v1``), with a fresh SQLite store in ``work_dir``.
+
+    Raises PeerUnavailable if it does not come up within 120 s.
+    """
+    port = free_port()
+    argv = [
+        str(exe), "--llm-api-base", upstream_root_url, "--gateway-host", "127.0.0.1",
+        "--gateway-port", str(port), "--db-url", f"sqlite://{work_dir / 'agentic.db'}",
+    ]  # fmt: skip
+    env = {"RUST_LOG": "warn", "NO_COLOR": "1", "HOME": str(work_dir)}
+    try:
+        return start_server(
+            "agentic-api", argv, port=port, log_dir=work_dir, ready_path="/health", env=env,
+            timeout_s=120,
+        )  # fmt: skip
+    except ServerError as exc:
+        last = str(exc).strip().splitlines()
+        raise PeerUnavailable(f"agentic-api did not start: {last[-1] if last else exc}") from None

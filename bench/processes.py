@@ -200,26 +200,37 @@ def start_tools(log_dir: Path, *, latency_ms: float) -> ServerProcess:
     return start_server("tools", argv, port=port, log_dir=log_dir, ready_path="/")
 
 
-def start_floor_proxy(upstream_base_url: str, log_dir: Path, *, mode: str) -> ServerProcess:
+def start_floor_proxy(
+    upstream_base_url: str, log_dir: Path, *, mode: str, wrap: Sequence[str] = (), timeout_s: float = 60.0
+) -> ServerProcess:
     """A do-nothing ``/v1/responses`` proxy (:mod:`bench.floorproxy`) in ``mode``
     (``starlette-httpx`` or ``asgi-aiohttp``) to the Chat Completions base ``upstream_base_url``;
-    its log is ``floor-<mode>.log``."""
+    its log is ``floor-<mode>.log``. ``wrap`` prefixes the command (e.g. valgrind)."""
     port = free_port()
     argv = python_module(
         "bench.floorproxy", "--port", str(port), "--upstream-base-url", upstream_base_url, "--mode", mode
     )
-    return start_server(f"floor-{mode}", argv, port=port, log_dir=log_dir, ready_path="/healthz")
+    return start_server(
+        f"floor-{mode}", [*wrap, *argv], port=port, log_dir=log_dir, ready_path="/healthz", timeout_s=timeout_s
+    )
 
 
 def start_gateway(
-    upstream_base_url: str, log_dir: Path, *, name: str = "gateway", db: Path | None = None
+    upstream_base_url: str,
+    log_dir: Path,
+    *,
+    name: str = "gateway",
+    db: Path | None = None,
+    wrap: Sequence[str] = (),
+    timeout_s: float = 60.0,
 ) -> ServerProcess:
     """``python -m gateway.cli serve`` on a free port with a fresh SQLite file in ``log_dir``
-    (WAL; default ``synchronous=NORMAL``), one worker, uvloop + httptools via uvicorn's auto."""
+    (WAL; default ``synchronous=NORMAL``), one worker, uvloop + httptools via uvicorn's auto.
+    ``wrap`` prefixes the command (e.g. valgrind)."""
     port = free_port()
     db = db or log_dir / f"{name}.db"
     argv = python_module(
         "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
         "--upstream-base-url", upstream_base_url, "--db", str(db), "--log-level", "warning",
     )  # fmt: skip
-    return start_server(name, argv, port=port, log_dir=log_dir, ready_path="/healthz")
+    return start_server(name, [*wrap, *argv], port=port, log_dir=log_dir, ready_path="/healthz", timeout_s=timeout_s)

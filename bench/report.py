@@ -150,25 +150,60 @@ def _le(value: float | None, limit: float) -> bool | None:
     return value <= limit
 
 
+def _ratio_target(name: str, limit: str, ours: float | None, theirs: float | None, bound: float,
+                  what: str = "") -> Target:  # fmt: skip
+    """``ours ÷ theirs ≤ bound`` (n/a when either side did not run)."""
+    if ours is None or theirs is None or theirs <= 0 or math.isnan(ours) or math.isnan(theirs):
+        return Target(name, limit, "not run", None)
+    ratio = ours / theirs
+    return Target(name, limit, f"{ratio:.2f}× ({what}{_fmt(ours)} vs {_fmt(theirs)})", ratio <= bound)
+
+
 def evaluate_targets(rows: Sequence[Row], *, quick: bool) -> list[Target]:
-    """The issue's targets (2-core machine, upstream at 0 ms) against this run's rows.
+    """Issue 15's targets (ratios in one run: the floor proxy, agentic-api, LiteLLM) and the
+    absolute ones still in force (scenarios 3, 5, 7, 9), against this run's rows.
 
     A --quick run evaluates them too, but its small counts make them indicative only.
     """
     targets: list[Target] = []
     s1 = _find(rows, "1/gateway/c16")
-    targets.append(Target(
-        "scenario 1, c=16: added p50", "≤ 1.5 ms",
-        f"{_fmt(s1.added_p50_ms)} ms" if s1 else "not run", _le(s1.added_p50_ms, 1.5) if s1 else None,
+    s1c1 = _find(rows, "1/gateway/c1")
+    floor = _find(rows, "1/floor-starlette/c16")
+    agentic = _find(rows, "1/agentic/c16")
+    agentic_c1 = _find(rows, "1/agentic/c1")
+    cpu = lambda row: row.server_cpu_us if row else None  # noqa: E731
+    added = lambda row: row.added_p50_ms if row else None  # noqa: E731
+    targets.append(_ratio_target(
+        "scenario 1, c=16: gateway CPU per response ÷ agentic-api's", "≤ 1×", cpu(s1), cpu(agentic), 1.0, "µs ",
     ))  # fmt: skip
-    targets.append(Target(
-        "scenario 1, c=16: added p99", "≤ 5 ms",
-        f"{_fmt(s1.added_p99_ms)} ms" if s1 else "not run", _le(s1.added_p99_ms, 5.0) if s1 else None,
+    targets.append(_ratio_target(
+        "scenario 1, c=16: gateway CPU per response ÷ Starlette floor's", "≤ 1.5×", cpu(s1), cpu(floor), 1.5, "µs ",
+    ))  # fmt: skip
+    ins_ours = _find(rows, "8/gateway/responses")
+    ins_floor = _find(rows, "8/floor-starlette/responses")
+    targets.append(_ratio_target(
+        "scenario 8: instructions per response ÷ floor's", "≤ 1.5×",
+        ins_ours.extra.get("instructions") / 1e6 if ins_ours else None,
+        ins_floor.extra.get("instructions") / 1e6 if ins_floor else None, 1.5, "M ",
+    ))  # fmt: skip
+    targets.append(_ratio_target(
+        "scenario 1, c=1: added p50 ÷ agentic-api's", "≤ 1.1×", added(s1c1), added(agentic_c1), 1.1, "ms ",
     ))  # fmt: skip
     s2 = _find(rows, "2/ttfd/gateway/c16")
+    a2 = _find(rows, "2/ttfd/agentic/c16")
+    targets.append(_ratio_target(
+        "scenario 2, c=16: time to first delta p50 ÷ agentic-api's", "≤ 1×",
+        s2.p50_ms if s2 else None, a2.p50_ms if a2 else None, 1.0, "ms ",
+    ))  # fmt: skip
+    targets.append(_ratio_target(
+        "scenario 1, c=16: added p99 ÷ agentic-api's", "< 1×",
+        s1.added_p99_ms if s1 else None, agentic.added_p99_ms if agentic else None, 0.9999, "ms ",
+    ))  # fmt: skip
+    s3 = _find(rows, "3/gateway/c16")
+    per_step = s3.server_cpu_us / 6 if s3 and s3.server_cpu_us is not None else None
     targets.append(Target(
-        "scenario 2, c=16: added time to first delta, p50", "≤ 1 ms",
-        f"{_fmt(s2.added_p50_ms)} ms" if s2 else "not run", _le(s2.added_p50_ms, 1.0) if s2 else None,
+        "scenario 3, c=16: gateway CPU per recorded step", "≤ 150 µs",
+        f"{_fmt(per_step, 0)} µs" if per_step is not None else "not run", _le(per_step, 150.0),
     ))  # fmt: skip
     s5 = next((r for r in rows if r.id.startswith("5/gateway/t") and r.extra.get("turn") == 100), None)
     targets.append(Target(
@@ -182,17 +217,26 @@ def evaluate_targets(rows: Sequence[Row], *, quick: bool) -> list[Target]:
         "scenario 7: RSS per held stream", "≤ 100 KB",
         f"{_fmt(per, 1)} KB" if per is not None else "not run", _le(per, 100.0),
     ))  # fmt: skip
+    s9 = _find(rows, "9/gateway")
+    slope = s9.extra.get("slope_mib_per_min") if s9 else None
+    targets.append(Target(
+        "scenario 9: RSS slope under sustained load", "≤ 1 MiB/min",
+        f"{_fmt(slope)} MiB/min" if slope is not None else "not run", _le(slope, 1.0),
+    ))  # fmt: skip
+    growth = s9.extra["final_mib"] - s9.extra["idle_mib"] if s9 else None
+    targets.append(Target(
+        "scenario 9: RSS at the end − idle", "≤ 64 MiB",
+        f"{_fmt(growth, 0)} MiB" if growth is not None else "not run", _le(growth, 64.0),
+    ))  # fmt: skip
     peer = _find(rows, "1/litellm/c16")
     if peer and s1 and peer.added_p50_ms is not None and s1.added_p50_ms:
         ratio = peer.added_p50_ms / s1.added_p50_ms if s1.added_p50_ms > 0 else math.inf
         targets.append(Target(
-            "scenario 1, c=16: LiteLLM added p50 ÷ stepchain added p50", "≥ 5×",
-            f"{ratio:.1f}×", ratio >= 5,
+            "scenario 1, c=16: LiteLLM added p50 ÷ stepchain added p50", "≥ 10×", f"{ratio:.1f}×", ratio >= 10,
         ))  # fmt: skip
     else:
         targets.append(Target(
-            "scenario 1, c=16: LiteLLM added p50 ÷ stepchain added p50", "≥ 5×",
-            "peer not run", None,
+            "scenario 1, c=16: LiteLLM added p50 ÷ stepchain added p50", "≥ 10×", "peer not run", None,
         ))  # fmt: skip
     if quick:
         for target in targets:

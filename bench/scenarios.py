@@ -125,6 +125,10 @@ class Bench:
     tool_names: list[str]
     floor_starlette: ServerProcess | None = None
     floor_asgi: ServerProcess | None = None
+    # vLLM's agentic-api (bench.peers), against the upstream's /v1/responses mode.
+    agentic: ServerProcess | None = None
+    # Scenario 9's duration in seconds.
+    sustained_s: float = 600.0
 
 
 def tool_names(count: int) -> list[str]:
@@ -344,6 +348,20 @@ async def scenario_responses(b: Bench) -> list[Row]:
             )
             theirs.note = peer_note(theirs, ours)
             rows.append(theirs)
+        if b.agentic is not None:
+            # agentic-api's own baseline: the same script through the upstream's Responses mode.
+            direct_responses = http_request(b.upstream, b"POST", "/v1/responses", body, check_response)
+            rbase = load_row(
+                f"1/direct-responses/c{c}", "1 responses", "direct upstream (responses mode)",
+                await measure(direct_responses, b.upstream, c, n),
+            )  # fmt: skip
+            agentic = http_request(b.agentic, b"POST", "/v1/responses", body, check_response)
+            theirs = load_row(
+                f"1/agentic/c{c}", "1 responses", "agentic-api",
+                await measure(agentic, b.agentic, c, n), base=rbase,
+            )  # fmt: skip
+            theirs.note = peer_note(theirs, ours)
+            rows += [rbase, theirs]
     return rows
 
 
@@ -367,10 +385,26 @@ async def scenario_stream(b: Bench) -> list[Row]:
             load_row(f"2/ttfd/gateway/c{c}", "2 stream: first delta", "stepchain", g, base=d_first, first=True),
         ]
         d_last = load_row(f"2/ttlb/direct/c{c}", "2 stream: last byte", "direct upstream", d)
-        last_rows += [
-            d_last,
-            load_row(f"2/ttlb/gateway/c{c}", "2 stream: last byte", "stepchain", g, base=d_last),
-        ]
+        g_last = load_row(f"2/ttlb/gateway/c{c}", "2 stream: last byte", "stepchain", g, base=d_last)
+        last_rows += [d_last, g_last]
+        if b.agentic is not None:
+            direct_responses = http_request(
+                b.upstream, b"POST", "/v1/responses", body, check_response_stream, GATEWAY_DELTA
+            )
+            agentic = http_request(b.agentic, b"POST", "/v1/responses", body, check_response_stream, GATEWAY_DELTA)
+            rd = await measure(direct_responses, b.upstream, c, n)
+            a = await measure(agentic, b.agentic, c, n)
+            rd_first = load_row(f"2/ttfd/direct-responses/c{c}", "2 stream: first delta",
+                                "direct upstream (responses mode)", rd, first=True)  # fmt: skip
+            a_first = load_row(f"2/ttfd/agentic/c{c}", "2 stream: first delta", "agentic-api", a,
+                               base=rd_first, first=True)  # fmt: skip
+            a_first.note = peer_note(a_first, first_rows[-1])
+            rd_last = load_row(f"2/ttlb/direct-responses/c{c}", "2 stream: last byte",
+                               "direct upstream (responses mode)", rd)  # fmt: skip
+            a_last = load_row(f"2/ttlb/agentic/c{c}", "2 stream: last byte", "agentic-api", a, base=rd_last)
+            a_last.note = peer_note(a_last, g_last)
+            first_rows += [rd_first, a_first]
+            last_rows += [rd_last, a_last]
     return first_rows + last_rows
 
 
@@ -464,13 +498,24 @@ def reported_turns(turns: int) -> list[int]:
 
 async def scenario_conversation(b: Bench) -> list[Row]:
     """5: ``previous_response_id`` chains of ``turns`` turns, concurrency 1. Each turn k is
-    measured over turns k−2..k+2 of every conversation; the baseline sends the whole history."""
+    measured over turns k−2..k+2 of every conversation; the baseline sends the whole history
+    (stepchain: as a chat completion; agentic-api: to the upstream's Responses mode)."""
+    rows = await _conversation_rows(b, b.gateway, "gateway", "stepchain", responses_mode=False)
+    if b.agentic is not None:
+        rows += await _conversation_rows(b, b.agentic, "agentic", "agentic-api", responses_mode=True)
+    return rows
+
+
+async def _conversation_rows(
+    b: Bench, server: ServerProcess, key: str, name: str, *, responses_mode: bool
+) -> list[Row]:
     turns, conversations = b.sizes.turns, b.sizes.conversations
     direct_ms: list[list[float]] = [[] for _ in range(turns)]
     gateway_ms: list[list[float]] = [[] for _ in range(turns)]
     errors: list[str] = []
     worker = Worker(0)
-    up_port, gw_port = b.upstream.port, b.gateway.port
+    up_port, gw_port = b.upstream.port, server.port
+    direct_path = "/v1/responses" if responses_mode else "/v1/chat/completions"
     try:
         for _ in range(conversations):
             history: list[dict[str, str]] = []
@@ -478,10 +523,12 @@ async def scenario_conversation(b: Bench) -> list[Row]:
             for k in range(turns):
                 text = f"Turn {k + 1}: tell me one more thing about benchmarks."
                 history.append({"role": "user", "content": text})
+                direct_body = (
+                    {"model": MODEL, "input": history} if responses_mode else {"model": MODEL, "messages": history}
+                )
                 try:
                     rd = await asyncio.wait_for(worker.request(
-                        LOCALHOST, up_port, b"POST", "/v1/chat/completions",
-                        orjson.dumps({"model": MODEL, "messages": history}),
+                        LOCALHOST, up_port, b"POST", direct_path, orjson.dumps(direct_body),
                     ), 60)  # fmt: skip
                     body = {"model": MODEL, "input": text}
                     if previous:
@@ -493,11 +540,14 @@ async def scenario_conversation(b: Bench) -> list[Row]:
                     worker.close()
                     errors.append(f"turn {k + 1}: {type(exc).__name__}: {exc}")
                     break
-                error = check_chat(rd) or check_response(rg)
+                error = (check_response(rd) if responses_mode else check_chat(rd)) or check_response(rg)
                 if error:
                     errors.append(f"turn {k + 1}: {error}")
                     break
-                reply = orjson.loads(rd.body)["choices"][0]["message"]["content"]
+                if responses_mode:
+                    reply = orjson.loads(rd.body)["output"][0]["content"][0]["text"]
+                else:
+                    reply = orjson.loads(rd.body)["choices"][0]["message"]["content"]
                 history.append({"role": "assistant", "content": reply})
                 previous = orjson.loads(rg.body)["id"]
                 direct_ms[k].append((rd.t_end - rd.t_start) * 1000)
@@ -505,19 +555,21 @@ async def scenario_conversation(b: Bench) -> list[Row]:
     finally:
         worker.close()
     rows = []
+    direct_name = "direct (responses mode)" if responses_mode else "direct"
     for turn in reported_turns(turns):
         window = range(max(turn - 3, 0), min(turn + 2, turns))
         d = summarize([v for k in window for v in direct_ms[k]])
         g = summarize([v for k in window for v in gateway_ms[k]])
         n = sum(len(gateway_ms[k]) for k in window)
         note = f"turns {window.start + 1}-{window.stop} × {conversations} conversations"
+        base_key = "direct-responses" if responses_mode else "direct"
         base = Row(
-            id=f"5/direct/t{turn}", scenario="5 conversation", target=f"direct, turn {turn}",
+            id=f"5/{base_key}/t{turn}", scenario="5 conversation", target=f"{direct_name}, turn {turn}",
             concurrency=1, requests=n, p50_ms=d["p50"], p90_ms=d["p90"], p99_ms=d["p99"],
             note=note, extra={"turn": turn},
         )  # fmt: skip
         ours = Row(
-            id=f"5/gateway/t{turn}", scenario="5 conversation", target=f"stepchain, turn {turn}",
+            id=f"5/{key}/t{turn}", scenario="5 conversation", target=f"{name}, turn {turn}",
             concurrency=1, requests=n, p50_ms=g["p50"], p90_ms=g["p90"], p99_ms=g["p99"],
             added_p50_ms=g["p50"] - d["p50"], added_p99_ms=g["p99"] - d["p99"], note=note,
             extra={"turn": turn},

@@ -1,8 +1,10 @@
 """The benchmark's scripted upstream, in its own process: ``python -m bench.upstream --port P``.
 
 It is :func:`gateway.testing.scripted_upstream.create_scripted_upstream` with the benchmark script
-:func:`bench_reply`, no request recording, and one extra route, ``GET /ping`` (a 4-byte answer
-straight from ASGI, the load generator's trivial endpoint). Served by uvicorn with uvloop and
+:func:`bench_reply`, no request recording, and three extra routes: ``GET /ping`` (a 4-byte answer
+straight from ASGI, the load generator's trivial endpoint), ``GET /health`` (the readiness probe
+vLLM serves, which peers poll) and ``POST /v1/responses`` (the same script in the Responses API,
+:mod:`bench.responses_upstream`, for peers that forward to a Responses upstream). Served by uvicorn with uvloop and
 httptools when installed.
 
 Options: ``--port`` (required), ``--host`` (127.0.0.1), ``--latency-ms`` (added before every
@@ -23,6 +25,8 @@ from gateway.testing.scripted_upstream import (
     ScriptedModel,
     create_scripted_upstream,
 )
+
+from .responses_upstream import ResponsesMode
 
 __all__ = ["SLOW_PREFIX", "TOOLS_PHRASE", "bench_reply", "create_bench_upstream", "main"]
 
@@ -83,15 +87,22 @@ _PONG_BODY = {"type": "http.response.body", "body": b"pong"}
 
 
 def create_bench_upstream(latency_s: float = 0.0) -> Any:
-    """The ASGI app: ``GET /ping`` here, everything else to the scripted upstream."""
+    """The ASGI app: ``GET /ping``, ``GET /health`` and ``POST /v1/responses`` here, everything
+    else to the scripted upstream (both API modes answer from one script)."""
     model = ScriptedModel(default=lambda body: bench_reply(body, latency_s), record=False)
     scripted = create_scripted_upstream(model)
+    responses = ResponsesMode(model)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == "/ping":
-            await send(_PONG_START)
-            await send(_PONG_BODY)
-            return
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path == "/ping" or path == "/health":
+                await send(_PONG_START)
+                await send(_PONG_BODY)
+                return
+            if path == "/v1/responses" and scope["method"] == "POST":
+                await responses(scope, receive, send)
+                return
         await scripted(scope, receive, send)
 
     return app

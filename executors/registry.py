@@ -33,7 +33,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -469,16 +469,24 @@ class ToolRegistry:
     # -- per request -------------------------------------------------------------------------
 
     def offer(
-        self, request_tools: list[dict[str, Any]] | None, tool_choice: Any
+        self,
+        request_tools: list[dict[str, Any]] | None,
+        tool_choice: Any,
+        *,
+        client_only: Container[str] = (),
+        server_only: Container[str] = (),
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], frozenset[str]]:
         """The tools for one Responses request: ``(offered, client_tools, hosted_names)``.
 
-        ``offered`` is every tool the model sees, as Responses function tools: the request's
-        ``tools`` in their order (a registered name → the registered tool, hosted; another name
-        → the client's own tool, as given), then the forced ``tool_choice`` tool and the
-        ``attach: "always"`` tools not listed yet, by name. ``client_tools`` is the client's own
-        subset. ``tool_choice: "none"`` offers nothing. Non-function request tools are ignored
-        (the request validator rejects them).
+        ``request_tools`` are Responses function tools (other types were flattened or left out
+        by :func:`gateway.protocol.tools.plan_tools`). ``offered`` is every tool the model sees,
+        as Responses function tools: the request's ``tools`` in their order (a registered name →
+        the registered tool, hosted; another name → the client's own tool, as given), then the
+        forced ``tool_choice`` tool and the ``attach: "always"`` tools not listed yet, by name.
+        ``client_tools`` is the client's own subset. Names in ``client_only`` (custom and
+        namespaced client tools) are always the client's; names in ``server_only`` (registered
+        tools standing in for hosted tool types) are offered only if registered.
+        ``tool_choice: "none"`` offers nothing. Non-function request tools are ignored.
         """
         if tool_choice == "none":
             return [], [], frozenset()
@@ -494,10 +502,10 @@ class ToolRegistry:
             if not isinstance(name, str) or name in seen:
                 continue
             seen.add(name)
-            if name in registered:
+            if name in registered and name not in client_only:
                 offered.append(registered[name])
                 hosted.add(name)
-            else:
+            elif name not in server_only:
                 offered.append(tool)
                 client.append(tool)
         rest = list(self._always)

@@ -44,7 +44,11 @@ from httpx_sse import EventSource
 
 from executors.reassembly import Delta, Reassembler, StreamCutError
 
-__all__ = ["UpstreamClient", "UpstreamError"]
+__all__ = ["STEP_NOTES", "UpstreamClient", "UpstreamError"]
+
+#: A key of a model call's request payload that holds the gateway's notes on the step (e.g. the
+#: request's tools it left out); stripped from the body sent upstream.
+STEP_NOTES = "stepchain"
 
 # How much of a non-JSON error body goes into the message.
 _SNIPPET_CHARS = 500
@@ -184,6 +188,8 @@ class UpstreamClient:
         on_delta: Callable[[Delta], Awaitable[None]] | None,
         on_chunk: Callable[[dict[str, Any]], Awaitable[None]] | None,
     ) -> dict[str, Any]:
+        if STEP_NOTES in body:  # the gateway's notes on the step, never sent upstream
+            body = {key: value for key, value in body.items() if key != STEP_NOTES}
         payload = orjson.dumps(body)
         if body.get("stream"):
             return await self._stream(payload, on_delta, on_chunk)

@@ -198,8 +198,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20_000_000, ge=1, description="largest request body")
     encrypted_content_key: SecretStr | None = Field(
         None,
-        description="Fernet key sealing `encrypted_content` (compaction items); the same on "
-        "every replica. Default: a random key kept in `<db>.key`",
+        description="Fernet key sealing `encrypted_content` (compaction and reasoning items); "
+        "the same on every replica. Default: a random key kept in `<db>.key`",
     )
     cancel_on_disconnect: bool = Field(
         False, description="cancel a streamed response when its client goes away"
@@ -226,6 +226,18 @@ class Settings(BaseSettings):
         strict=False,
         description="`[[tools]]` tool definitions as `POST /v1/tools` takes them, registered at "
         "start-up (flag and variable: a JSON list)",
+    )
+    hosted_tool_map: dict[str, str] = Field(
+        {},
+        strict=False,
+        description="hosted tool types a registered tool runs, e.g. `{web_search = "
+        "\"my_search_tool\"}` (flag and variable: a JSON object); other hosted types are left "
+        "out of what the model is offered",
+    )
+    reasoning_to_upstream: bool = Field(
+        False,
+        description="send reasoning items of the input back upstream as `reasoning_content` on "
+        "the next assistant message (vLLM, DeepSeek, llama.cpp take it)",
     )
 
     @classmethod
@@ -267,6 +279,7 @@ _SECRET = frozenset(
     name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)
 )
 _TABLES = frozenset({"tools", "upstream_fallbacks"})
+_JSON = _TABLES | {"hosted_tool_map"}  # flags and variables give these as JSON
 
 
 def flag_name(name: str) -> str:
@@ -284,7 +297,7 @@ def _parse_text(name: str, value: Any, source: str) -> Any:
     if not isinstance(value, str):  # a switch flag (already a bool), or a JSON-decoded table
         return value
     try:
-        if name in _TABLES:
+        if name in _JSON:
             return _adapter(name).validate_json(value)
         return _adapter(name).validate_strings(value)
     except ValidationError as exc:
@@ -374,7 +387,7 @@ README_END = "<!-- end of settings table -->"
 
 def _default_text(name: str) -> str:
     default = Settings.model_fields[name].default
-    if default is None or default == ():
+    if default is None or default == () or default == {}:
         return "—"
     if isinstance(default, bool):
         return str(default).lower()

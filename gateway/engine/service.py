@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from executors.upstream import STEP_NOTES
 from gateway.errors import InvalidRequestError, PreviousResponseNotFoundError
 from gateway.protocol.convert import (
     build_chat_request,
@@ -28,6 +29,8 @@ from gateway.protocol.convert import (
 )
 from gateway.protocol.events import ResponseBuilder
 from gateway.protocol.response_object import response_object
+from gateway.protocol.sealed import seal, unseal
+from gateway.protocol.tools import ToolPlan, plan_tools
 from gateway.protocol.validation import validate_call_outputs, validate_request
 from store.types import (
     MODEL_CALL,
@@ -40,6 +43,7 @@ from store.types import (
 
 from .compaction import expand_compactions
 from .loop import LoopDeps, run_response_loop
+from .references import ItemResolver
 from .tool_sources import (
     LISTINGS_KEY,
     ResponseTools,
@@ -67,6 +71,7 @@ class Prepared:
     input_items: list[dict[str, Any]]
     history: list[dict[str, Any]]
     client_tools: frozenset[str]
+    plan: ToolPlan
     # The responses whose items ``history`` holds (evicted from the cache when one is deleted).
     history_ids: frozenset[str] = frozenset()
     # The client's own key, sent upstream instead of the gateway's (pass_client_key); never stored.
@@ -123,11 +128,17 @@ class ResponsesService:
         *,
         owner: str | None = None,
         lease_s: float = 30.0,
+        hosted_tool_map: dict[str, str] | None = None,
         encrypted_content_key: str | None = None,
+        reasoning_to_upstream: bool = False,
     ) -> None:
         self.deps = deps
-        # Seals and opens encrypted_content (compaction items); None: they are refused.
+        # Hosted tool type (web_search, …) -> the registered tool that implements it.
+        self.hosted_tool_map = dict(hosted_tool_map or {})
+        # Seals and opens encrypted_content (compaction and reasoning items); None: refused.
         self.encrypted_content_key = encrypted_content_key
+        # Send input reasoning back upstream as reasoning_content (upstreams that take it).
+        self.reasoning_to_upstream = reasoning_to_upstream
         self.store = deps.store
         self.owner = owner
         self.lease_s = lease_s
@@ -169,7 +180,10 @@ class ResponsesService:
             if previous is not None:
                 ids, earlier = await self._conversation(previous)
                 items = list(earlier)
-        items.extend(normalize_input(record.request.get("input", []), record.id))
+        inputs = normalize_input(record.request.get("input", []), record.id)
+        if any(item["type"] == "item_reference" for item in inputs):
+            inputs = await ItemResolver(self.store, record.tenant).resolve(inputs, strict=False)
+        items.extend(inputs)
         items.extend(record.output)
         ids = ids | {record.id}
         self._remember(record.id, ids, items)
@@ -268,21 +282,30 @@ class ResponsesService:
                 )
             history_ids, history = await self._conversation(previous)
         input_items = normalize_input(body.get("input", []), response_id)
+        if any(item["type"] == "item_reference" for item in input_items):
+            input_items = await ItemResolver(self.store, tenant).resolve(input_items, strict=check)
         if check:
             validate_call_outputs(history, input_items)
             if LISTINGS_KEY in body:
                 body = {k: v for k, v in body.items() if k != LISTINGS_KEY}
-        offered, client_tools, _hosted = registry.offer(body.get("tools"), body.get("tool_choice"))
-        client_names = frozenset(t["name"] for t in client_tools)
+            self._check_encrypted(input_items)
+        plan, offered, client_names = self._offer(body)
         body, offered, hosted, approved = await self._tool_sources(
             body, offered, history, input_items, response_id, check=check
         )
+        if plan.left_out and check:
+            logger.info(
+                "response %s: tools left out (nothing runs them): %s",
+                response_id, ", ".join(plan.left_out),
+            )
         # Background responses stream upstream too: followers may attach with ?stream=true.
         stream = body.get("stream") is True or body.get("background") is True
         messages = items_to_messages(
             expand_compactions(history + input_items, self.encrypted_content_key),
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
             tool_output_max_lines=self.deps.tool_output_max_lines,
+            tool_name=plan.upstream_name,
+            reasoning_text=self._reasoning_text if self.reasoning_to_upstream else None,
         )
         if approved:  # the turn that asked for them, answered by the steps that run them
             messages.append(
@@ -299,7 +322,11 @@ class ResponsesService:
                     ],
                 }
             )
-        initial_body = build_chat_request(body, messages, tools_to_chat(offered), stream=stream)
+        initial_body = build_chat_request(
+            body, messages, tools_to_chat(offered), stream=stream, tool_name=plan.upstream_name
+        )
+        if plan.left_out:
+            initial_body[STEP_NOTES] = {"left_out_tools": plan.left_out}
         max_tool_calls = body.get("max_tool_calls")
         loop_request = LoopRequest(
             initial_body=initial_body,
@@ -323,7 +350,8 @@ class ResponsesService:
             store=body.get("store", True) is not False,
         )
         return Prepared(
-            record, loop_request, input_items, history, client_names, history_ids, mcp=hosted
+            record, loop_request, input_items, history, client_names, plan, history_ids,
+            mcp=hosted,
         )
 
     async def _tool_sources(
@@ -387,22 +415,65 @@ class ResponsesService:
             hosted.approval = frozenset(stored.get("approval") or ())
         return body, offered, hosted, approved
 
+    def _offer(self, body: dict[str, Any]) -> tuple[ToolPlan, list[dict[str, Any]], frozenset[str]]:
+        """The request's tools planned for the upstream (custom, namespaced and hosted types
+        flattened or left out), then offered by the registry: ``(plan, offered, client names)``.
+        A hosted type mapped to a tool that is not registered is left out too."""
+        registry = self.deps.registry
+        plan = plan_tools(body.get("tools"), self.hosted_tool_map)
+        for kind, name in list(plan.mapped.items()):
+            if registry.lookup(name) is None:
+                logger.warning("hosted_tool_map: %s -> %s, which is not registered", kind, name)
+                plan.left_out.append(kind)
+        offered, client_tools, _hosted = registry.offer(
+            plan.functions, body.get("tool_choice"),
+            client_only=plan.client.keys(), server_only=frozenset(plan.mapped.values()),
+        )
+        return plan, offered, frozenset(t["name"] for t in client_tools)
+
+    def _check_encrypted(self, items: list[dict[str, Any]]) -> None:
+        """Every ``encrypted_content`` in the new input must be one of ours (400 otherwise)."""
+        for i, item in enumerate(items):
+            token = item.get("encrypted_content") if item["type"] == "reasoning" else None
+            if token is not None:
+                if self.encrypted_content_key is None:
+                    raise InvalidRequestError(
+                        "Encrypted content is not enabled on this gateway.",
+                        param=f"input[{i}].encrypted_content", code="invalid_encrypted_content",
+                    )
+                unseal(token, self.encrypted_content_key, param=f"input[{i}].encrypted_content")
+
+    def _reasoning_text(self, item: dict[str, Any]) -> str | None:
+        """The reasoning text of a reasoning item: its sealed text, else its content parts."""
+        token = item.get("encrypted_content")
+        if isinstance(token, str) and self.encrypted_content_key is not None:
+            try:
+                text = unseal(token, self.encrypted_content_key).get("text")
+            except InvalidRequestError:
+                text = None  # checked when it arrived; a rotated key only loses the reasoning
+            if isinstance(text, str):
+                return text
+        parts = item.get("content") or item.get("summary") or ()
+        texts = [p.get("text") for p in parts if isinstance(p, dict)]
+        return "\n".join(t for t in texts if isinstance(t, str)) or None
+
     def builder(self, prepared: Prepared, emit: Callable[[bytes], None] | None = None) -> ResponseBuilder:
         """The event/output builder for a prepared response (``emit`` None = no events)."""
-        return self._builder(prepared.record, prepared.client_tools, emit)
+        return self._builder(prepared.record, prepared.client_tools, prepared.plan, emit)
 
     def builder_for_record(
         self, record: ResponseRecord, emit: Callable[[bytes], None] | None = None
     ) -> ResponseBuilder:
         """A builder for a stored response (replaying it): client tools from its request."""
-        _offered, client_tools, _hosted = self.deps.registry.offer(
-            record.request.get("tools"), record.request.get("tool_choice")
-        )
-        return self._builder(record, frozenset(t["name"] for t in client_tools), emit)
+        plan, _offered, client_names = self._offer(record.request)
+        return self._builder(record, client_names, plan, emit)
 
-    @staticmethod
     def _builder(
-        record: ResponseRecord, client_tools: frozenset[str], emit: Callable[[bytes], None] | None
+        self,
+        record: ResponseRecord,
+        client_tools: frozenset[str],
+        plan: ToolPlan,
+        emit: Callable[[bytes], None] | None,
     ) -> ResponseBuilder:
         base = {
             "id": record.id,
@@ -410,13 +481,18 @@ class ResponsesService:
             "model": record.model,
             "request": record.request,
         }
-        sources = record.request.get(LISTINGS_KEY)
-        if not sources:
-            return ResponseBuilder(base, hosted_tools=_NotClient(client_tools), emit=emit)
+        seal_reasoning = None
+        include = record.request.get("include")
+        key = self.encrypted_content_key
+        if key is not None and isinstance(include, list) and "reasoning.encrypted_content" in include:
+
+            def seal_reasoning(text: str) -> str:
+                return seal({"text": text}, key)
+
+        sources = record.request.get(LISTINGS_KEY) or {}
         return ResponseBuilder(
-            base,
-            hosted_tools=_NotClient(client_tools),
-            emit=emit,
+            base, hosted_tools=_NotClient(client_tools), emit=emit,
+            client_tools=plan.client, seal_reasoning=seal_reasoning,
             approval_tools=frozenset(sources.get("approval") or ()),
             labels={fn: (v[0], v[1]) for fn, v in (sources.get("labels") or {}).items()},
             listings=sources.get("listings"),

@@ -149,7 +149,9 @@ def create_app(
         tasks = TaskSet()
         service = ResponsesService(
             deps, owner=new_owner_id(), lease_s=settings.lease_s,
+            hosted_tool_map=settings.hosted_tool_map,
             encrypted_content_key=load_or_create_key(settings),
+            reasoning_to_upstream=settings.reasoning_to_upstream,
         )
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings

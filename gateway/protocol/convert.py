@@ -17,9 +17,12 @@ Every problem with the client's request raises :class:`gateway.errors.InvalidReq
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from .checks import bad_value, unsupported_value
+from .tools import custom_arguments
 from .truncation import tool_output_text, truncate_for_model
 
 __all__ = ["build_chat_request", "items_to_messages", "normalize_input", "tools_to_chat"]
@@ -29,10 +32,12 @@ _TEXT_PARTS = ("input_text", "output_text")
 _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens": "max_tokens"}
 _ID_PREFIX = {
     "message": "msg", "function_call": "fc", "function_call_output": "fco",
-    "reasoning": "rs", "mcp_call": "mcp", "mcp_list_tools": "mcpl",
+    "reasoning": "rs", "mcp_call": "mcp", "custom_tool_call": "ctc",
+    "custom_tool_call_output": "ctco", "compaction": "cmp", "mcp_list_tools": "mcpl",
     "mcp_approval_request": "mcpr", "mcp_approval_response": "mcpa",
-    "compaction": "cmp",
 }  # fmt: skip
+_CALLS = ("function_call", "custom_tool_call", "mcp_call")
+_OUTPUTS = ("function_call_output", "custom_tool_call_output")
 
 
 def _hex(response_id: str) -> str:
@@ -52,9 +57,12 @@ def normalize_input(input: str | list[Any], response_id: str) -> list[dict[str, 
     ``mcp``), so listing the same stored request always gives the same ids. The client's dicts
     are not modified.
 
+    ``item_reference`` items (``{"type": "item_reference", "id"}``) are kept as they are; the
+    service resolves them to the stored items they name.
+
     Raises InvalidRequestError (param ``input``, ``input[i].role``, ``input[i].content[j].type``,
     …) for malformed items and for item kinds this gateway cannot send to a Chat Completions
-    upstream (``item_reference``, ``file_id`` images and files, OpenAI-hosted tool calls).
+    upstream (``file_id`` images and files, OpenAI-hosted tool calls).
     """
     hex_id = _hex(response_id)
     if isinstance(input, str):
@@ -85,7 +93,9 @@ def normalize_input(input: str | list[Any], response_id: str) -> list[dict[str, 
             message = f"Input items of type '{kind}' are not supported by this gateway."
             raise unsupported_value(f"{param}.type", message)
         validator(item, param)
-        if "id" not in item or item["id"] is None:
+        if kind == "item_reference":
+            _require_str(item, "id", param)
+        elif "id" not in item or item["id"] is None:
             item["id"] = f"{_ID_PREFIX[kind]}_{hex_id}_{i}"
         else:
             _require_str(item, "id", param)
@@ -103,6 +113,8 @@ def _validate_message(item: dict[str, Any], param: str) -> None:
     role = item.get("role")
     if role not in _ROLES:
         raise bad_value(f"{param}.role", f"one of {', '.join(_ROLES)}")
+    if item.get("phase") is not None and item["phase"] not in ("commentary", "final_answer"):
+        raise bad_value(f"{param}.phase", "'commentary' or 'final_answer'")
     item.setdefault("status", "completed")
     content = item.get("content")
     if isinstance(content, str):
@@ -160,6 +172,15 @@ def _validate_function_call(item: dict[str, Any], param: str) -> None:
     item.setdefault("status", "completed")
 
 
+def _validate_custom_tool_call(item: dict[str, Any], param: str) -> None:
+    _require_str(item, "call_id", param)
+    _require_str(item, "name", param)
+    _require_str(item, "input", param, empty=True)
+    if item.get("namespace") is not None:
+        _require_str(item, "namespace", param)
+    item.setdefault("status", "completed")
+
+
 def _validate_function_call_output(item: dict[str, Any], param: str) -> None:
     _require_str(item, "call_id", param)
     output = item.get("output")
@@ -172,10 +193,12 @@ def _validate_function_call_output(item: dict[str, Any], param: str) -> None:
 
 
 def _validate_reasoning(item: dict[str, Any], param: str) -> None:
-    # Dropped before the upstream call; only the shape that openai-agents resends is checked.
+    # Only the shape clients resend is checked; encrypted_content is opened by the service.
     for key in ("summary", "content"):
         if item.get(key) is not None and not isinstance(item[key], list):
             raise bad_value(f"{param}.{key}", "a list")
+    if item.get("encrypted_content") is not None:
+        _require_str(item, "encrypted_content", param)
 
 
 def _validate_mcp_call(item: dict[str, Any], param: str) -> None:
@@ -214,24 +237,22 @@ def _validate_compaction(item: dict[str, Any], param: str) -> None:
     _require_str(item, "encrypted_content", param)
 
 
-def _reject_reference(item: dict[str, Any], param: str) -> None:
-    raise unsupported_value(
-        f"{param}.type",
-        "Input items of type 'item_reference' are not supported by this gateway; send the item "
-        "itself, or use 'previous_response_id'.",
-    )
+def _validate_reference(item: dict[str, Any], param: str) -> None:
+    pass  # the id is checked by normalize_input, resolved by the service
 
 
 _ITEM_VALIDATORS = {
     "message": _validate_message,
     "function_call": _validate_function_call,
     "function_call_output": _validate_function_call_output,
+    "custom_tool_call": _validate_custom_tool_call,
+    "custom_tool_call_output": _validate_function_call_output,
     "reasoning": _validate_reasoning,
     "mcp_call": _validate_mcp_call,
     "mcp_list_tools": _validate_mcp_list_tools,
     "mcp_approval_request": _validate_mcp_approval_request,
     "mcp_approval_response": _validate_mcp_approval_response,
-    "item_reference": _reject_reference,
+    "item_reference": _validate_reference,
     "compaction": _validate_compaction,
 }
 
@@ -244,61 +265,80 @@ def items_to_messages(
     *,
     tool_output_max_bytes: int = 50_000,
     tool_output_max_lines: int = 2_000,
+    tool_name: Callable[[str, str | None], str] | None = None,
+    reasoning_text: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Normalized Responses items (see :func:`normalize_input`) → Chat Completions messages.
 
     * ``message`` → a message of the same role, ``developer`` → ``system`` (many upstreams do
       not know ``developer``); all-text content is sent as one string (parts joined by ``\\n``;
       refusals become text), otherwise as ``text`` / ``image_url`` / ``file`` parts;
-    * consecutive ``function_call`` and ``mcp_call`` items → one assistant message with
-      ``tool_calls``, merged into the assistant message right before them if there is one;
-      reasoning items in between are skipped, they never split a turn;
+    * consecutive ``function_call``, ``custom_tool_call`` and ``mcp_call`` items → one assistant
+      message with ``tool_calls``, merged into the assistant message right before them if there
+      is one; reasoning items in between never split a turn;
     * right after that assistant message comes one ``tool`` message per call: a
-      ``function_call_output``'s output (found anywhere later in ``items``), or an ``mcp_call``'s
-      own output (``"Error: …"`` if it failed), truncated like live tool outputs;
-    * the tool-call id of a ``function_call`` is its ``call_id``; of an ``mcp_call`` its
+      ``function_call_output``'s / ``custom_tool_call_output``'s output (found anywhere later in
+      ``items``), or an ``mcp_call``'s own output (``"Error: …"`` if it failed), truncated like
+      live tool outputs;
+    * the tool-call id of a function or custom call is its ``call_id``; of an ``mcp_call`` its
       ``call_id`` if it carries one, else its ``id`` (the gateway's own ``mcp_…`` items have
-      none);
-    * ``reasoning``, ``mcp_list_tools`` and ``mcp_approval_*`` items are dropped (an approved
-      call becomes an ``mcp_call`` item of the response that ran it).
+      none); a call's function name is ``tool_name(name, namespace)`` (the upstream name of a
+      namespaced or custom tool, see :mod:`gateway.protocol.tools`), a custom call's arguments
+      ``{"input": <its input>}``;
+    * ``reasoning`` items are dropped, unless ``reasoning_text`` is given: then the text it
+      returns for them (None: nothing) goes to the next assistant message as
+      ``reasoning_content``.
+    * ``mcp_list_tools`` and ``mcp_approval_*`` items are dropped (an approved call becomes an
+      ``mcp_call`` item of the response that ran it).
 
     Chat upstreams reject an assistant ``tool_calls`` message that is not followed by exactly one
-    tool message per id, so history that breaks that rule is repaired, never sent as is: a
-    ``function_call`` with no later output is dropped, an output with no earlier call is dropped,
-    and a repeated ``call_id`` within one assistant message is kept once. Images in tool outputs
-    (which ``tool`` messages cannot carry) follow the tool messages as one user message.
+    tool message per id, so history that breaks that rule is repaired, never sent as is: a call
+    with no later output is dropped, an output with no earlier call is dropped, and a repeated
+    ``call_id`` within one assistant message is kept once. Images in tool outputs (which ``tool``
+    messages cannot carry) follow the tool messages as one user message.
     Never raises for items that :func:`normalize_input` accepted.
     """
     outputs: dict[str, list[int]] = {}
     for position, item in enumerate(items):
-        if item.get("type") == "function_call_output":
+        if item.get("type") in _OUTPUTS:
             outputs.setdefault(item["call_id"], []).append(position)
     claimed: set[int] = set()
     messages: list[dict[str, Any]] = []
-    limits = (tool_output_max_bytes, tool_output_max_lines)
+    turn = _Turn(
+        outputs, claimed, messages, (tool_output_max_bytes, tool_output_max_lines),
+        tool_name or _plain_name, reasoning_text,
+    )
     i, n = 0, len(items)
     while i < n:
         item = items[i]
         kind = item.get("type")
         if kind == "message":
-            if item["role"] == "assistant" and _next_call(items, i + 1) is not None:
-                i = _tool_turn(items, i + 1, _message(item), outputs, claimed, messages, limits)
-                continue
-            messages.append(_message(item))
-        elif kind in ("function_call", "mcp_call"):
-            assistant = {"role": "assistant", "content": None}
-            i = _tool_turn(items, i, assistant, outputs, claimed, messages, limits)
+            message = _message(item)
+            if item["role"] == "assistant":
+                turn.take_reasoning(message)
+                if _next_call(items, i + 1) is not None:
+                    i = turn.calls(items, i + 1, message)
+                    continue
+            messages.append(message)
+        elif kind in _CALLS:
+            i = turn.calls(items, i, {"role": "assistant", "content": None})
             continue
-        # function_call_output items are placed with their call; reasoning items are dropped.
+        elif kind == "reasoning":
+            turn.note_reasoning(item)
+        # function_call_output items are placed with their call.
         i += 1
     return messages
 
 
+def _plain_name(name: str, namespace: str | None) -> str:
+    return name
+
+
 def _next_call(items: list[dict[str, Any]], i: int) -> int | None:
-    """Index of the next function/mcp call if only reasoning items come before it."""
+    """Index of the next tool call if only reasoning items come before it."""
     while i < len(items):
         kind = items[i].get("type")
-        if kind in ("function_call", "mcp_call"):
+        if kind in _CALLS:
             return i
         if kind != "reasoning":
             return None
@@ -306,55 +346,84 @@ def _next_call(items: list[dict[str, Any]], i: int) -> int | None:
     return None
 
 
-def _tool_turn(
-    items: list[dict[str, Any]],
-    i: int,
-    assistant: dict[str, Any],
-    outputs: dict[str, list[int]],
-    claimed: set[int],
-    messages: list[dict[str, Any]],
-    limits: tuple[int, int],
-) -> int:
-    """Append one assistant message with the calls starting at ``items[i]`` and their tool
-    messages; return the index of the first item after the calls."""
-    calls: list[dict[str, Any]] = []
-    answers: list[dict[str, Any]] = []
-    images: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    while i < len(items) and items[i].get("type") in ("function_call", "mcp_call", "reasoning"):
-        item = items[i]
-        kind = item["type"]
-        if kind == "function_call":
-            call_id = item["call_id"]
-            answer = None
-            if call_id not in seen:
-                answer = _claim_output(outputs.get(call_id, ()), i, claimed)
-            if answer is not None:
-                seen.add(call_id)
-                calls.append(_tool_call(call_id, item))
-                content, found = _tool_output_content(items[answer]["output"])
-                answers.append({"role": "tool", "tool_call_id": call_id, "content": content})
-                if found:
-                    note = f"Images returned by tool call {call_id}:"
-                    images += [{"type": "text", "text": note}, *found]
-        elif kind == "mcp_call":
-            call_id = item.get("call_id") or item["id"]
-            if call_id not in seen:
-                seen.add(call_id)
-                calls.append(_tool_call(call_id, item))
-                text = truncate_for_model(
-                    _mcp_output_text(item), max_bytes=limits[0], max_lines=limits[1]
-                )
-                answers.append({"role": "tool", "tool_call_id": call_id, "content": text})
-        i += 1
-    if calls:
-        assistant["tool_calls"] = calls
-    if calls or assistant.get("content"):
-        messages.append(assistant)
-    messages.extend(answers)
-    if images:
-        messages.append({"role": "user", "content": images})
-    return i
+@dataclass(slots=True)
+class _Turn:
+    """What :func:`items_to_messages` carries from one assistant turn to the next."""
+
+    outputs: dict[str, list[int]]
+    claimed: set[int]
+    messages: list[dict[str, Any]]
+    limits: tuple[int, int]
+    tool_name: Callable[[str, str | None], str]
+    reasoning_text: Callable[[dict[str, Any]], str | None] | None
+    reasoning: list[str] = field(default_factory=list)
+
+    def note_reasoning(self, item: dict[str, Any]) -> None:
+        if self.reasoning_text is not None:
+            text = self.reasoning_text(item)
+            if text:
+                self.reasoning.append(text)
+
+    def take_reasoning(self, assistant: dict[str, Any]) -> None:
+        if self.reasoning:
+            assistant["reasoning_content"] = "\n\n".join(self.reasoning)
+            self.reasoning = []
+
+    def calls(self, items: list[dict[str, Any]], i: int, assistant: dict[str, Any]) -> int:
+        """Append one assistant message with the calls starting at ``items[i]`` and their tool
+        messages; return the index of the first item after the calls."""
+        calls: list[dict[str, Any]] = []
+        answers: list[dict[str, Any]] = []
+        images: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        while i < len(items) and (items[i].get("type") in _CALLS or items[i].get("type") == "reasoning"):
+            item = items[i]
+            kind = item["type"]
+            if kind == "reasoning":
+                self.note_reasoning(item)
+            elif kind in ("function_call", "custom_tool_call"):
+                call_id = item["call_id"]
+                answer = None
+                if call_id not in seen:
+                    answer = _claim_output(self.outputs.get(call_id, ()), i, self.claimed)
+                if answer is not None:
+                    seen.add(call_id)
+                    calls.append(self._tool_call(call_id, item))
+                    content, found = _tool_output_content(items[answer]["output"])
+                    answers.append({"role": "tool", "tool_call_id": call_id, "content": content})
+                    if found:
+                        note = f"Images returned by tool call {call_id}:"
+                        images += [{"type": "text", "text": note}, *found]
+            else:  # mcp_call
+                call_id = item.get("call_id") or item["id"]
+                if call_id not in seen:
+                    seen.add(call_id)
+                    calls.append(self._tool_call(call_id, item))
+                    text = truncate_for_model(
+                        _mcp_output_text(item), max_bytes=self.limits[0], max_lines=self.limits[1]
+                    )
+                    answers.append({"role": "tool", "tool_call_id": call_id, "content": text})
+            i += 1
+        if calls:
+            assistant["tool_calls"] = calls
+        self.take_reasoning(assistant)
+        if calls or assistant.get("content") or assistant.get("reasoning_content"):
+            self.messages.append(assistant)
+        self.messages.extend(answers)
+        if images:
+            self.messages.append({"role": "user", "content": images})
+        return i
+
+    def _tool_call(self, call_id: str, item: dict[str, Any]) -> dict[str, Any]:
+        if item["type"] == "custom_tool_call":
+            name = self.tool_name(item["name"], item.get("namespace"))
+            arguments = custom_arguments(item["input"])
+        elif item["type"] == "function_call":
+            name = self.tool_name(item["name"], item.get("namespace"))
+            arguments = item.get("arguments") or ""
+        else:
+            name, arguments = item["name"], item.get("arguments") or ""
+        return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def _claim_output(positions: Any, after: int, claimed: set[int]) -> int | None:
@@ -363,14 +432,6 @@ def _claim_output(positions: Any, after: int, claimed: set[int]) -> int | None:
             claimed.add(position)
             return position
     return None
-
-
-def _tool_call(call_id: str, item: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": call_id,
-        "type": "function",
-        "function": {"name": item["name"], "arguments": item.get("arguments") or ""},
-    }
 
 
 def _mcp_output_text(item: dict[str, Any]) -> str:
@@ -455,12 +516,15 @@ def build_chat_request(
     tools: list[dict[str, Any]],
     *,
     stream: bool,
+    tool_name: Callable[[str, str | None], str] | None = None,
 ) -> dict[str, Any]:
     """The Chat Completions body for a validated Responses ``request``.
 
     ``messages`` come from :func:`items_to_messages`, ``tools`` from :func:`tools_to_chat`.
     ``instructions`` become the first (system) message; ``tools``, ``tool_choice`` and
-    ``parallel_tool_calls`` are sent only with tools; ``max_output_tokens`` → ``max_tokens``;
+    ``parallel_tool_calls`` are sent only with tools (a function or custom ``tool_choice`` names
+    the upstream function ``tool_name(name, namespace)``, ``allowed_tools`` sends its ``mode``,
+    a hosted tool type ``auto``); ``max_output_tokens`` → ``max_tokens``;
     ``text.format`` → ``response_format``; ``reasoning.effort`` → ``reasoning_effort``;
     streaming asks for ``stream_options.include_usage``. Absent or null fields are omitted, unknown
     request fields ignored.
@@ -473,7 +537,7 @@ def build_chat_request(
         body["tools"] = tools
         choice = request.get("tool_choice")
         if isinstance(choice, dict):
-            body["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+            body["tool_choice"] = _tool_choice(choice, tool_name or _plain_name)
         elif choice is not None:
             body["tool_choice"] = choice
         if request.get("parallel_tool_calls") is not None:
@@ -498,3 +562,13 @@ def build_chat_request(
     if stream:
         body["stream_options"] = {"include_usage": True}
     return body
+
+
+def _tool_choice(choice: dict[str, Any], tool_name: Callable[[str, str | None], str]) -> Any:
+    kind = choice.get("type")
+    if kind in ("function", "custom") and isinstance(choice.get("name"), str):
+        name = tool_name(choice["name"], choice.get("namespace"))
+        return {"type": "function", "function": {"name": name}}
+    if kind == "allowed_tools" and choice.get("mode") in ("auto", "required"):
+        return choice["mode"]
+    return "auto"

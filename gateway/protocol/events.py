@@ -16,12 +16,20 @@ replaying a stored chain yields the ids of the live stream. Output items are lis
 text, then tool calls (all known ones) that is the order a non-streamed call gives.
 
 Hosted tool calls (names in ``hosted_tools``) are ``mcp_call`` items: the SDKs show them but never
-run them client-side. Client tool calls are ``function_call`` items. Calls that wait for the
-client's approval (names in ``approval_tools``) are ``mcp_approval_request`` items
+run them client-side. Calls that wait for the client's approval (names in ``approval_tools``) are ``mcp_approval_request`` items
 (``mcpr_<hex>_<n>``), added and done once their arguments are complete. The tools of remote MCP
 servers that a response listed are ``mcp_list_tools`` items (:meth:`ResponseBuilder.mcp_listings`),
 with ``response.mcp_list_tools.in_progress`` / ``.completed`` (or ``.failed``). ``labels`` maps a
 function name the model saw to the ``(server_label, tool name)`` its items show.
+
+Client tool calls are ``function_call`` items, or ``custom_tool_call`` items
+(``ctc_<hex>_<n>``, ``input`` the freeform text, events ``response.custom_tool_call_input.delta``
+/ ``.done`` once the call is complete) for the upstream names that ``client_tools`` maps to a
+custom tool; a call of a namespaced tool carries the tool's own ``name`` and its ``namespace``.
+
+Assistant messages get ``phase``: ``commentary`` when the same model call asked for tools,
+else ``final_answer`` (set when the message is done). Reasoning items get ``encrypted_content``
+from ``seal_reasoning`` (given when the request includes ``reasoning.encrypted_content``).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from store.types import COMPLETED
 
 from .response_object import response_object
 from .sse import encode_event
+from .tools import ClientTool, custom_input
 from .usage import add_chat_usage, zero_usage
 
 if TYPE_CHECKING:
@@ -137,12 +146,16 @@ class ResponseBuilder:
         approval_tools: Container[str] = frozenset(),
         labels: Mapping[str, tuple[str, str]] | None = None,
         listings: list[dict[str, Any]] | None = None,
+        client_tools: Mapping[str, ClientTool] | None = None,
+        seal_reasoning: Callable[[str], str] | None = None,
     ) -> None:
         self._base = base
         self._hosted = hosted_tools
         self._approval = approval_tools
         self._labels = labels or {}
         self._listings = listings
+        self._client_tools = client_tools or {}
+        self._seal_reasoning = seal_reasoning
         self._emit = emit
         self._server_label = server_label
         self._sequence = 0
@@ -264,6 +277,9 @@ class ResponseBuilder:
             self._open_reasoning(call)
         if call.reasoning is not None:
             self._close_parts(call.reasoning, {"reasoning_text": reasoning})
+            if self._seal_reasoning is not None:
+                text = "".join(part.part["text"] for part in call.reasoning.parts.values())
+                call.reasoning.item["encrypted_content"] = self._seal_reasoning(text)
             self._close(call.reasoning, status)
 
         content = _text(message.get("content"))
@@ -276,6 +292,8 @@ class ResponseBuilder:
                 if text and kind not in item.parts:
                     self._open_part(item, kind)
             self._close_parts(item, {"output_text": content, "refusal": refusal})
+            asked_tools = bool(call.order) or bool(_payload_tool_calls(message))
+            item.item["phase"] = "commentary" if asked_tools else "final_answer"
             self._close(item, status)
 
         self._close_tool_calls(call, _payload_tool_calls(message), failed, status)
@@ -476,6 +494,7 @@ class ResponseBuilder:
 
     def _open_tool(self, call: _ModelCall, state: _ToolCall) -> _Item:
         name = state.name or ""
+        client_tool = self._client_tools.get(name)
         if name in self._approval:
             label, tool = self._label(name)
             item = {
@@ -485,6 +504,17 @@ class ResponseBuilder:
                 "name": tool,
                 "arguments": "".join(state.pieces),
             }
+        elif client_tool is not None and client_tool.kind == "custom":
+            item = {
+                "type": "custom_tool_call",
+                "id": f"ctc_{call.hex}_{state.ordinal}",
+                "call_id": state.call_id or f"call_{call.hex}_{state.ordinal}",
+                "name": client_tool.name,
+                "input": "",
+                "status": "in_progress",
+            }
+            if client_tool.namespace is not None:
+                item["namespace"] = client_tool.namespace
         elif name in self._hosted:
             label, tool = self._label(name)
             item = {
@@ -507,14 +537,18 @@ class ResponseBuilder:
                 "arguments": "",
                 "status": "in_progress",
             }
+            if client_tool is not None:
+                item["name"] = client_tool.name
+                if client_tool.namespace is not None:
+                    item["namespace"] = client_tool.namespace
         state.opened = self._open(item)
         return state.opened
 
     def _stream_arguments(self, state: _ToolCall) -> None:
         item = state.opened
         assert item is not None
-        if item.item["type"] == "mcp_approval_request":
-            return
+        if item.item["type"] in ("custom_tool_call", "mcp_approval_request"):
+            return  # sent once the call is complete
         if state.streamed < len(state.pieces):
             piece = "".join(state.pieces[state.streamed :])
             state.streamed = len(state.pieces)
@@ -565,8 +599,15 @@ class ResponseBuilder:
             item = state.opened or self._open_tool(call, state)
             self._stream_arguments(state)
             arguments = "".join(state.pieces)
-            item.item["arguments"] = arguments
             common = {"item_id": item.item["id"], "output_index": item.output_index}
+            if item.item["type"] == "custom_tool_call":
+                text = item.item["input"] = custom_input(arguments)
+                if text:
+                    self._send("response.custom_tool_call_input.delta", **common, delta=text)
+                self._send("response.custom_tool_call_input.done", **common, input=text)
+                self._close(item, status)
+                continue
+            item.item["arguments"] = arguments
             if item.item["type"] == "mcp_approval_request":
                 self._send("response.output_item.done", output_index=item.output_index, item=item.item)
             elif item.item["type"] == "mcp_call":

@@ -3,7 +3,12 @@
 :func:`response_object` is used for ``POST`` results, stream snapshots
 (``response.created`` … ``response.completed``) and ``GET /v1/responses/{id}``, so the three
 always agree. Request settings are echoed from the stored request body; keys the request did not
-set get the OpenAI defaults (``tool_choice: "auto"``, ``truncation: "disabled"``, …) or null.
+set get the values OpenAI returns then (``temperature: 1.0``, ``top_p: 1.0``, ``tool_choice:
+"auto"``, ``truncation: "disabled"``, ``text: {"format": {"type": "text"}, "verbosity":
+"medium"}``, ``service_tier: "default"``, ``metadata: {}``, …); null only where OpenAI gives null
+too (``instructions``, ``max_output_tokens``, ``user``, …). The keys are those of openai-python's
+``types/responses/response.py`` and the Open Responses ``ResponseResource`` schema (which requires
+every one of them to be present). Keys are in OpenAI's (alphabetical) order.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["response_object"]
+
+_TEXT_FORMAT = {"type": "text"}
+_DEFAULT_TEXT = {"format": _TEXT_FORMAT, "verbosity": "medium"}
 
 
 def _tools(tools: Any) -> list[Any]:
@@ -61,33 +69,62 @@ def response_object(
         "id": id,
         "object": "response",
         "created_at": int(created_at),
-        "completed_at": None if completed_at is None else int(completed_at),
         "status": status,
-        "error": error,
-        "incomplete_details": incomplete_details,
-        "model": model,
-        "output": output,
-        "instructions": get("instructions"),
-        "metadata": setting("metadata", {}),
-        "parallel_tool_calls": setting("parallel_tool_calls", True),
-        "temperature": get("temperature"),
-        "top_p": get("top_p"),
-        "tool_choice": setting("tool_choice", "auto"),
-        "tools": _tools(get("tools")),
-        "previous_response_id": get("previous_response_id"),
-        "store": setting("store", True),
         "background": setting("background", False),
+        "completed_at": None if completed_at is None else int(completed_at),
+        "conversation": _conversation(get("conversation")),
+        "error": error,
+        "frequency_penalty": setting("frequency_penalty", 0.0),
+        "incomplete_details": incomplete_details,
+        "instructions": get("instructions"),
         "max_output_tokens": get("max_output_tokens"),
         "max_tool_calls": get("max_tool_calls"),
-        "text": setting("text") or {"format": {"type": "text"}},
-        "truncation": setting("truncation", "disabled"),
-        "reasoning": get("reasoning"),
-        "user": get("user"),
-        "service_tier": "default",
+        "metadata": setting("metadata", {}),
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": setting("parallel_tool_calls", True),
         "presence_penalty": setting("presence_penalty", 0.0),
-        "frequency_penalty": setting("frequency_penalty", 0.0),
-        "top_logprobs": setting("top_logprobs", 0),
-        "safety_identifier": get("safety_identifier"),
+        "previous_response_id": get("previous_response_id"),
         "prompt_cache_key": get("prompt_cache_key"),
+        "prompt_cache_retention": get("prompt_cache_retention"),
+        "reasoning": _reasoning(get("reasoning")),
+        "safety_identifier": get("safety_identifier"),
+        "service_tier": "default",
+        "store": setting("store", True),
+        "temperature": setting("temperature", 1.0),
+        "text": _text(get("text")),
+        "tool_choice": setting("tool_choice", "auto"),
+        "tools": _tools(get("tools")),
+        "top_logprobs": setting("top_logprobs", 0),
+        "top_p": setting("top_p", 1.0),
+        "truncation": setting("truncation", "disabled"),
         "usage": usage,
+        "user": get("user"),
+    }
+
+
+def _conversation(conversation: Any) -> dict[str, Any] | None:
+    """The request's ``conversation`` (an id or ``{"id"}``) as the Response's ``{"id"}``."""
+    if isinstance(conversation, str):
+        return {"id": conversation}
+    if isinstance(conversation, dict) and isinstance(conversation.get("id"), str):
+        return {"id": conversation["id"]}
+    return None
+
+
+def _reasoning(reasoning: Any) -> dict[str, Any]:
+    """``{"effort", "summary"}`` as OpenAI echoes it (both null when not asked for)."""
+    if not isinstance(reasoning, dict):
+        return {"effort": None, "summary": None}
+    summary = reasoning.get("summary") or reasoning.get("generate_summary")
+    return {"effort": reasoning.get("effort"), "summary": summary}
+
+
+def _text(text: Any) -> dict[str, Any]:
+    """``{"format", "verbosity"}``: the request's, else plain text at ``medium`` verbosity."""
+    if not isinstance(text, dict):
+        return _DEFAULT_TEXT
+    return {
+        "format": text.get("format") or _TEXT_FORMAT,
+        "verbosity": text.get("verbosity") or "medium",
     }

@@ -110,6 +110,9 @@ def _validate_mcp_tool(tool: dict[str, Any], param: str) -> None:
 
 
 def _validate_tools(tools: Any) -> None:
+    """``function``, ``custom`` and ``namespace`` tools are checked in full; other (hosted)
+    types only need a string ``type``: they are mapped or left out, never refused (see
+    :mod:`gateway.protocol.tools`). ``mcp`` tools: see :func:`_validate_mcp_tool`."""
     if tools is None:
         return
     if not isinstance(tools, list):
@@ -118,37 +121,67 @@ def _validate_tools(tools: Any) -> None:
         param = f"tools[{i}]"
         if not isinstance(tool, dict):
             raise bad_value(param, "an object")
-        if not isinstance(tool.get("type"), str):
+        kind = tool.get("type")
+        if not isinstance(kind, str):
             raise bad_value(f"{param}.type", "a string")
-        if tool["type"] == "mcp":
+        if kind in ("function", "custom"):
+            _validate_tool(tool, param)
+        elif kind == "namespace":
+            _require_name(tool, param)
+            if tool.get("description") is not None and not isinstance(tool["description"], str):
+                raise bad_value(f"{param}.description", "a string")
+            members = tool.get("tools")
+            if not isinstance(members, list) or not members:
+                raise bad_value(f"{param}.tools", "a non-empty list of function or custom tools")
+            for j, member in enumerate(members):
+                where = f"{param}.tools[{j}]"
+                if not isinstance(member, dict) or member.get("type") not in ("function", "custom"):
+                    raise bad_value(where, "a function or custom tool")
+                _validate_tool(member, where)
+        elif kind == "mcp":
             _validate_mcp_tool(tool, param)
-            continue
-        if tool["type"] != "function":
-            # Hosted OpenAI tools (web_search, file_search, mcp, …) cannot run behind a Chat
-            # Completions upstream; silently dropping them would hide that from the client.
-            raise unsupported_value(
-                f"{param}.type",
-                f"Tools of type '{tool['type']}' are not supported by this gateway; use function "
-                "tools or tools registered on the gateway.",
-            )
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise bad_value(f"{param}.name", "a non-empty string")
-        if tool.get("description") is not None and not isinstance(tool["description"], str):
-            raise bad_value(f"{param}.description", "a string")
+
+
+def _require_name(tool: dict[str, Any], param: str) -> None:
+    if not isinstance(tool.get("name"), str) or not tool["name"]:
+        raise bad_value(f"{param}.name", "a non-empty string")
+
+
+def _validate_tool(tool: dict[str, Any], param: str) -> None:
+    """One ``function`` or ``custom`` tool (at the top level or in a namespace)."""
+    _require_name(tool, param)
+    if tool.get("description") is not None and not isinstance(tool["description"], str):
+        raise bad_value(f"{param}.description", "a string")
+    if tool["type"] == "function":
         if tool.get("parameters") is not None and not isinstance(tool["parameters"], dict):
             raise bad_value(f"{param}.parameters", "a JSON Schema object")
         if tool.get("strict") is not None and not isinstance(tool["strict"], bool):
             raise bad_value(f"{param}.strict", "a boolean")
+        return
+    fmt = tool.get("format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "grammar"):
+        raise bad_value(f"{param}.format", "a text or grammar format")
+    if fmt["type"] == "grammar":
+        if fmt.get("syntax") not in ("lark", "regex"):
+            raise bad_value(f"{param}.format.syntax", "'lark' or 'regex'")
+        if not isinstance(fmt.get("definition"), str):
+            raise bad_value(f"{param}.format.definition", "a string")
 
 
 def _validate_tool_choice(choice: Any) -> None:
     if choice is None or choice in ("none", "auto", "required"):
         return
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        if not isinstance(choice.get("name"), str) or not choice["name"]:
-            raise bad_value("tool_choice.name", "a non-empty string")
-        return
-    raise bad_value("tool_choice", "'none', 'auto', 'required' or a function tool choice")
+    if isinstance(choice, dict) and isinstance(choice.get("type"), str):
+        if choice["type"] in ("function", "custom"):
+            if not isinstance(choice.get("name"), str) or not choice["name"]:
+                raise bad_value("tool_choice.name", "a non-empty string")
+        elif choice["type"] == "allowed_tools":
+            if choice.get("mode") not in ("auto", "required"):
+                raise bad_value("tool_choice.mode", "'auto' or 'required'")
+        return  # a hosted tool type: mapped or left out like the tool itself
+    raise bad_value("tool_choice", "'none', 'auto', 'required' or a tool choice object")
 
 
 def _validate_text(text: Any) -> None:
@@ -180,7 +213,7 @@ def _validate_text(text: Any) -> None:
 def validate_call_outputs(history: list[dict[str, Any]], input_items: list[dict[str, Any]]) -> None:
     """Reject a ``function_call_output`` in the new input that answers no earlier tool call.
 
-    Earlier calls are ``function_call`` items (by ``call_id``) and ``mcp_call`` items (by
+    Earlier calls are function and custom tool calls (by ``call_id``) and ``mcp_call`` items (by
     ``call_id`` or ``id``) in ``history`` or earlier in ``input_items``. Raises
     InvalidRequestError with ``param`` ``input[i].call_id``.
     """
@@ -188,7 +221,10 @@ def validate_call_outputs(history: list[dict[str, Any]], input_items: list[dict[
     for item in history:
         _note_call(item, known)
     for i, item in enumerate(input_items):
-        if item.get("type") == "function_call_output" and item.get("call_id") not in known:
+        kind = item.get("type")
+        if kind in ("function_call_output", "custom_tool_call_output") and item.get(
+            "call_id"
+        ) not in known:
             raise InvalidRequestError(
                 f"No tool call found for function call output with call_id {item.get('call_id')}.",
                 param=f"input[{i}].call_id",
@@ -198,7 +234,7 @@ def validate_call_outputs(history: list[dict[str, Any]], input_items: list[dict[
 
 def _note_call(item: dict[str, Any], known: set[str]) -> None:
     kind = item.get("type")
-    if kind == "function_call" and item.get("call_id"):
+    if kind in ("function_call", "custom_tool_call") and item.get("call_id"):
         known.add(item["call_id"])
     elif kind == "mcp_call":
         known.add(item.get("call_id") or item.get("id") or "")

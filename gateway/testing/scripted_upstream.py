@@ -14,7 +14,7 @@ also records every request body it received::
     assert model.requests[-1]["messages"][-1]["content"] == "Hi"
 
 Streams look like OpenAI's on the wire: ``data: {json}\\n\\n`` per chunk; a first chunk with the
-role; reasoning (as ``reasoning_content``), refusal and content in ``chunk_size``-character pieces;
+role; reasoning (as ``reasoning_content``, or ``reasoning``), refusal and content in ``chunk_size``-character pieces;
 tool-call pieces keyed by ``index`` with ``id``/``name`` only in the first piece and the arguments
 split into pieces; a finish chunk; a usage chunk with ``choices: []`` when asked for; ``[DONE]``.
 
@@ -78,12 +78,15 @@ class Reply:
     ``finish_reason`` defaults to ``"tool_calls"`` if there are tool calls, else ``"stop"``;
     ``usage`` defaults to rough counts (about four characters a token) of the request and reply
     text. ``tool_calls`` items are ``{"id", "name", "arguments"}`` (``arguments`` a JSON string).
-    Times are seconds.
+    ``reasoning`` is sent in the message field ``reasoning_field``: ``reasoning_content``
+    (DeepSeek, vLLM's older reasoning parsers, llama.cpp) or ``reasoning`` (vLLM ≥ 0.10,
+    OpenRouter, Ollama). Times are seconds.
     """
 
     content: str | None = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     reasoning: str | None = None
+    reasoning_field: str = "reasoning_content"
     refusal: str | None = None
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
@@ -249,7 +252,7 @@ def _completion(reply: Reply, body: dict[str, Any], model: str) -> dict[str, Any
         "refusal": reply.refusal,
     }
     if reply.reasoning:
-        message["reasoning_content"] = reply.reasoning
+        message[reply.reasoning_field] = reply.reasoning
     if reply.tool_calls:
         message["tool_calls"] = [
             {"id": c["id"], "type": "function",
@@ -290,7 +293,7 @@ def _stream_events(reply: Reply, body: dict[str, Any], model: str) -> list[bytes
     }
     events = [open_choice + orjson.dumps(first) + close_choice]
     for key, text in (
-        ("reasoning_content", reply.reasoning),
+        (reply.reasoning_field, reply.reasoning),
         ("refusal", reply.refusal),
         ("content", reply.content),
     ):

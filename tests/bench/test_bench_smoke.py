@@ -342,10 +342,9 @@ def test_report_table_targets_and_json(tmp_path: Path) -> None:
     assert "stepchain" in text and "1 responses" in text and "7 memory" in text
     assert render_table(rows, markdown=True).count("\n") == len(rows) + 1
     verdicts = {t.name: t.met for t in evaluate_targets(rows, quick=False)}
-    assert verdicts["scenario 1, c=16: added p50"] is True
-    assert verdicts["scenario 1, c=16: added p99"] is False
     assert verdicts["scenario 7: RSS per held stream"] is True
     assert verdicts["scenario 5: added p50 at turn 100"] is None
+    assert verdicts["scenario 1, c=16: gateway CPU per response ÷ agentic-api's"] is None  # peer not run
     assert floor_notes(rows, quick=False) == []
     out = tmp_path / "r.json"
     write_json(out, {"rows": rows, "sizes": {16: 3}})
@@ -366,9 +365,77 @@ def test_floor_notes_are_informational_not_targets() -> None:
     ]
     assert render_floor_notes(notes) == "  floor   " + notes[0]
     assert floor_notes(rows, quick=True)[0].endswith("(quick run: indicative)")
-    assert not any("floor" in t.name for t in evaluate_targets(rows, quick=False))
+
+
+def test_issue_15_targets_are_ratios_against_the_floor_and_the_peer() -> None:
+    rows = [
+        Row(id="1/gateway/c16", scenario="1", target="stepchain", server_cpu_us=300.0, added_p50_ms=2.0, added_p99_ms=9.0),
+        Row(id="1/floor-starlette/c16", scenario="1", target="floor", server_cpu_us=250.0),
+        Row(id="1/agentic/c16", scenario="1", target="agentic-api", server_cpu_us=280.0, added_p99_ms=20.0),
+        Row(id="1/gateway/c1", scenario="1", target="stepchain", added_p50_ms=0.5),
+        Row(id="1/agentic/c1", scenario="1", target="agentic-api", added_p50_ms=0.4),
+        Row(id="2/ttfd/gateway/c16", scenario="2", target="stepchain", p50_ms=3.0),
+        Row(id="2/ttfd/agentic/c16", scenario="2", target="agentic-api", p50_ms=2.5),
+        Row(id="3/gateway/c16", scenario="3", target="stepchain", server_cpu_us=600.0),
+        Row(id="8/gateway/responses", scenario="8", target="stepchain", extra={"instructions": 1.2e6}),
+        Row(id="8/floor-starlette/responses", scenario="8", target="floor", extra={"instructions": 1.0e6}),
+        Row(id="9/gateway", scenario="9", target="stepchain",
+            extra={"slope_mib_per_min": 0.4, "idle_mib": 50.0, "final_mib": 130.0}),
+    ]  # fmt: skip
+    verdicts = {t.name: t.met for t in evaluate_targets(rows, quick=False)}
+    assert verdicts["scenario 1, c=16: gateway CPU per response ÷ agentic-api's"] is False  # 300 > 280
+    assert verdicts["scenario 1, c=16: gateway CPU per response ÷ Starlette floor's"] is True  # 1.2×
+    assert verdicts["scenario 8: instructions per response ÷ floor's"] is True
+    assert verdicts["scenario 1, c=1: added p50 ÷ agentic-api's"] is False  # 1.25×
+    assert verdicts["scenario 2, c=16: time to first delta p50 ÷ agentic-api's"] is False
+    assert verdicts["scenario 1, c=16: added p99 ÷ agentic-api's"] is True
+    assert verdicts["scenario 3, c=16: gateway CPU per recorded step"] is True  # 600 / 6 steps
+    assert verdicts["scenario 9: RSS slope under sustained load"] is True
+    assert verdicts["scenario 9: RSS at the end − idle"] is False  # 80 MiB
+
+
+def test_rss_slope_is_mib_per_minute() -> None:
+    from bench.sustained import rss_slope_mib_per_min
+
+    samples = [(t, 100_000 + int(t * 1024 / 60 * 3)) for t in range(0, 600, 10)]  # 3 MiB/min
+    assert rss_slope_mib_per_min(samples) == pytest.approx(3.0, rel=1e-3)
+    assert rss_slope_mib_per_min([(0.0, 5)]) == 0.0
+
+
+def test_callgrind_totals_are_read_from_the_last_dump(tmp_path: Path) -> None:
+    from bench.instructions import _dumped_total
+
+    (tmp_path / "callgrind.gateway.42.1").write_bytes(b"events: Ir\nsummary: 100\n")
+    (tmp_path / "callgrind.gateway.42.2").write_bytes(b"events: Ir\ntotals: 2500\n")
+    assert _dumped_total(tmp_path, "gateway", 42) == 2500
+    with pytest.raises(RuntimeError):
+        _dumped_total(tmp_path, "gateway", 7)
+
+
+def test_the_upstream_answers_the_same_script_in_the_responses_api() -> None:
+    """The bench upstream's Responses mode (for agentic-api) through the real openai SDK."""
+    from openai import OpenAI
+
+    from bench.upstream import create_bench_upstream
+    from gateway.testing.serving import serve_app
+
+    with serve_app(create_bench_upstream()) as url:
+        client = OpenAI(base_url=url + "/v1", api_key="unused")
+        response = client.responses.create(model="scripted-model", input="hello there")
+        assert response.output_text == "Echo: hello there" and response.usage.output_tokens > 0
+        with client.responses.stream(model="scripted-model", input=[{"role": "user", "content": "hi"}]) as stream:
+            types = [event.type for event in stream]
+            assert stream.get_final_response().output_text == "Echo: hi"
+        assert types[0] == "response.created" and types[-1] == "response.completed"
+        assert "response.output_text.delta" in types
+        called = client.responses.create(
+            model="scripted-model", input="please use all tools",
+            tools=[{"type": "function", "name": "t1", "parameters": {"type": "object"}}],
+        )  # fmt: skip
+        assert [item.type for item in called.output] == ["function_call"]
+        assert called.output[0].name == "t1"
 
 
 def test_main_rejects_an_unknown_scenario_without_starting_anything(capsys: pytest.CaptureFixture[str]) -> None:
-    assert bench_main(["--only", "9"]) == 2
+    assert bench_main(["--only", "99"]) == 2
     assert "unknown scenario" in capsys.readouterr().err

@@ -203,9 +203,9 @@ FILE = {"type": "input_file", "file_data": "data:application/pdf;base64,AAAA", "
             id="image-from-assistant",
         ),
         pytest.param(
-            [user("a"), {"type": "item_reference", "id": "msg_1"}],
-            "input[1].type",
-            id="item-reference",
+            [user("a"), {"type": "item_reference"}],
+            "input[1].id",
+            id="item-reference-without-id",
         ),
         pytest.param(
             [{"type": "web_search_call", "id": "ws_1"}], "input[0].type", id="hosted-openai-item"
@@ -904,7 +904,7 @@ def test_validate_request_accepts(body):
             id="tool-choice-name",
         ),
         pytest.param(
-            {"model": "m", "tool_choice": {"type": "mcp"}}, "tool_choice", id="tool-choice-type"
+            {"model": "m", "tool_choice": {"type": 5}}, "tool_choice", id="tool-choice-type"
         ),
         pytest.param({"model": "m", "temperature": 2.5}, "temperature", id="temperature-high"),
         pytest.param({"model": "m", "temperature": "1"}, "temperature", id="temperature-str"),
@@ -957,7 +957,7 @@ def test_validate_request_accepts(body):
         ),
         pytest.param({"model": "m", "truncation": "middle"}, "truncation", id="truncation"),
         pytest.param(
-            {"model": "m", "tools": [{"type": "web_search"}]}, "tools[0].type", id="hosted-tool-type"
+            {"model": "m", "tools": [{"type": "mcp"}]}, "tools[0].type", id="mcp-tool-type"
         ),
         pytest.param(
             {"model": "m", "reasoning": {"summary": []}}, "reasoning.summary", id="reasoning-summary"
@@ -1085,7 +1085,7 @@ RESPONSE_KEYS = {
     "tool_choice", "tools", "previous_response_id", "store", "background", "max_output_tokens",
     "max_tool_calls", "text", "truncation", "reasoning", "user", "service_tier",
     "presence_penalty", "frequency_penalty", "top_logprobs", "safety_identifier",
-    "prompt_cache_key", "usage",
+    "prompt_cache_key", "usage", "conversation", "prompt_cache_retention",
 }  # fmt: skip
 
 
@@ -1147,6 +1147,12 @@ def test_response_object_validates(request_body):
     ):
         if key in request_body:
             assert obj[key] == request_body[key]
+    if "temperature" not in request_body:
+        # OpenAI's values when the request set none: never null where OpenAI gives a value.
+        assert (obj["temperature"], obj["top_p"]) == (1.0, 1.0)
+        assert obj["text"] == {"format": {"type": "text"}, "verbosity": "medium"}
+        assert obj["reasoning"] == {"effort": None, "summary": None}
+        assert (obj["service_tier"], obj["top_logprobs"], obj["metadata"]) == ("default", 0, {})
     if "tools" in request_body:
         assert obj["tools"] == [
             {

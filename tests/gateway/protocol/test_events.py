@@ -315,6 +315,7 @@ def test_text_answer_event_order():
             "content": [
                 {"type": "output_text", "text": "Hello there", "annotations": [], "logprobs": []}
             ],
+            "phase": "final_answer",
         }
     ]
     assert final["usage"]["total_tokens"] == 14
