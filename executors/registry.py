@@ -44,7 +44,7 @@ import jsonschema.validators
 from store.base import Store
 from store.types import StoreConflictError, StoreNotFoundError
 
-from .http_tool import ENV_PREFIX, resolve_headers
+from .http_tool import ENV_PREFIX, ENV_VAR_PREFIX, resolve_headers
 from .mcp_tool import option_problem
 
 __all__ = [
@@ -123,7 +123,9 @@ def _validate_parameters(schema: Any) -> dict[str, Any]:
     return schema
 
 
-def _validate_headers(headers: Any, previous: Mapping[str, Any] | None) -> dict[str, str]:
+def _validate_headers(
+    headers: Any, previous: Mapping[str, Any] | None, env_prefix: str | None
+) -> dict[str, str]:
     if not isinstance(headers, dict):
         raise _fail("headers must be an object of header names to string values.", "headers")
     kept = (previous or {}).get("headers") or {}
@@ -152,6 +154,16 @@ def _validate_headers(headers: Any, previous: Mapping[str, Any] | None) -> dict[
                 f"({ENV_PREFIX}NAME, letters, digits and _).",
                 param,
             )
+        if (
+            env_prefix is not None
+            and value.startswith(ENV_PREFIX)
+            and not value[len(ENV_PREFIX) :].startswith(env_prefix)
+        ):
+            raise _fail(
+                f"header {key!r}: {value!r} may only name an environment variable starting with "
+                f"{env_prefix} (setting tool_env_prefix), e.g. {ENV_PREFIX}{env_prefix}API_KEY.",
+                param,
+            )
         out[key] = value
     return out
 
@@ -172,12 +184,16 @@ def _validate_url(url: Any, field: str = "url") -> str:
 
 
 def validate_tool_definition(
-    body: Any, *, previous: Mapping[str, Any] | None = None
+    body: Any,
+    *,
+    previous: Mapping[str, Any] | None = None,
+    env_prefix: str | None = ENV_VAR_PREFIX,
 ) -> dict[str, Any]:
     """The normalized definition for a registration body, with defaults filled in.
 
     ``previous`` is the stored definition being replaced: a header value ``"***"`` keeps its
-    stored value. Raises ToolDefinitionError (message and ``param``) for anything unusable,
+    stored value. ``env:NAME`` header values must name a variable starting with ``env_prefix``
+    (None: any; the config file's tables are checked again when registered). Raises ToolDefinitionError (message and ``param``) for anything unusable,
     including unknown fields and fields of the other kind.
     """
     if not isinstance(body, dict):
@@ -224,7 +240,7 @@ def validate_tool_definition(
         "attach": attach,
     }
     if kind == "mcp":
-        return _validate_mcp(body, out, previous)
+        return _validate_mcp(body, out, previous, env_prefix)
     if kind == "http":
         approval = body.get("require_approval", "never")
         if approval not in ("always", "never"):
@@ -248,7 +264,7 @@ def validate_tool_definition(
         if not isinstance(allow_private, bool):
             raise _fail("allow_private must be true or false.", "allow_private")
         out["url"] = _validate_url(body.get("url"))
-        out["headers"] = _validate_headers(body.get("headers", {}), previous)
+        out["headers"] = _validate_headers(body.get("headers", {}), previous, env_prefix)
         out["timeout_s"] = timeout_s
         out["idempotent"] = idempotent
         out["allow_private"] = allow_private
@@ -287,7 +303,10 @@ def _timeout(body: Mapping[str, Any]) -> float:
 
 
 def _validate_mcp(
-    body: Mapping[str, Any], out: dict[str, Any], previous: Mapping[str, Any] | None
+    body: Mapping[str, Any],
+    out: dict[str, Any],
+    previous: Mapping[str, Any] | None,
+    env_prefix: str | None,
 ) -> dict[str, Any]:
     del out["parameters"]
     options = {
@@ -305,7 +324,7 @@ def _validate_mcp(
     if not isinstance(allow_private, bool):
         raise _fail("allow_private must be true or false.", "allow_private")
     out["server_url"] = _validate_url(body["server_url"], "server_url")
-    out["headers"] = _validate_headers(body.get("headers", {}), previous)
+    out["headers"] = _validate_headers(body.get("headers", {}), previous, env_prefix)
     out["allowed_tools"] = body.get("allowed_tools")
     out["require_approval"] = body.get("require_approval", "always")
     out["timeout_s"] = _timeout(body)
@@ -343,10 +362,16 @@ class ToolRegistry:
     """
 
     def __init__(
-        self, store: Store, *, environ: Mapping[str, str] = os.environ, refresh_s: float = 1.0
+        self,
+        store: Store,
+        *,
+        environ: Mapping[str, str] = os.environ,
+        refresh_s: float = 1.0,
+        env_prefix: str = ENV_VAR_PREFIX,
     ) -> None:
         self.store = store
         self.environ = environ
+        self.env_prefix = env_prefix
         self.refresh_s = refresh_s
         self._tools: dict[str, dict[str, Any]] = {}
         self._offered: dict[str, dict[str, Any]] = {}  # name -> Responses function tool
@@ -405,7 +430,7 @@ class ToolRegistry:
 
         Raises ToolDefinitionError, or the store's StoreConflictError if the name is taken.
         """
-        definition = validate_tool_definition(body)
+        definition = validate_tool_definition(body, env_prefix=self.env_prefix)
         await self.store.create_tool(definition)
         self._cache_put(definition)
         return definition
@@ -424,7 +449,9 @@ class ToolRegistry:
         previous = await self.store.get_tool(name)
         if previous is None:
             raise StoreNotFoundError(f"tool {name!r} does not exist")
-        definition = validate_tool_definition(body, previous=previous)
+        definition = validate_tool_definition(
+            body, previous=previous, env_prefix=self.env_prefix
+        )
         await self.store.replace_tool(name, definition)
         self._cache_put(definition)
         return definition
@@ -454,7 +481,7 @@ class ToolRegistry:
         definitions = []
         for i, body in enumerate(bodies):
             try:
-                definitions.append(validate_tool_definition(body))
+                definitions.append(validate_tool_definition(body, env_prefix=self.env_prefix))
             except ToolDefinitionError as exc:
                 label = body.get("name") if isinstance(body, dict) else None
                 where = f"tools[{i}]" + (f" ({label!r})" if isinstance(label, str) else "")
@@ -542,4 +569,4 @@ class ToolRegistry:
         Raises ``executors.http_tool.ToolError`` (``configuration_error``) naming a variable
         that is not set, never a value.
         """
-        return resolve_headers(definition.get("headers") or {}, self.environ)
+        return resolve_headers(definition.get("headers") or {}, self.environ, self.env_prefix)

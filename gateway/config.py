@@ -80,6 +80,9 @@ class UpstreamFallback(BaseModel):
     api_key: SecretStr | None = Field(None, description="sent as `Authorization: Bearer`")
     model: str | None = Field(None, description="model name used instead of the request's")
     label: str | None = Field(None, description="name recorded on steps (default: base_url)")
+    pass_client_key: bool = Field(
+        False, description="with the setting pass_client_key, send the client's key here too"
+    )
 
     _url = field_validator("base_url")(_check_http_url)
 
@@ -111,7 +114,7 @@ class ToolSetting(BaseModel):
     @model_validator(mode="after")
     def _valid_definition(self) -> ToolSetting:
         try:
-            validate_tool_definition(self.definition())
+            validate_tool_definition(self.definition(), env_prefix=None)
         except ToolDefinitionError as exc:
             raise ValueError(exc.message) from None
         return self
@@ -119,6 +122,40 @@ class ToolSetting(BaseModel):
     def definition(self) -> dict[str, Any]:
         """The registration body (fields that were given)."""
         return self.model_dump(exclude_none=True)
+
+
+class MCPServerSetting(BaseModel):
+    """One ``[[mcp_servers]]`` table: an MCP server registered at start-up as a ``kind: "mcp"``
+    tool source named ``server_label`` (see ``executors/registry.py``)."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    server_label: str
+    server_url: str
+    server_description: str | None = None
+    headers: dict[str, str] | None = Field(None, repr=False)
+    allowed_tools: Any = None
+    require_approval: Any = None
+    attach: Literal["always", "on_request"] | None = None
+    timeout_s: float | None = None
+    allow_private: bool | None = None
+
+    @model_validator(mode="after")
+    def _valid_definition(self) -> MCPServerSetting:
+        try:
+            validate_tool_definition(self.definition(), env_prefix=None)
+        except ToolDefinitionError as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+    def definition(self) -> dict[str, Any]:
+        """The registration body."""
+        body = self.model_dump(exclude_none=True)
+        body["name"] = body.pop("server_label")
+        if "server_description" in body:
+            body["description"] = body.pop("server_description")
+        body["kind"] = "mcp"
+        return body
 
 
 class Settings(BaseSettings):
@@ -145,6 +182,9 @@ class Settings(BaseSettings):
         10, ge=1, description="transitions that append steps, per loop level"
     )
     max_response_step_depth: int = Field(8, ge=1, description="agent-tool recursion depth")
+    max_response_steps: int = Field(
+        200, ge=1, description="steps one response may record, all agent scopes counted"
+    )
     workers: int = Field(1, ge=1, description="worker processes (they share the database)")
     admin_key: SecretStr | None = Field(
         None, description="Bearer key for `/v1/tools` (required when `api_keys` is set)"
@@ -156,10 +196,16 @@ class Settings(BaseSettings):
     pass_client_key: bool = Field(
         False, description="send the client's own key upstream instead of `upstream_api_key`"
     )
+    insecure_open: bool = Field(
+        False,
+        description="serve on a non-loopback `host` with neither `api_keys` nor `admin_key` "
+        "(refused otherwise)",
+    )
     upstream_fallbacks: tuple[UpstreamFallback, ...] = Field(
         (),
         strict=False,
-        description="`[[upstream_fallbacks]]` `{base_url, api_key?, model?, label?}`, tried in "
+        description="`[[upstream_fallbacks]]` `{base_url, api_key?, model?, label?, "
+        "pass_client_key?}`, tried in "
         "order when the primary stays down (flag and variable: a JSON list)",
     )
     upstream_max_retries: int = Field(3, ge=0, description="retries per upstream")
@@ -191,6 +237,11 @@ class Settings(BaseSettings):
         None,
         description="comma-separated CIDRs tools may reach although private "
         "(`127.0.0.0/8,10.0.0.0/8`)",
+    )
+    tool_env_prefix: str = Field(
+        "STEPCHAIN_TOOL_",
+        min_length=1,
+        description="tool headers `env:NAME` may only read variables starting with this",
     )
     mcp_timeout_s: float = Field(
         30.0, gt=0, description="client-supplied MCP servers: time for one listing or call"
@@ -225,6 +276,13 @@ class Settings(BaseSettings):
         (),
         strict=False,
         description="`[[tools]]` tool definitions as `POST /v1/tools` takes them, registered at "
+        "start-up (flag and variable: a JSON list)",
+    )
+    mcp_servers: tuple[MCPServerSetting, ...] = Field(
+        (),
+        strict=False,
+        description="`[[mcp_servers]]` MCP servers `{server_label, server_url, headers?, "
+        "allowed_tools?, require_approval?, attach?, timeout_s?, allow_private?}` registered at "
         "start-up (flag and variable: a JSON list)",
     )
     hosted_tool_map: dict[str, str] = Field(
@@ -278,7 +336,7 @@ class Settings(BaseSettings):
 _SECRET = frozenset(
     name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)
 )
-_TABLES = frozenset({"tools", "upstream_fallbacks"})
+_TABLES = frozenset({"tools", "upstream_fallbacks", "mcp_servers"})
 _JSON = _TABLES | {"hosted_tool_map"}  # flags and variables give these as JSON
 
 
@@ -375,6 +433,7 @@ def redacted(settings: Settings) -> dict[str, Any]:
         if out.get(name) is not None:
             out[name] = "***"
     out["tools"] = [t.name for t in settings.tools]
+    out["mcp_servers"] = [m.server_label for m in settings.mcp_servers]
     out["upstream_fallbacks"] = [f.base_url for f in settings.upstream_fallbacks]
     return out
 

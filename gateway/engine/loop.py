@@ -44,7 +44,14 @@ from .transition import (
 
 logger = logging.getLogger("stepchain.loop")
 
-__all__ = ["EmptyActionError", "LoopDeps", "LoopObserver", "LoopOutcome", "run_response_loop"]
+__all__ = [
+    "EmptyActionError",
+    "LoopDeps",
+    "LoopObserver",
+    "LoopOutcome",
+    "StepBudget",
+    "run_response_loop",
+]
 
 
 class EmptyActionError(RuntimeError):
@@ -62,6 +69,24 @@ class LoopObserver(Protocol):
     def add_usage(self, chat_usage: dict[str, Any] | None) -> None: ...
 
 
+class StepBudget:
+    """How many more steps one response may record, across all its scopes (setting
+    ``max_response_steps``): the iteration cap is per loop level, so agent tools that fan out
+    multiply it; this bounds the whole response."""
+
+    __slots__ = ("remaining",)
+
+    def __init__(self, limit: int, used: int = 0) -> None:
+        self.remaining = limit - used
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` steps; False (nothing reserved) if fewer are left."""
+        if n > self.remaining:
+            return False
+        self.remaining -= n
+        return True
+
+
 @dataclass(slots=True)
 class LoopDeps:
     """The shared things one response's loops run with (one set per gateway process)."""
@@ -74,6 +99,9 @@ class LoopDeps:
     # Per response: function name -> (the MCP server, its tool name) the model may call.
     mcp_routes: Mapping[str, tuple[MCPServer, str]] | None = None
     mcp_timeout_s: float = 30.0
+    max_steps: int = 200
+    # Per response (set by the service): the steps it may still record.
+    step_budget: StepBudget | None = None
     max_iterations: int = 10
     max_depth: int = 8
     tool_output_max_bytes: int = 50_000
@@ -149,6 +177,11 @@ async def run_response_loop(
         if isinstance(action, AppendSteps):
             if not action.steps:
                 raise EmptyActionError("transition function returned AppendSteps with no steps")
+            if deps.step_budget is not None and not deps.step_budget.take(len(action.steps)):
+                unwritten = deferred[0] if deferred else None
+                return LoopOutcome(
+                    "incomplete", chain, incomplete_reason="max_steps_exceeded", unwritten=unwritten
+                )
             steps = await deps.store.record_steps(
                 response_id, scope_parent, prev, action.steps, start=True
             )

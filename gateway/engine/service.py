@@ -42,7 +42,7 @@ from store.types import (
 )
 
 from .compaction import expand_compactions
-from .loop import LoopDeps, run_response_loop
+from .loop import LoopDeps, StepBudget, run_response_loop
 from .references import ItemResolver
 from .tool_sources import (
     LISTINGS_KEY,
@@ -382,7 +382,8 @@ class ResponsesService:
         listings: list[dict[str, Any]] = []
         if wants_mcp:
             servers = collect_servers(
-                tools, sources, registry.environ, timeout_s=self.deps.mcp_timeout_s
+                tools, sources, registry.environ, timeout_s=self.deps.mcp_timeout_s,
+                env_prefix=registry.env_prefix,
             )
             if stored is not None:
                 listings = stored.get("listings") or []
@@ -566,6 +567,8 @@ class ResponsesService:
             deps = dataclasses.replace(deps, upstream=deps.upstream.with_api_key(prepared.upstream_key))
         if prepared.mcp is not None and prepared.mcp.routes:
             deps = dataclasses.replace(deps, mcp_routes=prepared.mcp.routes)
+        used = len(started) if started is not None else len(await self.store.list_steps(record.id))
+        deps = dataclasses.replace(deps, step_budget=StepBudget(deps.max_steps, used))
         error = incomplete = None
         last: Step | None = None  # the final model call, when the loop left storing it to us
         try:

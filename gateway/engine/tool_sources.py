@@ -77,6 +77,7 @@ def collect_servers(
     environ: Mapping[str, str],
     *,
     timeout_s: float = 30.0,
+    env_prefix: str = "STEPCHAIN_TOOL_",
 ) -> list[MCPServer]:
     """The MCP servers of a request: its own ``mcp`` tools (in order), then ``registered``
     (``ToolRegistry.mcp_sources``). Raises InvalidRequestError for a label given twice or a
@@ -100,7 +101,7 @@ def collect_servers(
                     "registered on the gateway.",
                     param=f"tools[{i}].server_url",
                 )
-            servers.append(_registered(by_name[label], environ, tool))
+            servers.append(_registered(by_name[label], environ, tool, env_prefix))
             continue
         headers = dict(tool.get("headers") or {})
         if tool.get("authorization"):
@@ -120,17 +121,20 @@ def collect_servers(
     for definition in registered:
         if definition["name"] not in labels:
             labels.add(definition["name"])
-            servers.append(_registered(definition, environ, None))
+            servers.append(_registered(definition, environ, None, env_prefix))
     return servers
 
 
 def _registered(
-    definition: dict[str, Any], environ: Mapping[str, str], tool: dict[str, Any] | None
+    definition: dict[str, Any],
+    environ: Mapping[str, str],
+    tool: dict[str, Any] | None,
+    env_prefix: str,
 ) -> MCPServer:
     """A registered MCP server; a request naming it may narrow ``allowed_tools`` and set
     ``require_approval`` (never loosen what the registration requires)."""
     try:
-        headers = resolve_headers(definition.get("headers") or {}, environ)
+        headers = resolve_headers(definition.get("headers") or {}, environ, env_prefix)
     except ToolError as exc:
         raise MCPListToolsError(
             f"MCP server '{definition['name']}' is misconfigured: {exc.message}"

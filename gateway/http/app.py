@@ -62,7 +62,10 @@ def _upstream_targets(settings: Settings) -> list[UpstreamTarget]:
         settings.upstream_base_url or "http://127.0.0.1:9/v1", _secret(settings.upstream_api_key)
     )
     fallbacks = [
-        UpstreamTarget(f.base_url, _secret(f.api_key), f.model, f.label or f.base_url)
+        UpstreamTarget(
+            f.base_url, _secret(f.api_key), f.model, f.label or f.base_url,
+            pass_client_key=f.pass_client_key,
+        )
         for f in settings.upstream_fallbacks
     ]
     return [primary, *fallbacks]
@@ -127,12 +130,17 @@ def create_app(
             total_timeout=settings.upstream_total_timeout,
             read_timeout=settings.upstream_read_timeout,
         )
-        registry = ToolRegistry(the_store)
-        if settings.tools:
-            await registry.upsert_many([tool.definition() for tool in settings.tools])
+        registry = ToolRegistry(the_store, env_prefix=settings.tool_env_prefix)
+        if settings.tools or settings.mcp_servers:
+            await registry.upsert_many(
+                [tool.definition() for tool in (*settings.tools, *settings.mcp_servers)]
+            )
         await registry.load()
         http_tools = HTTPToolExecutor(
-            tool_client, max_response_bytes=settings.tool_max_response_bytes, egress=egress
+            tool_client,
+            max_response_bytes=settings.tool_max_response_bytes,
+            egress=egress,
+            env_prefix=settings.tool_env_prefix,
         )
         deps = LoopDeps(
             store=the_store,
@@ -141,6 +149,7 @@ def create_app(
             http_tools=http_tools,
             mcp_tools=MCPToolExecutor(egress, max_response_bytes=settings.tool_max_response_bytes),
             mcp_timeout_s=settings.mcp_timeout_s,
+            max_steps=settings.max_response_steps,
             max_iterations=settings.max_response_iterations,
             max_depth=settings.max_response_step_depth,
             tool_output_max_bytes=settings.tool_output_max_bytes,
@@ -156,6 +165,14 @@ def create_app(
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings
         app.state.egress = egress
+        # What tenants see instead of upstream URLs (GET /v1/responses/{id}/steps).
+        app.state.upstream_names = {
+            target.base_url: (
+                target.label if target.label and target.label != target.base_url
+                else ("primary" if i == 0 else f"fallback-{i}")
+            )
+            for i, target in reversed(list(enumerate(_upstream_targets(settings))))
+        }
         app.state.store = the_store
         app.state.upstream = upstream
         app.state.registry = registry

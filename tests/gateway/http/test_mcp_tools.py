@@ -274,3 +274,54 @@ def test_openai_agents_hosted_mcp_tool_with_approval_callback(tmp_path, servers)
     assert seen == ["add"]
     assert servers.calls == [("add", {"a": 20, "b": 22})]
     assert result.final_output == "tools said: 42"
+
+
+def test_mcp_servers_from_the_config_on_request(tmp_path, servers):
+    model = ScriptedModel(default=_last_tool_answer)
+    model.replies.append(Reply(tool_calls=[{"id": "c1", "name": "add", "arguments": '{"a": 1, "b": 1}'}]))
+    config = [{"server_label": "calc", "server_url": servers.calc_url, "attach": "on_request",
+               "require_approval": "never", "allow_private": True, "allowed_tools": ["add"]}]
+    with running_gateway(tmp_path, model, tool_allowed_networks=None, mcp_servers=config) as gw:
+        client = gw.client()
+        plain = client.responses.create(model=MODEL, input="no tools")
+        named = client.responses.create(
+            model=MODEL, input="add", tools=[{"type": "mcp", "server_label": "calc"}]
+        )
+    assert [i.type for i in plain.output] == ["message"]  # on_request: not attached
+    assert "tools" not in model.requests[0]
+    assert [i.type for i in named.output] == ["mcp_list_tools", "mcp_call", "message"]
+    assert named.output[1].output == "2"
+
+
+def test_registered_http_tool_with_require_approval(tmp_path):
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    ran: list[Any] = []
+
+    async def transfer(request: Request) -> JSONResponse:
+        ran.append(await request.json())
+        return JSONResponse({"ok": True})
+
+    model = ScriptedModel(default=_last_tool_answer)
+    model.replies.append(Reply(tool_calls=[{"id": "c1", "name": "transfer", "arguments": '{"eur": 5}'}]))
+    with serve_app(Starlette(routes=[Route("/t", transfer, methods=["POST"])])) as tool_url, \
+            running_gateway(tmp_path, model) as gw:
+        with gw.http() as http:
+            assert http.post("/v1/tools", json={
+                "name": "transfer", "url": f"{tool_url}/t", "require_approval": "always",
+            }).status_code == 201
+        client = gw.client()
+        first = client.responses.create(model=MODEL, input="send 5 eur")
+        request = first.output[-1]
+        assert request.type == "mcp_approval_request" and request.name == "transfer"
+        assert ran == []
+        second = client.responses.create(
+            model=MODEL, previous_response_id=first.id,
+            input=[{"type": "mcp_approval_response", "approval_request_id": request.id, "approve": True}],
+        )
+    assert ran == [{"eur": 5}]
+    assert [i.type for i in second.output] == ["mcp_call", "message"]
+    assert second.output[-1].content[0].text == 'tools said: {"ok":true}'
