@@ -283,12 +283,12 @@ def test_mcp_servers_from_the_config_on_request(tmp_path, servers):
                "require_approval": "never", "allow_private": True, "allowed_tools": ["add"]}]
     with running_gateway(tmp_path, model, tool_allowed_networks=None, mcp_servers=config) as gw:
         client = gw.client()
-        plain = client.responses.create(model=MODEL, input="no tools")
         named = client.responses.create(
             model=MODEL, input="add", tools=[{"type": "mcp", "server_label": "calc"}]
         )
+        plain = client.responses.create(model=MODEL, input="no tools")
     assert [i.type for i in plain.output] == ["message"]  # on_request: not attached
-    assert "tools" not in model.requests[0]
+    assert "tools" not in model.requests[-1]
     assert [i.type for i in named.output] == ["mcp_list_tools", "mcp_call", "message"]
     assert named.output[1].output == "2"
 
