@@ -7,8 +7,9 @@ instructions`` would be cheaper, but hypervisors often hide the PMU; this machin
 For each target — the gateway and the Starlette+httpx floor proxy (:mod:`bench.floorproxy`) —
 a fresh server process runs under ``valgrind --tool=callgrind --instr-atstart=no``. After
 ``warmup`` requests (imports, connection pools and caches settled), instrumentation is switched
-on with ``callgrind_control -i on``, ``count`` requests run one at a time, and a dump
-(``callgrind_control -d``) gives the instructions executed in that window (all threads: the
+on with ``callgrind_control -i on`` (and left on), the counters are zeroed (``-z``), ``count``
+requests run one at a time, and a dump (``callgrind_control -d``) gives the instructions executed
+in that window (all threads: the
 SQLite thread counts). Rows: instructions per response for ``POST /v1/responses`` non-streamed
 (scenario 1's request) and streamed (scenario 2's), and for the tool loop (scenario 3's request,
 per recorded step: one model call, four tool calls, one model call). The upstream and the tool
@@ -84,13 +85,15 @@ async def count_instructions(
             error = await send(worker)
             if error:
                 raise RuntimeError(f"{name} warm-up: {error}")
+        # Instrumentation stays on once switched on (toggling it off and on again garbles the
+        # counters); each window starts from zeroed counters and ends with a dump.
         await asyncio.to_thread(_control, "-i", "on", str(server.pid))
+        await asyncio.to_thread(_control, "-z", str(server.pid))
         for _ in range(count):
             error = await send(worker)
             if error:
                 raise RuntimeError(f"{name}: {error}")
         await asyncio.to_thread(_control, "-d", str(server.pid))
-        await asyncio.to_thread(_control, "-i", "off", str(server.pid))
     finally:
         worker.close()
     return _dumped_total(work_dir, name, server.pid)

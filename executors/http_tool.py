@@ -153,10 +153,21 @@ class HTTPToolExecutor:
 
     # -- the call ----------------------------------------------------------------------------
 
-    async def call(self, definition: Mapping[str, Any], arguments: str) -> Any:
+    async def call(
+        self,
+        definition: Mapping[str, Any],
+        arguments: str,
+        *,
+        idempotency_key: str | None = None,
+        call_id: str | None = None,
+    ) -> Any:
         """Run the HTTP tool ``definition`` (a validated registry definition) with the model's
         raw ``arguments`` JSON text (empty text means ``{}``). Returns the output; raises
-        ToolError."""
+        ToolError.
+
+        ``idempotency_key`` (the tool step's id, the same when the step is re-run after a
+        take-over) is sent as ``Idempotency-Key`` and the model's ``call_id`` as
+        ``X-Stepchain-Call-Id``, so a tool server can tell a re-run from a new call."""
         name = definition["name"]
         args = self._parse_arguments(name, arguments)
         self._validate_arguments(name, definition.get("parameters"), args)
@@ -164,6 +175,10 @@ class HTTPToolExecutor:
         headers, secrets = _resolve(definition.get("headers") or {}, self.environ, self.env_prefix)
         if not any(key.lower() == "content-type" for key in headers):
             headers["content-type"] = "application/json"
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        if call_id:
+            headers["X-Stepchain-Call-Id"] = call_id
         timeout_s = float(definition.get("timeout_s", 30))
         body = orjson.dumps(args)
 

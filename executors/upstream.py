@@ -9,6 +9,7 @@ Every failure is an :class:`UpstreamError`; httpx exceptions are translated in o
 (:func:`_from_httpx`, ``raise … from exc``). ``UpstreamError.type``::
 
     upstream_error              a non-2xx status (not 429), or an ``error`` object in a body or chunk
+    context_length_exceeded     HTTP 400 saying the prompt is longer than the model's context
     rate_limited                HTTP 429
     insufficient_quota          HTTP 429 whose error code/type is ``insufficient_quota``
     upstream_timeout            a timeout: connect, read, first byte, idle (no bytes for
@@ -452,6 +453,8 @@ def _error_object(
     else:
         detail = orjson.dumps(body).decode()[:_SNIPPET_CHARS]
     kind = "upstream_error"
+    if status == 400 and _too_long(code, etype, detail):
+        kind = "context_length_exceeded"
     if status == 429:
         quota = "insufficient_quota" in (code, etype)
         kind = "insufficient_quota" if quota else "rate_limited"
@@ -460,6 +463,18 @@ def _error_object(
         f"{where}: {detail}" if detail else where + ".",
         type=kind, status=status, partial=partial, body=body, retry_after=retry_after,
     )
+
+
+# How OpenAI, vLLM and llama.cpp server say that the prompt does not fit the context window.
+_TOO_LONG_CODES = ("context_length_exceeded", "exceed_context_size_error")
+_TOO_LONG_TEXT = ("maximum context length", "exceeds the available context size", "context length")
+
+
+def _too_long(code: Any, etype: Any, detail: str) -> bool:
+    if code in _TOO_LONG_CODES or etype in _TOO_LONG_CODES:
+        return True
+    lowered = detail.lower()
+    return any(text in lowered for text in _TOO_LONG_TEXT)
 
 
 def _status_error(response: httpx.Response) -> UpstreamError:

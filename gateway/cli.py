@@ -1,4 +1,6 @@
-"""The ``stepchain`` command (click): ``serve`` (the gateway) and ``demo`` (everything, offline).
+"""The ``stepchain`` command (click): ``serve`` (the gateway), ``demo`` (everything, offline),
+``trace`` (one response's step chain as a tree) and ``responses`` (recent responses), the last
+two read the database directly, so they work on a stopped gateway's.
 
 Every setting of :class:`gateway.config.Settings` is a ``serve`` flag, generated from the model:
 ``--<name-with-dashes> VALUE`` (switches: ``--name/--no-name``; tables: a JSON list), also the
@@ -23,14 +25,15 @@ __all__ = ["main", "serve"]
 
 
 _METAVARS: dict[Any, str] = {int: "INTEGER", float: "NUMBER"}
-_TABLES = ("tools", "upstream_fallbacks", "mcp_servers")
+_TABLES = ("tools", "upstream_fallbacks", "mcp_servers", "prices")
 
 
 def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """One click option per settings field, in the model's order; None = not given."""
     for name, field in reversed(Settings.model_fields.items()):
         flag = flag_name(name)
-        default = field.default if field.default not in (None, ()) else None
+        default = field.get_default(call_default_factory=True)
+        default = default if default not in (None, (), {}) else None
         text = field.description + (f" (default {default})" if default is not None else "")
         text += f" [{ENV_PREFIX}{name.upper()}]"
         if field.annotation is bool:
@@ -62,6 +65,97 @@ def demo_command() -> int:
     return run_demo()
 
 
+def _db_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--db", default=None, metavar="PATH",
+        help=f"the gateway's SQLite database (default: {ENV_PREFIX}DB, else ./stepchain.db)",
+    )(command)
+
+
+class _StoreUnreadable(click.ClickException):
+    """A database that cannot be opened: one line on stderr, exit status 1."""
+
+    def show(self, file: Any = None) -> None:
+        print(f"stepchain: {self.message}", file=sys.stderr)
+
+
+async def _read_store(db: str | None, read: Callable[[Any], Any]) -> Any:
+    """Open the gateway's database (never creating one), run ``read(store)``, close it."""
+    from pathlib import Path
+
+    from store.sqlite import SQLiteStore
+
+    path = db or os.environ.get(ENV_PREFIX + "DB") or "./stepchain.db"
+    if not Path(path).is_file():
+        raise _StoreUnreadable(f"cannot read the database {path}: no such file")
+    store = SQLiteStore(path)
+    try:
+        await store.open()
+    except Exception as exc:  # not SQLite, locked, unreadable: one line, not a traceback
+        raise _StoreUnreadable(f"cannot read the database {path}: {exc}") from None
+    try:
+        return await read(store)
+    finally:
+        await store.close()
+
+
+def _console() -> Any:
+    """rich's console; piped output is plain text, wide enough for whole ids."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=max(console.width, 160))
+    return console
+
+
+@cli.command("trace")
+@click.argument("response_id")
+@_db_option
+def trace_command(response_id: str, db: str | None) -> int:
+    """Print a response's step chain as a tree: timings, states, tokens, cost (from the store)."""
+    import asyncio
+
+    from gateway.observe.terminal import trace_tree
+
+    async def read(store: Any) -> Any:
+        record = await store.get_response(response_id)
+        return None if record is None else (record, await store.list_steps(response_id))
+
+    found = asyncio.run(_read_store(db, read))
+    if found is None:
+        raise _StoreUnreadable(f"no response with id {response_id!r} in the database")
+    _console().print(trace_tree(*found))
+    return 0
+
+
+@cli.command("responses")
+@_db_option
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--status", default=None, help="only responses with this status")
+@click.option("--model", default=None, help="only responses of this model")
+def responses_command(db: str | None, limit: int, status: str | None, model: str | None) -> int:
+    """List recent responses, newest first, every tenant's (from the store)."""
+    import asyncio
+
+    from gateway.observe.terminal import responses_table
+
+    async def read(store: Any) -> Any:
+        records, _more = await store.list_responses_page(
+            all_tenants=True, status=status, model=model, limit=limit
+        )
+        return [(r, await store.list_steps(r.id)) for r in records]
+
+    rows = asyncio.run(_read_store(db, read))
+    with_tenant = any(r.tenant for r, _ in rows)
+    console = _console()
+    if not rows:
+        console.print("no responses")
+    else:
+        console.print(responses_table(rows, with_tenant=with_tenant))
+    return 0
+
+
 @cli.command(
     "bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
     add_help_option=False,
@@ -85,8 +179,19 @@ class WorkerApp:
     def __call__(self) -> Any:
         from gateway.http.app import create_app, tune_gc_for_serving
 
+        _configure_logging(self.settings)
         tune_gc_for_serving()
         return create_app(self.settings)
+
+
+def _configure_logging(settings: Settings) -> dict[str, Any]:
+    """JSON log lines for ``--log-format json`` (uvicorn's own logging config is then skipped)."""
+    if settings.log_format != "json":
+        return {}
+    from gateway.observe.logs import configure_logging
+
+    configure_logging("json", settings.log_level)
+    return {"log_config": None}
 
 
 def _drop_secret_variables() -> None:
@@ -136,6 +241,7 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+        **_configure_logging(settings),
     )
     if settings.workers > 1:
         from uvicorn.supervisors import Multiprocess
@@ -147,6 +253,12 @@ def serve(settings: Settings) -> None:
         load_api_keys(keys, settings.api_keys_file)
 
         _drop_secret_variables()
+        # Prometheus multiprocess mode: every worker writes its values under one directory and
+        # /metrics (served by any worker) sums them. Set before a worker imports the client.
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            import tempfile
+
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="stepchain-metrics-")
         config = uvicorn.Config(WorkerApp(settings), factory=True, workers=settings.workers, **common)
         sock = config.bind_socket()
         try:

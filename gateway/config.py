@@ -45,6 +45,7 @@ from executors.registry import ToolDefinitionError, validate_tool_definition
 
 __all__ = [
     "ConfigError",
+    "ModelPrice",
     "Settings",
     "ToolSetting",
     "UpstreamFallback",
@@ -158,6 +159,18 @@ class MCPServerSetting(BaseModel):
         return body
 
 
+class ModelPrice(BaseModel):
+    """One ``[prices."model-name"]`` table: USD per million tokens (``cached_input`` defaults
+    to ``input``, ``reasoning`` to ``output``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(None, ge=0)
+    reasoning: float | None = Field(None, ge=0)
+
+
 class Settings(BaseSettings):
     """Everything the gateway process is configured with. Times are seconds, sizes bytes."""
 
@@ -247,6 +260,11 @@ class Settings(BaseSettings):
         30.0, gt=0, description="client-supplied MCP servers: time for one listing or call"
     )
     max_body_bytes: int = Field(20_000_000, ge=1, description="largest request body")
+    model_context_windows: dict[str, int] = Field(
+        {},
+        description="context window in tokens by model name (`\"*\"`: any other), for "
+        "`truncation: \"auto\"` (a TOML table; flag and variable: a JSON object)",
+    )
     encrypted_content_key: SecretStr | None = Field(
         None,
         description="Fernet key sealing `encrypted_content` (compaction and reasoning items); "
@@ -271,6 +289,17 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(
         "info", description="uvicorn log level: critical, error, warning, info, debug, trace"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per log line (response, step, retry and "
+        "error events with ids, tenant and timings; never a secret)"
+    )
+    prices: dict[str, ModelPrice] = Field(
+        default_factory=dict,
+        strict=False,
+        description="`[prices.\"model\"]` `{input, output, cached_input?, reasoning?}` in USD "
+        "per million tokens (a name ending in `*` is a prefix); a model without one has an "
+        "unknown cost, never 0 (flag and variable: a JSON object)",
     )
     tools: tuple[ToolSetting, ...] = Field(
         (),
@@ -337,7 +366,7 @@ _SECRET = frozenset(
     name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)
 )
 _TABLES = frozenset({"tools", "upstream_fallbacks", "mcp_servers"})
-_JSON = _TABLES | {"hosted_tool_map"}  # flags and variables give these as JSON
+_JSON = _TABLES | {"hosted_tool_map", "model_context_windows", "prices"}  # flags, variables: JSON
 
 
 def flag_name(name: str) -> str:
@@ -445,7 +474,7 @@ README_END = "<!-- end of settings table -->"
 
 
 def _default_text(name: str) -> str:
-    default = Settings.model_fields[name].default
+    default = Settings.model_fields[name].get_default(call_default_factory=True)
     if default is None or default == () or default == {}:
         return "—"
     if isinstance(default, bool):

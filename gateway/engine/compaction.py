@@ -30,6 +30,7 @@ from gateway.errors import (
     UpstreamError,
 )
 from gateway.protocol.checks import bad_value
+from gateway.protocol.context_window import SUMMARY_PREFIX, SUMMARY_PROMPT
 from gateway.protocol.convert import items_to_messages, normalize_input
 from gateway.protocol.sealed import seal, unseal
 from gateway.protocol.usage import chat_usage_to_response_usage
@@ -39,25 +40,13 @@ if TYPE_CHECKING:
     from executors.resilience import ResilientUpstream
 
 __all__ = [
-    "SUMMARY_PREFIX",
-    "SUMMARY_PROMPT",
     "compact",
+    "compact_threshold_of",
     "compaction_item",
     "expand_compactions",
     "summarize",
     "upstream_error",
 ]
-
-#: The instruction appended to the conversation for the summary call.
-SUMMARY_PROMPT = (
-    "Summarize the conversation above so that it can be continued from the summary alone. "
-    "Keep every fact, decision, name, number, file, tool result and open task that later turns "
-    "may need, and the user's goals and preferences; leave out pleasantries. Write it as a "
-    "compact list of notes, in the language of the conversation. Reply with the summary only."
-)
-#: How the summary is introduced where a compaction item stood.
-SUMMARY_PREFIX = "Summary of the earlier conversation (compacted):\n\n"
-
 
 def compaction_item(summary: str, key: str, *, model: str, created_at: float) -> dict[str, Any]:
     """A ``compaction`` output item sealing ``summary`` with ``key``."""
@@ -99,6 +88,35 @@ def expand_compactions(
             }
         )
     return expanded
+
+
+def compact_threshold_of(context_management: Any, context_window: int | None) -> int | None:
+    """The token threshold of a create body's ``context_management``
+    (``[{"type": "compaction", "compact_threshold": N}]``); without ``compact_threshold``, four
+    fifths of the model's known context window; None when there is no compaction entry (or no
+    threshold can be known). Raises InvalidRequestError naming the entry."""
+    if context_management is None:
+        return None
+    if not isinstance(context_management, list):
+        raise bad_value("context_management", "a list of context management entries")
+    threshold = None
+    for i, entry in enumerate(context_management):
+        param = f"context_management[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            raise bad_value(f"{param}.type", "a string")
+        if entry["type"] != "compaction":
+            raise InvalidRequestError(
+                f"Context management entries of type '{entry['type']}' are not supported; "
+                "use 'compaction'.", param=f"{param}.type", code="unsupported_value",
+            )
+        value = entry.get("compact_threshold")
+        if value is None:
+            value = context_window * 4 // 5 if context_window else None
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad_value(f"{param}.compact_threshold", "an integer of at least 1")
+        if value is not None:
+            threshold = value if threshold is None else min(threshold, value)
+    return threshold
 
 
 def summary_request(

@@ -29,6 +29,8 @@ from executors.reassembly import Delta
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream
 from executors.upstream import UpstreamError
+from gateway.observe.hooks import Observer
+from gateway.protocol.context_window import is_compaction_request
 from store.base import Store
 from store.types import COMPLETED, MODEL_CALL, PENDING, PROCESSING, Step, StoreError
 
@@ -106,6 +108,8 @@ class LoopDeps:
     max_depth: int = 8
     tool_output_max_bytes: int = 50_000
     tool_output_max_lines: int = 2_000
+    # Metrics, logs, traces and prices (gateway.observe); None = none of them.
+    observer: Observer | None = None
 
 
 @dataclass(slots=True)
@@ -118,6 +122,8 @@ class LoopOutcome:
     incomplete_reason: str | None = None
     # The last model call, completed but not yet stored (see run_response_loop).
     unwritten: Step | None = None
+    # Transitions that appended steps in this run (the first batch of a new response included).
+    iterations: int = 0
 
     @property
     def final_text(self) -> str:
@@ -162,7 +168,9 @@ async def run_response_loop(
         def ends_after(done: Step) -> bool:
             return not isinstance(next_action(request, [*chain, done]), AppendSteps)
 
+    iterations = 0
     if started is not None:
+        iterations = 1
         chain = await _run_batch(deps, response_id, started, depth, observer, ends_after, deferred)
     else:
         chain = await deps.store.list_chain(response_id, scope_parent)
@@ -186,17 +194,23 @@ async def run_response_loop(
                 response_id, scope_parent, prev, action.steps, start=True
             )
             prev = steps[-1].id
+            iterations += 1
             chain.extend(
                 await _run_batch(deps, response_id, steps, depth, observer, ends_after, deferred)
             )
             continue
         unwritten = deferred[0] if deferred else None
         if isinstance(action, Complete):
-            return LoopOutcome("completed", chain, unwritten=unwritten)
+            return LoopOutcome("completed", chain, unwritten=unwritten, iterations=iterations)
         if isinstance(action, Incomplete):
-            return LoopOutcome("incomplete", chain, incomplete_reason=action.reason, unwritten=unwritten)
+            return LoopOutcome(
+                "incomplete", chain, incomplete_reason=action.reason, unwritten=unwritten,
+                iterations=iterations,
+            )
         if isinstance(action, Fail):
-            return LoopOutcome("failed", chain, error=action.error, unwritten=unwritten)
+            return LoopOutcome(
+                "failed", chain, error=action.error, unwritten=unwritten, iterations=iterations
+            )
         raise TypeError(f"unknown action {action!r}")  # pragma: no cover - the union is closed
 
 
@@ -236,6 +250,27 @@ async def _execute_step(
     ends_after: Callable[[Step], bool] | None = None,
     deferred: list[Step] | None = None,
 ) -> Step:
+    watch = deps.observer
+    if watch is None:
+        return await _run_step(
+            deps, response_id, step, depth, observer, resume, ends_after, deferred
+        )
+    with watch.step(step) as scope:  # its span is current while it runs
+        done = await _run_step(deps, response_id, step, depth, observer, resume, ends_after, deferred)
+        scope.finish(done)
+        return done
+
+
+async def _run_step(
+    deps: LoopDeps,
+    response_id: str,
+    step: Step,
+    depth: int,
+    observer: LoopObserver | None,
+    resume: bool,
+    ends_after: Callable[[Step], bool] | None = None,
+    deferred: list[Step] | None = None,
+) -> Step:
     store = deps.store
     top = observer if depth == 0 else None
     if step.state == PENDING:
@@ -250,6 +285,9 @@ async def _execute_step(
             )
 
     if step.kind == MODEL_CALL:
+        if top is not None and is_compaction_request(step.request_payload):
+            # A compaction step is no output of the response: only its usage counts.
+            return await _model_call(deps, step, None, observer)
         return await _model_call(deps, step, top, observer, ends_after, deferred)
 
     if top is not None:
@@ -303,8 +341,15 @@ async def _model_call(
     step_id_ = step.id
     store = deps.store
     answered_by: list[str] = []
+    watch = deps.observer
+    attempts = 0
+    step_ = step
 
     async def on_attempt(error: dict[str, Any] | None, upstream: str) -> None:
+        nonlocal attempts
+        if watch is not None:
+            attempts += 1
+            watch.attempt(step_, error, upstream, attempts)
         if error is None:
             answered_by.append(upstream)  # written with the completion: no extra round trip
         else:
@@ -323,6 +368,8 @@ async def _model_call(
             top.model_call_finished(step)
         return step
     usage = completion.get("usage") if isinstance(completion, dict) else None
+    if watch is not None:
+        usage = watch.priced(step, usage)  # its cost, stored with it
     upstream = answered_by[-1] if answered_by else None
     if ends_after is not None and deferred is not None:
         done = dataclasses.replace(
@@ -366,7 +413,10 @@ async def _tool_call(
         raise ToolError("unknown_tool", f"unknown tool: {name}")
     if definition.get("kind") == "agent":
         return await _agent_call(deps, response_id, step, definition, depth, observer)
-    return await deps.http_tools.call(definition, payload.get("arguments") or "")
+    return await deps.http_tools.call(
+        definition, payload.get("arguments") or "",
+        idempotency_key=step.id, call_id=payload.get("call_id"),
+    )
 
 
 async def _agent_call(
@@ -420,10 +470,18 @@ async def _agent_call(
         tool_output_max_bytes=deps.tool_output_max_bytes,
         tool_output_max_lines=deps.tool_output_max_lines,
     )
+    watch = deps.observer
     try:
-        outcome = await run_response_loop(
-            deps, response_id, request, scope_parent=step.id, depth=depth + 1, observer=observer
-        )
+        if watch is None:
+            outcome = await run_response_loop(
+                deps, response_id, request, scope_parent=step.id, depth=depth + 1, observer=observer
+            )
+        else:
+            with watch.agent(definition["name"], definition["model"]):
+                outcome = await run_response_loop(
+                    deps, response_id, request, scope_parent=step.id, depth=depth + 1,
+                    observer=observer,
+                )
     except StoreError:
         raise
     if outcome.status == "failed":

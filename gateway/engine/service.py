@@ -21,6 +21,7 @@ from typing import Any
 
 from executors.upstream import STEP_NOTES
 from gateway.errors import InvalidRequestError, PreviousResponseNotFoundError
+from gateway.protocol.context_window import is_compaction_request
 from gateway.protocol.convert import (
     build_chat_request,
     items_to_messages,
@@ -31,6 +32,7 @@ from gateway.protocol.events import ResponseBuilder
 from gateway.protocol.response_object import response_object
 from gateway.protocol.sealed import seal, unseal
 from gateway.protocol.tools import ToolPlan, plan_tools
+from gateway.protocol.usage import zero_usage
 from gateway.protocol.validation import validate_call_outputs, validate_request
 from store.types import (
     MODEL_CALL,
@@ -41,7 +43,7 @@ from store.types import (
     new_id,
 )
 
-from .compaction import expand_compactions
+from .compaction import compact_threshold_of, expand_compactions
 from .loop import LoopDeps, StepBudget, run_response_loop
 from .references import ItemResolver
 from .tool_sources import (
@@ -78,6 +80,8 @@ class Prepared:
     upstream_key: str | None = None
     # The MCP tools (and approvals) of this response.
     mcp: ResponseTools | None = None
+    # The client request's W3C trace context headers (traceparent, tracestate), for tracing.
+    trace_headers: dict[str, str] | None = None
 
 
 class _NotClient:
@@ -131,6 +135,7 @@ class ResponsesService:
         hosted_tool_map: dict[str, str] | None = None,
         encrypted_content_key: str | None = None,
         reasoning_to_upstream: bool = False,
+        context_windows: dict[str, int] | None = None,
     ) -> None:
         self.deps = deps
         # Hosted tool type (web_search, …) -> the registered tool that implements it.
@@ -139,6 +144,8 @@ class ResponsesService:
         self.encrypted_content_key = encrypted_content_key
         # Send input reasoning back upstream as reasoning_content (upstreams that take it).
         self.reasoning_to_upstream = reasoning_to_upstream
+        # Context window in tokens by model name ("*": any other), for truncation and compaction.
+        self.context_windows = dict(context_windows or {})
         self.store = deps.store
         self.owner = owner
         self.lease_s = lease_s
@@ -328,6 +335,7 @@ class ResponsesService:
         if plan.left_out:
             initial_body[STEP_NOTES] = {"left_out_tools": plan.left_out}
         max_tool_calls = body.get("max_tool_calls")
+        window = self.context_windows.get(body["model"], self.context_windows.get("*"))
         loop_request = LoopRequest(
             initial_body=initial_body,
             client_tools=client_names,
@@ -337,6 +345,9 @@ class ResponsesService:
             max_tool_calls=max_tool_calls if isinstance(max_tool_calls, int) else None,
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
             tool_output_max_lines=self.deps.tool_output_max_lines,
+            context_window=window,
+            truncation=body.get("truncation") == "auto",
+            compact_threshold=compact_threshold_of(body.get("context_management"), window),
         )
         record = ResponseRecord(
             id=response_id,
@@ -505,7 +516,7 @@ class ResponsesService:
         for step in await self.store.list_steps(response_id):
             if not step.finished:
                 continue
-            if step.scope_parent is not None:
+            if step.scope_parent is not None or is_compaction_request(step.request_payload):
                 if step.kind == MODEL_CALL:
                     builder.add_usage(step.usage)
             elif step.kind == MODEL_CALL:
@@ -526,6 +537,24 @@ class ResponsesService:
         )
         builder.start()
         return await self._drive(prepared, builder, started)
+
+    async def record_only(self, prepared: Prepared, builder: ResponseBuilder) -> dict[str, Any]:
+        """Store the response as ``completed`` with no output and no model call (WebSocket
+        mode's ``generate: false``: request state for a later ``previous_response_id``), emit
+        its events, and return the Response object."""
+        completed_at = time.time()
+        record = dataclasses.replace(
+            prepared.record, status="completed", output=[], usage=zero_usage(),
+            completed_at=completed_at,
+        )
+        await self.store.create_response(record)
+        if record.store:
+            self._remember(
+                record.id, prepared.history_ids | {record.id},
+                prepared.history + prepared.input_items,
+            )
+        builder.start()
+        return builder.finish("completed", completed_at=completed_at)
 
     async def resume(self, record: ResponseRecord) -> dict[str, Any]:
         """Finish a response another process left unfinished, from its chain in the store.
@@ -558,10 +587,39 @@ class ResponsesService:
         await self.replay_chain(record.id, builder)
         return await self._drive(prepared, builder)
 
+    async def _conversation_root(self, record: ResponseRecord) -> str:
+        """The first response of ``record``'s ``previous_response_id`` chain (at most 100 back)."""
+        root = record
+        for _ in range(100):
+            if not root.previous_response_id:
+                break
+            previous = await self.store.get_response(root.previous_response_id)
+            if previous is None:
+                return root.previous_response_id
+            root = previous
+        return root.id
+
     async def _drive(
         self, prepared: Prepared, builder: ResponseBuilder, started: list[Step] | None = None
     ) -> dict[str, Any]:
+        watch = self.deps.observer
+        if watch is None:
+            return await self._drive_loop(prepared, builder, started, None)
         record = prepared.record
+        conversation = None
+        if watch.tracing is not None:
+            conversation = await self._conversation_root(record)
+        with watch.response(
+            record, conversation_id=conversation, parent_headers=prepared.trace_headers
+        ) as scope:
+            return await self._drive_loop(prepared, builder, started, scope)
+
+    async def _drive_loop(
+        self, prepared: Prepared, builder: ResponseBuilder, started: list[Step] | None,
+        scope: Any,
+    ) -> dict[str, Any]:
+        record = prepared.record
+        iterations = 0
         deps = self.deps
         if prepared.upstream_key:
             deps = dataclasses.replace(deps, upstream=deps.upstream.with_api_key(prepared.upstream_key))
@@ -591,6 +649,7 @@ class ResponsesService:
             status, error = "failed", {"code": "server_error", "message": "internal error"}
         else:
             last = outcome.unwritten
+            iterations = outcome.iterations
             status = outcome.status
             if status == "failed":
                 error = _response_error(outcome.error)
@@ -623,4 +682,6 @@ class ResponsesService:
         except StoreError as exc:
             logger.error("could not store the result of response %s: %s", record.id, exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
+        if scope is not None:
+            scope.finish(status, usage=builder.usage, error=error, iterations=iterations)
         return builder.finish(status, error=error, incomplete_details=incomplete)

@@ -8,7 +8,7 @@ Completions body of its first model call; then:
    (``{"count": N}``), or llama.cpp server's ``POST /apply-template`` + ``POST /tokenize``
    (``{"tokens": [...]}``), both at the server root. Which one works is found out on first use
    and remembered for the process (an upstream that has neither is not asked again).
-2. Otherwise **an estimate**, :func:`estimate_tokens`: 4 tokens per message plus one per four
+2. Otherwise **an estimate**, :func:`gateway.protocol.context_window.estimate_tokens`: 4 tokens per message plus one per four
    UTF-8 bytes of its text (arguments and tool outputs included), 85 per image or file part, one
    per four bytes of the tools' JSON, plus 3 for the reply's priming. It is close for English
    text and overcounts code and most other languages less than it undercounts none; no tokenizer
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from executors.upstream import UpstreamError as UpstreamCallError
+from gateway.protocol.context_window import estimate_tokens
 
 if TYPE_CHECKING:
     from executors.resilience import ResilientUpstream
@@ -32,39 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["TokenCounter", "count_input_tokens", "estimate_tokens"]
 
 logger = logging.getLogger("stepchain.tokens")
-
-_PER_MESSAGE = 4
-_REPLY_PRIMING = 3
-_PER_MEDIA_PART = 85
-
-
-def _bytes_tokens(text: str) -> int:
-    return (len(text.encode("utf-8")) + 3) // 4
-
-
-def estimate_tokens(body: dict[str, Any]) -> int:
-    """The documented estimate (module docstring) for a Chat Completions ``body``."""
-    total = _REPLY_PRIMING
-    for message in body.get("messages") or ():
-        total += _PER_MESSAGE
-        content = message.get("content")
-        if isinstance(content, str):
-            total += _bytes_tokens(content)
-        elif isinstance(content, list):
-            for part in content:
-                if not isinstance(part, dict):
-                    continue
-                if part.get("type") == "text":
-                    total += _bytes_tokens(part.get("text") or "")
-                else:
-                    total += _PER_MEDIA_PART
-        for call in message.get("tool_calls") or ():
-            function = call.get("function") or {}
-            total += _bytes_tokens((function.get("name") or "") + (function.get("arguments") or ""))
-    if body.get("tools"):
-        total += _bytes_tokens(orjson.dumps(body["tools"]).decode())
-    return total
-
 
 class TokenCounter:
     """Counts with the upstream's tokenizer when it has one; remembers which kind it has."""

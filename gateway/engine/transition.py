@@ -32,6 +32,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.protocol.context_window import (
+    compacted_body,
+    compaction_request,
+    estimate_tokens,
+    is_compaction_request,
+    truncate_messages,
+)
 from gateway.protocol.truncation import tool_output_text, truncate_for_model
 from store.types import (
     CANCELED,
@@ -77,6 +84,13 @@ class LoopRequest:
     max_tool_calls: int | None = None
     tool_output_max_bytes: int = 50_000
     tool_output_max_lines: int = 2_000
+    # Context management (``context_window``: the model's size in tokens, None = unknown):
+    # ``truncation: "auto"`` drops the oldest messages to fit it, and once more after an
+    # upstream ``context_length_exceeded``; past ``compact_threshold`` estimated tokens a
+    # compaction step (a summary model call) comes before the model call.
+    context_window: int | None = None
+    truncation: bool = False
+    compact_threshold: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +246,68 @@ def _after_approved(request: LoopRequest, tool_steps: Sequence[Step]) -> dict[st
     return {**request.initial_body, "messages": messages}
 
 
+#: The step error type of an upstream that found the prompt longer than its context window.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
+def _fit(request: LoopRequest, body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` truncated to the context window (``truncation: "auto"`` with a known window),
+    leaving room for the reply (``max_tokens``, else an eighth of the window)."""
+    if not request.truncation or request.context_window is None:
+        return body
+    reserve = body.get("max_tokens") or request.context_window // 8
+    return truncate_messages(body, max(request.context_window - reserve, 1))
+
+
+def _model_call(request: LoopRequest, body: dict[str, Any], *, compacted: bool = False) -> Action:
+    """Append the model call ``body`` — or first a compaction step when it is over the
+    threshold (not again right after one)."""
+    if (
+        request.compact_threshold is not None
+        and not compacted
+        and estimate_tokens(body) > request.compact_threshold
+    ):
+        summary = compaction_request(body)
+        if summary is not None:
+            return AppendSteps((StepDescriptor(MODEL_CALL, summary),))
+    return AppendSteps((StepDescriptor(MODEL_CALL, _fit(request, body)),))
+
+
+def _pending_body(request: LoopRequest, batches: list[list[Step]]) -> dict[str, Any]:
+    """The model call a compaction step was made for: the first one, or the follow-up of the
+    tool batch before it."""
+    if not batches:
+        return request.initial_body
+    if len(batches) == 1 and batches[0][0].kind == TOOL_CALL:
+        return _after_approved(request, batches[0])
+    return _follow_up(request, batches[-2][0], batches[-1])
+
+
+def _after_context_step(request: LoopRequest, batches: list[list[Step]], step: Step) -> Action | None:
+    """The transition after a compaction step, or after a model call the upstream refused as
+    too long (retried once, truncated, with ``truncation: "auto"``); None otherwise."""
+    if is_compaction_request(step.request_payload):
+        body = _pending_body(request, batches[:-1])
+        if step.state == COMPLETED:
+            summary = (_message(step.response_payload).get("content") or "").strip()
+            if summary:
+                body = compacted_body(body, summary)
+        # A failed summary is no reason to fail the response: go on uncompacted.
+        return _model_call(request, body, compacted=True)
+    error = step.error or {}
+    if step.state == FAILED and error.get("type") == CONTEXT_LENGTH_EXCEEDED and request.truncation:
+        retried = len(batches) > 1 and (batches[-2][0].error or {}).get("type") == CONTEXT_LENGTH_EXCEEDED
+        if not retried:
+            body = step.request_payload
+            budget = estimate_tokens(body) * 3 // 4
+            if request.context_window is not None:
+                budget = min(budget, request.context_window - (body.get("max_tokens") or 0))
+            shorter = truncate_messages(body, max(budget, 1))
+            if shorter is not body:
+                return AppendSteps((StepDescriptor(MODEL_CALL, shorter),))
+    return None
+
+
 def next_action(request: LoopRequest, chain: Sequence[Step]) -> Action:
     """Decide the next transition of one loop level from its chain.
 
@@ -241,16 +317,21 @@ def next_action(request: LoopRequest, chain: Sequence[Step]) -> Action:
     if not chain:
         if request.approved_calls:
             return _approved_steps(request)
-        return AppendSteps((StepDescriptor(MODEL_CALL, request.initial_body),))
+        return _model_call(request, request.initial_body)
     batches = _batches(chain)
     last = batches[-1]
     for step in last:
         if step.state not in FINISHED_STATES:
             raise ChainNotSettledError(f"step {step.id} is still {step.state}")
-    at_cap = len(batches) >= request.max_iterations
+    # Compaction steps and truncated retries do not count against the iteration cap.
+    at_cap = len(batches) >= request.max_iterations + _context_batches(batches)
 
     if last[0].kind == MODEL_CALL:
         step = last[0]
+        if request.compact_threshold is not None or request.truncation:
+            action = _after_context_step(request, batches, step)
+            if action is not None:
+                return action
         if step.state == FAILED:
             return Fail(step.error or {"type": "model_call_failed", "message": "model call failed"})
         if step.state == CANCELED:
@@ -291,7 +372,7 @@ def next_action(request: LoopRequest, chain: Sequence[Step]) -> Action:
         # The approved calls a follow-up started with: now the first model call.
         if at_cap:
             return Incomplete("max_iterations_exceeded")
-        return AppendSteps((StepDescriptor(MODEL_CALL, _after_approved(request, last)),))
+        return _model_call(request, _after_approved(request, last))
     # The last batch is the finished tool steps of the model call just before it.
     model_step = batches[-2][0]
     calls = _tool_calls(model_step.response_payload)
@@ -301,4 +382,18 @@ def next_action(request: LoopRequest, chain: Sequence[Step]) -> Action:
         return Complete()
     if at_cap:
         return Incomplete("max_iterations_exceeded")
-    return AppendSteps((StepDescriptor(MODEL_CALL, _follow_up(request, model_step, last)),))
+    return _model_call(request, _follow_up(request, model_step, last))
+
+
+def _context_batches(batches: list[list[Step]]) -> int:
+    """Model-call batches that only managed the context: compaction steps and calls the
+    upstream refused as too long."""
+    return sum(
+        1
+        for b in batches
+        if b[0].kind == MODEL_CALL
+        and (
+            is_compaction_request(b[0].request_payload)
+            or (b[0].error or {}).get("type") == CONTEXT_LENGTH_EXCEEDED
+        )
+    )

@@ -38,6 +38,12 @@ from gateway.errors import GatewayError, InvalidRequestError
 from store.base import Store
 from store.sqlite import SQLiteStore
 
+from gateway.observe.cost import PriceTable
+from gateway.observe.hooks import Observer
+from gateway.observe.metrics import MetricsMiddleware, TimedStore
+from gateway.observe.metrics import metrics as get_metrics
+from gateway.observe.tracing import PropagatingTransport, get_tracing
+
 from .auth import AuthMiddleware, hash_key, load_api_keys
 from .chat import chat_routes
 from .context import context_routes
@@ -109,6 +115,9 @@ def create_app(
         # same httpx API and httpx-sse parsing, at about half the CPU per request of httpcore.
         upstream_limits = httpx.Limits(max_connections=2000, max_keepalive_connections=500)
         transport = upstream_transport or AiohttpTransport(limits=upstream_limits)
+        tracing = get_tracing()
+        if tracing is not None:  # the current span's traceparent goes upstream
+            transport = PropagatingTransport(transport)
         client = httpx.AsyncClient(
             transport=transport,
             limits=upstream_limits,
@@ -117,7 +126,10 @@ def create_app(
             ),
         )
         tool_limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        tool_client = httpx.AsyncClient(transport=AiohttpTransport(limits=tool_limits), limits=tool_limits)
+        tool_transport: httpx.AsyncBaseTransport = AiohttpTransport(limits=tool_limits)
+        if tracing is not None:  # ... and to the tools
+            tool_transport = PropagatingTransport(tool_transport)
+        tool_client = httpx.AsyncClient(transport=tool_transport, limits=tool_limits)
         upstream = ResilientUpstream(
             _upstream_targets(settings),
             client=client,
@@ -142,8 +154,16 @@ def create_app(
             egress=egress,
             env_prefix=settings.tool_env_prefix,
         )
+        metrics = get_metrics()
+        metrics.tool_names = lambda name: registry.lookup(name) is not None
+        observer = Observer(
+            metrics=metrics,
+            prices=PriceTable({m: p.model_dump(exclude_none=True) for m, p in settings.prices.items()}),
+            tracing=tracing,
+        )
         deps = LoopDeps(
-            store=the_store,
+            store=TimedStore(the_store, metrics),
+            observer=observer,
             upstream=upstream,
             registry=registry,
             http_tools=http_tools,
@@ -161,6 +181,7 @@ def create_app(
             hosted_tool_map=settings.hosted_tool_map,
             encrypted_content_key=load_or_create_key(settings),
             reasoning_to_upstream=settings.reasoning_to_upstream,
+            context_windows=settings.model_context_windows,
         )
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings
@@ -203,7 +224,7 @@ def create_app(
         own_addresses=(settings.host,),
     )
     key_hashes = load_api_keys(_secret(settings.api_keys), settings.api_keys_file)
-    middleware = []
+    middleware = [Middleware(MetricsMiddleware)]
     if key_hashes or settings.pass_client_key:  # an open gateway skips the layer altogether
         admin = _secret(settings.admin_key)
         middleware.append(

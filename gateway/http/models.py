@@ -1,4 +1,4 @@
-"""``GET /v1/models`` (passed through to the upstream) and ``GET /healthz``."""
+"""``GET /v1/models`` (passed through to the upstream), ``GET /healthz`` and ``GET /metrics``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from starlette.routing import Route
 
 from executors.upstream import UpstreamError as UpstreamCallError
 from gateway.errors import UpstreamError
+from gateway.observe.metrics import CONTENT_TYPE_LATEST, render_metrics
 
 from .bodies import JSON, json_response
 
@@ -31,8 +32,15 @@ async def healthz(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
+async def prometheus_metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus text format (:mod:`gateway.observe.metrics`); open like
+    ``/healthz`` — no ids, keys or contents in it."""
+    return Response(render_metrics(), media_type=CONTENT_TYPE_LATEST)
+
+
 def model_routes() -> list[Route]:
     return [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", prometheus_metrics, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
     ]

@@ -61,6 +61,11 @@ async def create_response(request: Request) -> Response | EventStreamResponse:
     prepared = await service.prepare(
         body, tenant_of(request), upstream_key=request.scope.get("stepchain.client_key")
     )
+    traceparent = request.headers.get("traceparent")
+    if traceparent:
+        prepared.trace_headers = {"traceparent": traceparent}
+        if "tracestate" in request.headers:
+            prepared.trace_headers["tracestate"] = request.headers["tracestate"]
     response_id = prepared.record.id
     stream = body.get("stream") is True
     background = body.get("background") is True

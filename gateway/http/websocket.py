@@ -22,6 +22,8 @@ ending with ``response.completed`` / ``response.incomplete`` / ``response.failed
 * A client that disconnects mid-response does not stop it (as over SSE): the response is an
   app-owned task that finishes and is stored (``cancel_on_disconnect`` cancels it instead).
 * ``stream_id`` on a ``response.create`` is echoed on every event of that response.
+* ``generate: false`` stores the request's state as a ``completed`` response with no output and
+  no model call (a warm-up): its id continues as ``previous_response_id`` like any other.
 
 The events come from the same :class:`gateway.engine.service.ResponsesService` and
 :class:`gateway.protocol.events.ResponseBuilder` as SSE: this module only re-frames them.
@@ -45,7 +47,9 @@ from gateway.errors import (
     InvalidRequestError,
     PreviousResponseNotFoundError,
     RequestTooLargeError,
+    ServiceUnavailableError,
 )
+from store.types import StoreError
 
 from .bodies import MAX_DEPTH, _too_deep
 
@@ -181,6 +185,9 @@ class _Connection:
         if _too_deep(body):
             raise InvalidRequestError(f"The message nests deeper than {MAX_DEPTH} levels.")
         body.pop("background", None)
+        generate = body.pop("generate", None)
+        if generate is not None and not isinstance(generate, bool):
+            raise InvalidRequestError("generate must be a boolean.", param="generate")
         body["stream"] = True
         previous_id = body.get("previous_response_id")
         history = None
@@ -198,9 +205,9 @@ class _Connection:
                 self.cache.pop(previous_id, None)
             raise
         self.in_flight = prepared.record.id
-        self.start(prepared, stream_id)
+        self.start(prepared, stream_id, generate=generate is not False)
 
-    def start(self, prepared: Prepared, stream_id: str | None) -> None:
+    def start(self, prepared: Prepared, stream_id: str | None, *, generate: bool = True) -> None:
         """Run the response as an app-owned task (it outlives this connection), its events
         sent here and kept in the live log (``GET …?stream=true`` can follow it)."""
         state = self.state
@@ -215,9 +222,18 @@ class _Connection:
             previous_id = prepared.record.previous_response_id
             final: dict[str, Any] | None = None
             try:
-                final = await self.service.run(prepared, self.service.builder(prepared, emit=emit))
-            except GatewayError as exc:  # the record could not be created: nothing ran
+                builder = self.service.builder(prepared, emit=emit)
+                if generate:
+                    final = await self.service.run(prepared, builder)
+                else:
+                    final = await self.service.record_only(prepared, builder)
+            except GatewayError as exc:
                 self.send(error_event(exc, stream_id))
+            except StoreError as exc:  # the record could not be created: nothing ran
+                logger.error("websocket response %s not stored: %s", response_id, exc)
+                self.send(error_event(ServiceUnavailableError(
+                    "The response could not be stored; try again."
+                ), stream_id))
             finally:
                 # No await between the terminal event and here: the client's next
                 # response.create cannot be read before the connection is free and cached.

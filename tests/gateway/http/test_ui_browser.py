@@ -102,6 +102,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             "STEPCHAIN_API_KEYS": f"{KEY_A},{KEY_B}",
             "STEPCHAIN_ADMIN_KEY": ADMIN,
             "STEPCHAIN_UPSTREAM_RETRY_MAX_S": "5",
+            "STEPCHAIN_PRICES": '{"scripted-model": {"input": 2.5, "output": 10}}',
         }
         with serve_process([], tmp / "gateway.log", env=env) as (url, _proc):
             s = Site(url, model, tools, shots)
@@ -197,6 +198,7 @@ def test_the_waterfall_shows_parallel_tool_calls_overlapping(browser: Any, site:
     assert max(first["x"], second["x"]) < min(first["x"] + first["width"], second["x"] + second["width"])
     # The retried model call is marked.
     expect(page.get_by_test_id("retries")).to_have_count(1)
+    expect(page.get_by_test_id("response-cost")).to_contain_text("$")  # priced model calls
     site.shot(page, "02-waterfall-parallel")
     page.close()
 

@@ -281,3 +281,20 @@ def test_the_async_sdk_connection(gw):
     assert events[0].type == "response.created"
     assert events[-1].type == "response.completed"
     assert events[-1].response.output_text == "async hello"
+
+
+def test_generate_false_stores_state_without_a_model_call(gw):
+    client = gw.client()
+    with client.responses.connect() as connection:
+        connection.response.create(
+            model=MODEL, input="Context for later.", instructions="Be brief.", generate=False
+        )
+        events = until_terminal(connection)
+        warm = events[-1].response
+        assert [e.type for e in events] == ["response.created", "response.in_progress", "response.completed"]
+        assert warm.status == "completed" and warm.output == []
+        assert gw.model.requests == []
+        connection.response.create(model=MODEL, input="Now answer.", previous_response_id=warm.id)
+        answer = until_terminal(connection)[-1].response
+    assert answer.output_text == "Echo: Now answer."
+    assert [m["content"] for m in gw.model.requests[-1]["messages"]] == ["Context for later.", "Now answer."]

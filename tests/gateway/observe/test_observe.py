@@ -1,0 +1,196 @@
+"""Observability end to end on a real gateway running a real tool loop (a parallel HTTP tool and
+a sub-agent): the cost stored per model call and summed, Prometheus metrics, OpenTelemetry spans
+(the SDK's in-memory exporter) with the client's traceparent carried to the tools, and the
+terminal trace of the same database."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.cli import main
+from gateway.observe.tracing import disable_tracing_for_tests, reset_tracing_for_tests
+from gateway.testing.scripted_upstream import Reply, ScriptedModel
+from gateway.testing.serving import serve_app
+from tests.gateway.harness import running_gateway
+
+MODEL = "scripted-model"
+PRICES = {MODEL: {"input": 1.0, "output": 2.0}}
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+
+_EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One response through the loop; yields (gateway, response id, tool request headers)."""
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        trace.set_tracer_provider(provider)
+    reset_tracing_for_tests()
+    seen_headers: list[dict[str, str]] = []
+    lock = threading.Lock()
+
+    async def weather(request: Request) -> Response:
+        with lock:
+            seen_headers.append(dict(request.headers))
+        return JSONResponse({"city": (await request.json())["city"], "celsius": 21})
+
+    model = ScriptedModel([
+        Reply(tool_calls=[
+            {"id": "call_w", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+            {"id": "call_r", "name": "researcher", "arguments": '{"input": "Oslo?"}'},
+        ]),
+        Reply(content="Oslo is mild."),
+        Reply(content="Paris 21, Oslo mild."),
+    ])
+    tmp = tmp_path_factory.mktemp("observe")
+    try:
+        with serve_app(Starlette(routes=[Route("/w", weather, methods=["POST"])])) as tool_url:
+            with running_gateway(tmp, model, prices=PRICES) as gw:
+                with gw.http() as http:
+                    for body in (
+                        {"name": "get_weather", "description": "w", "parameters": CITY,
+                         "url": f"{tool_url}/w"},
+                        {"name": "researcher", "kind": "agent", "description": "r", "model": MODEL,
+                         "instructions": "Research.", "tools": []},
+                    ):
+                        assert http.post("/v1/tools", json=body).status_code == 201
+                _EXPORTER.clear()
+                with gw.http() as http:
+                    reply = http.post(
+                        "/v1/responses", json={"model": MODEL, "input": "Weather?"},
+                        headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-01"},
+                    )
+                assert reply.status_code == 200, reply.text
+                assert reply.json()["status"] == "completed"
+                yield gw, reply.json()["id"], seen_headers
+    finally:
+        disable_tracing_for_tests()
+
+
+def test_each_model_call_stores_its_cost_and_the_listing_sums_them(run):
+    gw, response_id, _ = run
+    with gw.http() as http:
+        steps = http.get(f"/v1/responses/{response_id}/steps").json()["data"]
+        listing = http.get("/v1/stepchain/responses", params={"q": response_id}).json()["data"]
+    calls = [s for s in steps if s["kind"] == "model_call"]
+    assert len(calls) == 3
+    total = 0.0
+    for step in calls:
+        usage = step["usage"]
+        expected = (usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1e6
+        assert usage["stepchain"]["cost_usd"] == pytest.approx(expected)
+        total += expected
+    assert listing[0]["cost_usd"] == pytest.approx(total)
+
+
+def test_metrics_count_the_loop_without_ids(run):
+    gw, response_id, _ = run
+    with gw.http() as http:
+        reply = http.get("/metrics")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    text = reply.text
+    assert response_id not in text and response_id[5:] not in text and '"call_' not in text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))), 0)
+
+    assert value("stepchain_responses_total", status="completed") >= 1
+    assert value("stepchain_steps_total", kind="tool_call", state="completed") >= 2
+    assert value("stepchain_steps_total", kind="model_call", state="completed") >= 3
+    assert value("stepchain_step_duration_seconds_count", kind="tool_call", tool="get_weather") >= 1
+    assert value("stepchain_step_duration_seconds_count", kind="tool_call", tool="researcher") >= 1
+    assert value("stepchain_tokens_total", model=MODEL, direction="input") > 0
+    assert value("stepchain_tokens_total", model=MODEL, direction="output") > 0
+    assert value("stepchain_cost_usd_total", model=MODEL) > 0
+    assert value("stepchain_http_request_duration_seconds_count",
+                 route="/v1/responses", method="POST", status="200") >= 1
+    # The upstream label is the URL, or "other" once 50 upstreams were seen in this process
+    # (every test gateway of a test run has its own).
+    attempts = sum(
+        v for (name, labels), v in samples.items()
+        if name == "stepchain_upstream_attempts_total"
+        and dict(labels)["upstream"] in (f"{gw.upstream_url}/v1", "other")
+        and dict(labels)["status_class"] == "2xx"
+    )
+    assert attempts >= 3
+    assert value("stepchain_loop_iterations_count") >= 1
+    assert value("stepchain_store_call_duration_seconds_count", operation="list_steps") >= 1
+    assert ("stepchain_responses_in_flight", ()) in samples
+    assert ("stepchain_live_streams", ()) in samples
+
+
+def test_spans_follow_the_genai_conventions_and_nest_the_sub_agent(run):
+    gw, response_id, tool_headers = run
+    spans = {s.name: s for s in _EXPORTER.get_finished_spans() if s.context.trace_id == int(TRACE_ID, 16)}
+    root = spans["invoke_agent stepchain"]
+    assert root.parent is not None and root.parent.span_id == int(PARENT, 16)
+    assert root.attributes["gen_ai.operation.name"] == "invoke_agent"
+    assert root.attributes["gen_ai.response.id"] == response_id
+    assert root.attributes["gen_ai.conversation.id"] == response_id
+    assert root.attributes["gen_ai.usage.input_tokens"] > 0
+    chats = [s for s in _EXPORTER.get_finished_spans()
+             if s.name == f"chat {MODEL}" and s.context.trace_id == int(TRACE_ID, 16)]
+    assert len(chats) == 3
+    for chat in chats:
+        assert chat.attributes["gen_ai.operation.name"] == "chat"
+        assert chat.attributes["gen_ai.request.model"] == MODEL
+        assert chat.attributes["gen_ai.usage.output_tokens"] > 0
+        assert chat.attributes["gen_ai.response.finish_reasons"]
+        assert "gen_ai.input.messages" not in chat.attributes  # contents only when opted in
+    tool = spans["execute_tool get_weather"]
+    assert tool.attributes["gen_ai.tool.name"] == "get_weather"
+    assert tool.attributes["gen_ai.tool.call.id"] == "call_w"
+    assert tool.parent.span_id == root.context.span_id
+    agent_tool = spans["execute_tool researcher"]
+    agent = spans["invoke_agent researcher"]
+    assert agent.parent.span_id == agent_tool.context.span_id
+    nested = [c for c in chats if c.parent.span_id == agent.context.span_id]
+    assert len(nested) == 1
+    # The tool was called with the trace context of its execute_tool span.
+    traceparent = tool_headers[-1]["traceparent"]
+    assert traceparent.split("-")[1] == TRACE_ID
+    assert traceparent.split("-")[2] == format(tool.context.span_id, "016x")
+
+
+def test_the_terminal_trace_prints_the_chain_as_a_tree(run, capsys):
+    gw, response_id, _ = run
+    assert main(["trace", response_id, "--db", str(gw.db)]) == 0
+    out = capsys.readouterr().out
+    assert response_id in out and "completed" in out
+    assert "get_weather" in out and "researcher" in out and "$" in out
+    lines = out.splitlines()
+    researcher = next(i for i, line in enumerate(lines) if "researcher" in line)
+    nested = lines[researcher + 1]
+    assert MODEL in nested  # the sub-agent's model call, indented under its tool step
+    indent = lambda line: len(line) - len(line.lstrip(" │├└─"))
+    assert indent(nested) > indent(lines[researcher])
+    assert main(["responses", "--db", str(gw.db)]) == 0
+    assert response_id in capsys.readouterr().out
+
+
+def test_the_terminal_trace_of_an_unknown_id_is_one_line_and_exit_1(run, capsys, tmp_path):
+    gw, _response_id, _ = run
+    assert main(["trace", "resp_unknown", "--db", str(gw.db)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resp_unknown" in err
+    assert main(["responses", "--db", str(tmp_path / "missing.db")]) == 1
+    assert capsys.readouterr().err.startswith("stepchain: cannot read the database")
