@@ -256,6 +256,19 @@ class Settings(BaseSettings):
         min_length=1,
         description="tool headers `env:NAME` may only read variables starting with this",
     )
+    live_logs_max_bytes: int = Field(
+        256_000_000, ge=1, description="finished responses' event logs kept for resumption, in all"
+    )
+    live_log_max_bytes: int = Field(
+        16_000_000, ge=1, description="a finished response's event log larger than this is not kept"
+    )
+    history_cache_max_bytes: int = Field(
+        256_000_000, ge=1, description="conversation histories cached for previous_response_id"
+    )
+    retention_days: float | None = Field(
+        None, gt=0, description="delete finished responses (steps, events) older than this; "
+        "none = keep"
+    )
     mcp_timeout_s: float = Field(
         30.0, gt=0, description="client-supplied MCP servers: time for one listing or call"
     )

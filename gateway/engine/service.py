@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from executors.upstream import STEP_NOTES
 from gateway.errors import InvalidRequestError, PreviousResponseNotFoundError
 from gateway.protocol.context_window import is_compaction_request
@@ -136,8 +138,12 @@ class ResponsesService:
         encrypted_content_key: str | None = None,
         reasoning_to_upstream: bool = False,
         context_windows: dict[str, int] | None = None,
+        history_max_bytes: int = 256_000_000,
     ) -> None:
         self.deps = deps
+        self.history_max_bytes = history_max_bytes
+        self._history_sizes: dict[str, int] = {}
+        self._history_bytes = 0
         # Hosted tool type (web_search, …) -> the registered tool that implements it.
         self.hosted_tool_map = dict(hosted_tool_map or {})
         # Seals and opens encrypted_content (compaction and reasoning items); None: refused.
@@ -193,7 +199,10 @@ class ResponsesService:
         items.extend(inputs)
         items.extend(record.output)
         ids = ids | {record.id}
-        self._remember(record.id, ids, items)
+        self._remember(
+            record.id, ids, items, previous_id=record.previous_response_id,
+            added=inputs + list(record.output),
+        )
         return ids, items
 
     async def history_for(self, previous_id: str | None, tenant: str | None) -> list[dict[str, Any]]:
@@ -209,15 +218,44 @@ class ResponsesService:
             )
         return list(await self.conversation_items(previous))
 
-    def _remember(self, response_id: str, ids: frozenset[str], items: list[dict[str, Any]]) -> None:
+    def _remember(
+        self,
+        response_id: str,
+        ids: frozenset[str],
+        items: list[dict[str, Any]],
+        *,
+        previous_id: str | None = None,
+        added: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Cache a conversation, within ``history_cache_max_bytes`` (its JSON size: the earlier
+        entry's plus the ``added`` items', so a follow-up is not measured from scratch) and
+        the entry count; the least recently used go first, one larger than the cap is not kept."""
+        base = self._history_sizes.get(previous_id) if previous_id else 0
+        if base is None or added is None:
+            base, added = 0, items
+        try:
+            size = base + len(orjson.dumps(added))
+        except TypeError:
+            return
+        self._forget_entry(response_id)
+        if size > self.history_max_bytes:
+            return
         self._history[response_id] = (ids, items)
-        if len(self._history) > _HISTORY_CACHE_SIZE:
-            self._history.popitem(last=False)
+        self._history_sizes[response_id] = size
+        self._history_bytes += size
+        while self._history and (
+            len(self._history) > _HISTORY_CACHE_SIZE or self._history_bytes > self.history_max_bytes
+        ):
+            self._forget_entry(next(iter(self._history)))
+
+    def _forget_entry(self, response_id: str) -> None:
+        if self._history.pop(response_id, None) is not None:
+            self._history_bytes -= self._history_sizes.pop(response_id, 0)
 
     def _forget(self, response_id: str) -> None:
         """Drop every cached conversation that holds ``response_id``'s items."""
         for key in [k for k, (ids, _items) in self._history.items() if response_id in ids]:
-            del self._history[key]
+            self._forget_entry(key)
 
     async def delete(self, record: ResponseRecord) -> None:
         """Delete a stored response; later responses that continue a conversation through it
@@ -552,6 +590,7 @@ class ResponsesService:
             self._remember(
                 record.id, prepared.history_ids | {record.id},
                 prepared.history + prepared.input_items,
+                previous_id=record.previous_response_id, added=prepared.input_items,
             )
         builder.start()
         return builder.finish("completed", completed_at=completed_at)
@@ -662,6 +701,8 @@ class ResponsesService:
                 record.id,
                 prepared.history_ids | {record.id},
                 prepared.history + prepared.input_items + output,
+                previous_id=record.previous_response_id,
+                added=prepared.input_items + output,
             )
         result = {
             "status": status,

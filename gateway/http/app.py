@@ -7,6 +7,7 @@ responses finish within a grace period before closing them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -31,6 +32,7 @@ from gateway.engine.keys import load_or_create_key
 from gateway.engine.live import LiveStreams
 from gateway.engine.loop import LoopDeps
 from gateway.engine.recovery import Recovery, new_owner_id
+from gateway.engine.retention import purge_periodically
 from gateway.engine.service import ResponsesService
 from gateway.engine.tasks import TaskSet
 from gateway.engine.tokens import TokenCounter
@@ -182,6 +184,7 @@ def create_app(
             encrypted_content_key=load_or_create_key(settings),
             reasoning_to_upstream=settings.reasoning_to_upstream,
             context_windows=settings.model_context_windows,
+            history_max_bytes=settings.history_cache_max_bytes,
         )
         recovery = Recovery(service, tasks, lease_s=settings.lease_s)
         app.state.settings = settings
@@ -200,16 +203,28 @@ def create_app(
         app.state.tasks = tasks
         app.state.service = service
         app.state.recovery = recovery
-        app.state.live = LiveStreams()
+        app.state.live = LiveStreams(
+            max_bytes=settings.live_logs_max_bytes,
+            max_bytes_per_response=settings.live_log_max_bytes,
+        )
         app.state.token_counter = TokenCounter(upstream)
         app.state.running = {}
         await recovery.start()
+        purging = (
+            asyncio.create_task(purge_periodically(the_store, settings.retention_days))
+            if settings.retention_days
+            else None
+        )
         try:
             yield
         finally:
             # uvicorn gave in-flight requests the grace period already; responses still running
             # now (their clients left, or were cut off) get a moment, then are left for resumption.
             await tasks.drain(grace_s=min(settings.shutdown_grace_s, 1.0))
+            if purging is not None:
+                purging.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await purging
             await recovery.stop()
             await client.aclose()
             await tool_client.aclose()
