@@ -166,3 +166,25 @@ def test_serve_on_a_network_address_needs_keys(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "STEPCHAIN_API_KEYS" in lines[0] and "--insecure-open" in lines[0]
+
+
+def test_registered_tool_on_loopback_needs_allow_private(tmp_path):
+    echo = EchoTool()
+    model = ScriptedModel(default=lambda body: Reply(content="done"))
+    model.replies.append(Reply(tool_calls=[{"id": "c1", "name": "echo", "arguments": "{}"}]))
+    model.replies.append(Reply(content="first done"))
+    model.replies.append(Reply(tool_calls=[{"id": "c2", "name": "echo2", "arguments": "{}"}]))
+    with serve_app(echo.app) as tool_url, \
+            running_gateway(tmp_path, model, tool_allowed_networks=None) as gw:
+        with gw.http() as http:
+            for name, extra in (("echo", {}), ("echo2", {"allow_private": True})):
+                body = {"name": name, "url": f"{tool_url}/echo", **extra}
+                assert http.post("/v1/tools", json=body).status_code == 201
+        client = gw.client()
+        refused = client.responses.create(model=MODEL, input="call echo")
+        allowed = client.responses.create(model=MODEL, input="call echo2")
+    call = next(i for i in refused.output if i.type == "mcp_call")
+    assert call.status == "failed" and "loopback" in str(call.error)
+    call = next(i for i in allowed.output if i.type == "mcp_call")
+    assert call.status == "completed"
+    assert len(echo.seen) == 1

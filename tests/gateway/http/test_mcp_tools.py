@@ -325,3 +325,22 @@ def test_registered_http_tool_with_require_approval(tmp_path):
     assert ran == [{"eur": 5}]
     assert [i.type for i in second.output] == ["mcp_call", "message"]
     assert second.output[-1].content[0].text == 'tools said: {"ok":true}'
+
+
+def test_older_sse_server(tmp_path):
+    legacy = MCPServer("legacy")
+
+    @legacy.tool()
+    def shout(text: str) -> str:
+        """Upper-case it."""
+        return text.upper()
+
+    model = ScriptedModel(default=_last_tool_answer)
+    model.replies.append(Reply(tool_calls=[{"id": "c1", "name": "shout", "arguments": '{"text": "hi"}'}]))
+    with serve_app(legacy.sse_app()) as url, running_gateway(tmp_path, model) as gw:
+        response = gw.client().responses.create(
+            model=MODEL, input="shout",
+            tools=[_mcp(f"{url}/sse", label="legacy", require_approval="never")],
+        )
+    assert [i.type for i in response.output] == ["mcp_list_tools", "mcp_call", "message"]
+    assert response.output[1].output == "HI"
