@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,16 +45,10 @@ from store.types import (
 )
 
 from .compaction import compact_threshold_of, expand_compactions
+from .history import HistoryCache
 from .loop import LoopDeps, StepBudget, run_response_loop
 from .references import ItemResolver
-from .tool_sources import (
-    LISTINGS_KEY,
-    ResponseTools,
-    approved_calls,
-    collect_servers,
-    list_tools,
-    response_tools,
-)
+from .tool_sources import LISTINGS_KEY, ResponseTools, prepare_tool_sources
 from .transition import AppendSteps, LoopRequest, next_action
 
 logger = logging.getLogger("stepchain.service")
@@ -141,9 +134,6 @@ class ResponsesService:
         history_max_bytes: int = 256_000_000,
     ) -> None:
         self.deps = deps
-        self.history_max_bytes = history_max_bytes
-        self._history_sizes: dict[str, int] = {}
-        self._history_bytes = 0
         # Hosted tool type (web_search, …) -> the registered tool that implements it.
         self.hosted_tool_map = dict(hosted_tool_map or {})
         # Seals and opens encrypted_content (compaction and reasoning items); None: refused.
@@ -159,7 +149,7 @@ class ResponsesService:
         self._cancel_requested: set[str] = set()
         # response id -> (the ids of the responses in its conversation, the conversation's items
         # up to and including that response's output).
-        self._history: OrderedDict[str, tuple[frozenset[str], list[dict[str, Any]]]] = OrderedDict()
+        self._history = HistoryCache(max_entries=_HISTORY_CACHE_SIZE, max_bytes=history_max_bytes)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -184,7 +174,6 @@ class ResponsesService:
     ) -> tuple[frozenset[str], list[dict[str, Any]]]:
         cached = self._history.get(record.id)
         if cached is not None:
-            self._history.move_to_end(record.id)
             return cached
         ids: frozenset[str] = frozenset()
         items: list[dict[str, Any]] = []
@@ -199,7 +188,7 @@ class ResponsesService:
         items.extend(inputs)
         items.extend(record.output)
         ids = ids | {record.id}
-        self._remember(
+        self._history.put(
             record.id, ids, items, previous_id=record.previous_response_id,
             added=inputs + list(record.output),
         )
@@ -218,44 +207,9 @@ class ResponsesService:
             )
         return list(await self.conversation_items(previous))
 
-    def _remember(
-        self,
-        response_id: str,
-        ids: frozenset[str],
-        items: list[dict[str, Any]],
-        *,
-        previous_id: str | None = None,
-        added: list[dict[str, Any]] | None = None,
-    ) -> None:
-        """Cache a conversation, within ``history_cache_max_bytes`` (its JSON size: the earlier
-        entry's plus the ``added`` items', so a follow-up is not measured from scratch) and
-        the entry count; the least recently used go first, one larger than the cap is not kept."""
-        base = self._history_sizes.get(previous_id) if previous_id else 0
-        if base is None or added is None:
-            base, added = 0, items
-        try:
-            size = base + len(orjson.dumps(added))
-        except TypeError:
-            return
-        self._forget_entry(response_id)
-        if size > self.history_max_bytes:
-            return
-        self._history[response_id] = (ids, items)
-        self._history_sizes[response_id] = size
-        self._history_bytes += size
-        while self._history and (
-            len(self._history) > _HISTORY_CACHE_SIZE or self._history_bytes > self.history_max_bytes
-        ):
-            self._forget_entry(next(iter(self._history)))
-
-    def _forget_entry(self, response_id: str) -> None:
-        if self._history.pop(response_id, None) is not None:
-            self._history_bytes -= self._history_sizes.pop(response_id, 0)
-
     def _forget(self, response_id: str) -> None:
         """Drop every cached conversation that holds ``response_id``'s items."""
-        for key in [k for k, (ids, _items) in self._history.items() if response_id in ids]:
-            self._forget_entry(key)
+        self._history.forget_containing(response_id)
 
     async def delete(self, record: ResponseRecord) -> None:
         """Delete a stored response; later responses that continue a conversation through it
@@ -335,8 +289,8 @@ class ResponsesService:
                 body = {k: v for k, v in body.items() if k != LISTINGS_KEY}
             self._check_encrypted(input_items)
         plan, offered, client_names = self._offer(body)
-        body, offered, hosted, approved = await self._tool_sources(
-            body, offered, history, input_items, response_id, check=check
+        body, offered, hosted, approved = await prepare_tool_sources(
+            self.deps, body, offered, history, input_items, response_id, check=check
         )
         if plan.left_out and check:
             logger.info(
@@ -402,68 +356,6 @@ class ResponsesService:
             record, loop_request, input_items, history, client_names, plan, history_ids,
             mcp=hosted,
         )
-
-    async def _tool_sources(
-        self,
-        body: dict[str, Any],
-        offered: list[dict[str, Any]],
-        history: list[dict[str, Any]],
-        input_items: list[dict[str, Any]],
-        response_id: str,
-        *,
-        check: bool,
-    ) -> tuple[dict[str, Any], list[dict[str, Any]], ResponseTools, tuple[dict[str, Any], ...]]:
-        """MCP servers and approvals (``gateway/engine/tool_sources.py``): the request body to
-        store (with the listings), the tools to offer, the response's hosted tools, the approved
-        calls to run first. A request without MCP tools or approvals passes through unchanged."""
-        registry = self.deps.registry
-        tools = body.get("tools")
-        sources = registry.mcp_sources(tools)
-        wants_mcp = bool(sources) or any(
-            isinstance(t, dict) and t.get("type") == "mcp" for t in tools or ()
-        )
-        answers = any(i.get("type") == "mcp_approval_response" for i in input_items)
-        registered_approval = registry.approval_required()
-        if not wants_mcp and not answers and not registered_approval:
-            return body, offered, ResponseTools(), ()
-        stored = body.get(LISTINGS_KEY) if not check else None
-        hosted = ResponseTools()
-        listings: list[dict[str, Any]] = []
-        if wants_mcp:
-            servers = collect_servers(
-                tools, sources, registry.environ, timeout_s=self.deps.mcp_timeout_s,
-                env_prefix=registry.env_prefix,
-            )
-            if stored is not None:
-                listings = stored.get("listings") or []
-            else:
-                if self.deps.mcp_tools is None:
-                    raise InvalidRequestError("MCP tools are not enabled on this gateway.", param="tools")
-                listings = await list_tools(
-                    self.deps.mcp_tools, servers, history + input_items, response_id
-                )
-            hosted = response_tools(servers, listings, {t["name"] for t in offered})
-            if body.get("tool_choice") != "none":
-                offered = offered + hosted.offered
-        offered_names = {t["name"] for t in offered}
-        hosted.approval = hosted.approval | (registered_approval & offered_names)
-        approved: tuple[dict[str, Any], ...] = ()
-        if answers:
-            approved = approved_calls(
-                history + input_items, input_items, hosted, registered_approval
-            )
-        if stored is None and (listings or hosted.approval):
-            body = {
-                **body,
-                LISTINGS_KEY: {
-                    "listings": listings,
-                    "labels": {fn: list(v) for fn, v in hosted.labels.items()},
-                    "approval": sorted(hosted.approval),
-                },
-            }
-        elif stored is not None:
-            hosted.approval = frozenset(stored.get("approval") or ())
-        return body, offered, hosted, approved
 
     def _offer(self, body: dict[str, Any]) -> tuple[ToolPlan, list[dict[str, Any]], frozenset[str]]:
         """The request's tools planned for the upstream (custom, namespaced and hosted types
@@ -587,7 +479,7 @@ class ResponsesService:
         )
         await self.store.create_response(record)
         if record.store:
-            self._remember(
+            self._history.put(
                 record.id, prepared.history_ids | {record.id},
                 prepared.history + prepared.input_items,
                 previous_id=record.previous_response_id, added=prepared.input_items,
@@ -697,7 +589,7 @@ class ResponsesService:
         completed_at = time.time()
         output = builder.output
         if record.store:
-            self._remember(
+            self._history.put(
                 record.id,
                 prepared.history_ids | {record.id},
                 prepared.history + prepared.input_items + output,

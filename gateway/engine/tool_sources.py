@@ -34,8 +34,11 @@ from executors.mcp_tool import (
 )
 from gateway.errors import GatewayError, InvalidRequestError
 
+from .loop import LoopDeps
+
 __all__ = [
     "LISTINGS_KEY",
+    "prepare_tool_sources",
     "MCPListToolsError",
     "ResponseTools",
     "approved_calls",
@@ -302,3 +305,68 @@ def approved_calls(
             }
         )
     return tuple(calls)
+
+
+async def prepare_tool_sources(
+    deps: LoopDeps,
+    body: dict[str, Any],
+    offered: list[dict[str, Any]],
+    history: list[dict[str, Any]],
+    input_items: list[dict[str, Any]],
+    response_id: str,
+    *,
+    check: bool,
+) -> tuple[dict[str, Any], list[dict[str, Any]], ResponseTools, tuple[dict[str, Any], ...]]:
+    """MCP servers and approvals of one request: the request body to store (with the
+    listings under :data:`LISTINGS_KEY`), the tools to offer, the response's hosted tools, the
+    approved calls to run first. A request without MCP tools or approvals passes through
+    unchanged. ``check`` is False when a stored request is rebuilt (its listings are reused).
+    Raises InvalidRequestError and MCPListToolsError."""
+    registry = deps.registry
+    tools = body.get("tools")
+    sources = registry.mcp_sources(tools)
+    wants_mcp = bool(sources) or any(
+        isinstance(t, dict) and t.get("type") == "mcp" for t in tools or ()
+    )
+    answers = any(i.get("type") == "mcp_approval_response" for i in input_items)
+    registered_approval = registry.approval_required()
+    if not wants_mcp and not answers and not registered_approval:
+        return body, offered, ResponseTools(), ()
+    stored = body.get(LISTINGS_KEY) if not check else None
+    hosted = ResponseTools()
+    listings: list[dict[str, Any]] = []
+    if wants_mcp:
+        servers = collect_servers(
+            tools, sources, registry.environ, timeout_s=deps.mcp_timeout_s,
+            env_prefix=registry.env_prefix,
+        )
+        if stored is not None:
+            listings = stored.get("listings") or []
+        else:
+            if deps.mcp_tools is None:
+                raise InvalidRequestError("MCP tools are not enabled on this gateway.", param="tools")
+            listings = await list_tools(
+                deps.mcp_tools, servers, history + input_items, response_id
+            )
+        hosted = response_tools(servers, listings, {t["name"] for t in offered})
+        if body.get("tool_choice") != "none":
+            offered = offered + hosted.offered
+    offered_names = {t["name"] for t in offered}
+    hosted.approval = hosted.approval | (registered_approval & offered_names)
+    approved: tuple[dict[str, Any], ...] = ()
+    if answers:
+        approved = approved_calls(
+            history + input_items, input_items, hosted, registered_approval
+        )
+    if stored is None and (listings or hosted.approval):
+        body = {
+            **body,
+            LISTINGS_KEY: {
+                "listings": listings,
+                "labels": {fn: list(v) for fn, v in hosted.labels.items()},
+                "approval": sorted(hosted.approval),
+            },
+        }
+    elif stored is not None:
+        hosted.approval = frozenset(stored.get("approval") or ())
+    return body, offered, hosted, approved

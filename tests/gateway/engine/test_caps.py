@@ -75,7 +75,7 @@ def test_history_cache_is_bounded_by_bytes(tmp_path) -> None:
                 ids.append(record.id)
                 previous = record.id
             # The conversations add up to ~78 KB; only the newest fit in 20 KB.
-            assert service._history_bytes <= 20_000
+            assert service._history.bytes <= 20_000
             assert ids[-1] in service._history and ids[0] not in service._history
             # A conversation larger than the whole cap is not cached at all.
             huge = ResponseRecord(id=new_id("resp"), model="m", request={"input": "y" * 30_000},
