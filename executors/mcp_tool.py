@@ -49,6 +49,7 @@ __all__ = [
 logger = logging.getLogger("stepchain.mcp")
 
 _FUNCTION_NAME = re.compile(r"[^a-zA-Z0-9_-]")
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,20 +162,23 @@ def _detail(exc: BaseException) -> str:
         return exc.message
     name = type(exc).__name__
     text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    text = _URL.sub("<url>", text)  # the server's URL is the admin's to see, not the tenant's
     return f"{name}: {text}" if text else name
 
 
 def _find(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    if isinstance(exc, kind):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _find(inner, kind)
-            if found is not None:
-                return found
-    cause = exc.__cause__ or exc.__context__
-    if cause is not None and cause is not exc and isinstance(cause, Exception):
-        return _find(cause, kind) if not isinstance(cause, BaseExceptionGroup) else _find(cause, kind)
+    """The first ``kind`` exception in ``exc``, its groups' members, causes and contexts."""
+    stack, seen = [exc], set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kind):
+            return current
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(current.exceptions)
+        stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
     return None
 
 
