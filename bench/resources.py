@@ -1,6 +1,6 @@
 """Scenarios 6 and 7 of issue 6: what a step costs the store, and what a held stream costs in RAM.
 
-6. store cost: :class:`store.sqlite.SQLiteStore` driven directly (WAL on, the gateway's default
+6. store cost: the store driven directly — :class:`store.sqlite.SQLiteStore` (WAL on, the gateway's default
    ``synchronous=NORMAL``), each step going ``record_steps`` (→ pending) → ``mark_processing`` →
    ``complete_step``: three recorded transitions. Reported as µs per transition, one chain at a
    time (latency of each call, including the hop to the store's thread) and 16 chains at once
@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from store.sqlite import SQLiteStore
+from store import Store, open_store
 from store.types import MODEL_CALL, ResponseRecord, StepDescriptor, new_id
 
 from .loadgen import Sample, Worker, run_load, summarize
@@ -58,7 +58,22 @@ _USAGE = _COMPLETION["usage"]
 _STEPS_PER_RESPONSE = 4
 
 
-async def _chain(store: SQLiteStore, response_ids: list[str], steps: int, timings: list[float]) -> None:
+def _events(step: int, count: int) -> tuple[int, list[bytes]] | None:
+    """``count`` SSE frames of a typical text delta, numbered after the previous step's."""
+    if not count:
+        return None
+    first = step * count
+    return first, [
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+        b'"item_id":"msg_0123456789abcdef0123456789abcdef","output_index":0,"content_index":0,'
+        b'"delta":"Echo: a few words","sequence_number":' + str(first + i).encode() + b"}\n\n"
+        for i in range(count)
+    ]
+
+
+async def _chain(
+    store: Store, response_ids: list[str], steps: int, timings: list[float], events: int = 0
+) -> None:
     prev: str | None = None
     response_index = -1
     for i in range(steps):
@@ -71,17 +86,21 @@ async def _chain(store: SQLiteStore, response_ids: list[str], steps: int, timing
         t1 = time.perf_counter()
         await store.mark_processing(step.id)
         t2 = time.perf_counter()
-        await store.complete_step(step.id, _COMPLETION, _USAGE)
+        await store.complete_step(step.id, _COMPLETION, _USAGE, events=_events(i, events))
         t3 = time.perf_counter()
         timings += (t1 - t0, t2 - t1, t3 - t2)
         prev = step.id
 
 
-async def store_cost(path: Path, steps: int, chains: int) -> dict[str, Any]:
+async def store_cost(
+    path: Path | str, steps: int, chains: int, *, events: int = 0
+) -> dict[str, Any]:
     """Record ``steps`` steps (3 transitions each) in ``chains`` concurrent chains on a fresh
-    SQLite file; returns ``{"transitions", "wall_s", "us_per_transition", "latency_ms",
-    "journal_mode", "synchronous"}`` (latency_ms: p50/p90/p99/mean/max of single calls)."""
-    store = SQLiteStore(path)
+    database (an SQLite file path or a PostgreSQL URL), ``events`` SSE frames riding each
+    ``complete_step`` (the durable event log); returns ``{"transitions", "wall_s",
+    "us_per_transition", "latency_ms", "journal_mode", "synchronous"}`` (latency_ms:
+    p50/p90/p99/mean/max of single calls; journal/synchronous for SQLite only)."""
+    store = open_store(str(path))
     await store.open()
     per_chain = steps // chains
     timings: list[float] = []
@@ -97,14 +116,16 @@ async def store_cost(path: Path, steps: int, chains: int) -> dict[str, Any]:
         per = len(response_ids) // chains
         t0 = time.perf_counter()
         await asyncio.gather(*(
-            _chain(store, response_ids[i * per:(i + 1) * per], per_chain, timings)
+            _chain(store, response_ids[i * per:(i + 1) * per], per_chain, timings, events)
             for i in range(chains)
         ))  # fmt: skip
         wall = time.perf_counter() - t0
     finally:
         await store.close()
-    with sqlite3.connect(path) as conn:
-        journal = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    journal = "-"
+    if isinstance(path, Path):
+        with sqlite3.connect(path) as conn:
+            journal = conn.execute("PRAGMA journal_mode").fetchone()[0]
     transitions = len(timings)
     return {
         "transitions": transitions,
@@ -112,29 +133,62 @@ async def store_cost(path: Path, steps: int, chains: int) -> dict[str, Any]:
         "us_per_transition": wall * 1e6 / transitions,
         "latency_ms": summarize([t * 1000 for t in timings]),
         "journal_mode": journal,
-        "synchronous": "NORMAL",
+        "synchronous": "NORMAL" if isinstance(path, Path) else "-",
+        "events_per_step": events,
     }
 
 
+def _store_row(result: dict[str, Any], chains: int, backend: str, events: int) -> Row:
+    lat = result["latency_ms"]
+    suffix = f"+ev{events}" if events else ""
+    note = f"{result['us_per_transition']:.0f} µs/transition"
+    if backend == "SQLite":
+        note += f", journal={result['journal_mode']}, synchronous={result['synchronous']}"
+    if events:
+        note += f", {events} SSE events per completed step in the same transaction"
+    row = Row(
+        id=f"6/store{'' if backend == 'SQLite' else '-pg'}/c{chains}{suffix}",
+        scenario=f"6 store ({backend})",
+        target=("1 chain" if chains == 1 else f"{chains} chains") + (f", {events} events/step" if events else ""),
+        concurrency=chains, requests=result["transitions"],
+        rps=result["transitions"] / result["wall_s"],
+        p50_ms=lat["p50"], p90_ms=lat["p90"], p99_ms=lat["p99"],
+        note=note, extra=result,
+    )  # fmt: skip
+    if backend == "SQLite" and result["journal_mode"].lower() != "wal":
+        row.errors = 1
+        row.first_error = f"journal_mode is {result['journal_mode']}, not wal"
+    return row
+
+
 async def scenario_store(b: Bench) -> list[Row]:
-    """6: µs per recorded step transition, WAL on, one chain and 16 chains at once."""
+    """6: µs per recorded step transition, one chain and 16 chains at once, without and with 8
+    SSE events per completed step (the durable event log): SQLite (WAL on), then PostgreSQL
+    (``STEPCHAIN_BENCH_PG_DSN``'s server, else a throwaway local one when ``initdb`` exists)."""
+    import contextlib
+    import os
+
     rows = []
-    for chains in (1, 16):
-        result = await store_cost(b.work_dir / f"store-{chains}.db", b.sizes.store_steps, chains)
-        lat = result["latency_ms"]
-        rows.append(Row(
-            id=f"6/store/c{chains}", scenario="6 store (SQLite)",
-            target="1 chain" if chains == 1 else f"{chains} chains",
-            concurrency=chains, requests=result["transitions"],
-            rps=result["transitions"] / result["wall_s"],
-            p50_ms=lat["p50"], p90_ms=lat["p90"], p99_ms=lat["p99"],
-            note=(f"{result['us_per_transition']:.0f} µs/transition, "
-                  f"journal={result['journal_mode']}, synchronous={result['synchronous']}"),
-            extra=result,
-        ))  # fmt: skip
-        if result["journal_mode"].lower() != "wal":
-            rows[-1].errors = 1
-            rows[-1].first_error = f"journal_mode is {result['journal_mode']}, not wal"
+    cases = [(chains, events) for chains in (1, 16) for events in (0, 8)]
+    for chains, events in cases:
+        result = await store_cost(
+            b.work_dir / f"store-{chains}-{events}.db", b.sizes.store_steps, chains, events=events
+        )
+        rows.append(_store_row(result, chains, "SQLite", events))
+    from tests.pg import PgServer, find_binaries, running_server
+
+    with contextlib.ExitStack() as stack:
+        external = os.environ.get("STEPCHAIN_BENCH_PG_DSN")
+        server: PgServer | None = PgServer(external) if external else None
+        bin_dir = find_binaries()
+        if server is None and bin_dir is not None:
+            server = await asyncio.to_thread(lambda: stack.enter_context(running_server(bin_dir)))
+        if server is None:
+            return rows  # no PostgreSQL here: SQLite rows only
+        for chains, events in cases:
+            url = await asyncio.to_thread(server.new_database)
+            result = await store_cost(url, b.sizes.store_steps, chains, events=events)
+            rows.append(_store_row(result, chains, "PostgreSQL", events))
     return rows
 
 

@@ -83,16 +83,17 @@ async def _read_store(db: str | None, read: Callable[[Any], Any]) -> Any:
     """Open the gateway's database (never creating one), run ``read(store)``, close it."""
     from pathlib import Path
 
-    from store.sqlite import SQLiteStore
+    from store import open_store, redact_url
 
     path = db or os.environ.get(ENV_PREFIX + "DB") or "./stepchain.db"
-    if not Path(path).is_file():
-        raise _StoreUnreadable(f"cannot read the database {path}: no such file")
-    store = SQLiteStore(path)
+    shown = redact_url(path)
+    if "://" not in path and not Path(path).is_file():
+        raise _StoreUnreadable(f"cannot read the database {shown}: no such file")
     try:
+        store = open_store(path)
         await store.open()
-    except Exception as exc:  # not SQLite, locked, unreadable: one line, not a traceback
-        raise _StoreUnreadable(f"cannot read the database {path}: {exc}") from None
+    except Exception as exc:  # not SQLite, locked, unreachable: one line, not a traceback
+        raise _StoreUnreadable(f"cannot read the database {shown}: {exc}") from None
     try:
         return await read(store)
     finally:

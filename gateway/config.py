@@ -42,6 +42,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 from executors.registry import ToolDefinitionError, validate_tool_definition
+from gateway.errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -56,10 +57,6 @@ __all__ = [
 ENV_PREFIX = "STEPCHAIN_"
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 _SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-
-
-class ConfigError(ValueError):
-    """A setting with a bad value; the message is one line meant for the operator."""
 
 
 def _check_http_url(value: str | None) -> str | None:
@@ -186,7 +183,10 @@ class Settings(BaseSettings):
     upstream_api_key: SecretStr | None = Field(
         None, description="sent upstream as `Authorization: Bearer`"
     )
-    db: str = Field("./stepchain.db", description="SQLite file (WAL mode)")
+    db: str = Field(
+        "./stepchain.db",
+        description="the store: an SQLite file path or `sqlite:///path` (WAL mode), or `postgresql://…` (replicas share it)",
+    )
     config: str | None = Field(
         None,
         description="TOML file with these settings, `[[tools]]` and `[[upstream_fallbacks]]`",

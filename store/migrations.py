@@ -111,6 +111,29 @@ def m004_response_leases(db: Database) -> None:
     table.create_index(["status", "lease_expires_at"])
 
 
+@migrations()
+def m005_fencing_events_conversations(db: Database) -> None:
+    """Fencing epochs and cancel flags on responses; the durable event log; conversations;
+    registered owners (liveness)."""
+    table = db.table("responses")
+    table.add_column("owner_epoch", int, not_null_default=0)
+    table.add_column("cancel_requested", int, not_null_default=0)
+    table.create_index(["created_at", "id"])
+    db.execute(
+        "CREATE TABLE events (response_id TEXT NOT NULL, sequence_number INTEGER NOT NULL,"
+        " data BLOB NOT NULL, PRIMARY KEY (response_id, sequence_number)) WITHOUT ROWID"
+    )
+    db.execute(
+        "CREATE TABLE conversations (id TEXT PRIMARY KEY, tenant TEXT, created_at REAL NOT NULL,"
+        " metadata TEXT NOT NULL DEFAULT '{}', last_position INTEGER NOT NULL DEFAULT 0)"
+    )
+    db.execute(
+        "CREATE TABLE conversation_items (conversation_id TEXT NOT NULL, position INTEGER NOT NULL,"
+        " id TEXT NOT NULL, item TEXT NOT NULL, PRIMARY KEY (conversation_id, position),"
+        " UNIQUE (conversation_id, id)) WITHOUT ROWID"
+    )
+
+
 def apply_migrations(db: Database) -> list[str]:
     """Apply every pending migration; return the names applied (empty if none were pending).
 

@@ -17,46 +17,35 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import sqlite_utils
 
 from .base import Store
 from .migrations import apply_migrations
-from .sqlite_ops import (
-    _SYNCHRONOUS_MODES,
-    MIN_SQLITE_VERSION,
-    _cancel_step,
-    _check_kinds,
-    _check_response_fields,
-    _claim_responses,
-    _complete_step,
-    _create_response,
-    _create_tool,
-    _delete_response,
-    _delete_tool,
-    _fail_step,
-    _get_response,
-    _get_step,
-    _get_tool,
-    _list_chain,
-    _list_responses,
-    _list_responses_page,
-    _list_steps,
-    _list_tools,
-    _list_unfinished_steps,
-    _mark_processing,
-    _record_attempt,
-    _record_steps_txn,
-    _replace_tool,
-    _set_leases,
-    _translate_errors,
-    _update_response,
-    run_group,
+from . import sqlite_ops as ops
+from . import sqlite_records as records
+from .notify import Waiters, wait_until
+from .owners import OwnerLocks
+from .validation import (
+    check_conversation_items,
+    check_events,
+    check_kinds,
+    check_page,
+    check_response_fields,
 )
-from .types import ResponseRecord, Step, StepDescriptor, StoreError, new_id
+from .types import (
+    StoreConflictError,
+    ConversationRecord,
+    Fence,
+    ResponseRecord,
+    Step,
+    StepDescriptor,
+    StoreError,
+    new_id,
+)
 from .worker import BatchingWorker
 
 __all__ = ["SQLiteStore"]
@@ -73,19 +62,34 @@ class SQLiteStore(Store):
     ValueError. Call :meth:`open` before use and :meth:`close` after; a method called while
     the store is not open raises StoreError.
 
+    ``poll_s`` (25 ms) and ``cancel_poll_s`` (250 ms) are how often :meth:`wait_events` and
+    :meth:`wait_cancel` look for other processes' writes on the same file (this store's own
+    writes wake them at once). Owner liveness uses lock files in ``<path>-owners/``
+    (:mod:`store.owners`).
+
     Returned objects own the payloads passed in (no copies are made).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "NORMAL",
+        poll_s: float = 0.025,
+        cancel_poll_s: float = 0.25,
+    ) -> None:
         mode = synchronous.upper()
-        if mode not in _SYNCHRONOUS_MODES:
+        if mode not in ops.SYNCHRONOUS_MODES:
             raise ValueError(
-                f"synchronous must be one of {sorted(_SYNCHRONOUS_MODES)}, not {synchronous!r}"
+                f"synchronous must be one of {sorted(ops.SYNCHRONOUS_MODES)}, not {synchronous!r}"
             )
         self.path = os.fspath(path)
         self._synchronous = mode
         self._executor: BatchingWorker | None = None
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
+        self._poll_s, self._cancel_poll_s = poll_s, cancel_poll_s
+        self._waiters = Waiters()
+        self._owners = OwnerLocks(self.path)
 
     def __repr__(self) -> str:
         state = "open" if self._executor is not None else "closed"
@@ -105,17 +109,17 @@ class SQLiteStore(Store):
     ) -> list[tuple[bool, Any]] | None:
         # Store calls queued together share one transaction (``run_group``): one commit.
         conn = self._conn
-        return None if conn is None else run_group(conn, calls)
+        return None if conn is None else ops.run_group(conn, calls)
 
     def _on_worker(self, fn: Callable[..., _T], args: tuple[Any, ...]) -> _T:
         conn = self._conn
         if conn is None:
             raise StoreError("the SQLite store is not open")
-        with _translate_errors():
+        with ops.translate_errors():
             return fn(conn, *args)
 
     def _connect(self) -> None:
-        if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+        if sqlite3.sqlite_version_info < ops.MIN_SQLITE_VERSION:
             raise StoreError(
                 f"SQLite {sqlite3.sqlite_version} is too old; the store needs 3.35 or later"
             )
@@ -123,7 +127,7 @@ class SQLiteStore(Store):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the directory of {self.path}: {exc.strerror}") from exc
-        with _translate_errors():
+        with ops.translate_errors():
             # Made on the worker thread and kept check_same_thread=True, so any use from
             # another thread (the event loop) raises instead of silently blocking it.
             conn = sqlite3.connect(self.path, isolation_level=None, cached_statements=256)
@@ -141,7 +145,7 @@ class SQLiteStore(Store):
     def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            with _translate_errors():
+            with ops.translate_errors():
                 try:
                     conn.execute("PRAGMA optimize")
                 finally:
@@ -167,12 +171,19 @@ class SQLiteStore(Store):
         executor, self._executor = self._executor, None
         if executor is None:
             return
+        self._waiters.wake_all()
+        await asyncio.to_thread(self._owners.release_all)
         try:
             await executor.submit(self._disconnect)
         finally:
             await asyncio.to_thread(executor.shutdown)
 
     # -- responses ---------------------------------------------------------------------------
+
+    def _changed(self, response_id: str, events: Any, status_set: bool = False) -> None:
+        """After a commit: wake this process's followers of ``response_id``."""
+        if (events and events[1]) or status_set:
+            self._waiters.notify("events", response_id)
 
     async def create_response(
         self,
@@ -181,37 +192,296 @@ class SQLiteStore(Store):
         owner: str | None = None,
         lease_s: float | None = None,
         first_steps: Sequence[StepDescriptor] = (),
+        events: tuple[int, Sequence[bytes]] | None = None,
+        fence: Fence | None = None,
     ) -> list[Step]:
-        _check_kinds(first_steps)
+        check_kinds(first_steps)
+        check_events(events)
         expires = None if owner is None or lease_s is None else time.time() + lease_s
         ids = [new_id("step") for _ in first_steps]
-        return await self._run(_create_response, response, owner, expires, first_steps, ids)
+        steps = await self._run(ops.create_response, response, owner, expires, first_steps, ids, events)
+        self._changed(response.id, events)
+        return steps
 
     async def claim_responses(
         self, owner: str, lease_s: float, *, limit: int = 100
     ) -> list[ResponseRecord]:
-        return await self._run(_claim_responses, owner, lease_s, limit)
+        return await self._run(ops.claim_responses, owner, lease_s, limit, self._owners.is_dead)
 
     async def renew_leases(self, owner: str, lease_s: float) -> int:
-        return await self._run(_set_leases, owner, time.time() + lease_s)
+        return await self._run(ops.set_leases, owner, time.time() + lease_s)
 
     async def release_leases(self, owner: str) -> int:
-        return await self._run(_set_leases, owner, None)
+        return await self._run(ops.set_leases, owner, None)
 
     async def get_response(self, response_id: str) -> ResponseRecord | None:
-        return await self._run(_get_response, response_id)
+        return await self._run(ops.get_response, response_id)
 
-    async def update_response(self, response_id: str, **fields: Any) -> None:
-        _check_response_fields(fields)
-        await self._run(_update_response, response_id, fields)
+    async def update_response(
+        self,
+        response_id: str,
+        *,
+        fence: Fence | None = None,
+        events: tuple[int, Sequence[bytes]] | None = None,
+        conversation_items: tuple[str, Sequence[dict[str, Any]]] | None = None,
+        **fields: Any,
+    ) -> None:
+        check_response_fields(fields)
+        check_events(events)
+        if conversation_items is not None:
+            check_conversation_items(conversation_items[1])
+        await self._run(ops.update_response, response_id, fields, fence, events, conversation_items)
+        self._changed(response_id, events, "status" in fields)
 
     async def delete_response(self, response_id: str) -> bool:
-        return await self._run(_delete_response, response_id)
+        return await self._run(ops.delete_response, response_id)
 
     async def list_responses(self, statuses: Sequence[str]) -> list[ResponseRecord]:
         if not statuses:
             return []
-        return await self._run(_list_responses, tuple(statuses))
+        return await self._run(ops.list_responses, tuple(statuses))
+
+    # -- steps -------------------------------------------------------------------------------
+
+    async def record_steps(
+        self,
+        response_id: str,
+        scope_parent: str | None,
+        prev_step_id: str | None,
+        descriptors: Sequence[StepDescriptor],
+        *,
+        start: bool = False,
+        fence: Fence | None = None,
+        events: tuple[int, Sequence[bytes]] | None = None,
+    ) -> list[Step]:
+        """See :meth:`Store.record_steps`. The first step of a response gets sequence 1.
+
+        Raises ValueError for a descriptor whose kind is not ``model_call``/``tool_call``.
+        """
+        check_kinds(descriptors)
+        check_events(events)
+        # Ids are made here, on the loop thread: new_id's tie-breaking counter is not
+        # thread-safe, and other code makes ids on this thread.
+        ids = [new_id("step") for _ in descriptors]
+        steps = await self._run(
+            ops.record_steps, response_id, scope_parent, prev_step_id, descriptors, ids, start,
+            fence, events,
+        )  # fmt: skip
+        self._changed(response_id, events)
+        return steps
+
+    async def mark_processing(
+        self, step_id: str, *, fence: Fence | None = None,
+        events: tuple[int, Sequence[bytes]] | None = None,
+    ) -> Step:  # fmt: skip
+        check_events(events)
+        step = await self._run(ops.mark_processing, step_id, fence, events)
+        self._changed(step.response_id, events)
+        return step
+
+    async def complete_step(
+        self,
+        step_id: str,
+        response_payload: Any,
+        usage: dict[str, Any] | None = None,
+        *,
+        upstream: str | None = None,
+        response_update: dict[str, Any] | None = None,
+        fence: Fence | None = None,
+        events: tuple[int, Sequence[bytes]] | None = None,
+        conversation_items: tuple[str, Sequence[dict[str, Any]]] | None = None,
+    ) -> Step:
+        if response_update is not None:
+            check_response_fields(response_update)
+        check_events(events)
+        if conversation_items is not None:
+            check_conversation_items(conversation_items[1])
+        step = await self._run(
+            ops.complete_step, step_id, response_payload, usage, upstream, response_update,
+            fence, events, conversation_items,
+        )  # fmt: skip
+        self._changed(step.response_id, events, bool(response_update and "status" in response_update))
+        return step
+
+    async def fail_step(
+        self,
+        step_id: str,
+        error: dict[str, Any],
+        response_payload: Any = None,
+        *,
+        fence: Fence | None = None,
+        events: tuple[int, Sequence[bytes]] | None = None,
+    ) -> Step:
+        check_events(events)
+        step = await self._run(ops.fail_step, step_id, error, response_payload, fence, events)
+        self._changed(step.response_id, events)
+        return step
+
+    async def cancel_step(
+        self, step_id: str, *, fence: Fence | None = None,
+        events: tuple[int, Sequence[bytes]] | None = None,
+    ) -> Step:  # fmt: skip
+        check_events(events)
+        step = await self._run(ops.cancel_step, step_id, fence, events)
+        self._changed(step.response_id, events)
+        return step
+
+    async def record_attempt(
+        self,
+        step_id: str,
+        error: dict[str, Any] | None,
+        upstream: str | None = None,
+        *,
+        fence: Fence | None = None,
+        events: tuple[int, Sequence[bytes]] | None = None,
+    ) -> None:
+        """See :meth:`Store.record_attempt`; ``upstream=None`` keeps the recorded upstream.
+
+        Raises StoreNotFoundError for an unknown step.
+        """
+        check_events(events)
+        response_id = await self._run(ops.record_attempt, step_id, error, upstream, fence, events)
+        self._changed(response_id, events)
+
+    async def get_step(self, step_id: str) -> Step | None:
+        return await self._run(ops.get_step, step_id)
+
+    async def list_chain(self, response_id: str, scope_parent: str | None = None) -> list[Step]:
+        return await self._run(ops.list_chain, response_id, scope_parent)
+
+    async def list_steps(self, response_id: str) -> list[Step]:
+        return await self._run(ops.list_steps, response_id)
+
+    async def list_unfinished_steps(self) -> list[Step]:
+        """See :meth:`Store.list_unfinished_steps`; ordered by ``created_at``, then sequence."""
+        return await self._run(ops.list_unfinished_steps)
+
+    # -- tools -------------------------------------------------------------------------------
+
+    async def create_tool(self, tool: dict[str, Any]) -> None:
+        """See :meth:`Store.create_tool`; ValueError if ``tool`` has no string ``name``."""
+        name = tool.get("name")
+        if not isinstance(name, str):
+            raise ValueError("a tool definition needs a string 'name'")
+        await self._run(records.create_tool, name, tool)
+
+    async def replace_tool(self, name: str, tool: dict[str, Any]) -> None:
+        """See :meth:`Store.replace_tool`; ValueError if ``tool["name"]`` differs from ``name``."""
+        if tool.get("name", name) != name:
+            raise ValueError(f"tool name {tool.get('name')!r} does not match {name!r}")
+        await self._run(records.replace_tool, name, tool)
+
+    async def get_tool(self, name: str) -> dict[str, Any] | None:
+        return await self._run(records.get_tool, name)
+
+    async def list_tools(self) -> list[dict[str, Any]]:
+        return await self._run(records.list_tools)
+
+    async def delete_tool(self, name: str) -> bool:
+        return await self._run(records.delete_tool, name)
+
+    # -- the durable event log ---------------------------------------------------------------
+
+    async def append_events(
+        self,
+        response_id: str,
+        first_sequence: int,
+        events: Sequence[bytes],
+        *,
+        fence: Fence | None = None,
+    ) -> None:
+        check_events((first_sequence, events))
+        if not events:
+            return
+        await self._run(ops.append_events, response_id, (first_sequence, events), fence)
+        self._waiters.notify("events", response_id)
+
+    async def list_events(
+        self, response_id: str, *, after: int = -1, limit: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        return await self._run(records.list_events, response_id, after, limit)
+
+    async def wait_events(self, response_id: str, after: int, timeout_s: float) -> None:
+        """See :meth:`Store.wait_events`. Writes of this store wake waiters at once; writes of
+        other processes on the same file are seen by a poll every ``poll_s`` (25 ms)."""
+        await wait_until(
+            self._waiters, "events", response_id,
+            lambda: self._run(records.events_ready, response_id, after),
+            timeout_s, lambda: self._poll_s,
+        )  # fmt: skip
+
+    # -- liveness and cancellation -----------------------------------------------------------
+
+    async def register_owner(self, owner: str) -> None:
+        """See :meth:`Store.register_owner`: an ``flock`` on ``<db>-owners/…`` (:mod:`store.owners`)."""
+        try:
+            taken = await asyncio.to_thread(self._owners.register, owner)
+        except OSError as exc:
+            raise StoreError(f"cannot register owner {owner!r}: {exc.strerror}") from None
+        if not taken:
+            raise StoreConflictError(f"owner {owner!r} is registered by a live process")
+
+    async def release_owner(self, owner: str) -> None:
+        await asyncio.to_thread(self._owners.release, owner)
+
+    async def request_cancel(self, response_id: str) -> bool:
+        found = await self._run(records.request_cancel, response_id)
+        if found:
+            self._waiters.notify("cancel", response_id)
+        return found
+
+    async def wait_cancel(self, response_id: str, timeout_s: float | None = None) -> bool:
+        """See :meth:`Store.wait_cancel`. Requests made through this store wake it at once;
+        those of other processes are seen by a poll every ``cancel_poll_s`` (250 ms)."""
+        return await wait_until(
+            self._waiters, "cancel", response_id,
+            lambda: self._run(records.cancel_requested, response_id),
+            timeout_s, lambda: self._cancel_poll_s,
+        )  # fmt: skip
+
+    # -- conversations -----------------------------------------------------------------------
+
+    async def create_conversation(
+        self, conversation: ConversationRecord, items: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        check_conversation_items(items)
+        await self._run(records.create_conversation, conversation, list(items))
+
+    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        return await self._run(records.get_conversation, conversation_id)
+
+    async def update_conversation(
+        self, conversation_id: str, metadata: dict[str, Any]
+    ) -> ConversationRecord:
+        return await self._run(records.update_conversation, conversation_id, metadata)
+
+    async def delete_conversation(self, conversation_id: str) -> bool:
+        return await self._run(records.delete_conversation, conversation_id)
+
+    async def add_conversation_items(
+        self, conversation_id: str, items: Sequence[dict[str, Any]]
+    ) -> None:
+        check_conversation_items(items)
+        await self._run(records.add_conversation_items, conversation_id, list(items))
+
+    async def list_conversation_items(
+        self,
+        conversation_id: str,
+        *,
+        after: str | None = None,
+        limit: int = 20,
+        order: str = "desc",
+    ) -> tuple[list[dict[str, Any]], bool]:
+        check_page(limit, order)
+        return await self._run(records.list_conversation_items, conversation_id, after, limit, order)
+
+    async def get_conversation_item(self, conversation_id: str, item_id: str) -> dict[str, Any] | None:
+        return await self._run(records.get_conversation_item, conversation_id, item_id)
+
+    async def delete_conversation_item(self, conversation_id: str, item_id: str) -> bool:
+        return await self._run(records.delete_conversation_item, conversation_id, item_id)
+
+    # -- listing and retention ---------------------------------------------------------------
 
     async def list_responses_page(
         self,
@@ -224,103 +494,10 @@ class SQLiteStore(Store):
         after: str | None = None,
         limit: int = 20,
     ) -> tuple[list[ResponseRecord], bool]:
-        if not 1 <= limit <= 1000:
-            raise ValueError("limit must be from 1 to 1000")
+        check_page(limit)
         return await self._run(
-            _list_responses_page, tenant, all_tenants, status, model, search, after, limit
+            records.list_responses_page, tenant, all_tenants, status, model, search, after, limit
         )
 
-    # -- steps -------------------------------------------------------------------------------
-
-    async def record_steps(
-        self,
-        response_id: str,
-        scope_parent: str | None,
-        prev_step_id: str | None,
-        descriptors: Sequence[StepDescriptor],
-        *,
-        start: bool = False,
-    ) -> list[Step]:
-        """See :meth:`Store.record_steps`. The first step of a response gets sequence 1.
-
-        Raises ValueError for a descriptor whose kind is not ``model_call``/``tool_call``.
-        """
-        _check_kinds(descriptors)
-        # Ids are made here, on the loop thread: new_id's tie-breaking counter is not
-        # thread-safe, and other code makes ids on this thread.
-        ids = [new_id("step") for _ in descriptors]
-        return await self._run(
-            _record_steps_txn, response_id, scope_parent, prev_step_id, descriptors, ids, start
-        )
-
-    async def mark_processing(self, step_id: str) -> Step:
-        return await self._run(_mark_processing, step_id)
-
-    async def complete_step(
-        self,
-        step_id: str,
-        response_payload: Any,
-        usage: dict[str, Any] | None = None,
-        *,
-        upstream: str | None = None,
-        response_update: dict[str, Any] | None = None,
-    ) -> Step:
-        if response_update is not None:
-            _check_response_fields(response_update)
-        return await self._run(
-            _complete_step, step_id, response_payload, usage, upstream, response_update
-        )
-
-    async def fail_step(
-        self, step_id: str, error: dict[str, Any], response_payload: Any = None
-    ) -> Step:
-        return await self._run(_fail_step, step_id, error, response_payload)
-
-    async def cancel_step(self, step_id: str) -> Step:
-        return await self._run(_cancel_step, step_id)
-
-    async def record_attempt(
-        self, step_id: str, error: dict[str, Any] | None, upstream: str | None = None
-    ) -> None:
-        """See :meth:`Store.record_attempt`; ``upstream=None`` keeps the recorded upstream.
-
-        Raises StoreNotFoundError for an unknown step.
-        """
-        await self._run(_record_attempt, step_id, error, upstream)
-
-    async def get_step(self, step_id: str) -> Step | None:
-        return await self._run(_get_step, step_id)
-
-    async def list_chain(self, response_id: str, scope_parent: str | None = None) -> list[Step]:
-        return await self._run(_list_chain, response_id, scope_parent)
-
-    async def list_steps(self, response_id: str) -> list[Step]:
-        return await self._run(_list_steps, response_id)
-
-    async def list_unfinished_steps(self) -> list[Step]:
-        """See :meth:`Store.list_unfinished_steps`; ordered by ``created_at``, then sequence."""
-        return await self._run(_list_unfinished_steps)
-
-    # -- tools -------------------------------------------------------------------------------
-
-    async def create_tool(self, tool: dict[str, Any]) -> None:
-        """See :meth:`Store.create_tool`; ValueError if ``tool`` has no string ``name``."""
-        name = tool.get("name")
-        if not isinstance(name, str):
-            raise ValueError("a tool definition needs a string 'name'")
-        await self._run(_create_tool, name, tool)
-
-    async def replace_tool(self, name: str, tool: dict[str, Any]) -> None:
-        """See :meth:`Store.replace_tool`; ValueError if ``tool["name"]`` differs from ``name``."""
-        if tool.get("name", name) != name:
-            raise ValueError(f"tool name {tool.get('name')!r} does not match {name!r}")
-        await self._run(_replace_tool, name, tool)
-
-    async def get_tool(self, name: str) -> dict[str, Any] | None:
-        return await self._run(_get_tool, name)
-
-    async def list_tools(self) -> list[dict[str, Any]]:
-        return await self._run(_list_tools)
-
-    async def delete_tool(self, name: str) -> bool:
-        return await self._run(_delete_tool, name)
+    async def purge_before(self, timestamp: float) -> int:
+        return await self._run(records.purge_before, timestamp)

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from .validation import RESPONSE_JSON_FIELDS, check_fence
 from .types import (
     ALLOWED_TRANSITIONS,
     CANCELED,
@@ -23,40 +24,42 @@ from .types import (
     PROCESSING,
     STEP_STATES,
     TOOL_CALL,
+    StoreConflictError,
+    Fence,
+    StoreNotFoundError,
     ResponseRecord,
     Step,
     StepDescriptor,
     StepStateError,
-    StoreConflictError,
     StoreError,
-    StoreNotFoundError,
 )
 
 _T = TypeVar("_T")
 
 MIN_SQLITE_VERSION = (3, 35, 0)
-_SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
+SYNCHRONOUS_MODES = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 _UNIQUE_ERRORS = frozenset({"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"})
 
 # -- rows <-> dataclasses (column order = dataclass field order) ------------------------------
 
-_STEP_COLUMNS = tuple(
+STEP_COLUMNS = tuple(
     "id response_id scope_parent prev_step_id sequence kind state request_payload"
     " response_payload error attempt created_at started_at finished_at usage attempts upstream"
     .split()
 )
-_STEP_SELECT = "SELECT " + ", ".join(_STEP_COLUMNS) + " FROM steps"
+_STEP_SELECT = "SELECT " + ", ".join(STEP_COLUMNS) + " FROM steps"
 
-_RESPONSE_COLUMNS = tuple(
+RESPONSE_COLUMNS = tuple(
     "id model request tenant status previous_response_id created_at completed_at output usage"
-    " error incomplete_details metadata store".split()
+    " error incomplete_details metadata store owner owner_epoch cancel_requested".split()
 )
-_RESPONSE_SELECT = "SELECT " + ", ".join(_RESPONSE_COLUMNS) + " FROM responses"
-_RESPONSE_INSERT_LEASED = "INSERT INTO responses ({}, owner, lease_expires_at) VALUES ({})".format(
-    ", ".join(_RESPONSE_COLUMNS), ", ".join("?" * (len(_RESPONSE_COLUMNS) + 2))
+RESPONSE_SELECT = "SELECT " + ", ".join(RESPONSE_COLUMNS) + " FROM responses"
+_RESPONSE_INSERT_LEASED = "INSERT INTO responses ({}, lease_expires_at) VALUES ({})".format(
+    ", ".join(RESPONSE_COLUMNS), ", ".join("?" * (len(RESPONSE_COLUMNS) + 1))
 )
-_RESPONSE_JSON_FIELDS = frozenset({"output", "usage", "error", "incomplete_details", "metadata"})
-_RESPONSE_UPDATABLE = _RESPONSE_JSON_FIELDS | {"status", "completed_at"}
+_EVENTS_INSERT = "INSERT INTO events (response_id, sequence_number, data) VALUES (?, ?, ?)"
+Events = tuple[int, Sequence[bytes]] | None
+Items = tuple[str, Sequence[dict[str, Any]]] | None
 
 _loads = orjson.loads
 
@@ -73,7 +76,7 @@ def _loads_opt(text: str | None) -> Any:
     return None if text is None else _loads(text)
 
 
-def _step_from_row(row: tuple[Any, ...]) -> Step:
+def step_from_row(row: tuple[Any, ...]) -> Step:
     (id_, response_id, scope_parent, prev_step_id, sequence, kind, state, request_payload,
      response_payload, error, attempt, created_at, started_at, finished_at, usage, attempts,
      upstream) = row  # fmt: skip
@@ -84,21 +87,24 @@ def _step_from_row(row: tuple[Any, ...]) -> Step:
     )  # fmt: skip
 
 
-def _response_from_row(row: tuple[Any, ...]) -> ResponseRecord:
+def response_from_row(row: tuple[Any, ...]) -> ResponseRecord:
     (id_, model, request, tenant, status, previous_response_id, created_at, completed_at,
-     output, usage, error, incomplete_details, metadata, store) = row  # fmt: skip
+     output, usage, error, incomplete_details, metadata, store, owner, owner_epoch,
+     cancel_requested) = row  # fmt: skip
     return ResponseRecord(
         id_, model, _loads(request), tenant, status, previous_response_id, created_at,
         completed_at, _loads(output), _loads_opt(usage), _loads_opt(error),
-        _loads_opt(incomplete_details), _loads_opt(metadata), bool(store),
+        _loads_opt(incomplete_details), _loads_opt(metadata), bool(store), owner, owner_epoch,
+        bool(cancel_requested),
     )  # fmt: skip
 
 
-def _response_to_row(r: ResponseRecord) -> tuple[Any, ...]:
+def _response_to_row(r: ResponseRecord, owner: str | None) -> tuple[Any, ...]:
     return (
         r.id, r.model, _dumps(r.request), r.tenant, r.status, r.previous_response_id,
         r.created_at, r.completed_at, _dumps(r.output), _dumps_opt(r.usage), _dumps_opt(r.error),
-        _dumps_opt(r.incomplete_details), _dumps_opt(r.metadata), int(r.store),
+        _dumps_opt(r.incomplete_details), _dumps_opt(r.metadata), int(r.store), owner, 1,
+        int(r.cancel_requested),
     )  # fmt: skip
 
 
@@ -112,7 +118,7 @@ def _transition_sql(target: str, assignments: str, known: frozenset[str] = froze
     are neither copied out of SQLite nor decoded again.
     """
     sources = [s for s in STEP_STATES if target in ALLOWED_TRANSITIONS[s]]
-    returning = ", ".join("NULL" if c in known else c for c in _STEP_COLUMNS)
+    returning = ", ".join("NULL" if c in known else c for c in STEP_COLUMNS)
     return (
         f"UPDATE steps SET state = '{target}', {assignments} WHERE id = ? AND state IN "
         f"({', '.join(repr(s) for s in sources)}) RETURNING {returning}"
@@ -133,7 +139,7 @@ _FAIL = _transition_sql(
 _CANCEL = _transition_sql(CANCELED, "finished_at = ?")
 
 _STEP_INSERT = "INSERT INTO steps ({}) VALUES ({})".format(
-    ", ".join(_STEP_COLUMNS[:13]), ", ".join("?" * 13)
+    ", ".join(STEP_COLUMNS[:13]), ", ".join("?" * 13)
 )  # id … started_at; the rest take their defaults / NULL
 _CHAIN_TOP = _STEP_SELECT + " WHERE response_id = ? AND scope_parent IS NULL ORDER BY sequence"
 _CHAIN_SCOPE = _STEP_SELECT + " WHERE response_id = ? AND scope_parent = ? ORDER BY sequence"
@@ -143,12 +149,12 @@ _UNFINISHED = (
 )
 _RECORD_ATTEMPT = (
     "UPDATE steps SET attempts = json_insert(attempts, '$[#]', json(?)),"
-    " upstream = coalesce(?, upstream) WHERE id = ?"
+    " upstream = coalesce(?, upstream) WHERE id = ? RETURNING id, response_id"
 )
 
 
 @contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     if conn.in_transaction:
         # Inside a group (``run_group``): its savepoint around this call makes it atomic.
         yield
@@ -196,7 +202,7 @@ def run_group(
 
 
 @contextmanager
-def _translate_errors() -> Iterator[None]:
+def translate_errors() -> Iterator[None]:
     """The one boundary where foreign errors become :class:`StoreError` subclasses."""
     try:
         yield
@@ -223,132 +229,171 @@ def _state_error(conn: sqlite3.Connection, step_id: str, target: str) -> StoreEr
 # -- worker-thread bodies: (conn, *args), one transaction each -------------------------------
 
 
-def _check_response_fields(fields: dict[str, Any]) -> None:
-    unknown = fields.keys() - _RESPONSE_UPDATABLE
-    if unknown:
-        raise ValueError(
-            f"cannot update response field(s) {sorted(unknown)}; "
-            f"allowed: {sorted(_RESPONSE_UPDATABLE)}"
+def _write_events(conn: sqlite3.Connection, response_id: str, events: Events) -> None:
+    if events and events[1]:
+        first, data = events
+        conn.executemany(
+            _EVENTS_INSERT, [(response_id, first + i, bytes(d)) for i, d in enumerate(data)]
         )
 
 
-def _check_kinds(descriptors: Sequence[StepDescriptor]) -> None:
-    for d in descriptors:
-        if d.kind not in (MODEL_CALL, TOOL_CALL):
-            raise ValueError(f"unknown step kind {d.kind!r}")
+def insert_conversation_items(
+    conn: sqlite3.Connection, conversation_id: str, items: Sequence[dict[str, Any]]
+) -> None:
+    """Append ``items`` to the conversation (inside the caller's transaction), in order.
+
+    StoreNotFoundError for an unknown conversation; StoreConflictError (from the unique index) for an
+    item id the conversation has already."""
+    row = conn.execute(
+        "UPDATE conversations SET last_position = last_position + ? WHERE id = ?"
+        " RETURNING last_position",
+        (len(items), conversation_id),
+    ).fetchall()
+    if not row:
+        raise StoreNotFoundError(f"conversation {conversation_id!r} not found")
+    base = row[0][0] - len(items)
+    conn.executemany(
+        "INSERT INTO conversation_items (conversation_id, position, id, item) VALUES (?, ?, ?, ?)",
+        [(conversation_id, base + n, item["id"], _dumps(item)) for n, item in enumerate(items, 1)],
+    )
 
 
-def _create_response(
+def create_response(
     conn: sqlite3.Connection,
     response: ResponseRecord,
     owner: str | None,
     expires: float | None,
     first_steps: Sequence[StepDescriptor],
     ids: list[str],
+    events: Events = None,
 ) -> list[Step]:
-    with _transaction(conn):
-        conn.execute(_RESPONSE_INSERT_LEASED, (*_response_to_row(response), owner, expires))
+    owner = owner if owner is not None else response.owner
+    with transaction(conn):
+        conn.execute(_RESPONSE_INSERT_LEASED, (*_response_to_row(response, owner), expires))
+        _write_events(conn, response.id, events)
         if not first_steps:
             return []
-        return _record_steps(conn, response.id, None, None, first_steps, ids, True, 0)
+        return _insert_steps(conn, response.id, None, None, first_steps, ids, True, 0)
 
 
 _RESPONSE_UNFINISHED = "status IN ('queued', 'in_progress')"
 
 
-def _claim_responses(
-    conn: sqlite3.Connection, owner: str, lease_s: float, limit: int
+def claim_responses(
+    conn: sqlite3.Connection,
+    owner: str,
+    lease_s: float,
+    limit: int,
+    is_dead: Callable[[str], bool] | None = None,
 ) -> list[ResponseRecord]:
+    """Take over responses whose lease ran out or that have none, and (with ``is_dead``) those
+    of other owners ``is_dead(owner)`` says are gone, oldest first; bumps ``owner_epoch``."""
     now = time.time()
-    with _transaction(conn):
+    with transaction(conn):
         rows = conn.execute(
-            f"{_RESPONSE_SELECT} WHERE {_RESPONSE_UNFINISHED} AND (lease_expires_at IS NULL "
+            f"{RESPONSE_SELECT} WHERE {_RESPONSE_UNFINISHED} AND (lease_expires_at IS NULL "
             "OR lease_expires_at < ?) ORDER BY created_at, id LIMIT ?",
             (now, limit),
         ).fetchall()
+        if is_dead is not None and len(rows) < limit:
+            others = conn.execute(
+                f"SELECT DISTINCT owner FROM responses WHERE {_RESPONSE_UNFINISHED}"
+                " AND lease_expires_at >= ? AND owner IS NOT NULL AND owner != ?",
+                (now, owner),
+            ).fetchall()
+            dead = [o for (o,) in others if is_dead(o)]
+            if dead:
+                rows += conn.execute(
+                    f"{RESPONSE_SELECT} WHERE {_RESPONSE_UNFINISHED} AND lease_expires_at >= ?"
+                    f" AND owner IN ({', '.join('?' * len(dead))}) ORDER BY created_at, id LIMIT ?",
+                    (now, *dead, limit - len(rows)),
+                ).fetchall()
+                rows.sort(key=lambda row: (row[6], row[0]))  # created_at, id
         conn.executemany(
-            "UPDATE responses SET owner = ?, lease_expires_at = ? WHERE id = ?",
+            "UPDATE responses SET owner = ?, owner_epoch = owner_epoch + 1, lease_expires_at = ?"
+            " WHERE id = ?",
             [(owner, now + lease_s, row[0]) for row in rows],
         )
-    return [_response_from_row(row) for row in rows]
+    records = [response_from_row(row) for row in rows]
+    for record in records:
+        record.owner, record.owner_epoch = owner, record.owner_epoch + 1
+    return records
 
 
-def _set_leases(conn: sqlite3.Connection, owner: str, expires: float | None) -> int:
+def set_leases(conn: sqlite3.Connection, owner: str, expires: float | None) -> int:
     return conn.execute(
         f"UPDATE responses SET lease_expires_at = ? WHERE owner = ? AND {_RESPONSE_UNFINISHED}",
         (expires, owner),
     ).rowcount
 
 
-def _get_response(conn: sqlite3.Connection, response_id: str) -> ResponseRecord | None:
-    row = conn.execute(_RESPONSE_SELECT + " WHERE id = ?", (response_id,)).fetchone()
-    return None if row is None else _response_from_row(row)
+def get_response(conn: sqlite3.Connection, response_id: str) -> ResponseRecord | None:
+    row = conn.execute(RESPONSE_SELECT + " WHERE id = ?", (response_id,)).fetchone()
+    return None if row is None else response_from_row(row)
 
 
-def _update_response(conn: sqlite3.Connection, response_id: str, fields: dict[str, Any]) -> None:
+def _update_fields(conn: sqlite3.Connection, response_id: str, fields: dict[str, Any]) -> None:
     if not fields:
         if conn.execute("SELECT 1 FROM responses WHERE id = ?", (response_id,)).fetchone():
             return
         raise StoreNotFoundError(f"response {response_id!r} not found")
     names = sorted(fields)  # stable SQL text, so the statement cache is hit
-    values = [_dumps_opt(fields[n]) if n in _RESPONSE_JSON_FIELDS else fields[n] for n in names]
+    values = [_dumps_opt(fields[n]) if n in RESPONSE_JSON_FIELDS else fields[n] for n in names]
     sql = "UPDATE responses SET {} WHERE id = ?".format(", ".join(f"{n} = ?" for n in names))
     if conn.execute(sql, (*values, response_id)).rowcount == 0:
         raise StoreNotFoundError(f"response {response_id!r} not found")
 
 
-def _delete_response(conn: sqlite3.Connection, response_id: str) -> bool:
-    with _transaction(conn):
+def _fence_response(conn: sqlite3.Connection, response_id: str, fence: Fence | None) -> None:
+    row = conn.execute(
+        "SELECT owner, owner_epoch FROM responses WHERE id = ?", (response_id,)
+    ).fetchone()
+    check_fence(fence, f"response {response_id!r}", row)
+
+
+def update_response(
+    conn: sqlite3.Connection,
+    response_id: str,
+    fields: dict[str, Any],
+    fence: Fence | None = None,
+    events: Events = None,
+    items: Items = None,
+) -> None:
+    if fence is None and not events and items is None:
+        _update_fields(conn, response_id, fields)
+        return
+    with transaction(conn):
+        _fence_response(conn, response_id, fence)
+        _update_fields(conn, response_id, fields)
+        _write_events(conn, response_id, events)
+        if items is not None:
+            insert_conversation_items(conn, *items)
+
+
+def append_events(
+    conn: sqlite3.Connection, response_id: str, events: Events, fence: Fence | None
+) -> None:
+    with transaction(conn):
+        _fence_response(conn, response_id, fence)
+        _write_events(conn, response_id, events)
+
+
+def delete_response(conn: sqlite3.Connection, response_id: str) -> bool:
+    with transaction(conn):
         conn.execute("DELETE FROM steps WHERE response_id = ?", (response_id,))
+        conn.execute("DELETE FROM events WHERE response_id = ?", (response_id,))
         deleted = conn.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount
     return deleted > 0
 
 
-def _list_responses(conn: sqlite3.Connection, statuses: tuple[str, ...]) -> list[ResponseRecord]:
+def list_responses(conn: sqlite3.Connection, statuses: tuple[str, ...]) -> list[ResponseRecord]:
     sql = "{} WHERE status IN ({}) ORDER BY created_at, id".format(
-        _RESPONSE_SELECT, ", ".join("?" * len(statuses))
+        RESPONSE_SELECT, ", ".join("?" * len(statuses))
     )
-    return [_response_from_row(row) for row in conn.execute(sql, statuses)]
+    return [response_from_row(row) for row in conn.execute(sql, statuses)]
 
 
-def _list_responses_page(
-    conn: sqlite3.Connection,
-    tenant: str | None,
-    all_tenants: bool,
-    status: str | None,
-    model: str | None,
-    search: str | None,
-    after: str | None,
-    limit: int,
-) -> tuple[list[ResponseRecord], bool]:
-    where: list[str] = []
-    params: list[Any] = []
-    if not all_tenants:
-        where.append("tenant IS ?")
-        params.append(tenant)
-    if status is not None:
-        where.append("status = ?")
-        params.append(status)
-    if model is not None:
-        where.append("model = ?")
-        params.append(model)
-    if search:
-        where.append("instr(id, ?) > 0")
-        params.append(search)
-    if after is not None:
-        row = conn.execute("SELECT created_at FROM responses WHERE id = ?", (after,)).fetchone()
-        if row is None:
-            raise StoreNotFoundError(f"response {after!r} not found")
-        where.append("(created_at < ? OR (created_at = ? AND id < ?))")
-        params += [row[0], row[0], after]
-    sql = _RESPONSE_SELECT + (" WHERE " + " AND ".join(where) if where else "")
-    rows = conn.execute(
-        sql + " ORDER BY created_at DESC, id DESC LIMIT ?", (*params, limit + 1)
-    ).fetchall()
-    return [_response_from_row(r) for r in rows[:limit]], len(rows) > limit
-
-
-def _record_steps_txn(
+def record_steps(
     conn: sqlite3.Connection,
     response_id: str,
     scope_parent: str | None,
@@ -356,21 +401,23 @@ def _record_steps_txn(
     descriptors: Sequence[StepDescriptor],
     ids: list[str],
     start: bool,
+    fence: Fence | None = None,
+    events: Events = None,
 ) -> list[Step]:
-    with _transaction(conn):
-        exists, last = conn.execute(
-            "SELECT EXISTS(SELECT 1 FROM responses WHERE id = ?),"
-            " (SELECT max(sequence) FROM steps WHERE response_id = ?)",
+    with transaction(conn):
+        row = conn.execute(
+            "SELECT (SELECT max(sequence) FROM steps WHERE response_id = ?), owner, owner_epoch"
+            " FROM responses WHERE id = ?",
             (response_id, response_id),
         ).fetchone()
-        if not exists:
-            raise StoreNotFoundError(f"response {response_id!r} not found")
-        return _record_steps(
-            conn, response_id, scope_parent, prev_step_id, descriptors, ids, start, last or 0
+        check_fence(fence, f"response {response_id!r}", row)
+        _write_events(conn, response_id, events)
+        return _insert_steps(
+            conn, response_id, scope_parent, prev_step_id, descriptors, ids, start, row[0] or 0
         )
 
 
-def _record_steps(
+def _insert_steps(
     conn: sqlite3.Connection,
     response_id: str,
     scope_parent: str | None,
@@ -401,116 +448,129 @@ def _record_steps(
     return steps
 
 
+_FENCE_BY_STEP = (
+    "SELECT r.owner, r.owner_epoch FROM steps s JOIN responses r ON r.id = s.response_id"
+    " WHERE s.id = ?"
+)
+
+
 def _transition(
-    conn: sqlite3.Connection, sql: str, params: tuple[Any, ...], step_id: str, target: str
+    conn: sqlite3.Connection,
+    sql: str,
+    params: tuple[Any, ...],
+    step_id: str,
+    target: str | None,
+    fence: Fence | None = None,
+    events: Events = None,
+    after: Callable[[str], None] | None = None,
 ) -> tuple[Any, ...]:
-    with _transaction(conn):
-        row = conn.execute(sql, params).fetchall()  # fetchall: finish the statement
-        if not row:
+    """Run one step UPDATE … RETURNING (``target``: the state it moves to, None for an update
+    that is no transition) with its fence check, events and ``after(response_id)`` in one
+    transaction."""
+    with transaction(conn):
+        if fence is not None:
+            check_fence(fence, f"step {step_id!r}", conn.execute(_FENCE_BY_STEP, (step_id,)).fetchone())
+        rows = conn.execute(sql, params).fetchall()  # fetchall: finish the statement
+        if not rows:
+            if target is None:
+                raise StoreNotFoundError(f"step {step_id!r} not found")
             raise _state_error(conn, step_id, target)
-    return row[0]
+        row = rows[0]
+        _write_events(conn, row[1], events)  # row[1]: the step's response_id
+        if after is not None:
+            after(row[1])
+    return row
 
 
-def _mark_processing(conn: sqlite3.Connection, step_id: str) -> Step:
-    return _step_from_row(
-        _transition(conn, _MARK_PROCESSING, (time.time(), step_id), step_id, PROCESSING)
+def mark_processing(
+    conn: sqlite3.Connection, step_id: str, fence: Fence | None = None, events: Events = None
+) -> Step:
+    return step_from_row(
+        _transition(conn, _MARK_PROCESSING, (time.time(), step_id), step_id, PROCESSING, fence, events)
     )
 
 
-def _complete_step(
+def complete_step(
     conn: sqlite3.Connection,
     step_id: str,
     response_payload: Any,
     usage: dict[str, Any] | None,
     upstream: str | None,
     response_update: dict[str, Any] | None,
+    fence: Fence | None = None,
+    events: Events = None,
+    items: Items = None,
 ) -> Step:
     params = (_dumps_opt(response_payload), _dumps_opt(usage), time.time(), upstream, step_id)
-    if response_update is None:
-        row = _transition(conn, _COMPLETE, params, step_id, COMPLETED)
-    else:
-        with _transaction(conn):
-            rows = conn.execute(_COMPLETE, params).fetchall()
-            if not rows:
-                raise _state_error(conn, step_id, COMPLETED)
-            row = rows[0]
-            _update_response(conn, row[1], response_update)  # row[1]: the step's response_id
-    step = _step_from_row(row)
+
+    def after(response_id: str) -> None:
+        if response_update is not None:
+            _update_fields(conn, response_id, response_update)
+        if items is not None:
+            insert_conversation_items(conn, *items)
+
+    row = _transition(conn, _COMPLETE, params, step_id, COMPLETED, fence, events, after)
+    step = step_from_row(row)
     step.response_payload, step.usage = response_payload, usage
     return step
 
 
-def _fail_step(
-    conn: sqlite3.Connection, step_id: str, error: dict[str, Any], response_payload: Any
+def fail_step(
+    conn: sqlite3.Connection,
+    step_id: str,
+    error: dict[str, Any],
+    response_payload: Any,
+    fence: Fence | None = None,
+    events: Events = None,
 ) -> Step:
     params = (_dumps(error), _dumps_opt(response_payload), time.time(), step_id)
-    step = _step_from_row(_transition(conn, _FAIL, params, step_id, FAILED))
+    step = step_from_row(_transition(conn, _FAIL, params, step_id, FAILED, fence, events))
     step.error, step.response_payload = error, response_payload
     return step
 
 
-def _cancel_step(conn: sqlite3.Connection, step_id: str) -> Step:
-    return _step_from_row(_transition(conn, _CANCEL, (time.time(), step_id), step_id, CANCELED))
+def cancel_step(
+    conn: sqlite3.Connection, step_id: str, fence: Fence | None = None, events: Events = None
+) -> Step:
+    return step_from_row(
+        _transition(conn, _CANCEL, (time.time(), step_id), step_id, CANCELED, fence, events)
+    )
 
 
-def _record_attempt(
-    conn: sqlite3.Connection, step_id: str, error: dict[str, Any] | None, upstream: str | None
-) -> None:
+def record_attempt(
+    conn: sqlite3.Connection,
+    step_id: str,
+    error: dict[str, Any] | None,
+    upstream: str | None,
+    fence: Fence | None = None,
+    events: Events = None,
+) -> str:
+    """Returns the step's response id."""
     if error is None:
-        sql, params = "UPDATE steps SET upstream = coalesce(?, upstream) WHERE id = ?", (upstream, step_id)
+        sql = "UPDATE steps SET upstream = coalesce(?, upstream) WHERE id = ? RETURNING id, response_id"
+        params: tuple[Any, ...] = (upstream, step_id)
     else:
         sql, params = _RECORD_ATTEMPT, (_dumps(error), upstream, step_id)
-    if conn.execute(sql, params).rowcount == 0:
-        raise StoreNotFoundError(f"step {step_id!r} not found")
+    return _transition(conn, sql, params, step_id, None, fence, events)[1]
 
 
-def _get_step(conn: sqlite3.Connection, step_id: str) -> Step | None:
+def get_step(conn: sqlite3.Connection, step_id: str) -> Step | None:
     row = conn.execute(_STEP_SELECT + " WHERE id = ?", (step_id,)).fetchone()
-    return None if row is None else _step_from_row(row)
+    return None if row is None else step_from_row(row)
 
 
-def _list_chain(conn: sqlite3.Connection, response_id: str, scope_parent: str | None) -> list[Step]:
+def list_chain(conn: sqlite3.Connection, response_id: str, scope_parent: str | None) -> list[Step]:
     if scope_parent is None:
         cursor = conn.execute(_CHAIN_TOP, (response_id,))
     else:
         cursor = conn.execute(_CHAIN_SCOPE, (response_id, scope_parent))
-    return [_step_from_row(row) for row in cursor]
+    return [step_from_row(row) for row in cursor]
 
 
-def _list_steps(conn: sqlite3.Connection, response_id: str) -> list[Step]:
+def list_steps(conn: sqlite3.Connection, response_id: str) -> list[Step]:
     cursor = conn.execute(_STEP_SELECT + " WHERE response_id = ? ORDER BY sequence", (response_id,))
-    return [_step_from_row(row) for row in cursor]
+    return [step_from_row(row) for row in cursor]
 
 
-def _list_unfinished_steps(conn: sqlite3.Connection) -> list[Step]:
-    return [_step_from_row(row) for row in conn.execute(_UNFINISHED)]
-
-
-def _create_tool(conn: sqlite3.Connection, name: str, tool: dict[str, Any]) -> None:
-    now = time.time()
-    conn.execute(
-        "INSERT INTO tools (name, definition, created_at, updated_at) VALUES (?, ?, ?, ?)",
-        (name, _dumps(tool), now, now),
-    )
-
-
-def _replace_tool(conn: sqlite3.Connection, name: str, tool: dict[str, Any]) -> None:
-    cursor = conn.execute(
-        "UPDATE tools SET definition = ?, updated_at = ? WHERE name = ?",
-        (_dumps(tool), time.time(), name),
-    )
-    if cursor.rowcount == 0:
-        raise StoreNotFoundError(f"tool {name!r} not found")
-
-
-def _get_tool(conn: sqlite3.Connection, name: str) -> dict[str, Any] | None:
-    row = conn.execute("SELECT definition FROM tools WHERE name = ?", (name,)).fetchone()
-    return None if row is None else _loads(row[0])
-
-
-def _list_tools(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    return [_loads(row[0]) for row in conn.execute("SELECT definition FROM tools ORDER BY name")]
-
-
-def _delete_tool(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("DELETE FROM tools WHERE name = ?", (name,)).rowcount > 0
+def list_unfinished_steps(conn: sqlite3.Connection) -> list[Step]:
+    return [step_from_row(row) for row in conn.execute(_UNFINISHED)]

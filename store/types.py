@@ -10,8 +10,11 @@ Error tree::
 
     StoreError                      any failure of the store itself (stops the loop)
     ├── StepStateError              an illegal state transition (completing a completed step, …)
-    ├── StoreNotFoundError          a step, response or tool that does not exist
-    └── StoreConflictError          a unique key taken already (a tool name, a response id)
+    ├── StoreNotFoundError          a step, response, tool or conversation that does not exist
+    ├── StoreConflictError          a unique key taken already (a tool name, a response id)
+    ├── FencedError                 the writer no longer owns the response (its fence is stale)
+    └── StoreUnavailableError       the database cannot be reached (down, restarting, wrong
+                                    password); retry later, nothing of the call was written
 
 All timestamps are Unix seconds as floats (UTC). Payloads are plain JSON values (dict/list/str/…).
 """
@@ -25,15 +28,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "StoreConflictError",
+    "ConversationRecord",
+    "Fence",
+    "FencedError",
     "MODEL_CALL",
+    "StoreNotFoundError",
     "ResponseRecord",
     "STEP_STATES",
     "Step",
     "StepDescriptor",
     "StepStateError",
-    "StoreConflictError",
     "StoreError",
-    "StoreNotFoundError",
+    "StoreUnavailableError",
     "TOOL_CALL",
     "new_id",
 ]
@@ -78,6 +85,31 @@ class StoreNotFoundError(StoreError):
 
 class StoreConflictError(StoreError):
     """A record with the same unique key exists already."""
+
+
+class FencedError(StoreError):
+    """A write carried a :class:`Fence` that no longer matches the response's ``owner`` and
+    ``owner_epoch``: another process has taken the response over. Nothing was written; the
+    writer must stop working on that response (without side effects)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database cannot be reached or refused the login (server down or restarting, network
+    gone, wrong password, pool exhausted for longer than the store's timeout). The message names
+    host, port and database, never a password. Raised promptly (within the store's connect/pool
+    timeout, a few seconds), and the store works again once the database is back. Nothing of
+    the failed call was written — except when the connection broke while COMMIT was in flight,
+    where no client of any database can know; fencing makes a retry of such a write safe."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A fencing token: who owns a response (``owner``, a process id string) and since which
+    take-over (``epoch``, :attr:`ResponseRecord.owner_epoch`). A write that carries a fence is
+    applied only while the response still has exactly that owner and epoch."""
+
+    owner: str
+    epoch: int
 
 
 _last_ms = 0
@@ -167,3 +199,26 @@ class ResponseRecord:
     incomplete_details: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     store: bool = True
+    # Who runs it (a process id string) and its fencing epoch: 1 at create_response, +1 at
+    # each claim_responses take-over. ``Fence(owner, owner_epoch)`` fences that owner's writes.
+    owner: str | None = None
+    owner_epoch: int = 0
+    # Set by request_cancel (any replica); the owner observes it (wait_cancel) and stops.
+    cancel_requested: bool = False
+
+    @property
+    def fence(self) -> Fence | None:
+        """``Fence(owner, owner_epoch)``, or None for a response nobody owns."""
+        return None if self.owner is None else Fence(self.owner, self.owner_epoch)
+
+
+@dataclass(slots=True)
+class ConversationRecord:
+    """One conversation of the Conversations API (``conv_…``): its items are stored apart
+    (:meth:`store.base.Store.add_conversation_items`). ``metadata`` is the API's string map
+    (up to 16 pairs; the gateway validates it), ``created_at`` Unix seconds."""
+
+    id: str
+    tenant: str | None = None
+    created_at: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)

@@ -29,6 +29,7 @@ from executors.reassembly import Delta
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream
 from executors.upstream import UpstreamError
+from gateway.errors import GatewayError
 from gateway.observe.hooks import Observer
 from gateway.protocol.context_window import is_compaction_request
 from store.base import Store
@@ -56,8 +57,8 @@ __all__ = [
 ]
 
 
-class EmptyActionError(RuntimeError):
-    """The transition function returned AppendSteps with no steps."""
+class EmptyActionError(GatewayError):
+    """The transition function returned AppendSteps with no steps (a bug: 500)."""
 
 
 class LoopObserver(Protocol):
@@ -363,6 +364,11 @@ async def _model_call(
         error = {"type": exc.type, "message": str(exc)}
         if exc.status is not None:
             error["status"] = exc.status
+        upstream_error = exc.body.get("error") if isinstance(exc.body, dict) else None
+        if isinstance(upstream_error, dict):  # the upstream's own code and param, for its 4xx
+            for key in ("code", "param"):
+                if isinstance(upstream_error.get(key), str):
+                    error[key] = upstream_error[key]
         step = await deps.store.fail_step(step.id, error, exc.partial)
         if top is not None:
             top.model_call_finished(step)

@@ -61,8 +61,8 @@ class Recovery:
             await asyncio.sleep(self.lease_s / 3)
             try:
                 await self.sweep()
-            except StoreError as exc:  # keep trying: the store may come back
-                logger.error("lease renewal failed: %s", exc)
+            except Exception:  # keep trying, whatever it was: the store may come back
+                logger.exception("lease renewal or recovery sweep failed; trying again")
 
     async def stop(self) -> None:
         """Stop renewing, and give up the leases of responses still unfinished (after the

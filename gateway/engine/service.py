@@ -21,7 +21,13 @@ from typing import Any
 import orjson
 
 from executors.upstream import STEP_NOTES
-from gateway.errors import InvalidRequestError, PreviousResponseNotFoundError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    PreviousResponseNotFoundError,
+    to_gateway_error,
+    upstream_error,
+)
 from gateway.protocol.context_window import is_compaction_request
 from gateway.protocol.convert import (
     build_chat_request,
@@ -75,6 +81,8 @@ class Prepared:
     upstream_key: str | None = None
     # The MCP tools (and approvals) of this response.
     mcp: ResponseTools | None = None
+    # Why the response failed, as the error a client sees when nothing was output yet.
+    failure: GatewayError | None = None
     # The client request's W3C trace context headers (traceparent, tracestate), for tracing.
     trace_headers: dict[str, str] | None = None
 
@@ -206,6 +214,14 @@ class ResponsesService:
                 param="previous_response_id",
             )
         return list(await self.conversation_items(previous))
+
+    async def input_items(self, record: ResponseRecord) -> list[dict[str, Any]]:
+        """The input items of a stored response as ``input_items`` lists them: normalized, with
+        ``item_reference`` items resolved to the items they named (if still there)."""
+        items = normalize_input(record.request.get("input", []), record.id)
+        if any(item["type"] == "item_reference" for item in items):
+            items = await ItemResolver(self.store, record.tenant).resolve(items, strict=False)
+        return items
 
     def _forget(self, response_id: str) -> None:
         """Drop every cached conversation that holds ``response_id``'s items."""
@@ -573,17 +589,24 @@ class ResponsesService:
             status, error = "cancelled", None
             await self._cancel_unfinished(record.id)
         except StoreError as exc:
-            logger.error("store error in response %s: %s", record.id, exc)
+            logger.error("store error in response %s", record.id, exc_info=exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
-        except Exception:  # a bug must still end the response, never leave it in_progress
+            prepared.failure = to_gateway_error(exc)
+        except Exception as exc:  # a bug must still end the response, never leave it in_progress
             logger.exception("response %s failed unexpectedly", record.id)
             status, error = "failed", {"code": "server_error", "message": "internal error"}
+            prepared.failure = to_gateway_error(exc)
         else:
             last = outcome.unwritten
             iterations = outcome.iterations
             status = outcome.status
             if status == "failed":
                 error = _response_error(outcome.error)
+                failed = outcome.error or {}
+                prepared.failure = upstream_error(
+                    error["message"], kind=failed.get("type"), status=failed.get("status"),
+                    param=failed.get("param"), code=failed.get("code"),
+                )
             elif status == "incomplete":
                 incomplete = {"reason": outcome.incomplete_reason}
         completed_at = time.time()
@@ -613,8 +636,9 @@ class ResponsesService:
             else:
                 await self.store.update_response(record.id, **result)
         except StoreError as exc:
-            logger.error("could not store the result of response %s: %s", record.id, exc)
+            logger.error("could not store the result of response %s", record.id, exc_info=exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
+            prepared.failure = to_gateway_error(exc)
         if scope is not None:
             scope.finish(status, usage=builder.usage, error=error, iterations=iterations)
         return builder.finish(status, error=error, incomplete_details=incomplete)

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.errors import GatewayError
 from gateway.protocol.context_window import (
     compacted_body,
     compaction_request,
@@ -122,8 +123,9 @@ class AppendSteps:
 Action = Complete | Fail | Incomplete | AppendSteps
 
 
-class ChainNotSettledError(ValueError):
-    """The chain ends in a step that is still pending or processing; settle it first."""
+class ChainNotSettledError(GatewayError, ValueError):
+    """The chain ends in a step that is still pending or processing; settle it first (a bug
+    if it reaches a client: 500)."""
 
 
 # Marks a tool step that the loop must fail without running (the max_tool_calls cap).

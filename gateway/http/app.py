@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from httpx_aiohttp import AiohttpTransport
@@ -36,9 +37,15 @@ from gateway.engine.retention import purge_periodically
 from gateway.engine.service import ResponsesService
 from gateway.engine.tasks import TaskSet
 from gateway.engine.tokens import TokenCounter
-from gateway.errors import GatewayError, InvalidRequestError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    UpstreamError,
+    to_gateway_error,
+    translated_types,
+)
 from store.base import Store
-from store.sqlite import SQLiteStore
+from store import open_store
 
 from gateway.observe.cost import PriceTable
 from gateway.observe.hooks import Observer
@@ -57,7 +64,7 @@ from .websocket import websocket_routes
 
 logger = logging.getLogger("stepchain")
 
-__all__ = ["app_from_environment", "create_app", "tune_gc_for_serving"]
+__all__ = ["app_from_environment", "create_app", "error_handlers", "tune_gc_for_serving"]
 
 
 def _secret(value: SecretStr | None) -> str | None:
@@ -84,8 +91,12 @@ def _error_response(exc: GatewayError) -> Response:
 
 
 async def _gateway_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GatewayError)
-    return _error_response(exc)
+    """The one error renderer: a GatewayError as it is, a lower layer's error translated at
+    the boundary (:func:`gateway.errors.to_gateway_error`)."""
+    error = to_gateway_error(exc)
+    if error is not exc and error.status_code >= 500 and not isinstance(error, UpstreamError):
+        logger.error("%s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
+    return _error_response(error)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -95,8 +106,18 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _error_response(GatewayError("The server had an error while processing your request."))
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error_response(to_gateway_error(exc))
+
+
+def error_handlers() -> dict[Any, Any]:
+    """Starlette ``exception_handlers``: every error rendered once, as an OpenAI error body."""
+    return {
+        GatewayError: _gateway_error,
+        **{cls: _gateway_error for cls in translated_types()},
+        HTTPException: _http_exception,
+        Exception: _unexpected,
+    }
 
 
 def create_app(
@@ -111,7 +132,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        the_store = store or SQLiteStore(settings.db, synchronous=settings.sqlite_synchronous)
+        the_store = store or open_store(settings.db, synchronous=settings.sqlite_synchronous)
         await the_store.open()
         # httpx clients on aiohttp's transport (as openai-python's DefaultAioHttpClient): the
         # same httpx API and httpx-sse parsing, at about half the CPU per request of httpcore.
@@ -262,11 +283,7 @@ def create_app(
         ],
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={
-            GatewayError: _gateway_error,
-            HTTPException: _http_exception,
-            Exception: _unexpected,
-        },
+        exception_handlers=error_handlers(),
     )
     app.router.redirect_slashes = False  # a bodiless 307 is no OpenAI error: 404 instead
     app.state.settings = settings

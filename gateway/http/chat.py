@@ -18,12 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from executors.upstream import UpstreamError as UpstreamCallError
-from gateway.errors import (
-    GatewayError,
-    InvalidRequestError,
-    RateLimitError,
-    UpstreamError,
-)
+from gateway.errors import InvalidRequestError, to_gateway_error
 from gateway.protocol.sse import DONE
 from store.types import MODEL_CALL, ResponseRecord, StepDescriptor, new_id
 
@@ -80,7 +75,7 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
             completion = await upstream.chat_completion(body, on_attempt=on_attempt)
         except UpstreamCallError as exc:
             await _fail_chat(store, record.id, step.id, exc)
-            raise _upstream_http_error(exc) from None
+            raise to_gateway_error(exc) from exc
         await complete(completion)
         return json_response(completion)
 
@@ -94,7 +89,7 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
             completion = await upstream.chat_completion(body, on_chunk=on_chunk, on_attempt=on_attempt)
         except UpstreamCallError as exc:
             await _fail_chat(store, record.id, step.id, exc)
-            raise
+            raise to_gateway_error(exc) from exc  # an expected failure: not logged as a bug
         await complete(completion)
 
     task = state.tasks.spawn(run())
@@ -102,10 +97,8 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
     first = await queue.get()
     if first is None:
         exc = task.exception()
-        if isinstance(exc, UpstreamCallError):
-            raise _upstream_http_error(exc)
         if exc is not None:
-            raise exc
+            raise to_gateway_error(exc)
         return EventStreamResponse(_nothing(), tail=DONE)
 
     async def drain() -> AsyncIterator[bytes]:
@@ -115,10 +108,7 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
             chunk = await queue.get()
         if task.exception() is not None:
             # The stream broke after it started: tell the client in-band, as OpenAI does.
-            err = task.exception()
-            yield b"data: " + orjson.dumps(
-                {"error": {"message": str(err), "type": "upstream_error", "param": None, "code": getattr(err, "type", None)}}
-            ) + b"\n\n"
+            yield b"data: " + orjson.dumps(to_gateway_error(task.exception()).to_dict()) + b"\n\n"
             return
         yield DONE
 
@@ -138,16 +128,6 @@ async def _fail_chat(store, response_id: str, step_id: str, exc: UpstreamCallErr
         error={"code": "server_error", "message": str(exc)},
         completed_at=time.time(),
     )
-
-
-def _upstream_http_error(exc: UpstreamCallError) -> GatewayError:
-    if exc.type == "insufficient_quota":
-        return RateLimitError(str(exc), code="insufficient_quota")
-    if exc.type == "rate_limited":
-        return RateLimitError(str(exc))
-    if exc.status is not None and 400 <= exc.status < 500:
-        return InvalidRequestError(str(exc), status_code=exc.status)
-    return UpstreamError(str(exc))
 
 
 def chat_routes() -> list[Route]:

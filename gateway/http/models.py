@@ -6,8 +6,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from executors.upstream import UpstreamError as UpstreamCallError
-from gateway.errors import UpstreamError
 from gateway.observe.metrics import CONTENT_TYPE_LATEST, render_metrics
 
 from .bodies import JSON, json_response
@@ -17,10 +15,8 @@ __all__ = ["model_routes"]
 
 async def list_models(request: Request) -> Response:
     """``GET /v1/models`` passed through to the upstream."""
-    try:
-        upstream_response = await request.app.state.upstream.get("models")
-    except UpstreamCallError as exc:
-        raise UpstreamError(str(exc)) from None
+    # An UpstreamError (no answer) is translated by the app's error handler: 502.
+    upstream_response = await request.app.state.upstream.get("models")
     return Response(
         upstream_response.content,
         status_code=upstream_response.status_code,

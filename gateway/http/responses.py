@@ -18,14 +18,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.engine.live import replay_events
-from gateway.engine.service import ResponsesService, record_to_object
+from gateway.engine.service import Prepared, ResponsesService, record_to_object
 from gateway.errors import (
     ConflictError,
     GatewayError,
     InvalidRequestError,
     NotFoundError,
-    RateLimitError,
-    UpstreamError,
 )
 from gateway.protocol.sse import DONE
 from store.types import ResponseRecord
@@ -38,16 +36,10 @@ __all__ = ["response_routes"]
 
 logger = logging.getLogger("stepchain.http")
 
-def _error_for_failure(error: dict[str, Any] | None) -> GatewayError:
-    """An HTTP error for a response that failed before any output existed."""
-    error = error or {}
-    message = error.get("message") or "The upstream model call failed."
-    code = error.get("code")
-    if code == "insufficient_quota":
-        return RateLimitError(message, code="insufficient_quota")
-    if code == "rate_limit_exceeded":
-        return RateLimitError(message)
-    return UpstreamError(message)
+def _error_for_failure(prepared: Prepared) -> GatewayError:
+    """The HTTP error for a response that failed before any output existed: the upstream's
+    failure by the one rule of :func:`gateway.errors.upstream_error`, or a store failure (503)."""
+    return prepared.failure or GatewayError()
 
 
 # -- /v1/responses ---------------------------------------------------------------------------
@@ -74,7 +66,7 @@ async def create_response(request: Request) -> Response | EventStreamResponse:
         task = _start(state, service, prepared, None)
         final = await asyncio.shield(task)
         if final["status"] == "failed" and not final["output"]:
-            raise _error_for_failure(final.get("error"))
+            raise _error_for_failure(prepared)
         return json_response(final)
 
     live = state.live.open(response_id)
@@ -91,7 +83,7 @@ async def create_response(request: Request) -> Response | EventStreamResponse:
     if live.closed or live.events[-1].startswith(b"event: response.failed"):
         final = await asyncio.shield(task)
         if final["status"] == "failed" and not final["output"]:
-            raise _error_for_failure(final.get("error"))
+            raise _error_for_failure(prepared)
     if state.settings.cancel_on_disconnect and not background:
         state.tasks.spawn(_cancel_on_disconnect(request, service, response_id, task))
     # If the client goes away, the response goes on and is stored (unless configured otherwise).
@@ -201,8 +193,6 @@ async def delete_response(request: Request) -> Response:
 
 async def list_input_items(request: Request) -> Response:
     """``GET /v1/responses/{id}/input_items``: cursor pagination as OpenAI (after, limit, order)."""
-    from gateway.protocol.convert import normalize_input
-
     record = await _visible(request)
     query = request.query_params
     order = query.get("order", "desc")
@@ -212,7 +202,7 @@ async def list_input_items(request: Request) -> Response:
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
         raise InvalidRequestError("limit must be an integer from 1 to 100.", param="limit")
     limit = int(raw_limit)
-    items = normalize_input(record.request.get("input", []), record.id)
+    items = await request.app.state.service.input_items(record)
     if order == "desc":
         items = items[::-1]
     after = query.get("after")

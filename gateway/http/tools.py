@@ -20,11 +20,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from executors.registry import ToolDefinitionError, ToolRegistry, public_view
+from executors.registry import ToolRegistry, public_view
 from gateway.errors import (
     AuthenticationError,
     ConflictError,
-    InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
 )
@@ -74,9 +73,7 @@ async def create_tool(request: Request) -> Response:
     registry = _registry(request)
     body = await _read_body(request)
     try:
-        definition = await registry.register(body)
-    except ToolDefinitionError as exc:
-        raise InvalidRequestError(exc.message, param=exc.param) from None
+        definition = await registry.register(body)  # ToolDefinitionError: 400 via the boundary
     except store_types.StoreConflictError:
         name = body["name"]
         raise ConflictError(f"A tool named '{name}' already exists.", param="name") from None
@@ -103,9 +100,7 @@ async def replace_tool(request: Request) -> Response:
     name = request.path_params["name"]
     body = await _read_body(request)
     try:
-        definition = await registry.replace(name, body)
-    except ToolDefinitionError as exc:
-        raise InvalidRequestError(exc.message, param=exc.param) from None
+        definition = await registry.replace(name, body)  # ToolDefinitionError: 400
     except store_types.StoreNotFoundError:
         raise _not_found(name) from None
     return json_response(public_view(definition))

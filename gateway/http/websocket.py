@@ -47,9 +47,8 @@ from gateway.errors import (
     InvalidRequestError,
     PreviousResponseNotFoundError,
     RequestTooLargeError,
-    ServiceUnavailableError,
+    to_gateway_error,
 )
-from store.types import StoreError
 
 from .bodies import MAX_DEPTH, _too_deep
 
@@ -164,11 +163,11 @@ class _Connection:
             await self.create(event, stream_id)
         except GatewayError as exc:
             self.send(error_event(exc, stream_id))
-        except Exception:
-            logger.exception("websocket response.create failed")
-            self.send(error_event(GatewayError(
-                "The server had an error while processing your request."
-            ), stream_id))
+        except Exception as exc:  # a lower layer's error, translated at the one boundary
+            error = to_gateway_error(exc)
+            if error.status_code >= 500:
+                logger.error("websocket response.create failed", exc_info=exc)
+            self.send(error_event(error, stream_id))
 
     async def create(self, event: dict[str, Any], stream_id: str | None) -> None:
         if self.in_flight is not None:
@@ -227,13 +226,11 @@ class _Connection:
                     final = await self.service.run(prepared, builder)
                 else:
                     final = await self.service.record_only(prepared, builder)
-            except GatewayError as exc:
-                self.send(error_event(exc, stream_id))
-            except StoreError as exc:  # the record could not be created: nothing ran
-                logger.error("websocket response %s not stored: %s", response_id, exc)
-                self.send(error_event(ServiceUnavailableError(
-                    "The response could not be stored; try again."
-                ), stream_id))
+            except Exception as exc:  # e.g. the record could not be created: nothing ran
+                error = to_gateway_error(exc)
+                if error.status_code >= 500:
+                    logger.error("websocket response %s failed", response_id, exc_info=exc)
+                self.send(error_event(error, stream_id))
             finally:
                 # No await between the terminal event and here: the client's next
                 # response.create cannot be read before the connection is free and cached.

@@ -46,7 +46,7 @@ from store.types import COMPLETED
 
 from .response_object import response_object
 from .sse import encode_event
-from .tools import ClientTool, custom_input
+from .tools import ClientTool, CustomInputDecoder, custom_input
 from .usage import add_chat_usage, zero_usage
 
 if TYPE_CHECKING:
@@ -111,6 +111,8 @@ class _ToolCall:
     opened: _Item | None = None
     pieces: list[str] = field(default_factory=list)  # arguments (buffered until the item opens)
     streamed: int = 0  # how many pieces were sent as delta events
+    decoder: CustomInputDecoder | None = None  # a custom tool call's input, decoded as it streams
+    input_sent: list[str] = field(default_factory=list)  # that input, as sent in delta events
 
 
 @dataclass(slots=True)
@@ -547,8 +549,11 @@ class ResponseBuilder:
     def _stream_arguments(self, state: _ToolCall) -> None:
         item = state.opened
         assert item is not None
-        if item.item["type"] in ("custom_tool_call", "mcp_approval_request"):
-            return  # sent once the call is complete
+        if item.item["type"] == "mcp_approval_request":
+            return  # added whole once the call is complete
+        if item.item["type"] == "custom_tool_call":
+            self._stream_input(state, item)
+            return
         if state.streamed < len(state.pieces):
             piece = "".join(state.pieces[state.streamed :])
             state.streamed = len(state.pieces)
@@ -558,6 +563,22 @@ class ResponseBuilder:
                 else "response.function_call_arguments.delta"
             )
             self._send(kind, item_id=item.item["id"], output_index=item.output_index, delta=piece)
+
+    def _stream_input(self, state: _ToolCall, item: _Item) -> None:
+        """Send the newly decodable part of a custom tool call's input (its arguments are
+        ``{"input": "…"}`` JSON upstream) as ``response.custom_tool_call_input.delta``."""
+        if state.decoder is None:
+            state.decoder = CustomInputDecoder()
+        if state.streamed < len(state.pieces):
+            piece = "".join(state.pieces[state.streamed :])
+            state.streamed = len(state.pieces)
+            text = state.decoder.feed(piece)
+            if text:
+                state.input_sent.append(text)
+                self._send(
+                    "response.custom_tool_call_input.delta",
+                    item_id=item.item["id"], output_index=item.output_index, delta=text,
+                )
 
     def _close_tool_calls(
         self, call: _ModelCall, tool_calls: list[dict[str, Any]], failed: bool, status: str
@@ -602,8 +623,9 @@ class ResponseBuilder:
             common = {"item_id": item.item["id"], "output_index": item.output_index}
             if item.item["type"] == "custom_tool_call":
                 text = item.item["input"] = custom_input(arguments)
-                if text:
-                    self._send("response.custom_tool_call_input.delta", **common, delta=text)
+                sent = "".join(state.input_sent)
+                if text != sent and text.startswith(sent):
+                    self._send("response.custom_tool_call_input.delta", **common, delta=text[len(sent) :])
                 self._send("response.custom_tool_call_input.done", **common, input=text)
                 self._close(item, status)
                 continue

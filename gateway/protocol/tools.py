@@ -38,6 +38,7 @@ import orjson
 __all__ = [
     "CUSTOM_INPUT_KEY",
     "ClientTool",
+    "CustomInputDecoder",
     "ToolPlan",
     "custom_arguments",
     "custom_input",
@@ -152,6 +153,7 @@ def plan_tools(
         if isinstance(tool, dict) and tool.get("type") in ("function", "custom")
         and isinstance(tool.get("name"), str)
     }
+    members: set[tuple[str, str]] = set()
     for tool in request_tools:
         if not isinstance(tool, dict):
             continue
@@ -165,6 +167,9 @@ def plan_tools(
             for member in tool.get("tools") or ():
                 if not isinstance(member, dict) or not isinstance(member.get("name"), str):
                     continue
+                if (tool["name"], member["name"]) in members:
+                    continue  # a repeated member: offered once
+                members.add((tool["name"], member["name"]))
                 member_kind = "custom" if member.get("type") == "custom" else "function"
                 upstream = _unique(_flat(tool["name"], member["name"]), taken)
                 plan.functions.append(_function(member, upstream))
@@ -197,3 +202,77 @@ def custom_input(arguments: str) -> str:
 def custom_arguments(text: str) -> str:
     """The upstream ``arguments`` JSON for a custom tool call's ``input``."""
     return orjson.dumps({CUSTOM_INPUT_KEY: text}).decode()
+
+
+_INPUT_START = re.compile(r'\s*\{\s*"' + CUSTOM_INPUT_KEY + r'"\s*:\s*"')
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+class CustomInputDecoder:
+    """Decodes a custom tool call's ``input`` while its ``{"input": "…"}`` arguments stream in.
+
+    :meth:`feed` takes the next piece of the arguments JSON and returns the newly decoded text
+    of the ``input`` string (``""`` while nothing new is complete). Arguments of another shape
+    (another key first, not an object) decode to nothing; the call's final ``input`` then
+    comes from :func:`custom_input` at the end.
+    """
+
+    __slots__ = ("_buffer", "_position", "_state")
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        self._position = 0
+        self._state = "start"  # start | string | done
+
+    def feed(self, piece: str) -> str:
+        self._buffer += piece
+        if self._state == "start":
+            match = _INPUT_START.match(self._buffer)
+            if match is None:
+                if not _could_start(self._buffer):
+                    self._state = "done"
+                return ""
+            self._state, self._position = "string", match.end()
+        if self._state != "string":
+            return ""
+        out: list[str] = []
+        buffer, i, n = self._buffer, self._position, len(self._buffer)
+        while i < n:
+            char = buffer[i]
+            if char == '"':
+                self._state = "done"
+                break
+            if char != "\\":
+                out.append(char)
+                i += 1
+                continue
+            if i + 1 >= n:
+                break  # the escape is not complete yet
+            code = buffer[i + 1]
+            if code in _ESCAPES:
+                out.append(_ESCAPES[code])
+                i += 2
+                continue
+            if code != "u" or i + 6 > n:
+                if code != "u":
+                    self._state = "done"  # not JSON: leave it to custom_input
+                break
+            unit = int(buffer[i + 2 : i + 6], 16)
+            if 0xD800 <= unit < 0xDC00:  # a surrogate pair needs its second half
+                if i + 12 > n:
+                    break
+                low = int(buffer[i + 8 : i + 12], 16)
+                out.append(chr(0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00)))
+                i += 12
+            else:
+                out.append(chr(unit))
+                i += 6
+        self._position = i
+        return "".join(out)
+
+
+def _could_start(text: str) -> bool:
+    """Whether ``text`` may still grow into the ``{"input": "`` opening."""
+    opening = '{"' + CUSTOM_INPUT_KEY + '":"'
+    compact = re.sub(r"\s+", "", text)
+    return opening.startswith(compact) or compact.startswith(opening)

@@ -1,4 +1,5 @@
-"""The SQLite schema: exact columns and indexes on a fresh file, upgrades, no migration twice."""
+"""The schemas: exact columns and indexes on a fresh SQLite file, upgrades, no migration twice;
+PostgreSQL migrations applied once even by replicas opening together."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import sqlite_utils
 from store.migrations import MIGRATION_SET, apply_migrations, migrations
 from store.sqlite import SQLiteStore
 
-NAMES = ["m001_responses", "m002_steps", "m003_tools", "m004_response_leases"]
+NAMES = [
+    "m001_responses",
+    "m002_steps",
+    "m003_tools",
+    "m004_response_leases",
+    "m005_fencing_events_conversations",
+]
 
 COLUMNS = {
     "responses": {
@@ -30,6 +37,8 @@ COLUMNS = {
         "store": "INTEGER",
         "owner": "TEXT",
         "lease_expires_at": "REAL",
+        "owner_epoch": "INTEGER",
+        "cancel_requested": "INTEGER",
     },
     "steps": {
         "id": "TEXT",
@@ -55,6 +64,20 @@ COLUMNS = {
         "definition": "TEXT",
         "created_at": "REAL",
         "updated_at": "REAL",
+    },
+    "events": {"response_id": "TEXT", "sequence_number": "INTEGER", "data": "BLOB"},
+    "conversations": {
+        "id": "TEXT",
+        "tenant": "TEXT",
+        "created_at": "REAL",
+        "metadata": "TEXT",
+        "last_position": "INTEGER",
+    },
+    "conversation_items": {
+        "conversation_id": "TEXT",
+        "position": "INTEGER",
+        "id": "TEXT",
+        "item": "TEXT",
     },
 }
 
@@ -132,3 +155,47 @@ def test_upgrade_from_an_older_schema(tmp_path: Path) -> None:
 def test_migrations_are_registered_in_order() -> None:
     with sqlite_utils.Database(memory=True) as db:
         assert [m.name for m in migrations.pending(db)] == NAMES
+
+
+def test_sqlite_upgrade_keeps_rows_and_fills_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite_utils.Database(path) as db:
+        migrations.apply(db, stop_before="m005_fencing_events_conversations")
+        db.execute(
+            "INSERT INTO responses (id, model, request, status, created_at, owner)"
+            " VALUES ('resp_old', 'm', '{}', 'in_progress', 1.0, 'A')"
+        )
+    _open_close(path)
+    with sqlite_utils.Database(path) as db:
+        row = db.execute(
+            "SELECT owner, owner_epoch, cancel_requested FROM responses WHERE id = 'resp_old'"
+        ).fetchone()
+    assert tuple(row) == ("A", 0, 0)
+
+
+def test_postgres_replicas_opening_together_migrate_once(pg_dsn: str) -> None:
+    import psycopg
+
+    from store.postgres import PostgresStore
+    from store.postgres_schema import MIGRATIONS
+
+    async def go() -> None:
+        stores = [PostgresStore(pg_dsn) for _ in range(4)]
+        await asyncio.gather(*(s.open() for s in stores))
+        await asyncio.gather(*(s.close() for s in stores))
+        again = PostgresStore(pg_dsn)
+        await again.open()
+        await again.close()
+
+    asyncio.run(go())
+    with psycopg.connect(pg_dsn) as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM schema_migrations ORDER BY name")]
+        tables = {
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+            )
+        }
+    assert names == [name for name, _ in MIGRATIONS]
+    assert tables == {"schema_migrations", "responses", "steps", "tools", "events",
+                      "conversations", "conversation_items", "owners"}  # fmt: skip

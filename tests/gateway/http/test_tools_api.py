@@ -11,12 +11,10 @@ from typing import Any
 import httpx
 import pytest
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
 
 from executors.registry import ToolRegistry
 from gateway.config import Settings
-from gateway.errors import GatewayError
+from gateway.http.app import error_handlers
 from gateway.http.tools import tool_routes
 from gateway.testing.serving import serve_app
 from store.sqlite import SQLiteStore
@@ -39,11 +37,6 @@ WEATHER = {
 }
 
 
-async def _render(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, GatewayError)
-    return Response(exc.to_json(), status_code=exc.status_code, media_type="application/json")
-
-
 def tools_app(db: Path, admin_key: str | None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -58,7 +51,7 @@ def tools_app(db: Path, admin_key: str | None) -> Starlette:
             await store.close()
 
     app = Starlette(
-        routes=tool_routes(), lifespan=lifespan, exception_handlers={GatewayError: _render}
+        routes=tool_routes(), lifespan=lifespan, exception_handlers=error_handlers()
     )
     app.state.settings = Settings(admin_key=admin_key)
     return app

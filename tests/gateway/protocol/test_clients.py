@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import openai
+from openai.types.responses import ResponseItem
+from pydantic import TypeAdapter
 
 from gateway.testing.scripted_upstream import Reply, ScriptedModel
 from tests.gateway.harness import running_gateway
@@ -137,6 +139,12 @@ def test_vercel_ai_sdk_item_references(tmp_path):
     assert reply.status_code == 400
     assert reply.json()["error"]["param"] == "input[2].id"
     assert listed.status_code == 200
+    items = TypeAdapter(list[ResponseItem])
+    items.validate_json(json.dumps(listed.json()["data"]), strict=True)
+    listed_types = [item["type"] for item in listed.json()["data"]][::-1]
+    assert listed_types == [
+        "message", "message", "reasoning", "function_call", "function_call_output",
+    ]
     messages = model.requests[2]["messages"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant", "user"]
     assert messages[2]["tool_calls"][0]["function"]["name"] == "weather"
@@ -146,12 +154,12 @@ def test_vercel_ai_sdk_item_references(tmp_path):
 def test_item_references_are_tenant_scoped(tmp_path):
     keys = ("sk-tenant-a-1234567890", "sk-tenant-b-1234567890")
     with running_gateway(tmp_path, ScriptedModel(), api_keys=",".join(keys)) as gw:
-        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=keys[0], max_retries=0)
-        first = client.responses.create(model="scripted-model", input="hi")
-        reference = {"type": "item_reference", "id": first.output[0].id}
-        own = client.responses.create(
-            model="scripted-model", input=[reference, {"role": "user", "content": "again"}]
-        )
+        with openai.OpenAI(base_url=f"{gw.url}/v1", api_key=keys[0], max_retries=0) as client:
+            first = client.responses.create(model="scripted-model", input="hi")
+            reference = {"type": "item_reference", "id": first.output[0].id}
+            own = client.responses.create(
+                model="scripted-model", input=[reference, {"role": "user", "content": "again"}]
+            )
         assert own.status == "completed"
         with gw.http() as http:
             other = http.post(
@@ -175,7 +183,7 @@ def test_left_out_tools_recorded_on_the_step_and_mapped_types_run(tmp_path):
         return JSONResponse({"results": ["stepchain docs"]})
 
     call = {"id": "call_s", "name": "site_search", "arguments": '{"query": "stepchain"}'}
-    model = ScriptedModel([Reply(tool_calls=[call]), "Found it.", "No tools."])
+    model = ScriptedModel([Reply(tool_calls=[call]), "Found it.", "You're welcome.", "No tools."])
     with serve_app(Starlette(routes=[Route("/s", search, methods=["POST"])])) as url:
         tool = {
             "name": "site_search", "description": "Search the web", "url": f"{url}/s",
@@ -186,15 +194,51 @@ def test_left_out_tools_recorded_on_the_step_and_mapped_types_run(tmp_path):
         ) as gw:
             tools = [{"type": "web_search"}, {"type": "file_search", "vector_store_ids": ["vs_1"]}]
             mapped = check_all(gw, {"model": "scripted-model", "input": "search", "tools": tools})
-            plain = gw.client().responses.create(
+            mcp_item, answer = mapped[-1]["response"]["output"]
+            client = gw.client()
+            again = client.responses.create(
+                model="scripted-model",
+                input=[
+                    {"type": "item_reference", "id": mcp_item["id"]},
+                    {"type": "item_reference", "id": answer["id"]},
+                    {"role": "user", "content": "thanks"},
+                ],
+            )
+            plain = client.responses.create(
                 model="scripted-model", input="hi", tools=[{"type": "code_interpreter",
                                                            "container": {"type": "auto"}}],
             )
             with gw.http() as http:
                 steps = http.get(f"/v1/responses/{plain.id}/steps").json()["data"]
+            client.close()
     assert [i["type"] for i in mapped[-1]["response"]["output"]] == ["mcp_call", "message"]
     assert [t["function"]["name"] for t in model.requests[0]["tools"]] == ["site_search"]
-    assert [t["function"]["name"] for t in model.requests[2]["tools"]] == ["site_search"]
+    assert again.status == "completed"
+    assert [m["role"] for m in model.requests[2]["messages"]] == ["assistant", "tool", "assistant", "user"]
+    assert json.loads(model.requests[2]["messages"][1]["content"]) == {"results": ["stepchain docs"]}
+    assert [t["function"]["name"] for t in model.requests[3]["tools"]] == ["site_search"]
     assert steps[0]["request_payload"]["stepchain"] == {"left_out_tools": ["code_interpreter"]}
-    assert "stepchain" not in model.requests[2]
+    assert "stepchain" not in model.requests[3]
     assert plain.metadata == {}
+
+
+def test_openai_sdk_stream_accumulates_custom_and_namespaced_calls(tmp_path):
+    calls = [
+        {"id": "call_c", "name": "apply_patch", "arguments": json.dumps({"input": PATCH})},
+        {"id": "call_n", "name": "ns__read", "arguments": '{"path": "a"}'},
+    ]
+    model = ScriptedModel([Reply(reasoning="r", content="c", tool_calls=calls)])
+    tools = [
+        {"type": "custom", "name": "apply_patch"},
+        {"type": "namespace", "name": "ns", "description": "Files",
+         "tools": [{"type": "function", "name": "read", "parameters": {"type": "object"}}]},
+    ]
+    with running_gateway(tmp_path, model) as gw, gw.client() as client:
+        with client.responses.stream(model="scripted-model", input="x", tools=tools) as stream:
+            for _event in stream:
+                pass
+            final = stream.get_final_response()
+    reasoning, message, custom, function = final.output
+    assert (custom.type, custom.name, custom.input) == ("custom_tool_call", "apply_patch", PATCH)
+    assert (function.type, function.name, function.namespace) == ("function_call", "read", "ns")
+    assert message.phase == "commentary"

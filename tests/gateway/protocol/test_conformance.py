@@ -54,10 +54,14 @@ NAMESPACE = {
 PATCH = "*** Begin Patch\n*** Add File: a.txt\n+hello\n*** End Patch"
 
 
-def sse_events(http: Any, body: dict[str, Any]) -> list[bytes]:
-    """POST a streamed request; the raw ``data`` JSON of every event, in order."""
+def sse_events(http: Any, body: dict[str, Any], url: str | None = None) -> list[bytes]:
+    """POST a streamed request (or GET ``url``); the raw ``data`` JSON of every event."""
     datas = []
-    with http.stream("POST", "/v1/responses", json={**body, "stream": True}) as reply:
+    if url is None:
+        request = http.stream("POST", "/v1/responses", json={**body, "stream": True})
+    else:
+        request = http.stream("GET", url)
+    with request as reply:
         assert reply.status_code == 200, reply.read()
         buffer = b""
         for chunk in reply.iter_bytes():
@@ -88,6 +92,11 @@ def check_all(gw: Any, body: dict[str, Any]) -> list[dict[str, Any]]:
             got = http.get(f"/v1/responses/{final['id']}")
             assert got.status_code == 200
             check_response(got.content)
+            # A replay from the store: the same events, each valid too.
+            replayed = sse_events(http, {}, url=f"/v1/responses/{final['id']}?stream=true")
+            for data in replayed:
+                check_event(data)
+            assert [json.loads(d)["type"] for d in replayed] == [e["type"] for e in events]
         check_response(json.dumps(final))
     return events
 
@@ -144,7 +153,13 @@ def test_client_tool_calls_function_namespace_custom(tmp_path):
         {"id": "call_n", "name": "mcp__files__read", "arguments": '{"path": "a.txt"}'},
         {"id": "call_c", "name": "apply_patch", "arguments": json.dumps({"input": PATCH})},
     ]
-    model = ScriptedModel([Reply(content="Let me look.", tool_calls=calls), "done"])
+    model = ScriptedModel(
+        [
+            Reply(content="Let me look.", tool_calls=calls),
+            "done",
+            Reply(reasoning="Hmm.", content="Again.", tool_calls=calls),
+        ]
+    )
     tools = [
         {"type": "function", "name": "lookup", "parameters": {"type": "object"}},
         NAMESPACE,
@@ -160,6 +175,8 @@ def test_client_tool_calls_function_namespace_custom(tmp_path):
         assert (namespaced["name"], namespaced["namespace"]) == ("read", "mcp__files")
         assert custom["type"] == "custom_tool_call" and custom["input"] == PATCH
         assert "response.custom_tool_call_input.done" in types(events)
+        deltas = [e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta"]
+        assert len(deltas) > 1 and "".join(deltas) == PATCH  # streamed as the upstream sent it
         follow = {
             "model": MODEL,
             "previous_response_id": events[-1]["response"]["id"],
@@ -171,8 +188,12 @@ def test_client_tool_calls_function_namespace_custom(tmp_path):
             ],
         }
         events = check_all(gw, follow)
+        plain = check_plain(gw, {"model": MODEL, "input": "again", "tools": tools})
+    assert [i["type"] for i in plain["output"]] == [
+        "reasoning", "message", "function_call", "function_call", "custom_tool_call",
+    ]
     assert events[-1]["response"]["status"] == "completed"
-    sent = model.requests[-1]
+    sent = model.requests[1]
     assert [t["function"]["name"] for t in sent["tools"]] == [
         "lookup", "mcp__files__read", "apply_patch",
     ]
@@ -202,6 +223,13 @@ def test_hosted_tool_loop_mcp_call_items(tmp_path):
     assert [i["type"] for i in events[-1]["response"]["output"]] == [
         "mcp_call", "mcp_call", "message",
     ]
+
+
+def test_background_stream(tmp_path):
+    with running_gateway(tmp_path, ScriptedModel(["Later."])) as gw:
+        events = check_all(gw, {"model": MODEL, "input": "bg", "background": True})
+    assert events[-1]["response"]["background"] is True
+    assert events[-1]["type"] == "response.completed"
 
 
 def test_failed_and_incomplete(tmp_path):

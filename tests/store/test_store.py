@@ -1,4 +1,6 @@
-"""SQLiteStore against real SQLite files: responses, step chains, the state machine, tools."""
+"""The store on both backends (``store`` is parametrised sqlite/postgres): responses, step chains,
+the state machine, tools. SQLite-only details (pragmas, the worker thread, group commit) are
+marked as such and use an SQLiteStore directly."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import asyncio
 import dataclasses
 import sqlite3
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from store.sqlite import SQLiteStore
-from store.sqlite_ops import _RESPONSE_COLUMNS, _STEP_COLUMNS
+from store import Store
+from store import postgres_ops, sqlite_ops
 from store.types import (
     ALLOWED_TRANSITIONS,
     CANCELED,
@@ -26,17 +29,19 @@ from store.types import (
     PROCESSING,
     STEP_STATES,
     TOOL_CALL,
+    StoreConflictError,
+    Fence,
+    StoreNotFoundError,
     ResponseRecord,
     Step,
     StepDescriptor,
     StepStateError,
-    StoreConflictError,
     StoreError,
-    StoreNotFoundError,
     new_id,
 )
+from tests.store.helpers import run
 
-T = TypeVar("T")
+MakeStore = Callable[[], Store]
 
 # The transition each store method requests.
 TARGETS = (PROCESSING, COMPLETED, FAILED, CANCELED)
@@ -56,10 +61,6 @@ PATHS = {
 }
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
 def reachable_states() -> set[str]:
     seen, todo = {PENDING}, [PENDING]
     while todo:
@@ -70,7 +71,7 @@ def reachable_states() -> set[str]:
     return seen
 
 
-async def transition(store: SQLiteStore, step_id: str, target: str) -> Step:
+async def transition(store: Store, step_id: str, target: str) -> Step:
     if target == PROCESSING:
         return await store.mark_processing(step_id)
     if target == COMPLETED:
@@ -93,22 +94,23 @@ def new_response(**kw: Any) -> ResponseRecord:
     return ResponseRecord(id=new_id("resp"), model="m", request={"input": "hi"}, **kw)
 
 
-async def response_with_steps(store: SQLiteStore, n: int = 1) -> tuple[str, list[Step]]:
+async def response_with_steps(store: Store, n: int = 1) -> tuple[str, list[Step]]:
     response = new_response()
     await store.create_response(response)
     steps = await store.record_steps(response.id, None, None, [model_call(i) for i in range(n)])
     return response.id, steps
 
 
-def open_store(path: Path) -> SQLiteStore:
-    store = SQLiteStore(path)
+def open_new(make_store: MakeStore) -> Store:
+    store = make_store()
     run(store.open())
     return store
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
-    s = open_store(tmp_path / "store.db")
+def sqlite_store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    s = SQLiteStore(tmp_path / "store.db")
+    run(s.open())
     yield s
     run(s.close())
 
@@ -136,9 +138,10 @@ def test_pragmas(tmp_path: Path) -> None:
     assert run(go()) == ("wal", 2, 5000, 1)
 
 
-def test_column_order_matches_the_dataclasses() -> None:
-    assert _STEP_COLUMNS == tuple(f.name for f in dataclasses.fields(Step))
-    assert _RESPONSE_COLUMNS == tuple(f.name for f in dataclasses.fields(ResponseRecord))
+@pytest.mark.parametrize("ops", [sqlite_ops, postgres_ops], ids=["sqlite", "postgres"])
+def test_column_order_matches_the_dataclasses(ops: Any) -> None:
+    assert ops.STEP_COLUMNS == tuple(f.name for f in dataclasses.fields(Step))
+    assert ops.RESPONSE_COLUMNS == tuple(f.name for f in dataclasses.fields(ResponseRecord))
 
 
 def test_bad_synchronous_rejected(tmp_path: Path) -> None:
@@ -146,8 +149,8 @@ def test_bad_synchronous_rejected(tmp_path: Path) -> None:
         SQLiteStore(tmp_path / "x.db", synchronous="SOMETIMES")
 
 
-def test_calls_outside_open_raise_store_error(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "x.db")
+def test_calls_outside_open_raise_store_error(make_store: MakeStore) -> None:
+    store = make_store()
     with pytest.raises(StoreError, match="not open"):
         run(store.get_response("resp_x"))
     run(store.open())
@@ -164,7 +167,8 @@ def test_open_failure_is_a_store_error(tmp_path: Path) -> None:
         run(store.list_tools())
 
 
-def test_sqlite_runs_only_on_the_worker_thread(store: SQLiteStore) -> None:
+def test_sqlite_runs_only_on_the_worker_thread(sqlite_store: SQLiteStore) -> None:
+    store = sqlite_store
     threads: list[int] = []
 
     async def go() -> int:
@@ -191,15 +195,14 @@ def test_sqlite_runs_only_on_the_worker_thread(store: SQLiteStore) -> None:
         store._conn.execute("SELECT 1")  # type: ignore[union-attr]
 
 
-def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "durable.db"
-    store = open_store(path)
+def test_data_survives_close_and_reopen(make_store: MakeStore) -> None:
+    store = open_new(make_store)
     response_id, steps = run(response_with_steps(store, 2))
     run(store.mark_processing(steps[0].id))
     run(store.create_tool({"name": "weather", "url": "http://127.0.0.1:1/"}))
     run(store.close())
 
-    store = open_store(path)
+    store = open_new(make_store)
     try:
         assert run(store.get_response(response_id)) is not None
         assert [s.state for s in run(store.list_steps(response_id))] == [PROCESSING, PENDING]
@@ -213,7 +216,7 @@ def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
 # -- responses ---------------------------------------------------------------------------------
 
 
-def test_response_round_trip(store: SQLiteStore) -> None:
+def test_response_round_trip(store: Store) -> None:
     response = ResponseRecord(
         id="resp_1",
         model="gpt-x",
@@ -229,14 +232,16 @@ def test_response_round_trip(store: SQLiteStore) -> None:
         metadata={"k": "v"},
         store=False,
     )
-    run(store.create_response(response))
-    assert run(store.get_response("resp_1")) == response
+    run(store.create_response(response, owner="proc-A", lease_s=30))
+    stored = dataclasses.replace(response, owner="proc-A", owner_epoch=1)
+    assert run(store.get_response("resp_1")) == stored
+    assert stored.fence == Fence("proc-A", 1)
     assert run(store.get_response("resp_missing")) is None
     with pytest.raises(StoreConflictError):
         run(store.create_response(response))
 
 
-def test_update_response(store: SQLiteStore) -> None:
+def test_update_response(store: Store) -> None:
     response = new_response()
     run(store.create_response(response))
     run(
@@ -274,21 +279,22 @@ def test_update_response(store: SQLiteStore) -> None:
         pytest.param({"status": "completed", "tenant": "t"}, id="mixed"),
     ],
 )
-def test_update_response_rejects_other_fields(store: SQLiteStore, fields: dict[str, Any]) -> None:
+def test_update_response_rejects_other_fields(store: Store, fields: dict[str, Any]) -> None:
     response = new_response()
     run(store.create_response(response))
+    before = run(store.get_response(response.id))
     with pytest.raises(ValueError):
         run(store.update_response(response.id, **fields))
-    assert run(store.get_response(response.id)) == response
+    assert run(store.get_response(response.id)) == before
 
 
 @pytest.mark.parametrize("fields", [{"status": "failed"}, {}], ids=["status", "nothing"])
-def test_update_unknown_response(store: SQLiteStore, fields: dict[str, Any]) -> None:
+def test_update_unknown_response(store: Store, fields: dict[str, Any]) -> None:
     with pytest.raises(StoreNotFoundError):
         run(store.update_response("resp_missing", **fields))
 
 
-def test_delete_response_removes_its_steps(store: SQLiteStore) -> None:
+def test_delete_response_removes_its_steps(store: Store) -> None:
     response_id, steps = run(response_with_steps(store, 3))
     other_id, other_steps = run(response_with_steps(store, 1))
     assert run(store.delete_response(response_id)) is True
@@ -299,7 +305,7 @@ def test_delete_response_removes_its_steps(store: SQLiteStore) -> None:
     assert run(store.list_steps(other_id)) == other_steps
 
 
-def test_list_responses_by_status_oldest_first(store: SQLiteStore) -> None:
+def test_list_responses_by_status_oldest_first(store: Store) -> None:
     made = [
         new_response(status=status, created_at=created)
         for status, created in [
@@ -319,7 +325,7 @@ def test_list_responses_by_status_oldest_first(store: SQLiteStore) -> None:
 # -- recording steps ---------------------------------------------------------------------------
 
 
-def test_record_steps_chains_parallel_siblings(store: SQLiteStore) -> None:
+def test_record_steps_chains_parallel_siblings(store: Store) -> None:
     response_id, (first,) = run(response_with_steps(store, 1))
     assert (first.sequence, first.prev_step_id, first.state) == (1, None, PENDING)
     tools = run(
@@ -335,18 +341,18 @@ def test_record_steps_chains_parallel_siblings(store: SQLiteStore) -> None:
     assert len({s.id for s in chain}) == 6
 
 
-def test_record_steps_unknown_response(store: SQLiteStore) -> None:
+def test_record_steps_unknown_response(store: Store) -> None:
     with pytest.raises(StoreNotFoundError):
         run(store.record_steps("resp_missing", None, None, [model_call()]))
 
 
-def test_record_steps_rejects_unknown_kind(store: SQLiteStore) -> None:
+def test_record_steps_rejects_unknown_kind(store: Store) -> None:
     response_id, _ = run(response_with_steps(store, 0))
     with pytest.raises(ValueError):
         run(store.record_steps(response_id, None, None, [StepDescriptor("web_search", {})]))
 
 
-def test_unserialisable_payload_writes_nothing(store: SQLiteStore) -> None:
+def test_unserialisable_payload_writes_nothing(store: Store) -> None:
     response_id, _ = run(response_with_steps(store, 0))
     bad = StepDescriptor(MODEL_CALL, {"x": object()})
     with pytest.raises(StoreError):
@@ -354,7 +360,7 @@ def test_unserialisable_payload_writes_nothing(store: SQLiteStore) -> None:
     assert run(store.list_steps(response_id)) == []
 
 
-def test_concurrent_record_steps_keep_sequences_gap_free(store: SQLiteStore) -> None:
+def test_concurrent_record_steps_keep_sequences_gap_free(store: Store) -> None:
     async def go() -> list[Step]:
         response = new_response()
         await store.create_response(response)
@@ -367,9 +373,8 @@ def test_concurrent_record_steps_keep_sequences_gap_free(store: SQLiteStore) -> 
     assert len(steps) == sum(i % 3 + 1 for i in range(50))
 
 
-def test_two_stores_on_one_file_keep_sequences_unique(tmp_path: Path) -> None:
-    path = tmp_path / "shared.db"
-    a, b = open_store(path), open_store(path)
+def test_two_stores_on_one_database_keep_sequences_unique(make_store: MakeStore) -> None:
+    a, b = open_new(make_store), open_new(make_store)
 
     async def go() -> list[Step]:
         response = new_response()
@@ -389,7 +394,7 @@ def test_two_stores_on_one_file_keep_sequences_unique(tmp_path: Path) -> None:
 # -- the state machine -------------------------------------------------------------------------
 
 
-def test_mark_processing_then_complete(store: SQLiteStore) -> None:
+def test_mark_processing_then_complete(store: Store) -> None:
     response_id, (step,) = run(response_with_steps(store))
     started = run(store.mark_processing(step.id))
     assert (started.state, started.attempt) == (PROCESSING, 1)
@@ -404,7 +409,7 @@ def test_mark_processing_then_complete(store: SQLiteStore) -> None:
 
 
 @pytest.mark.parametrize("start", [PENDING, PROCESSING])
-def test_fail_keeps_partial_payload(store: SQLiteStore, start: str) -> None:
+def test_fail_keeps_partial_payload(store: Store, start: str) -> None:
     response_id, (step,) = run(response_with_steps(store))
     for target in PATHS[start]:
         run(transition(store, step.id, target))
@@ -417,7 +422,7 @@ def test_fail_keeps_partial_payload(store: SQLiteStore, start: str) -> None:
 
 
 @pytest.mark.parametrize("start", [PENDING, PROCESSING])
-def test_cancel(store: SQLiteStore, start: str) -> None:
+def test_cancel(store: Store, start: str) -> None:
     response_id, (step,) = run(response_with_steps(store))
     for target in PATHS[start]:
         run(transition(store, step.id, target))
@@ -427,7 +432,7 @@ def test_cancel(store: SQLiteStore, start: str) -> None:
 
 
 @pytest.mark.parametrize(("src", "dst"), ILLEGAL)
-def test_illegal_transition_rejected(store: SQLiteStore, src: str, dst: str) -> None:
+def test_illegal_transition_rejected(store: Store, src: str, dst: str) -> None:
     response_id, (step,) = run(response_with_steps(store))
     for target in PATHS[src]:
         run(transition(store, step.id, target))
@@ -440,13 +445,13 @@ def test_illegal_transition_rejected(store: SQLiteStore, src: str, dst: str) -> 
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_transition_of_unknown_step(store: SQLiteStore, target: str) -> None:
+def test_transition_of_unknown_step(store: Store, target: str) -> None:
     with pytest.raises(StoreNotFoundError, match="step_missing"):
         run(transition(store, "step_missing", target))
     assert run(store.get_step("step_missing")) is None
 
 
-def test_record_attempt(store: SQLiteStore) -> None:
+def test_record_attempt(store: Store) -> None:
     response_id, (step,) = run(response_with_steps(store))
     first = {"type": "rate_limit", "message": "429 from upstream"}
     run(store.record_attempt(step.id, first, "https://a.example/v1"))
@@ -466,8 +471,7 @@ def reference_outcome(state: str, target: str) -> str | None:
     return target if target in ALLOWED_TRANSITIONS[state] else None
 
 
-def test_random_transition_sequences_follow_the_table(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "hyp.db")
+def test_random_transition_sequences_follow_the_table(store: Store) -> None:
     reachable = reachable_states()
 
     @settings(max_examples=150, deadline=None)
@@ -494,14 +498,10 @@ def test_random_transition_sequences_follow_the_table(tmp_path: Path) -> None:
 
         run(go())
 
-    try:
-        check()
-    finally:
-        run(store.close())
+    check()
 
 
-def test_concurrent_transition_requests_follow_the_table(tmp_path: Path) -> None:
-    store = open_store(tmp_path / "hyp.db")
+def test_concurrent_transition_requests_follow_the_table(store: Store) -> None:
     reachable = reachable_states()
 
     @settings(max_examples=100, deadline=None)
@@ -532,16 +532,13 @@ def test_concurrent_transition_requests_follow_the_table(tmp_path: Path) -> None
 
         run(go())
 
-    try:
-        check()
-    finally:
-        run(store.close())
+    check()
 
 
 # -- scopes ------------------------------------------------------------------------------------
 
 
-def test_chains_never_mix_scopes(store: SQLiteStore) -> None:
+def test_chains_never_mix_scopes(store: Store) -> None:
     async def go() -> None:
         response_id, (model,) = await response_with_steps(store)
         agent, other = await store.record_steps(
@@ -568,7 +565,7 @@ def test_chains_never_mix_scopes(store: SQLiteStore) -> None:
     run(go())
 
 
-def test_list_unfinished_steps(store: SQLiteStore) -> None:
+def test_list_unfinished_steps(store: Store) -> None:
     async def go() -> None:
         _, steps_a = await response_with_steps(store, 4)
         _, steps_b = await response_with_steps(store, 2)
@@ -590,7 +587,7 @@ def test_list_unfinished_steps(store: SQLiteStore) -> None:
 # -- tools -------------------------------------------------------------------------------------
 
 
-def test_tools_crud(store: SQLiteStore) -> None:
+def test_tools_crud(store: Store) -> None:
     async def go() -> None:
         weather = {"name": "weather", "parameters": {"type": "object"}, "url": "http://a/"}
         add = {"name": "add", "parameters": {"type": "object"}, "url": "http://b/"}
@@ -619,7 +616,7 @@ def test_tools_crud(store: SQLiteStore) -> None:
     run(go())
 
 
-def test_complete_step_with_the_response_result_in_one_write(store: SQLiteStore) -> None:
+def test_complete_step_with_the_response_result_in_one_write(store: Store) -> None:
     response_id, (step,) = run(response_with_steps(store))
     run(store.mark_processing(step.id))
     result = {"status": "completed", "output": [{"type": "message"}], "completed_at": 5.0}

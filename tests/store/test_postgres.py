@@ -1,0 +1,162 @@
+"""PostgreSQL-only behaviour: start-up errors that name the server but never the password, the
+server going away and coming back at run time, and ``open_store`` picking the backend by URL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import psycopg
+import pytest
+
+from store import open_store
+from store.postgres import PostgresStore
+from store.sqlite import SQLiteStore
+from store.types import ResponseRecord, StoreError, StoreUnavailableError, new_id
+from tests.pg import PASSWORD_ROLE, PgServer, _free_port
+from tests.store.helpers import run
+
+
+def _record() -> ResponseRecord:
+    return ResponseRecord(id=new_id("resp"), model="m", request={}, created_at=time.time())
+
+
+def test_open_store_picks_the_backend_by_url(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert isinstance(open_store(str(tmp_path / "a.db")), SQLiteStore)
+    assert open_store(f"sqlite:///{tmp_path}/b.db").path == f"{tmp_path}/b.db"  # type: ignore[attr-defined]
+    assert open_store("sqlite:///rel.db").path == "rel.db"  # type: ignore[attr-defined]
+    assert open_store("x.db", synchronous="FULL")._synchronous == "FULL"  # type: ignore[attr-defined]
+    for url in ("postgresql://u:pw@db.example:6543/app", "postgres://u@db.example/app"):
+        store = open_store(url, synchronous="FULL")  # SQLite's option is ignored here
+        assert isinstance(store, PostgresStore) and "pw" not in repr(store)
+    assert open_store("postgresql://u:pw@db.example:6543/app").where == "db.example:6543/app"  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="'mysql'") as info:
+        open_store("mysql://root:hunter2@db/app")
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ValueError):
+        open_store("sqlite://")
+
+
+def test_unreachable_server_at_open_names_it_without_the_password() -> None:
+    port = _free_port()  # nothing listens there
+    store = PostgresStore(f"postgresql://app:s3cret-pw@127.0.0.1:{port}/appdb", connect_timeout_s=2)
+    with pytest.raises(StoreUnavailableError) as info:
+        run(store.open())
+    message = str(info.value)
+    assert f"127.0.0.1:{port}/appdb" in message and "s3cret-pw" not in message
+    assert "\n" not in message
+    with pytest.raises(StoreError, match="not open"):
+        run(store.get_response("resp_x"))
+
+
+def test_wrong_password_and_unknown_database_at_open(pg_server: PgServer, pg_dsn: str) -> None:
+    if not pg_server.managed:
+        pytest.skip("needs the test-managed server (a role with password logins)")
+    with psycopg.connect(pg_server.admin_dsn, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (PASSWORD_ROLE,)).fetchone()
+        if not exists:
+            conn.execute(f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD 'right-pw'")
+    port = psycopg.conninfo.conninfo_to_dict(pg_dsn)["port"]
+    for url, where in (
+        (f"postgresql://{PASSWORD_ROLE}:wrong-pw@127.0.0.1:{port}/postgres", f"127.0.0.1:{port}/postgres"),
+        (f"postgresql://postgres:any-pw@127.0.0.1:{port}/no_such_db", f"127.0.0.1:{port}/no_such_db"),
+    ):
+        with pytest.raises(StoreUnavailableError) as info:
+            run(PostgresStore(url).open())
+        message = str(info.value)
+        assert where in message and "pw" not in message.replace(PASSWORD_ROLE, ""), message
+
+
+def test_server_going_away_and_coming_back(pg_server: PgServer, pg_dsn: str) -> None:
+    if not pg_server.managed:
+        pytest.skip("needs the test-managed server (it is stopped and started)")
+    store = PostgresStore(pg_dsn, pool_timeout_s=2, connect_timeout_s=2)
+    follower = PostgresStore(pg_dsn, pool_timeout_s=2, connect_timeout_s=2)
+
+    async def main() -> list[float]:
+        await store.open()
+        await follower.open()
+        kept = _record()
+        await store.create_response(kept, events=(0, [b"e0"]))
+        await store.register_owner("proc-outage")
+        assert await _owner_lock_held("proc-outage")
+        pg_server.stop()
+        took = []
+        lost = _record()
+        for call in (
+            store.get_response(kept.id),
+            store.create_response(lost),
+            store.append_events(kept.id, 1, [b"lost"]),
+            store.get_response(kept.id),
+        ):
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailableError) as info:
+                await asyncio.wait_for(call, 60)  # promptly: never a hang
+            took.append(time.monotonic() - t0)
+            assert pg_dsn.split("@")[1].split("/")[0] in str(info.value)
+        pg_server.start()
+        deadline = time.monotonic() + 60
+        while True:  # the pool reconnects: calls work again
+            try:
+                got = await store.get_response(kept.id)
+                break
+            except StoreUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        assert got is not None and got.id == kept.id
+        assert await store.get_response(lost.id) is None  # the writes that raised wrote nothing
+        assert await store.list_events(kept.id) == [(0, b"e0")]
+        await store.create_response(lost)
+        # The follower's LISTEN connection comes back too: wake-ups work again.
+        waiting = asyncio.ensure_future(follower.wait_events(kept.id, 0, 60))
+        await asyncio.sleep(0.1)
+        await store.append_events(kept.id, 1, [b"e1"])
+        await asyncio.wait_for(waiting, 60)
+        assert await follower.list_events(kept.id, after=0) == [(1, b"e1")]
+        # The owner's liveness lock died with the server's sessions; the store takes it again.
+        deadline = time.monotonic() + 60
+        while not await _owner_lock_held("proc-outage"):
+            assert time.monotonic() < deadline, "the owner lock was not taken again"
+            await asyncio.sleep(0.2)
+        return took
+
+    async def _owner_lock_held(owner: str) -> bool:
+        async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+            cursor = await conn.execute(
+                "SELECT EXISTS(SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(%s, 0))",
+                (owner,),
+            )
+            row = await cursor.fetchone()
+            return bool(row and row[0])
+
+    try:
+        took = run(main())
+    finally:
+        run(store.close())
+        run(follower.close())
+    print("StoreUnavailableError after (s):", [round(t, 2) for t in took])
+
+
+def test_json_key_order_is_kept(pg_dsn: str) -> None:
+    """``json`` columns keep the text as written: the Response objects built from them show keys
+    in the order the gateway wrote them (jsonb would reorder them)."""
+    store = PostgresStore(pg_dsn)
+
+    async def main() -> None:
+        await store.open()
+        try:
+            record = _record()
+            record.request = {"zeta": 1, "alpha": {"y": 2, "b": 3}, "mid": [1, {"k2": 0, "k1": 1}]}
+            record.metadata = {"z": "1", "a": "2"}
+            await store.create_response(record)
+            got = await store.get_response(record.id)
+            assert got is not None
+            assert list(got.request) == ["zeta", "alpha", "mid"]
+            assert list(got.request["alpha"]) == ["y", "b"]
+            assert list(got.metadata or {}) == ["z", "a"]
+        finally:
+            await store.close()
+
+    run(main())
