@@ -98,7 +98,7 @@ def test_retention_purges_old_finished_responses(tmp_path, caplog) -> None:
             old = ResponseRecord(id=new_id("resp"), model="m", request={"input": "old"},
                                  status="completed", created_at=time.time() - 10 * 86_400)
             new = ResponseRecord(id=new_id("resp"), model="m", request={"input": "new"},
-                                 status="completed")
+                                 status="completed", created_at=time.time())
             await store.create_response(old)
             await store.create_response(new)
             task = asyncio.create_task(purge_periodically(store, 7, interval_s=3600))
