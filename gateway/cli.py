@@ -242,6 +242,9 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+        # WebSocket mode takes what HTTP takes: a message up to max_body_bytes gets an answer
+        # (an error event past the limit), a frame much larger is closed with 1009.
+        ws_max_size=max(16 * 1024 * 1024, settings.max_body_bytes + 1024 * 1024),
         **_configure_logging(settings),
     )
     if settings.workers > 1:

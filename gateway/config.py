@@ -334,10 +334,11 @@ class Settings(BaseSettings):
         "\"my_search_tool\"}` (flag and variable: a JSON object); other hosted types are left "
         "out of what the model is offered",
     )
-    reasoning_to_upstream: bool = Field(
-        False,
-        description="send reasoning items of the input back upstream as `reasoning_content` on "
-        "the next assistant message (vLLM, DeepSeek, llama.cpp take it)",
+    reasoning_to_upstream: Literal["off", "encrypted", "all"] = Field(
+        "encrypted",
+        description="reasoning items of the input sent back upstream as `reasoning_content` on "
+        "the next assistant message: `encrypted` (those whose `encrypted_content` the client "
+        "round-trips, e.g. Codex CLI), `all`, or `off` (for upstreams that refuse the field)",
     )
 
     @classmethod

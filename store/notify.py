@@ -54,6 +54,11 @@ class Waiters:
             if not future.done():
                 future.set_result(None)
 
+    def notify_channel(self, channel: str) -> None:
+        """Wake everyone waiting on any key of ``channel``."""
+        for key in self.keys(channel):
+            self.notify(channel, key)
+
     def wake_all(self) -> None:
         """Wake every waiter (after notifications may have been missed)."""
         slots, self._by_key = self._by_key, {}

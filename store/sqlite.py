@@ -14,6 +14,7 @@ to :class:`store.types.StoreError` in one place. Requires SQLite 3.35 or later (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -51,6 +52,8 @@ from .worker import BatchingWorker
 __all__ = ["SQLiteStore"]
 
 _T = TypeVar("_T")
+#: Each waiter also re-checks on its own this often, whatever the shared poller does.
+_FALLBACK_POLL_S = 5.0
 
 
 class SQLiteStore(Store):
@@ -64,7 +67,8 @@ class SQLiteStore(Store):
 
     ``poll_s`` (25 ms) and ``cancel_poll_s`` (250 ms) are how often :meth:`wait_events` and
     :meth:`wait_cancel` look for other processes' writes on the same file (this store's own
-    writes wake them at once). Owner liveness uses lock files in ``<path>-owners/``
+    writes wake them at once): one shared poller per store, running only while someone waits,
+    one ``PRAGMA data_version`` per tick and a query only when another process committed. Owner liveness uses lock files in ``<path>-owners/``
     (:mod:`store.owners`).
 
     Returned objects own the payloads passed in (no copies are made).
@@ -89,6 +93,7 @@ class SQLiteStore(Store):
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
         self._poll_s, self._cancel_poll_s = poll_s, cancel_poll_s
         self._waiters = Waiters()
+        self._poller: asyncio.Task[None] | None = None
         self._owners = OwnerLocks(self.path)
 
     def __repr__(self) -> str:
@@ -172,6 +177,11 @@ class SQLiteStore(Store):
         if executor is None:
             return
         self._waiters.wake_all()
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(BaseException):
+                await self._poller
+            self._poller = None
         await asyncio.to_thread(self._owners.release_all)
         try:
             await executor.submit(self._disconnect)
@@ -404,11 +414,47 @@ class SQLiteStore(Store):
     async def wait_events(self, response_id: str, after: int, timeout_s: float) -> None:
         """See :meth:`Store.wait_events`. Writes of this store wake waiters at once; writes of
         other processes on the same file are seen by a poll every ``poll_s`` (25 ms)."""
+        self._ensure_poller()
         await wait_until(
             self._waiters, "events", response_id,
             lambda: self._run(records.events_ready, response_id, after),
-            timeout_s, lambda: self._poll_s,
+            timeout_s, lambda: _FALLBACK_POLL_S,
         )  # fmt: skip
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.ensure_future(self._poll_other_processes())
+
+    async def _poll_other_processes(self) -> None:
+        """While anyone waits: every ``poll_s``, one ``PRAGMA data_version`` (it changes when
+        another connection committed); on a change, wake the event followers (each re-checks)
+        and, every ``cancel_poll_s``, look up which watched responses have a cancel request —
+        one query for all of them. Cost with nothing happening elsewhere: one pragma per tick."""
+        version: int | None = None
+        last_cancel_check, dirty = 0.0, True
+        loop = asyncio.get_running_loop()
+        while self._waiters and self._executor is not None:
+            await asyncio.sleep(self._poll_s)
+            executor = self._executor
+            if executor is None:
+                return
+            now = loop.time()
+            watched: list[str] = []
+            if dirty and now - last_cancel_check >= self._cancel_poll_s:
+                watched = self._waiters.keys("cancel")
+            try:
+                version, changed, cancelled = await executor.submit(
+                    self._on_worker, records.poll_changes, (version, watched)
+                )
+            except (StoreError, RuntimeError):
+                continue
+            if watched:
+                last_cancel_check, dirty = now, False
+            dirty = dirty or changed
+            if changed:
+                self._waiters.notify_channel("events")
+            for response_id in cancelled:
+                self._waiters.notify("cancel", response_id)
 
     # -- liveness and cancellation -----------------------------------------------------------
 
@@ -433,10 +479,11 @@ class SQLiteStore(Store):
     async def wait_cancel(self, response_id: str, timeout_s: float | None = None) -> bool:
         """See :meth:`Store.wait_cancel`. Requests made through this store wake it at once;
         those of other processes are seen by a poll every ``cancel_poll_s`` (250 ms)."""
+        self._ensure_poller()
         return await wait_until(
             self._waiters, "cancel", response_id,
             lambda: self._run(records.cancel_requested, response_id),
-            timeout_s, lambda: self._cancel_poll_s,
+            timeout_s, lambda: _FALLBACK_POLL_S,
         )  # fmt: skip
 
     # -- conversations -----------------------------------------------------------------------

@@ -53,6 +53,27 @@ def events_ready(conn: sqlite3.Connection, response_id: str, after: int) -> bool
     return bool(newer) or status is None or status not in UNFINISHED_STATUSES
 
 
+def poll_changes(
+    conn: sqlite3.Connection, version: int | None, watched: list[str]
+) -> tuple[int, bool, list[str]]:
+    """``(data_version, changed since version, those of the watched ids with a cancel
+    request)``: ``data_version`` changes when another connection commits."""
+    now = conn.execute("PRAGMA data_version").fetchone()[0]
+    changed = version is not None and now != version
+    cancelled: list[str] = []
+    if watched:
+        cancelled = [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM responses WHERE cancel_requested = 1 AND id IN ({})".format(
+                    ", ".join("?" * len(watched))
+                ),
+                watched,
+            )
+        ]
+    return now, changed, cancelled
+
+
 # -- cancellation ----------------------------------------------------------------------------
 
 

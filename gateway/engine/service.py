@@ -46,11 +46,14 @@ from store.types import (
     ResponseRecord,
     Step,
     StepStateError,
+    StoreConflictError,
     StoreError,
+    StoreNotFoundError,
     new_id,
 )
 
 from .compaction import compact_threshold_of, expand_compactions
+from .conversations import ConversationService, conversation_id_of
 from .history import HistoryCache
 from .loop import LoopDeps, StepBudget, run_response_loop
 from .references import ItemResolver
@@ -81,6 +84,8 @@ class Prepared:
     upstream_key: str | None = None
     # The MCP tools (and approvals) of this response.
     mcp: ResponseTools | None = None
+    # The conversation (Conversations API) the response's input and output are appended to.
+    conversation_id: str | None = None
     # Why the response failed, as the error a client sees when nothing was output yet.
     failure: GatewayError | None = None
     # The client request's W3C trace context headers (traceparent, tracestate), for tracing.
@@ -97,6 +102,19 @@ class _NotClient:
 
     def __contains__(self, name: object) -> bool:
         return name not in self.client
+
+
+def _conversation_turn(
+    prepared: Prepared, status: str, output: list[dict[str, Any]]
+) -> tuple[str, list[dict[str, Any]]] | None:
+    """``(conversation id, items)`` to append for a finished response: its new input items
+    (those the conversation does not hold yet) and its output; None when nothing is appended
+    (no conversation, or the response failed or was cancelled)."""
+    if prepared.conversation_id is None or status not in ("completed", "incomplete"):
+        return None
+    held = {item.get("id") for item in prepared.history}
+    items = [item for item in prepared.input_items if item.get("id") not in held]
+    return prepared.conversation_id, items + output
 
 
 def record_to_object(record: ResponseRecord) -> dict[str, Any]:
@@ -137,7 +155,7 @@ class ResponsesService:
         lease_s: float = 30.0,
         hosted_tool_map: dict[str, str] | None = None,
         encrypted_content_key: str | None = None,
-        reasoning_to_upstream: bool = False,
+        reasoning_to_upstream: str = "encrypted",
         context_windows: dict[str, int] | None = None,
         history_max_bytes: int = 256_000_000,
     ) -> None:
@@ -146,11 +164,12 @@ class ResponsesService:
         self.hosted_tool_map = dict(hosted_tool_map or {})
         # Seals and opens encrypted_content (compaction and reasoning items); None: refused.
         self.encrypted_content_key = encrypted_content_key
-        # Send input reasoning back upstream as reasoning_content (upstreams that take it).
+        # Which input reasoning goes back upstream as reasoning_content: off | encrypted | all.
         self.reasoning_to_upstream = reasoning_to_upstream
         # Context window in tokens by model name ("*": any other), for truncation and compaction.
         self.context_windows = dict(context_windows or {})
         self.store = deps.store
+        self.conversations = ConversationService(deps.store)
         self.owner = owner
         self.lease_s = lease_s
         # Responses whose task is being cancelled on purpose (not by a shutdown).
@@ -279,7 +298,16 @@ class ResponsesService:
         await registry.refresh_if_stale()
         history_ids: frozenset[str] = frozenset()
         previous_id = body.get("previous_response_id")
-        if history is not None:
+        conversation_id = conversation_id_of(body.get("conversation"))
+        if conversation_id is not None:
+            if previous_id:
+                raise InvalidRequestError(
+                    "Mutually exclusive parameters: provide either 'previous_response_id' or "
+                    "'conversation', not both.",
+                    param="conversation",
+                )
+            history = await self.conversations.history(conversation_id, tenant)
+        elif history is not None:
             history = list(history)
         elif not previous_id:
             history = []
@@ -320,7 +348,7 @@ class ResponsesService:
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
             tool_output_max_lines=self.deps.tool_output_max_lines,
             tool_name=plan.upstream_name,
-            reasoning_text=self._reasoning_text if self.reasoning_to_upstream else None,
+            reasoning_text=None if self.reasoning_to_upstream == "off" else self._reasoning_text,
         )
         if approved:  # the turn that asked for them, answered by the steps that run them
             messages.append(
@@ -371,6 +399,7 @@ class ResponsesService:
         return Prepared(
             record, loop_request, input_items, history, client_names, plan, history_ids,
             mcp=hosted,
+            conversation_id=conversation_id,
         )
 
     def _offer(self, body: dict[str, Any]) -> tuple[ToolPlan, list[dict[str, Any]], frozenset[str]]:
@@ -402,7 +431,8 @@ class ResponsesService:
                 unseal(token, self.encrypted_content_key, param=f"input[{i}].encrypted_content")
 
     def _reasoning_text(self, item: dict[str, Any]) -> str | None:
-        """The reasoning text of a reasoning item: its sealed text, else its content parts."""
+        """The reasoning text of a reasoning item for the upstream: its sealed text, else (with
+        ``reasoning_to_upstream = "all"``) its content or summary parts."""
         token = item.get("encrypted_content")
         if isinstance(token, str) and self.encrypted_content_key is not None:
             try:
@@ -411,6 +441,8 @@ class ResponsesService:
                 text = None  # checked when it arrived; a rotated key only loses the reasoning
             if isinstance(text, str):
                 return text
+        if self.reasoning_to_upstream != "all":
+            return None
         parts = item.get("content") or item.get("summary") or ()
         texts = [p.get("text") for p in parts if isinstance(p, dict)]
         return "\n".join(t for t in texts if isinstance(t, str)) or None
@@ -627,14 +659,18 @@ class ResponsesService:
             "incomplete_details": incomplete,
             "completed_at": completed_at,
         }
+        turn = _conversation_turn(prepared, status, output)
         try:
-            if last is not None:
-                await self.store.complete_step(
-                    last.id, last.response_payload, last.usage, upstream=last.upstream,
-                    response_update=result,
-                )
-            else:
-                await self.store.update_response(record.id, **result)
+            try:
+                await self._write_result(record.id, last, result, turn)
+            except (StoreNotFoundError, StoreConflictError) as exc:
+                if turn is None:
+                    raise
+                # The conversation was deleted meanwhile (or already holds an item id sent
+                # again concurrently): the response's result is kept all the same.
+                logger.warning("conversation %s: turn of response %s not added: %s",
+                               turn[0], record.id, exc)
+                await self._write_result(record.id, last, result, None)
         except StoreError as exc:
             logger.error("could not store the result of response %s", record.id, exc_info=exc)
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
@@ -642,3 +678,21 @@ class ResponsesService:
         if scope is not None:
             scope.finish(status, usage=builder.usage, error=error, iterations=iterations)
         return builder.finish(status, error=error, incomplete_details=incomplete)
+
+    async def _write_result(
+        self,
+        response_id: str,
+        last: Step | None,
+        result: dict[str, Any],
+        turn: tuple[str, list[dict[str, Any]]] | None,
+    ) -> None:
+        """The response's result (with its unwritten last model call, and its conversation
+        turn) in one store transaction."""
+        extra = {} if turn is None else {"conversation_items": turn}
+        if last is not None:
+            await self.store.complete_step(
+                last.id, last.response_payload, last.usage, upstream=last.upstream,
+                response_update=result, **extra,
+            )
+        else:
+            await self.store.update_response(response_id, **result, **extra)

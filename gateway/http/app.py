@@ -56,6 +56,7 @@ from gateway.observe.tracing import PropagatingTransport, get_tracing
 from .auth import AuthMiddleware, hash_key, load_api_keys
 from .chat import chat_routes
 from .context import context_routes
+from .conversations import conversation_routes
 from .models import model_routes
 from .responses import response_routes
 from .tools import tool_routes
@@ -276,6 +277,7 @@ def create_app(
             *model_routes(),
             *context_routes(),
             *response_routes(),
+            *conversation_routes(),
             *websocket_routes(),
             *chat_routes(),
             *tool_routes(),

@@ -15,7 +15,8 @@ ending with ``response.completed`` / ``response.incomplete`` / ``response.failed
 * Errors are ``{"type": "error", "status": <HTTP status>, "error": {"type", "code", "message",
   "param"}}`` (openai-python's ``ResponseWsError``). A message that is not JSON, not an object,
   of an unknown ``type``, or larger than ``max_body_bytes`` gets one and the connection stays
-  usable; a frame larger than the server's WebSocket limit is closed with 1009 by uvicorn.
+  usable; a frame larger than the server's WebSocket limit (``stepchain serve``: max_body_bytes
+  + 1 MiB, at least 16 MiB) is closed with 1009 by uvicorn.
 * Auth: the upgrade request's ``Authorization: Bearer`` header, checked by
   :class:`gateway.http.auth.AuthMiddleware` (a bad key is refused with HTTP 401 before the
   handshake completes); the tenant is the one the key maps to, as over HTTP.
@@ -153,6 +154,13 @@ class _Connection:
             return
         kind = event.get("type")
         stream_id = event.get("stream_id") if isinstance(event.get("stream_id"), str) else None
+        if kind == "response.steer":
+            self.send(error_event(InvalidRequestError(
+                "response.steer is not supported by this gateway; send the input with the next "
+                "response.create and previous_response_id.",
+                param="type", code="unsupported_event_type",
+            ), stream_id))
+            return
         if kind != "response.create":
             self.send(error_event(InvalidRequestError(
                 f"Unknown event type {kind!r}; this server accepts 'response.create'.",

@@ -178,6 +178,8 @@ def test_a_second_create_while_one_runs_is_an_error_event(gw):
         pytest.param("{not json", 400, "invalid_json", id="not-json"),
         pytest.param('["response.create"]', 400, "invalid_type", id="not-an-object"),
         pytest.param('{"type": "response.cancel"}', 400, "unknown_event_type", id="unknown-type"),
+        pytest.param('{"type": "response.steer", "previous_response_id": "resp_1", "input": []}',
+                     400, "unsupported_event_type", id="steer"),
         pytest.param('{"type": "response.create", "input": "x"}', 400, None, id="no-model"),
         pytest.param(
             '{"type": "response.create", "model": "m", "background": true}', 400, None,
@@ -298,3 +300,25 @@ def test_generate_false_stores_state_without_a_model_call(gw):
         answer = until_terminal(connection)[-1].response
     assert answer.output_text == "Echo: Now answer."
     assert [m["content"] for m in gw.model.requests[-1]["messages"]] == ["Context for later.", "Now answer."]
+
+
+def test_stepchain_serve_answers_messages_past_uvicorns_default_limit(tmp_path):
+    """A real ``stepchain serve`` process sizes its WebSocket limit from ``max_body_bytes``: a
+    17.5 MiB message (past uvicorn's 16 MiB default) over a 17 MiB ``max_body_bytes`` gets an
+    error event, and the socket stays usable, instead of a 1009 close."""
+    from tests.gateway.harness import serve_process
+    from tests.servers import serve_scripted_upstream
+
+    limit = 17 * 1024 * 1024
+    with serve_scripted_upstream() as upstream, serve_process(
+        ["--db", str(tmp_path / "s.db"), "--upstream-base-url", upstream.base_url,
+         "--max-body-bytes", str(limit)],
+        tmp_path / "serve.log",
+    ) as (url, _proc):
+        with connect(url.replace("http://", "ws://") + "/v1/responses", open_timeout=30,
+                     max_size=None) as ws:
+            ws.send("x" * (limit + 512 * 1024))
+            error = orjson.loads(ws.recv(timeout=60))
+            assert error["type"] == "error" and error["status"] == 413
+            ws.send(orjson.dumps({"type": "response.create", "model": MODEL, "input": "ok"}).decode())
+            assert raw_until_terminal(ws)[-1]["type"] == "response.completed"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
 from openai.types.responses import ResponseItem
 from pydantic import TypeAdapter
 
@@ -49,7 +50,8 @@ def codex_item(item: dict[str, Any]) -> dict[str, Any]:
     return sent
 
 
-def test_codex_cli_turns(tmp_path):
+@pytest.mark.parametrize("mode", ["encrypted", "off"])
+def test_codex_cli_turns(tmp_path, mode):
     first = fixture("codex_cli.turn1.json")
     calls = [
         {"id": "call_patch", "name": "apply_patch", "arguments": json.dumps({"input": PATCH})},
@@ -63,7 +65,7 @@ def test_codex_cli_turns(tmp_path):
         ]
     )
     with running_gateway(
-        tmp_path, model, encrypted_content_key=KEY, reasoning_to_upstream=True
+        tmp_path, model, encrypted_content_key=KEY, reasoning_to_upstream=mode
     ) as gw:
         events = check_all(gw, first)
         output = events[-1]["response"]["output"]
@@ -95,7 +97,10 @@ def test_codex_cli_turns(tmp_path):
     assert events[-1]["response"]["status"] == "completed"
     messages = model.requests[1]["messages"]
     assistant = next(m for m in messages if m["role"] == "assistant")
-    assert assistant["reasoning_content"] == "I should add the file first."
+    if mode == "encrypted":  # the default: what the client round-trips goes back upstream
+        assert assistant["reasoning_content"] == "I should add the file first."
+    else:
+        assert "reasoning_content" not in assistant
     assert [c["function"]["name"] for c in assistant["tool_calls"]] == [
         "apply_patch", "mcp__docs__search", "shell_command",
     ]

@@ -160,3 +160,24 @@ def test_hosted_types_pass_validation():
         "image_generation", "computer_use_preview", "local_shell", "shell", "apply_patch",
     )]
     validate_request({"model": "m", "tools": tools})
+
+
+@given(st.text(), st.booleans(), st.lists(st.integers(1, 9), min_size=1, max_size=50))
+def test_custom_input_decodes_while_it_streams(text, ascii_only, sizes):
+    from gateway.protocol.tools import CustomInputDecoder
+
+    arguments = json.dumps({"input": text}, ensure_ascii=ascii_only)
+    decoder, out, i = CustomInputDecoder(), [], 0
+    while i < len(arguments):
+        size = sizes[len(out) % len(sizes)]
+        out.append(decoder.feed(arguments[i : i + size]))
+        i += size
+    assert "".join(out) == text
+
+
+def test_custom_input_decoder_gives_up_on_other_shapes():
+    from gateway.protocol.tools import CustomInputDecoder
+
+    for arguments in ('{"other": 1, "input": "x"}', '"plain"', "[1]", "not json"):
+        decoder = CustomInputDecoder()
+        assert "".join(decoder.feed(c) for c in arguments) == ""
