@@ -11,7 +11,9 @@ One request flows down the subpackages, each importing only those below it::
     protocol/   the wire formats, pure: Responses ⇄ Chat Completions conversion, request
                 validation, the output/event builder, the Response object, usage, SSE encoder
 
-Beside them: ``config`` (settings), ``errors`` (the one exception tree every client-visible
+Beside them: ``observe`` (metrics, cost, structured logs and OpenTelemetry spans, reported
+through one observer the engine calls; summaries for the trace viewer in ``ui`` and the terminal),
+``config`` (settings), ``errors`` (the one exception tree every client-visible
 error belongs to), ``cli`` and ``demo`` (the ``stepchain`` command), and ``testing`` (the scripted
 demo model and loopback server helpers, used by the demo, tests and benchmarks only). Below the
 gateway: ``executors`` (what runs a step) and ``store`` (the step-chain store).

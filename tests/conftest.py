@@ -121,3 +121,13 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "stepchain.db")
     return request.getfixturevalue("pg_dsn")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def collect_garbage_per_module() -> Iterator[None]:
+    """Collect garbage after each test module, so an object a module left open (a socket, a
+    client) is reported — warnings are errors — in that module's last test, not at random later."""
+    yield
+    import gc
+
+    gc.collect()

@@ -20,7 +20,6 @@ from store.types import StoreError, new_id
 
 if TYPE_CHECKING:
     from .service import ResponsesService
-    from .tasks import TaskSet
 
 logger = logging.getLogger("stepchain.recovery")
 
@@ -35,9 +34,8 @@ def new_owner_id() -> str:
 class Recovery:
     """Renews this process's leases and resumes responses whose owner is gone."""
 
-    def __init__(self, service: ResponsesService, tasks: TaskSet, *, lease_s: float) -> None:
+    def __init__(self, service: ResponsesService, *, lease_s: float) -> None:
         self.service = service
-        self.tasks = tasks
         self.lease_s = lease_s
         self.owner = service.owner or new_owner_id()
         self._task: asyncio.Task[None] | None = None
@@ -53,7 +51,7 @@ class Recovery:
         await store.renew_leases(self.owner, self.lease_s)
         claimed = await store.claim_responses(self.owner, self.lease_s)
         for record in claimed:
-            self.tasks.spawn(self.service.resume(record))
+            self.service.spawn(record.id, self.service.resume(record))
         return len(claimed)
 
     async def _run(self) -> None:

@@ -11,17 +11,20 @@ ends returns the same response.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Any
 
 import orjson
 
 from executors.upstream import STEP_NOTES
 from gateway.errors import (
+    ConflictError,
     GatewayError,
     InvalidRequestError,
     PreviousResponseNotFoundError,
@@ -52,11 +55,14 @@ from store.types import (
     new_id,
 )
 
+from .chat import ENDPOINT as CHAT_ENDPOINT
+from .chat import run_chat_completion
 from .compaction import compact_threshold_of, expand_compactions
 from .conversations import ConversationService, conversation_id_of
 from .history import HistoryCache
 from .loop import LoopDeps, StepBudget, run_response_loop
 from .references import ItemResolver
+from .tasks import TaskSet
 from .tool_sources import LISTINGS_KEY, ResponseTools, prepare_tool_sources
 from .transition import AppendSteps, LoopRequest, next_action
 
@@ -158,8 +164,11 @@ class ResponsesService:
         reasoning_to_upstream: str = "encrypted",
         context_windows: dict[str, int] | None = None,
         history_max_bytes: int = 256_000_000,
+        tasks: TaskSet | None = None,
     ) -> None:
         self.deps = deps
+        # The background tasks responses run in (they outlive their HTTP request).
+        self.tasks = tasks if tasks is not None else TaskSet()
         # Hosted tool type (web_search, …) -> the registered tool that implements it.
         self.hosted_tool_map = dict(hosted_tool_map or {})
         # Seals and opens encrypted_content (compaction and reasoning items); None: refused.
@@ -172,7 +181,9 @@ class ResponsesService:
         self.conversations = ConversationService(deps.store)
         self.owner = owner
         self.lease_s = lease_s
-        # Responses whose task is being cancelled on purpose (not by a shutdown).
+        # The task of each response running in this process, and those being cancelled on
+        # purpose (not by a shutdown).
+        self._running: dict[str, asyncio.Task[Any]] = {}
         self._cancel_requested: set[str] = set()
         # response id -> (the ids of the responses in its conversation, the conversation's items
         # up to and including that response's output).
@@ -246,17 +257,97 @@ class ResponsesService:
         """Drop every cached conversation that holds ``response_id``'s items."""
         self._history.forget_containing(response_id)
 
+    async def steps(
+        self, record: ResponseRecord, scope_parent: str | None | EllipsisType = ...
+    ) -> list[Step]:
+        """The recorded step chain: every step of every scope by ``sequence`` (the default),
+        or one scope's (``scope_parent`` None: the top level; a step id: that sub-agent's)."""
+        if scope_parent is ...:
+            return await self.store.list_steps(record.id)
+        return await self.store.list_chain(record.id, scope_parent)
+
+    async def chat_completion(
+        self,
+        body: dict[str, Any],
+        tenant: str | None,
+        *,
+        upstream_key: str | None = None,
+        on_chunk: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
+        """A Chat Completions call passed through and recorded (:mod:`gateway.engine.chat`);
+        ``upstream_key`` replaces the gateway's upstream key (pass_client_key)."""
+        upstream = self.deps.upstream
+        if upstream_key:
+            upstream = upstream.with_api_key(upstream_key)
+        return await run_chat_completion(
+            self.store, upstream, body, tenant=tenant, owner=self.owner, lease_s=self.lease_s,
+            on_chunk=on_chunk,
+        )
+
     async def delete(self, record: ResponseRecord) -> None:
         """Delete a stored response; later responses that continue a conversation through it
         no longer see its items (its children keep theirs). Raises StoreError."""
         await self.store.delete_response(record.id)
         self._forget(record.id)
 
-    def cancel(self, response_id: str, task: asyncio.Task[Any]) -> None:
-        """Cancel a running response on purpose: it ends ``cancelled``, its open steps
-        ``canceled`` (unlike a shutdown, which leaves it for another process to resume)."""
-        self._cancel_requested.add(response_id)
-        task.cancel()
+    # -- running tasks -------------------------------------------------------------------------
+
+    def spawn(self, response_id: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` (the work of response ``response_id``) as a background task of its own,
+        findable by :meth:`running` and :meth:`cancel` until it ends."""
+        task = self.tasks.spawn(coro)
+        self._running[response_id] = task
+        task.add_done_callback(lambda _t: self._forget_task(response_id, task))
+        return task
+
+    def _forget_task(self, response_id: str, task: asyncio.Task[Any]) -> None:
+        if self._running.get(response_id) is task:
+            del self._running[response_id]
+        self._cancel_requested.discard(response_id)
+
+    def start(
+        self, prepared: Prepared, emit: Callable[[bytes], None] | None = None
+    ) -> asyncio.Task[dict[str, Any]]:
+        """Run a prepared response in the background (it finishes and is stored even if its
+        client leaves); the task's result is the final Response object."""
+        return self.spawn(prepared.record.id, self.run(prepared, self.builder(prepared, emit=emit)))
+
+    def running(self, response_id: str) -> asyncio.Task[Any] | None:
+        """The task of a response running in this process, None when it is not."""
+        task = self._running.get(response_id)
+        return task if task is not None and not task.done() else None
+
+    def cancel(self, response_id: str) -> asyncio.Task[Any] | None:
+        """Cancel a response running here on purpose: it ends ``cancelled``, its open steps
+        ``canceled`` (unlike a shutdown, which leaves it for another process to resume).
+        Returns its task (to await), None when it is not running here."""
+        task = self.running(response_id)
+        if task is not None:
+            self._cancel_requested.add(response_id)
+            task.cancel()
+        return task
+
+    async def cancel_background(self, record: ResponseRecord) -> ResponseRecord:
+        """``POST /v1/responses/{id}/cancel``: stop a background response running here and
+        return its record as stored after that (a finished one is returned as it is).
+
+        Raises InvalidRequestError for a response that is not ``background``, ConflictError
+        when it runs in another process.
+        """
+        if not record.request.get("background"):
+            raise InvalidRequestError(
+                "Only background responses can be cancelled.", param="response_id"
+            )
+        task = self.cancel(record.id)
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+        elif record.status in ("queued", "in_progress"):
+            raise ConflictError(
+                "The response is running on another gateway process; cancel it there.",
+                param="response_id",
+            )
+        return await self.store.get_response(record.id) or record
 
     async def _cancel_unfinished(self, response_id: str) -> None:
         for step in await self.store.list_steps(response_id):
@@ -542,7 +633,7 @@ class ResponsesService:
         stream had), then the loop settles the interrupted steps and goes on.
         """
         logger.info("resuming response %s", record.id)
-        if (record.metadata or {}).get("endpoint") == "chat.completions":
+        if (record.metadata or {}).get("endpoint") == CHAT_ENDPOINT:
             # A passthrough call's client is gone with its process: nothing to resume it for.
             await self._cancel_unfinished(record.id)
             error = {"code": "server_error", "message": "interrupted: the gateway process stopped"}

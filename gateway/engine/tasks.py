@@ -11,7 +11,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-from gateway.errors import GatewayError
+from gateway.errors import UpstreamError, to_gateway_error
 
 logger = logging.getLogger("stepchain")
 
@@ -34,7 +34,9 @@ class TaskSet:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            if not isinstance(exc, GatewayError):
+            error = to_gateway_error(exc)
+            # A client's error or an upstream's failure is someone's answer, not our failure.
+            if error.status_code >= 500 and not isinstance(error, UpstreamError):
                 logger.error("background task failed", exc_info=exc)
 
     def __len__(self) -> int:

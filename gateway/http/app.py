@@ -59,6 +59,7 @@ from .context import context_routes
 from .conversations import conversation_routes
 from .models import model_routes
 from .responses import response_routes
+from .state import GatewayState
 from .tools import tool_routes
 from .ui import ui_routes
 from .websocket import websocket_routes
@@ -207,30 +208,30 @@ def create_app(
             reasoning_to_upstream=settings.reasoning_to_upstream,
             context_windows=settings.model_context_windows,
             history_max_bytes=settings.history_cache_max_bytes,
+            tasks=tasks,
         )
-        recovery = Recovery(service, tasks, lease_s=settings.lease_s)
-        app.state.settings = settings
-        app.state.egress = egress
-        # What tenants see instead of upstream URLs (GET /v1/responses/{id}/steps).
-        app.state.upstream_names = {
-            target.base_url: (
-                target.label if target.label and target.label != target.base_url
-                else ("primary" if i == 0 else f"fallback-{i}")
-            )
-            for i, target in reversed(list(enumerate(_upstream_targets(settings))))
-        }
-        app.state.store = the_store
-        app.state.upstream = upstream
-        app.state.registry = registry
-        app.state.tasks = tasks
-        app.state.service = service
-        app.state.recovery = recovery
-        app.state.live = LiveStreams(
-            max_bytes=settings.live_logs_max_bytes,
-            max_bytes_per_response=settings.live_log_max_bytes,
+        recovery = Recovery(service, lease_s=settings.lease_s)
+        app.state.gateway = GatewayState(
+            settings=settings,
+            service=service,
+            registry=registry,
+            upstream=upstream,
+            live=LiveStreams(
+                max_bytes=settings.live_logs_max_bytes,
+                max_bytes_per_response=settings.live_log_max_bytes,
+            ),
+            token_counter=TokenCounter(upstream),
+            recovery=recovery,
+            egress=egress,
+            # What tenants see instead of upstream URLs (GET /v1/responses/{id}/steps).
+            upstream_names={
+                target.base_url: (
+                    target.label if target.label and target.label != target.base_url
+                    else ("primary" if i == 0 else f"fallback-{i}")
+                )
+                for i, target in reversed(list(enumerate(_upstream_targets(settings))))
+            },
         )
-        app.state.token_counter = TokenCounter(upstream)
-        app.state.running = {}
         await recovery.start()
         purging = (
             asyncio.create_task(purge_periodically(the_store, settings.retention_days))
@@ -288,7 +289,6 @@ def create_app(
         exception_handlers=error_handlers(),
     )
     app.router.redirect_slashes = False  # a bodiless 307 is no OpenAI error: 404 instead
-    app.state.settings = settings
     return app
 
 

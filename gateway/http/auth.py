@@ -28,6 +28,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.config import ConfigError
 from gateway.errors import AuthenticationError
 
+from .state import gateway_state
+
 __all__ = [
     "ADMIN_SCOPE_KEY",
     "CLIENT_KEY_SCOPE_KEY",
@@ -58,7 +60,7 @@ def caller_is_admin(request: Request) -> bool:
     """True when the request carries the configured admin key (``Authorization: Bearer``)."""
     if request.scope.get(ADMIN_SCOPE_KEY):
         return True
-    admin = _secret(request.app.state.settings.admin_key)
+    admin = _secret(gateway_state(request).settings.admin_key)
     if not admin:
         return False
     token = _bearer(request.scope)

@@ -15,6 +15,8 @@ from starlette.responses import Response
 
 from gateway.errors import InvalidRequestError, RequestTooLargeError
 
+from .state import gateway_state
+
 __all__ = ["JSON", "MAX_DEPTH", "json_response", "read_json", "read_json_body", "tenant_of"]
 
 MAX_DEPTH = 128
@@ -78,7 +80,7 @@ def tenant_of(request: Request) -> str | None:
 
 async def read_json(request: Request) -> dict[str, Any]:
     """The request body as a JSON object (see :func:`read_json_body`); 400 for anything else."""
-    body = await read_json_body(request, request.app.state.settings.max_body_bytes)
+    body = await read_json_body(request, gateway_state(request).settings.max_body_bytes)
     if not isinstance(body, dict):
         raise InvalidRequestError("The request body must be a JSON object.")
     return body

@@ -19,12 +19,13 @@ from gateway.engine.service import ResponsesService
 from gateway.engine.tokens import count_input_tokens
 
 from .bodies import json_response, read_json, tenant_of
+from .state import gateway_state
 
 __all__ = ["context_routes"]
 
 
 async def compact_response(request: Request) -> Response:
-    service: ResponsesService = request.app.state.service
+    service: ResponsesService = gateway_state(request).service
     body = await read_json(request)
     result = await compact(
         service,
@@ -39,8 +40,8 @@ async def compact_response(request: Request) -> Response:
 async def input_tokens(request: Request) -> Response:
     body = await read_json(request)
     count = await count_input_tokens(
-        request.app.state.service,
-        request.app.state.token_counter,
+        gateway_state(request).service,
+        gateway_state(request).token_counter,
         body,
         tenant_of(request),
         upstream_key=request.scope.get("stepchain.client_key"),

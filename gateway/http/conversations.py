@@ -22,12 +22,13 @@ from starlette.routing import Route
 from gateway.engine.conversations import ConversationService, conversation_object
 
 from .bodies import json_response, read_json, tenant_of
+from .state import gateway_state
 
 __all__ = ["conversation_routes"]
 
 
 def _service(request: Request) -> ConversationService:
-    return request.app.state.service.conversations
+    return gateway_state(request).service.conversations
 
 
 async def create_conversation(request: Request) -> Response:

@@ -9,6 +9,7 @@ from starlette.routing import Route
 from gateway.observe.metrics import CONTENT_TYPE_LATEST, render_metrics
 
 from .bodies import JSON, json_response
+from .state import gateway_state
 
 __all__ = ["model_routes"]
 
@@ -16,7 +17,7 @@ __all__ = ["model_routes"]
 async def list_models(request: Request) -> Response:
     """``GET /v1/models`` passed through to the upstream."""
     # An UpstreamError (no answer) is translated by the app's error handler: 502.
-    upstream_response = await request.app.state.upstream.get("models")
+    upstream_response = await gateway_state(request).upstream.get("models")
     return Response(
         upstream_response.content,
         status_code=upstream_response.status_code,

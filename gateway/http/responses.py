@@ -19,18 +19,14 @@ from starlette.routing import Route
 
 from gateway.engine.live import replay_events
 from gateway.engine.service import Prepared, ResponsesService, record_to_object
-from gateway.errors import (
-    ConflictError,
-    GatewayError,
-    InvalidRequestError,
-    NotFoundError,
-)
+from gateway.errors import GatewayError, InvalidRequestError, NotFoundError
 from gateway.protocol.sse import DONE
 from store.types import ResponseRecord
 
 from .auth import caller_is_admin
 from .bodies import json_response, read_json, tenant_of
 from .sse_response import EventStreamResponse
+from .state import gateway_state
 
 __all__ = ["response_routes"]
 
@@ -46,9 +42,9 @@ def _error_for_failure(prepared: Prepared) -> GatewayError:
 
 
 async def create_response(request: Request) -> Response | EventStreamResponse:
-    state = request.app.state
+    state = gateway_state(request)
     state.egress.note_own_socket(request.scope.get("server"))  # tools may not call us back
-    service: ResponsesService = state.service
+    service = state.service
     body = await read_json(request)
     prepared = await service.prepare(
         body, tenant_of(request), upstream_key=request.scope.get("stepchain.client_key")
@@ -63,14 +59,14 @@ async def create_response(request: Request) -> Response | EventStreamResponse:
     background = body.get("background") is True
     if not stream and not background:
         # A task of its own: the response finishes and is stored even if the client leaves.
-        task = _start(state, service, prepared, None)
+        task = service.start(prepared)
         final = await asyncio.shield(task)
         if final["status"] == "failed" and not final["output"]:
             raise _error_for_failure(prepared)
         return json_response(final)
 
     live = state.live.open(response_id)
-    task = _start(state, service, prepared, live.emit)
+    task = service.start(prepared, live.emit)
     task.add_done_callback(lambda _t: state.live.close(response_id))
     if background and not stream:
         await live.wait_for(1)  # response.created: the record is in the store
@@ -85,18 +81,9 @@ async def create_response(request: Request) -> Response | EventStreamResponse:
         if final["status"] == "failed" and not final["output"]:
             raise _error_for_failure(prepared)
     if state.settings.cancel_on_disconnect and not background:
-        state.tasks.spawn(_cancel_on_disconnect(request, service, response_id, task))
+        service.tasks.spawn(_cancel_on_disconnect(request, service, response_id, task))
     # If the client goes away, the response goes on and is stored (unless configured otherwise).
     return _sse(live.follow(0))
-
-
-def _start(state: Any, service: ResponsesService, prepared: Any, emit: Any) -> asyncio.Task[Any]:
-    """Run a prepared response as an app-owned task, findable for cancellation while it runs."""
-    response_id = prepared.record.id
-    task = state.tasks.spawn(service.run(prepared, service.builder(prepared, emit=emit)))
-    state.running[response_id] = task
-    task.add_done_callback(lambda _t: state.running.pop(response_id, None))
-    return task
 
 
 def _sse(events: AsyncIterator[bytes]) -> EventStreamResponse:
@@ -110,7 +97,7 @@ async def _cancel_on_disconnect(
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     done, _ = await asyncio.wait({watcher, task}, return_when=asyncio.FIRST_COMPLETED)
     if watcher in done and not task.done():
-        service.cancel(response_id, task)
+        service.cancel(response_id)
     watcher.cancel()
 
 
@@ -121,7 +108,7 @@ async def _wait_disconnect(request: Request) -> None:
 
 async def _visible(request: Request) -> ResponseRecord:
     response_id = request.path_params["response_id"]
-    record = await request.app.state.service.get_visible(
+    record = await gateway_state(request).service.get_visible(
         response_id, tenant_of(request), any_tenant=request.method == "GET" and caller_is_admin(request)
     )
     if record is None:
@@ -141,7 +128,7 @@ async def get_response(request: Request) -> Response | EventStreamResponse:
         starting_after = int(raw)
     except ValueError:
         raise InvalidRequestError("starting_after must be an integer.", param="starting_after") from None
-    state = request.app.state
+    state = gateway_state(request)
     live = state.live.get(record.id)
     if live is not None:
         return _sse(live.follow(max(starting_after + 1, 0)))
@@ -167,27 +154,13 @@ async def cancel_response(request: Request) -> Response:
     """``POST /v1/responses/{id}/cancel``: stop a background response running here; it ends
     ``cancelled`` with its open steps ``canceled``. Only background responses can be cancelled."""
     record = await _visible(request)
-    state = request.app.state
-    if not record.request.get("background"):
-        raise InvalidRequestError("Only background responses can be cancelled.", param="response_id")
-    task = state.running.get(record.id)
-    if task is not None and not task.done():
-        state.service.cancel(record.id, task)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            pass
-    elif record.status in ("queued", "in_progress"):
-        raise ConflictError(
-            "The response is running on another gateway process; cancel it there.", param="response_id"
-        )
-    record = await _visible(request)
+    record = await gateway_state(request).service.cancel_background(record)
     return json_response(record_to_object(record))
 
 
 async def delete_response(request: Request) -> Response:
     record = await _visible(request)
-    await request.app.state.service.delete(record)
+    await gateway_state(request).service.delete(record)
     return json_response({"id": record.id, "object": "response", "deleted": True})
 
 
@@ -202,7 +175,7 @@ async def list_input_items(request: Request) -> Response:
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
         raise InvalidRequestError("limit must be an integer from 1 to 100.", param="limit")
     limit = int(raw_limit)
-    items = await request.app.state.service.input_items(record)
+    items = await gateway_state(request).service.input_items(record)
     if order == "desc":
         items = items[::-1]
     after = query.get("after")
@@ -232,15 +205,14 @@ async def list_steps(request: Request) -> Response:
     ``fallback-N``) and ``<url>`` where a message quoted one.
     """
     record = await _visible(request)
-    store = request.app.state.service.store
+    service = gateway_state(request).service
     if "scope_parent" in request.query_params:
-        steps = await store.list_chain(record.id, request.query_params["scope_parent"] or None)
+        steps = await service.steps(record, request.query_params["scope_parent"] or None)
     else:
-        steps = await store.list_steps(record.id)
+        steps = await service.steps(record)
     data = [_step_dict(s) for s in steps]
     if not caller_is_admin(request):
-        names = getattr(request.app.state, "upstream_names", {})
-        data = [redact_urls(step, names) for step in data]
+        data = [redact_urls(step, gateway_state(request).upstream_names) for step in data]
     return json_response({"object": "list", "data": data})
 
 

@@ -8,7 +8,7 @@
 
 Tools are shown with :func:`executors.registry.public_view` (literal header values as ``"***"``).
 When ``settings.admin_key`` is set, every route needs ``Authorization: Bearer <admin key>``.
-Handlers read ``app.state.registry`` and ``app.state.settings``; errors are GatewayErrors.
+Handlers read the registry and the settings from :func:`gateway.http.state.gateway_state`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from gateway.errors import (
 from store import types as store_types
 
 from .bodies import json_response, read_json_body
+from .state import gateway_state
 
 __all__ = ["tool_routes"]
 
@@ -44,7 +45,8 @@ def _registry(request: Request) -> ToolRegistry:
     A gateway with tenant keys but no admin key keeps the admin API closed (403): a tool
     registered by one tenant would be offered to, and run for, every tenant.
     """
-    settings = request.app.state.settings
+    gateway = gateway_state(request)
+    settings = gateway.settings
     admin_key = settings.admin_key
     if not admin_key and (settings.api_keys or settings.api_keys_file):
         raise PermissionDeniedError(
@@ -58,7 +60,7 @@ def _registry(request: Request) -> ToolRegistry:
             raise AuthenticationError(
                 "The tool admin API needs the admin key: Authorization: Bearer <admin key>."
             )
-    return request.app.state.registry
+    return gateway.registry
 
 
 async def _read_body(request: Request) -> Any:

@@ -35,6 +35,7 @@ from store.types import StoreNotFoundError
 
 from .auth import caller_is_admin
 from .bodies import json_response, tenant_of
+from .state import gateway_state
 
 __all__ = ["ui_routes"]
 
@@ -84,7 +85,7 @@ async def list_responses(request: Request) -> Response:
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
         raise InvalidRequestError("limit must be an integer from 1 to 100.", param="limit")
     admin = caller_is_admin(request)
-    store = request.app.state.service.store
+    store = gateway_state(request).service.store
     try:
         records, has_more = await store.list_responses_page(
             tenant=tenant_of(request),

@@ -52,6 +52,7 @@ from gateway.errors import (
 )
 
 from .bodies import MAX_DEPTH, _too_deep
+from .state import gateway_state
 
 __all__ = ["CACHE_SIZE", "error_event", "sse_to_message", "websocket_routes"]
 
@@ -86,7 +87,7 @@ class _Connection:
 
     def __init__(self, websocket: WebSocket) -> None:
         self.websocket = websocket
-        state = websocket.app.state
+        state = gateway_state(websocket)
         self.state = state
         self.service: ResponsesService = state.service
         self.limit: int = state.settings.max_body_bytes
@@ -125,9 +126,8 @@ class _Connection:
         finally:
             self.open = False
             self.outbox.put_nowait(None)
-            running = self.state.running.get(self.in_flight) if self.in_flight else None
-            if running is not None and self.state.settings.cancel_on_disconnect:
-                self.service.cancel(self.in_flight, running)
+            if self.in_flight and self.state.settings.cancel_on_disconnect:
+                self.service.cancel(self.in_flight)
             if not writer.done():
                 await asyncio.wait({writer}, timeout=5)
             if not writer.done():
@@ -252,9 +252,7 @@ class _Connection:
             if len(self.cache) > CACHE_SIZE:
                 self.cache.popitem(last=False)
 
-        task = state.tasks.spawn(run())
-        state.running[response_id] = task
-        task.add_done_callback(lambda _t: state.running.pop(response_id, None))
+        self.service.spawn(response_id, run())
 
 
 async def responses_socket(websocket: WebSocket) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +12,8 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from executors.registry import ToolRegistry
 from gateway.config import Settings
-from gateway.http.app import error_handlers
-from gateway.http.tools import tool_routes
+from gateway.http.app import create_app
 from gateway.testing.serving import serve_app
 from store.sqlite import SQLiteStore
 
@@ -38,23 +36,8 @@ WEATHER = {
 
 
 def tools_app(db: Path, admin_key: str | None) -> Starlette:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = SQLiteStore(db)
-        await store.open()
-        registry = ToolRegistry(store)
-        await registry.load()
-        app.state.registry = registry
-        try:
-            yield
-        finally:
-            await store.close()
-
-    app = Starlette(
-        routes=tool_routes(), lifespan=lifespan, exception_handlers=error_handlers()
-    )
-    app.state.settings = Settings(admin_key=admin_key)
-    return app
+    """The whole gateway app on ``db`` (no upstream needed: only the tool routes are called)."""
+    return create_app(Settings(db=str(db), admin_key=admin_key))
 
 
 @contextlib.contextmanager

@@ -49,6 +49,9 @@ def run(tmp_path_factory):
             seen_headers.append(dict(request.headers))
         return JSONResponse({"city": (await request.json())["city"], "celsius": 21})
 
+    async def broken(request: Request) -> Response:
+        return JSONResponse({"error": "down"}, status_code=503)
+
     model = ScriptedModel([
         Reply(tool_calls=[
             {"id": "call_w", "name": "get_weather", "arguments": '{"city": "Paris"}'},
@@ -56,10 +59,14 @@ def run(tmp_path_factory):
         ]),
         Reply(content="Oslo is mild."),
         Reply(content="Paris 21, Oslo mild."),
+        Reply(tool_calls=[{"id": "call_b", "name": "broken", "arguments": "{}"}]),
+        Reply(content="The broken tool failed."),
     ])
     tmp = tmp_path_factory.mktemp("observe")
     try:
-        with serve_app(Starlette(routes=[Route("/w", weather, methods=["POST"])])) as tool_url:
+        tools = Starlette(routes=[Route("/w", weather, methods=["POST"]),
+                                  Route("/b", broken, methods=["POST"])])
+        with serve_app(tools) as tool_url:
             with running_gateway(tmp, model, prices=PRICES) as gw:
                 with gw.http() as http:
                     for body in (
@@ -67,6 +74,8 @@ def run(tmp_path_factory):
                          "url": f"{tool_url}/w"},
                         {"name": "researcher", "kind": "agent", "description": "r", "model": MODEL,
                          "instructions": "Research.", "tools": []},
+                        {"name": "broken", "description": "b", "url": f"{tool_url}/b",
+                         "parameters": {"type": "object", "properties": {}}},
                     ):
                         assert http.post("/v1/tools", json=body).status_code == 201
                 _EXPORTER.clear()
@@ -77,6 +86,14 @@ def run(tmp_path_factory):
                     )
                 assert reply.status_code == 200, reply.text
                 assert reply.json()["status"] == "completed"
+                with gw.http() as http:  # a failing tool: its span records the error
+                    failing = http.post(
+                        "/v1/responses",
+                        json={"model": MODEL, "input": "Use the broken tool",
+                              "previous_response_id": reply.json()["id"]},
+                    )
+                assert failing.status_code == 200, failing.text
+                gw.failing_id = failing.json()["id"]
                 yield gw, reply.json()["id"], seen_headers
     finally:
         disable_tracing_for_tests()
@@ -194,3 +211,34 @@ def test_the_terminal_trace_of_an_unknown_id_is_one_line_and_exit_1(run, capsys,
     assert err.count("\n") == 1 and "resp_unknown" in err
     assert main(["responses", "--db", str(tmp_path / "missing.db")]) == 1
     assert capsys.readouterr().err.startswith("stepchain: cannot read the database")
+
+
+def test_a_failed_tool_span_has_error_type_and_the_chain_is_one_conversation(run):
+    gw, response_id, _ = run
+    spans = _EXPORTER.get_finished_spans()
+    broken = next(s for s in spans if s.name == "execute_tool broken")
+    assert broken.attributes["error.type"] == "http_error"
+    assert broken.status.status_code.name == "ERROR"
+    follow_up = next(
+        s for s in spans
+        if s.name == "invoke_agent stepchain" and s.attributes["gen_ai.response.id"] == gw.failing_id
+    )
+    # The conversation id is the first response of the previous_response_id chain.
+    assert follow_up.attributes["gen_ai.conversation.id"] == response_id
+
+
+def test_message_contents_are_recorded_only_when_opted_in(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")
+    reset_tracing_for_tests()
+    try:
+        model = ScriptedModel([Reply(content="captured answer")])
+        with running_gateway(tmp_path, model) as gw:
+            _EXPORTER.clear()
+            with gw.http() as http:
+                reply = http.post("/v1/responses", json={"model": MODEL, "input": "secret question"})
+            assert reply.status_code == 200, reply.text
+    finally:
+        disable_tracing_for_tests()
+    chat = next(s for s in _EXPORTER.get_finished_spans() if s.name == f"chat {MODEL}")
+    assert "secret question" in chat.attributes["gen_ai.input.messages"]
+    assert "captured answer" in chat.attributes["gen_ai.output.messages"]
