@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from types import EllipsisType
@@ -188,6 +189,8 @@ class ResponsesService:
         # response id -> (the ids of the responses in its conversation, the conversation's items
         # up to and including that response's output).
         self._history = HistoryCache(max_entries=_HISTORY_CACHE_SIZE, max_bytes=history_max_bytes)
+        # Recently deleted responses: a conversation holding one is not cached again.
+        self._deleted: OrderedDict[str, None] = OrderedDict()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -226,7 +229,7 @@ class ResponsesService:
         items.extend(inputs)
         items.extend(record.output)
         ids = ids | {record.id}
-        self._history.put(
+        self._remember(
             record.id, ids, items, previous_id=record.previous_response_id,
             added=inputs + list(record.output),
         )
@@ -253,8 +256,24 @@ class ResponsesService:
             items = await ItemResolver(self.store, record.tenant).resolve(items, strict=False)
         return items
 
+    def _remember(
+        self,
+        response_id: str,
+        ids: frozenset[str],
+        items: list[dict[str, Any]],
+        *,
+        previous_id: str | None = None,
+        added: list[dict[str, Any]] | None = None,
+    ) -> None:
+        if not ids.isdisjoint(self._deleted):
+            return  # an earlier response was deleted while this one ran: rebuild it when asked
+        self._history.put(response_id, ids, items, previous_id=previous_id, added=added)
+
     def _forget(self, response_id: str) -> None:
         """Drop every cached conversation that holds ``response_id``'s items."""
+        self._deleted[response_id] = None
+        if len(self._deleted) > _HISTORY_CACHE_SIZE:
+            self._deleted.popitem(last=False)
         self._history.forget_containing(response_id)
 
     async def steps(
@@ -618,7 +637,7 @@ class ResponsesService:
         )
         await self.store.create_response(record)
         if record.store:
-            self._history.put(
+            self._remember(
                 record.id, prepared.history_ids | {record.id},
                 prepared.history + prepared.input_items,
                 previous_id=record.previous_response_id, added=prepared.input_items,
@@ -735,7 +754,7 @@ class ResponsesService:
         completed_at = time.time()
         output = builder.output
         if record.store:
-            self._history.put(
+            self._remember(
                 record.id,
                 prepared.history_ids | {record.id},
                 prepared.history + prepared.input_items + output,
