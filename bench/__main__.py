@@ -53,6 +53,7 @@ from .report import (
     render_targets,
     write_json,
 )
+from .postgres import PostgresUnavailable, check_in_use, scenario_10, start_postgres
 from .resources import scenario_memory, scenario_store
 from .scenarios import (
     FLOORS,
@@ -85,7 +86,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[Bench], Awaitable[list[Row]]]]] = {
     "7": ("memory per held stream", scenario_memory),
     "8": ("instructions per response (valgrind)", scenario_instructions),
     "9": ("memory under sustained load", scenario_sustained),
+    "10": ("replicas on one PostgreSQL", scenario_10),
 }
+# Scenarios with PostgreSQL rows (a throwaway server starts when one of them runs).
+POSTGRES_SCENARIOS = {"1", "2", "6", "10"}
 # Run only when named with --only (minutes each, not for a smoke run).
 ON_REQUEST = {"8", "9"}
 DEFAULT_JSON = Path(__file__).resolve().parent / "results-latest.json"
@@ -97,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="small counts (CI smoke run, < 1 min)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peers (LiteLLM, agentic-api)")
+    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL rows (scenarios 1, 2, 6, 10)")
+    parser.add_argument(
+        "--postgres", action="store_true", help="with --quick: all PostgreSQL rows, not only scenario 6's"
+    )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     parser.add_argument(
         "--only", default=None, help="comma-separated scenario numbers, e.g. 1,4 (8 runs only when named)"
@@ -229,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown_from is not None:
         return _print_markdown(args.markdown_from)
     if args.only is None:
-        selected = sorted(n for n in SCENARIOS if n not in ON_REQUEST)
+        selected = sorted((n for n in SCENARIOS if n not in ON_REQUEST), key=int)
     else:
         selected = [s.strip() for s in args.only.split(",")]
     unknown = [s for s in selected if s not in SCENARIOS]
@@ -245,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="stepchain-bench-"))
     started = time.monotonic()
     peer_status = "skipped (--no-peers)" if args.no_peers else "not started"
+    postgres_status = "skipped (--no-postgres)" if args.no_postgres else "not needed"
     failures: list[str] = []
     rows: list[Row] = []
     try:
@@ -265,6 +274,34 @@ def main(argv: list[str] | None = None) -> int:
             except (ServerError, RuntimeError, OSError) as exc:
                 failures.append(f"start-up failed: {exc}")
                 raise _Abort from None
+            pg = gateway_pg = None
+            # A --quick run keeps to scenario 6's PostgreSQL rows (seconds) unless --postgres.
+            pg_full = not args.quick or args.postgres
+            wanted = POSTGRES_SCENARIOS if pg_full else {"6"}
+            if not args.no_postgres and wanted & set(selected):
+                try:
+                    pg = stack.enter_context(start_postgres())
+                    if pg_full and {"1", "2"} & set(selected):
+                        url = pg.new_database()
+                        gateway_pg = stack.enter_context(
+                            start_gateway(upstream.url + "/v1", work_dir, name="gateway-pg", db=url)
+                        )
+                        try:
+                            check_in_use(url)
+                        except RuntimeError as exc:  # a gateway without the PostgreSQL backend
+                            raise PostgresUnavailable(f"stepchain serve did not use --db postgresql://…: {exc}") from None
+                        register_tools(gateway_pg.url, tools.url, names)
+                    postgres_status = "running (a throwaway server on loopback, synchronous_commit=off)" + (
+                        "" if pg_full else "; --quick: scenario 6 only (--postgres for all its rows)"
+                    )
+                except PostgresUnavailable as exc:
+                    pg = gateway_pg = None
+                    postgres_status = f"unavailable: {exc}"
+                    _say(f"postgres {postgres_status}; its rows are skipped")
+                except (ServerError, RuntimeError, OSError) as exc:
+                    postgres_status = "failed at start-up"
+                    failures.append(f"PostgreSQL start-up failed: {exc}")
+                    raise _Abort from None
             peer = agentic = None
             if not args.no_peers:
                 statuses = []
@@ -284,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             sustained_s = args.sustained_s or (30.0 if args.quick else 600.0)
             bench = Bench(
                 upstream, tools, gateway, peer, work_dir, sizes, names, **floor_servers,
-                agentic=agentic, sustained_s=sustained_s,
+                agentic=agentic, sustained_s=sustained_s, gateway_pg=gateway_pg, pg=pg,
+                pg_replicas=pg is not None and pg_full,
             )
             rows, failures = _run(_run_scenarios(bench, selected))
     except _Abort:
@@ -298,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         print(render_table(rows))
         print()
     print(f"peers: {peer_status}")
+    print(f"postgres: {postgres_status}")
     if targets:
         print("targets (issue 15: ratios in this run; 2-core machine, upstream at 0 ms):")
         print(render_targets(targets))
@@ -310,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, {
         "command": command, "quick": args.quick, "machine": machine, "elapsed_s": elapsed,
         "upstream_latency_ms": args.upstream_latency_ms, "sizes": sizes, "peers": peer_status,
+        "postgres": postgres_status,
         "rows": rows, "targets": targets, "floor_notes": notes, "failures": failures, "ok": not failures,
     })  # fmt: skip
     print(f"results: {args.json}")

@@ -220,12 +220,13 @@ def start_gateway(
     log_dir: Path,
     *,
     name: str = "gateway",
-    db: Path | None = None,
+    db: Path | str | None = None,
     wrap: Sequence[str] = (),
     timeout_s: float = 60.0,
 ) -> ServerProcess:
     """``python -m gateway.cli serve`` on a free port with a fresh SQLite file in ``log_dir``
-    (WAL; default ``synchronous=NORMAL``), one worker, uvloop + httptools via uvicorn's auto.
+    (WAL; default ``synchronous=NORMAL``) or on ``db`` (a path or a ``postgresql://`` URL), one
+    worker, uvloop + httptools via uvicorn's auto.
     ``wrap`` prefixes the command (e.g. valgrind)."""
     port = free_port()
     db = db or log_dir / f"{name}.db"

@@ -238,6 +238,23 @@ def evaluate_targets(rows: Sequence[Row], *, quick: bool) -> list[Target]:
         targets.append(Target(
             "scenario 1, c=16: LiteLLM added p50 ÷ stepchain added p50", "≥ 10×", "peer not run", None,
         ))  # fmt: skip
+    pg1, sq1 = _find(rows, "1/gateway-pg/c1"), _find(rows, "1/gateway/c1")
+    if pg1 and sq1 and pg1.added_p50_ms is not None and sq1.added_p50_ms is not None:
+        diff = pg1.added_p50_ms - sq1.added_p50_ms
+        targets.append(Target(
+            "PostgreSQL, scenario 1, c=1: added p50 − SQLite's", "≤ 1 ms",
+            f"{diff:+.2f} ms ({_fmt(pg1.added_p50_ms)} vs {_fmt(sq1.added_p50_ms)})", diff <= 1.0,
+        ))  # fmt: skip
+    else:
+        targets.append(Target("PostgreSQL, scenario 1, c=1: added p50 − SQLite's", "≤ 1 ms", "not run", None))
+    two = _find(rows, "10/replicas-2")
+    ratio = two.extra.get("throughput_ratio") if two else None
+    targets.append(Target(
+        "2 replicas on one PostgreSQL: throughput ÷ 1 replica's", "≥ 1.6×",
+        f"{ratio:.2f}× (this run used {two.extra.get('cores_busy', 0):.1f} of {os.cpu_count()} cores)"
+        if two and ratio is not None else "not run",
+        ratio >= 1.6 if ratio is not None else None,
+    ))  # fmt: skip
     if quick:
         for target in targets:
             if target.met is not None:

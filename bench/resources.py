@@ -163,11 +163,8 @@ def _store_row(result: dict[str, Any], chains: int, backend: str, events: int) -
 
 async def scenario_store(b: Bench) -> list[Row]:
     """6: µs per recorded step transition, one chain and 16 chains at once, without and with 8
-    SSE events per completed step (the durable event log): SQLite (WAL on), then PostgreSQL
-    (``STEPCHAIN_BENCH_PG_DSN``'s server, else a throwaway local one when ``initdb`` exists)."""
-    import contextlib
-    import os
-
+    SSE events per completed step (the durable event log): SQLite (WAL on), then PostgreSQL when
+    the run has a server (``b.pg``, :mod:`bench.postgres`; none with ``--no-postgres``)."""
     rows = []
     cases = [(chains, events) for chains in (1, 16) for events in (0, 8)]
     for chains, events in cases:
@@ -175,20 +172,12 @@ async def scenario_store(b: Bench) -> list[Row]:
             b.work_dir / f"store-{chains}-{events}.db", b.sizes.store_steps, chains, events=events
         )
         rows.append(_store_row(result, chains, "SQLite", events))
-    from tests.pg import PgServer, find_binaries, running_server
-
-    with contextlib.ExitStack() as stack:
-        external = os.environ.get("STEPCHAIN_BENCH_PG_DSN")
-        server: PgServer | None = PgServer(external) if external else None
-        bin_dir = find_binaries()
-        if server is None and bin_dir is not None:
-            server = await asyncio.to_thread(lambda: stack.enter_context(running_server(bin_dir)))
-        if server is None:
-            return rows  # no PostgreSQL here: SQLite rows only
-        for chains, events in cases:
-            url = await asyncio.to_thread(server.new_database)
-            result = await store_cost(url, b.sizes.store_steps, chains, events=events)
-            rows.append(_store_row(result, chains, "PostgreSQL", events))
+    if b.pg is None:
+        return rows  # no PostgreSQL in this run: SQLite rows only
+    for chains, events in cases:
+        url = await asyncio.to_thread(b.pg.new_database)
+        result = await store_cost(url, b.sizes.store_steps, chains, events=events)
+        rows.append(_store_row(result, chains, "PostgreSQL", events))
     return rows
 
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -78,6 +79,8 @@ class Sizes:
     stream_interval_ms: int
     tools: int = 4
     tool_latency_ms: float = 10.0
+    replicas_concurrency: int = 64
+    replicas_requests: int = 2000
 
 
 FULL = Sizes(
@@ -108,6 +111,8 @@ QUICK = Sizes(
     streams=100,
     stream_chunks=4,
     stream_interval_ms=500,
+    replicas_concurrency=32,
+    replicas_requests=192,
 )
 
 
@@ -129,6 +134,9 @@ class Bench:
     agentic: ServerProcess | None = None
     # Scenario 9's duration in seconds.
     sustained_s: float = 600.0
+    gateway_pg: ServerProcess | None = None  # the same gateway on PostgreSQL (bench.postgres)
+    pg: Any = None  # bench.postgres.PgBench when a PostgreSQL server runs
+    pg_replicas: bool = False  # scenario 10 runs (not in a --quick run without --postgres)
 
 
 def tool_names(count: int) -> list[str]:
@@ -333,6 +341,10 @@ async def scenario_responses(b: Bench) -> list[Row]:
             f"1/gateway/c{c}", "1 responses", "stepchain", await measure(gateway, b.gateway, c, n), base=base
         )
         rows += [base, ours]
+        if b.gateway_pg is not None:
+            on_pg = http_request(b.gateway_pg, b"POST", "/v1/responses", body, check_response)
+            rows.append(load_row(f"1/gateway-pg/c{c}", "1 responses", "stepchain (PostgreSQL)",
+                                 await measure(on_pg, b.gateway_pg, c, n), base=base))  # fmt: skip
         for key, _, field, target in FLOORS:
             floor: ServerProcess | None = getattr(b, field)
             if floor is not None:
@@ -405,6 +417,13 @@ async def scenario_stream(b: Bench) -> list[Row]:
             a_last.note = peer_note(a_last, g_last)
             first_rows += [rd_first, a_first]
             last_rows += [rd_last, a_last]
+        if b.gateway_pg is not None:
+            on_pg = http_request(b.gateway_pg, b"POST", "/v1/responses", body, check_response_stream, GATEWAY_DELTA)
+            p = await measure(on_pg, b.gateway_pg, c, n)
+            first_rows.append(load_row(f"2/ttfd/gateway-pg/c{c}", "2 stream: first delta",
+                                       "stepchain (PostgreSQL)", p, base=d_first, first=True))  # fmt: skip
+            last_rows.append(load_row(f"2/ttlb/gateway-pg/c{c}", "2 stream: last byte",
+                                      "stepchain (PostgreSQL)", p, base=d_last))  # fmt: skip
     return first_rows + last_rows
 
 
@@ -553,7 +572,7 @@ async def _conversation_rows(
                 direct_ms[k].append((rd.t_end - rd.t_start) * 1000)
                 gateway_ms[k].append((rg.t_end - rg.t_start) * 1000)
     finally:
-        worker.close()
+        await worker.aclose()
     rows = []
     direct_name = "direct (responses mode)" if responses_mode else "direct"
     for turn in reported_turns(turns):
