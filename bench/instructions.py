@@ -95,7 +95,7 @@ async def count_instructions(
                 raise RuntimeError(f"{name}: {error}")
         await asyncio.to_thread(_control, "-d", str(server.pid))
     finally:
-        worker.close()
+        await worker.aclose()
     return _dumped_total(work_dir, name, server.pid)
 
 

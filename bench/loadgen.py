@@ -243,6 +243,12 @@ class Worker:
                 conn.close()
         self._idle.clear()
 
+    async def aclose(self) -> None:
+        """:meth:`close`, then one loop turn: a transport closes its socket in a callback, which
+        would never run if the loop ended right after (a ResourceWarning at garbage collection)."""
+        self.close()
+        await asyncio.sleep(0)
+
 
 RequestFn = Callable[[Worker, int], Awaitable[Sample]]
 
@@ -328,6 +334,7 @@ async def run_load(
     finally:
         for worker in workers:
             worker.close()
+        await asyncio.sleep(0)  # let the transports close their sockets (see Worker.aclose)
     bad = warm_bad + bad
     return LoadResult(
         concurrency=concurrency,

@@ -572,7 +572,7 @@ async def _conversation_rows(
                 direct_ms[k].append((rd.t_end - rd.t_start) * 1000)
                 gateway_ms[k].append((rg.t_end - rg.t_start) * 1000)
     finally:
-        worker.close()
+        await worker.aclose()
     rows = []
     direct_name = "direct (responses mode)" if responses_mode else "direct"
     for turn in reported_turns(turns):

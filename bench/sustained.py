@@ -87,7 +87,7 @@ async def scenario_sustained(b) -> list[Row]:  # b: bench.scenarios.Bench
                         if not first_error:
                             first_error.append(error)
             finally:
-                worker.close()
+                await worker.aclose()
 
         samples: list[tuple[float, int]] = []
 

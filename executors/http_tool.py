@@ -31,7 +31,6 @@ import logging
 import os
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import jsonschema
@@ -41,11 +40,14 @@ import orjson
 
 from .egress import ALLOW_PRIVATE_EXTENSION, EgressError, EgressPolicy, host_matches, pin_request
 
-__all__ = ["ENV_PREFIX", "HTTPToolExecutor", "ToolError", "resolve_headers"]
+__all__ = ["ENV_PREFIX", "ENV_VAR_PREFIX", "HTTPToolExecutor", "ToolError", "resolve_headers"]
 
 logger = logging.getLogger("stepchain.tools")
 
 ENV_PREFIX = "env:"
+#: The only environment variables ``env:`` header values may read (setting ``tool_env_prefix``):
+#: ``env:STEPCHAIN_UPSTREAM_API_KEY`` must never send the upstream key to a tool.
+ENV_VAR_PREFIX = "STEPCHAIN_TOOL_"
 # How much of a non-2xx body goes into the error message the model sees.
 _SNIPPET_CHARS = 500
 # Secrets shorter than this are not scrubbed from bodies (they would match ordinary text).
@@ -62,17 +64,19 @@ class ToolError(Exception):
         self.status = status
 
 
-def resolve_headers(headers: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+def resolve_headers(
+    headers: Mapping[str, str], environ: Mapping[str, str], var_prefix: str = ENV_VAR_PREFIX
+) -> dict[str, str]:
     """``headers`` with every ``env:NAME`` value replaced by ``environ[NAME]``.
 
-    Raises ToolError ``configuration_error`` naming the variable (never a value) when it is unset
-    or holds a line break.
+    Raises ToolError ``configuration_error`` naming the header and variable (never a value) when
+    the variable does not start with ``var_prefix``, is unset, or holds a line break.
     """
-    return _resolve(headers, environ)[0]
+    return _resolve(headers, environ, var_prefix)[0]
 
 
 def _resolve(
-    headers: Mapping[str, str], environ: Mapping[str, str]
+    headers: Mapping[str, str], environ: Mapping[str, str], var_prefix: str = ENV_VAR_PREFIX
 ) -> tuple[dict[str, str], list[bytes]]:
     """The resolved headers and the secret values read from the environment (to scrub)."""
     resolved: dict[str, str] = {}
@@ -80,6 +84,12 @@ def _resolve(
     for key, value in headers.items():
         if value.startswith(ENV_PREFIX):
             var = value[len(ENV_PREFIX) :]
+            if not var.startswith(var_prefix):
+                raise ToolError(
+                    "configuration_error",
+                    f"header {key!r} may only read environment variables starting with "
+                    f"{var_prefix} (tool_env_prefix), not {var}",
+                )
             secret = environ.get(var)
             if secret is None:
                 raise ToolError(
@@ -123,6 +133,7 @@ class HTTPToolExecutor:
         blocked_ports: Collection[int] = (),
         egress: EgressPolicy | None = None,
         environ: Mapping[str, str] = os.environ,
+        env_prefix: str = ENV_VAR_PREFIX,
     ) -> None:
         self._owns_client = client is None
         self._client = client if client is not None else httpx.AsyncClient()
@@ -131,6 +142,7 @@ class HTTPToolExecutor:
             allowed_hosts=allowed_hosts, allowed_networks=allowed_networks, own_ports=blocked_ports
         )
         self.environ = environ
+        self.env_prefix = env_prefix
         # tool name -> (the schema it was compiled from, its validator)
         self._validators: dict[str, tuple[dict[str, Any], Any]] = {}
 
@@ -160,7 +172,7 @@ class HTTPToolExecutor:
         args = self._parse_arguments(name, arguments)
         self._validate_arguments(name, definition.get("parameters"), args)
         url = definition["url"]
-        headers, secrets = _resolve(definition.get("headers") or {}, self.environ)
+        headers, secrets = _resolve(definition.get("headers") or {}, self.environ, self.env_prefix)
         if not any(key.lower() == "content-type" for key in headers):
             headers["content-type"] = "application/json"
         if idempotency_key:
@@ -268,7 +280,7 @@ class HTTPToolExecutor:
     @contextlib.contextmanager
     def _map_errors(self, name: str, url: str, timeout_s: float) -> Iterator[None]:
         """The one place httpx (and timeout) exceptions become ToolErrors."""
-        where = urlsplit(url)._replace(query="", fragment="").geturl()
+        # Messages name the tool, never its URL: tenants and the model see them.
         try:
             yield
         except ToolError:
@@ -282,10 +294,10 @@ class HTTPToolExecutor:
         except httpx.LocalProtocolError as exc:
             # Its text may quote a header value: never pass it on.
             raise ToolError(
-                "connection_error", f"tool {name!r}: the request to {where} could not be sent"
+                "connection_error", f"tool {name!r}: the request could not be sent"
             ) from exc
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             detail = str(exc) or type(exc).__name__
             raise ToolError(
-                "connection_error", f"tool {name!r}: request to {where} failed: {detail}"
+                "connection_error", f"tool {name!r}: the request failed: {detail}"
             ) from exc

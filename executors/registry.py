@@ -7,6 +7,15 @@ A **tool definition** (what ``POST /v1/tools`` takes and the store keeps) is one
                  "allow_private"}
     agent tool: {"name", "description", "parameters", "kind": "agent", "attach", "model",
                  "instructions", "tools": [registered tool names]}
+    MCP server: {"name" (its server_label), "description" (its server_description),
+                 "kind": "mcp", "attach", "server_url", "headers", "allowed_tools",
+                 "require_approval", "timeout_s", "allow_private"}
+
+HTTP tools also take ``require_approval`` (``"never"``, the default, or ``"always"``): a call
+then waits for the client's ``mcp_approval_response``. An MCP server's tools are listed per
+response chain (``gateway/engine/tool_sources.py``); its ``require_approval`` defaults to
+``"always"`` as at OpenAI. ``attach: "on_request"`` MCP servers are used when a request names
+them: ``{"type": "mcp", "server_label": NAME}`` without ``server_url``.
 
 ``attach`` is ``"always"`` (offered to the model on every request) or ``"on_request"`` (offered
 only when the request's ``tools`` names it). ``idempotent`` HTTP tools may be re-run after a
@@ -35,7 +44,8 @@ import jsonschema.validators
 from store.base import Store
 from store.types import StoreConflictError, StoreNotFoundError
 
-from .http_tool import ENV_PREFIX, resolve_headers
+from .http_tool import ENV_PREFIX, ENV_VAR_PREFIX, resolve_headers
+from .mcp_tool import option_problem
 
 __all__ = [
     "AGENT_DEFAULT_PARAMETERS",
@@ -65,10 +75,15 @@ _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 _COMMON_KEYS = ("name", "description", "parameters", "kind", "attach")
 _KIND_KEYS = {
-    "http": ("url", "headers", "timeout_s", "idempotent", "allow_private"),
+    "http": ("url", "headers", "timeout_s", "idempotent", "allow_private", "require_approval"),
     "agent": ("model", "instructions", "tools"),
+    "mcp": (
+        "server_url", "headers", "timeout_s", "allow_private", "allowed_tools", "require_approval",
+    ),
 }
-_ALL_KEYS = frozenset(_COMMON_KEYS + _KIND_KEYS["http"] + _KIND_KEYS["agent"] + ("object",))
+_ALL_KEYS = frozenset(
+    _COMMON_KEYS + _KIND_KEYS["http"] + _KIND_KEYS["agent"] + _KIND_KEYS["mcp"] + ("object",)
+)
 
 
 class ToolDefinitionError(ValueError):
@@ -108,7 +123,9 @@ def _validate_parameters(schema: Any) -> dict[str, Any]:
     return schema
 
 
-def _validate_headers(headers: Any, previous: Mapping[str, Any] | None) -> dict[str, str]:
+def _validate_headers(
+    headers: Any, previous: Mapping[str, Any] | None, env_prefix: str | None
+) -> dict[str, str]:
     if not isinstance(headers, dict):
         raise _fail("headers must be an object of header names to string values.", "headers")
     kept = (previous or {}).get("headers") or {}
@@ -137,32 +154,46 @@ def _validate_headers(headers: Any, previous: Mapping[str, Any] | None) -> dict[
                 f"({ENV_PREFIX}NAME, letters, digits and _).",
                 param,
             )
+        if (
+            env_prefix is not None
+            and value.startswith(ENV_PREFIX)
+            and not value[len(ENV_PREFIX) :].startswith(env_prefix)
+        ):
+            raise _fail(
+                f"header {key!r}: {value!r} may only name an environment variable starting with "
+                f"{env_prefix} (setting tool_env_prefix), e.g. {ENV_PREFIX}{env_prefix}API_KEY.",
+                param,
+            )
         out[key] = value
     return out
 
 
-def _validate_url(url: Any) -> str:
+def _validate_url(url: Any, field: str = "url") -> str:
     if not isinstance(url, str):
-        raise _fail("url is required for an http tool: an http(s) URL.", "url")
+        raise _fail(f"{field} is required for an http tool: an http(s) URL.", field)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
-        raise _fail(f"url is not a valid URL: {exc}.", "url") from None
+        raise _fail(f"{field} is not a valid URL: {exc}.", field) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _fail(f"url must be an http(s) URL with a host, got {url!r}.", "url")
+        raise _fail(f"{field} must be an http(s) URL with a host, got {url!r}.", field)
     if parts.username is not None or parts.password is not None:
-        raise _fail("url must not contain credentials; put them in headers (env:NAME).", "url")
+        raise _fail(f"{field} must not contain credentials; put them in headers (env:NAME).", field)
     return url
 
 
 def validate_tool_definition(
-    body: Any, *, previous: Mapping[str, Any] | None = None
+    body: Any,
+    *,
+    previous: Mapping[str, Any] | None = None,
+    env_prefix: str | None = ENV_VAR_PREFIX,
 ) -> dict[str, Any]:
     """The normalized definition for a registration body, with defaults filled in.
 
     ``previous`` is the stored definition being replaced: a header value ``"***"`` keeps its
-    stored value. Raises ToolDefinitionError (message and ``param``) for anything unusable,
+    stored value. ``env:NAME`` header values must name a variable starting with ``env_prefix``
+    (None: any; the config file's tables are checked again when registered). Raises ToolDefinitionError (message and ``param``) for anything unusable,
     including unknown fields and fields of the other kind.
     """
     if not isinstance(body, dict):
@@ -186,10 +217,9 @@ def validate_tool_definition(
         )
     kind = body.get("kind", "http")
     if not isinstance(kind, str) or kind not in _KIND_KEYS:
-        raise _fail(f'kind must be "http" or "agent", got {kind!r}.', "kind")
-    other = "agent" if kind == "http" else "http"
-    for key in _KIND_KEYS[other]:
-        if key in body:
+        raise _fail(f'kind must be "http", "agent" or "mcp", got {kind!r}.', "kind")
+    for key in body:
+        if key in _ALL_KEYS and key not in _COMMON_KEYS and key != "object" and key not in _KIND_KEYS[kind]:
             raise _fail(f"{key} is not a field of {kind} tools.", key)
     description = body.get("description", "")
     if not isinstance(description, str):
@@ -198,6 +228,8 @@ def validate_tool_definition(
     if attach not in ("always", "on_request"):
         raise _fail(f'attach must be "always" or "on_request", got {attach!r}.', "attach")
     default_parameters = AGENT_DEFAULT_PARAMETERS if kind == "agent" else _EMPTY_PARAMETERS
+    if kind == "mcp" and "parameters" in body:
+        raise _fail("parameters is not a field of mcp tool sources (the server lists them).", "parameters")
     parameters = _validate_parameters(body.get("parameters", default_parameters))
 
     out: dict[str, Any] = {
@@ -207,7 +239,13 @@ def validate_tool_definition(
         "kind": kind,
         "attach": attach,
     }
+    if kind == "mcp":
+        return _validate_mcp(body, out, previous, env_prefix)
     if kind == "http":
+        approval = body.get("require_approval", "never")
+        if approval not in ("always", "never"):
+            raise _fail('require_approval must be "always" or "never".', "require_approval")
+        out["require_approval"] = approval
         timeout_s = body.get("timeout_s", 30)
         if (
             isinstance(timeout_s, bool)
@@ -226,7 +264,7 @@ def validate_tool_definition(
         if not isinstance(allow_private, bool):
             raise _fail("allow_private must be true or false.", "allow_private")
         out["url"] = _validate_url(body.get("url"))
-        out["headers"] = _validate_headers(body.get("headers", {}), previous)
+        out["headers"] = _validate_headers(body.get("headers", {}), previous, env_prefix)
         out["timeout_s"] = timeout_s
         out["idempotent"] = idempotent
         out["allow_private"] = allow_private
@@ -246,6 +284,51 @@ def validate_tool_definition(
         out["model"] = model
         out["instructions"] = instructions
         out["tools"] = list(dict.fromkeys(tools))
+    return out
+
+
+def _timeout(body: Mapping[str, Any]) -> float:
+    timeout_s = body.get("timeout_s", 30)
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or not 0 < timeout_s <= MAX_TIMEOUT_S
+    ):
+        raise _fail(
+            f"timeout_s must be a number of seconds more than 0 and at most {MAX_TIMEOUT_S}, "
+            f"got {timeout_s!r}.",
+            "timeout_s",
+        )
+    return timeout_s
+
+
+def _validate_mcp(
+    body: Mapping[str, Any],
+    out: dict[str, Any],
+    previous: Mapping[str, Any] | None,
+    env_prefix: str | None,
+) -> dict[str, Any]:
+    del out["parameters"]
+    options = {
+        "server_label": out["name"],
+        "server_url": body.get("server_url"),
+        "allowed_tools": body.get("allowed_tools"),
+        "require_approval": body.get("require_approval"),
+    }
+    if not isinstance(body.get("server_url"), str):
+        raise _fail("server_url is required for an mcp tool source: an http(s) URL.", "server_url")
+    problem = option_problem(options)
+    if problem is not None:
+        raise _fail(f"{problem[0]} must be {problem[1]}.", problem[0])
+    allow_private = body.get("allow_private", False)
+    if not isinstance(allow_private, bool):
+        raise _fail("allow_private must be true or false.", "allow_private")
+    out["server_url"] = _validate_url(body["server_url"], "server_url")
+    out["headers"] = _validate_headers(body.get("headers", {}), previous, env_prefix)
+    out["allowed_tools"] = body.get("allowed_tools")
+    out["require_approval"] = body.get("require_approval", "always")
+    out["timeout_s"] = _timeout(body)
+    out["allow_private"] = allow_private
     return out
 
 
@@ -279,14 +362,22 @@ class ToolRegistry:
     """
 
     def __init__(
-        self, store: Store, *, environ: Mapping[str, str] = os.environ, refresh_s: float = 1.0
+        self,
+        store: Store,
+        *,
+        environ: Mapping[str, str] = os.environ,
+        refresh_s: float = 1.0,
+        env_prefix: str = ENV_VAR_PREFIX,
     ) -> None:
         self.store = store
         self.environ = environ
+        self.env_prefix = env_prefix
         self.refresh_s = refresh_s
         self._tools: dict[str, dict[str, Any]] = {}
         self._offered: dict[str, dict[str, Any]] = {}  # name -> Responses function tool
         self._always: list[str] = []  # always-attached names, sorted
+        self._mcp_always: list[str] = []  # always-attached MCP servers, sorted
+        self._approval: frozenset[str] = frozenset()
         self._loaded_at = float("-inf")
         self._lock = asyncio.Lock()
 
@@ -294,8 +385,18 @@ class ToolRegistry:
 
     def _set_cache(self, tools: dict[str, dict[str, Any]]) -> None:
         self._tools = tools
-        self._offered = {name: _responses_tool(d) for name, d in tools.items()}
-        self._always = sorted(n for n, d in tools.items() if d.get("attach", "always") == "always")
+        functions = {n: d for n, d in tools.items() if d.get("kind") != "mcp"}
+        self._offered = {name: _responses_tool(d) for name, d in functions.items()}
+        self._always = sorted(
+            n for n, d in functions.items() if d.get("attach", "always") == "always"
+        )
+        self._approval = frozenset(
+            n for n, d in functions.items()
+            if d.get("kind") == "http" and d.get("require_approval") == "always"
+        )
+        self._mcp_always = sorted(
+            n for n, d in tools.items() if d.get("kind") == "mcp" and d.get("attach", "always") == "always"
+        )
 
     def _cache_put(self, definition: dict[str, Any]) -> None:
         tools = dict(self._tools)
@@ -329,7 +430,7 @@ class ToolRegistry:
 
         Raises ToolDefinitionError, or the store's StoreConflictError if the name is taken.
         """
-        definition = validate_tool_definition(body)
+        definition = validate_tool_definition(body, env_prefix=self.env_prefix)
         await self.store.create_tool(definition)
         self._cache_put(definition)
         return definition
@@ -348,7 +449,9 @@ class ToolRegistry:
         previous = await self.store.get_tool(name)
         if previous is None:
             raise StoreNotFoundError(f"tool {name!r} does not exist")
-        definition = validate_tool_definition(body, previous=previous)
+        definition = validate_tool_definition(
+            body, previous=previous, env_prefix=self.env_prefix
+        )
         await self.store.replace_tool(name, definition)
         self._cache_put(definition)
         return definition
@@ -378,7 +481,7 @@ class ToolRegistry:
         definitions = []
         for i, body in enumerate(bodies):
             try:
-                definitions.append(validate_tool_definition(body))
+                definitions.append(validate_tool_definition(body, env_prefix=self.env_prefix))
             except ToolDefinitionError as exc:
                 label = body.get("name") if isinstance(body, dict) else None
                 where = f"tools[{i}]" + (f" ({label!r})" if isinstance(label, str) else "")
@@ -444,10 +547,26 @@ class ToolRegistry:
                 hosted.add(name)
         return offered, client, frozenset(hosted)
 
+    def mcp_sources(self, request_tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """The registered MCP servers a request uses: those it names (``{"type": "mcp",
+        "server_label": NAME}`` without ``server_url``), then the ``attach: "always"`` ones."""
+        named = []
+        for tool in request_tools or ():
+            if isinstance(tool, dict) and tool.get("type") == "mcp" and not tool.get("server_url"):
+                definition = self._tools.get(tool.get("server_label") or "")
+                if definition is not None and definition.get("kind") == "mcp":
+                    named.append(definition)
+        labels = {t.get("server_label") for t in request_tools or () if isinstance(t, dict) and t.get("type") == "mcp"}
+        return named + [self._tools[n] for n in self._mcp_always if n not in labels]
+
+    def approval_required(self) -> frozenset[str]:
+        """Registered HTTP tools whose calls wait for the client's approval."""
+        return self._approval
+
     def resolve_header_secrets(self, definition: Mapping[str, Any]) -> dict[str, str]:
         """The definition's headers with ``env:NAME`` values read from the environment.
 
         Raises ``executors.http_tool.ToolError`` (``configuration_error``) naming a variable
         that is not set, never a value.
         """
-        return resolve_headers(definition.get("headers") or {}, self.environ)
+        return resolve_headers(definition.get("headers") or {}, self.environ, self.env_prefix)

@@ -53,12 +53,15 @@ _BACKOFF = tenacity.wait_exponential(multiplier=0.25, max=8.0) + tenacity.wait_r
 class UpstreamTarget:
     """One Chat Completions upstream: its base URL (e.g. ``https://api.openai.com/v1``), key,
     the model name to send instead of the request's (for a fallback serving another model), and
-    the label a step records as its ``upstream`` (default: the base URL)."""
+    the label a step records as its ``upstream`` (default: the base URL). ``pass_client_key``:
+    whether a client's own key (setting ``pass_client_key``) may be sent to it — true for the
+    primary; a fallback, often another provider, keeps its own key unless marked."""
 
     base_url: str
     api_key: str | None = None
     model: str | None = None
     label: str = ""
+    pass_client_key: bool = True
 
 
 def _label(target: UpstreamTarget) -> str:
@@ -136,9 +139,13 @@ class ResilientUpstream:
 
     def with_api_key(self, api_key: str | None) -> ResilientUpstream:
         """A view sharing this one's HTTP client and settings that sends ``api_key`` (None: no
-        ``Authorization`` header) to every target instead of the targets' own keys."""
+        ``Authorization`` header) instead of the target's own key to every target marked
+        ``pass_client_key``; the others keep their own keys."""
         return ResilientUpstream(
-            [dataclasses.replace(t, api_key=api_key) for t in self._targets],
+            [
+                dataclasses.replace(t, api_key=api_key) if t.pass_client_key else t
+                for t in self._targets
+            ],
             client=self._client,
             transport=self._transport,
             max_retries=self._max_retries,

@@ -25,7 +25,7 @@ __all__ = ["main", "serve"]
 
 
 _METAVARS: dict[Any, str] = {int: "INTEGER", float: "NUMBER"}
-_TABLES = ("tools", "upstream_fallbacks", "prices")
+_TABLES = ("tools", "upstream_fallbacks", "mcp_servers", "prices")
 
 
 def _setting_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -225,10 +225,25 @@ def _drop_secret_variables() -> None:
             os.environ.pop(ENV_PREFIX + name.upper(), None)
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name) only listens on this machine."""
+    import ipaddress
+
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
 def serve(settings: Settings) -> None:
     """Run the gateway under uvicorn (uvloop and httptools where installed).
 
-    Raises ConfigError when ``upstream_base_url`` is missing.
+    Raises ConfigError when ``upstream_base_url`` is missing, or when ``host`` is not a loopback
+    address while neither ``api_keys`` (``api_keys_file``) nor ``admin_key`` is set (unless
+    ``insecure_open``): an open gateway on a network interface serves anyone who reaches it.
     """
     import uvicorn
 
@@ -236,6 +251,13 @@ def serve(settings: Settings) -> None:
         raise ConfigError(
             "upstream_base_url: required (--upstream-base-url or STEPCHAIN_UPSTREAM_BASE_URL); "
             "try `stepchain demo` to run without one"
+        )
+    keyed = settings.api_keys or settings.api_keys_file or settings.admin_key
+    if not keyed and not settings.insecure_open and not _is_loopback(settings.host):
+        raise ConfigError(
+            f"host: {settings.host} is reachable from the network but no keys are set; set "
+            "STEPCHAIN_API_KEYS (or --api-keys-file) and STEPCHAIN_ADMIN_KEY, or pass "
+            "--insecure-open to serve it open"
         )
     check_database(settings)
     common: dict[str, Any] = dict(

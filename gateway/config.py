@@ -78,6 +78,9 @@ class UpstreamFallback(BaseModel):
     api_key: SecretStr | None = Field(None, description="sent as `Authorization: Bearer`")
     model: str | None = Field(None, description="model name used instead of the request's")
     label: str | None = Field(None, description="name recorded on steps (default: base_url)")
+    pass_client_key: bool = Field(
+        False, description="with the setting pass_client_key, send the client's key here too"
+    )
 
     _url = field_validator("base_url")(_check_http_url)
 
@@ -91,7 +94,7 @@ class ToolSetting(BaseModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    kind: Literal["http", "agent"] = "http"
+    kind: Literal["http", "agent", "mcp"] = "http"
     attach: Literal["always", "on_request"] | None = None
     url: str | None = None
     # Literal header values are secrets (the admin API shows them as "***"): kept out of reprs.
@@ -99,6 +102,9 @@ class ToolSetting(BaseModel):
     timeout_s: float | None = None
     idempotent: bool | None = None
     allow_private: bool | None = None
+    require_approval: Any = None
+    server_url: str | None = None
+    allowed_tools: Any = None
     model: str | None = None
     instructions: str | None = None
     tools: list[str] | None = None
@@ -106,7 +112,7 @@ class ToolSetting(BaseModel):
     @model_validator(mode="after")
     def _valid_definition(self) -> ToolSetting:
         try:
-            validate_tool_definition(self.definition())
+            validate_tool_definition(self.definition(), env_prefix=None)
         except ToolDefinitionError as exc:
             raise ValueError(exc.message) from None
         return self
@@ -114,6 +120,40 @@ class ToolSetting(BaseModel):
     def definition(self) -> dict[str, Any]:
         """The registration body (fields that were given)."""
         return self.model_dump(exclude_none=True)
+
+
+class MCPServerSetting(BaseModel):
+    """One ``[[mcp_servers]]`` table: an MCP server registered at start-up as a ``kind: "mcp"``
+    tool source named ``server_label`` (see ``executors/registry.py``)."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    server_label: str
+    server_url: str
+    server_description: str | None = None
+    headers: dict[str, str] | None = Field(None, repr=False)
+    allowed_tools: Any = None
+    require_approval: Any = None
+    attach: Literal["always", "on_request"] | None = None
+    timeout_s: float | None = None
+    allow_private: bool | None = None
+
+    @model_validator(mode="after")
+    def _valid_definition(self) -> MCPServerSetting:
+        try:
+            validate_tool_definition(self.definition(), env_prefix=None)
+        except ToolDefinitionError as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+    def definition(self) -> dict[str, Any]:
+        """The registration body."""
+        body = self.model_dump(exclude_none=True)
+        body["name"] = body.pop("server_label")
+        if "server_description" in body:
+            body["description"] = body.pop("server_description")
+        body["kind"] = "mcp"
+        return body
 
 
 class ModelPrice(BaseModel):
@@ -155,6 +195,9 @@ class Settings(BaseSettings):
         10, ge=1, description="transitions that append steps, per loop level"
     )
     max_response_step_depth: int = Field(8, ge=1, description="agent-tool recursion depth")
+    max_response_steps: int = Field(
+        200, ge=1, description="steps one response may record, all agent scopes counted"
+    )
     workers: int = Field(1, ge=1, description="worker processes (they share the database)")
     admin_key: SecretStr | None = Field(
         None, description="Bearer key for `/v1/tools` (required when `api_keys` is set)"
@@ -166,10 +209,16 @@ class Settings(BaseSettings):
     pass_client_key: bool = Field(
         False, description="send the client's own key upstream instead of `upstream_api_key`"
     )
+    insecure_open: bool = Field(
+        False,
+        description="serve on a non-loopback `host` with neither `api_keys` nor `admin_key` "
+        "(refused otherwise)",
+    )
     upstream_fallbacks: tuple[UpstreamFallback, ...] = Field(
         (),
         strict=False,
-        description="`[[upstream_fallbacks]]` `{base_url, api_key?, model?, label?}`, tried in "
+        description="`[[upstream_fallbacks]]` `{base_url, api_key?, model?, label?, "
+        "pass_client_key?}`, tried in "
         "order when the primary stays down (flag and variable: a JSON list)",
     )
     upstream_max_retries: int = Field(3, ge=0, description="retries per upstream")
@@ -201,6 +250,27 @@ class Settings(BaseSettings):
         None,
         description="comma-separated CIDRs tools may reach although private "
         "(`127.0.0.0/8,10.0.0.0/8`)",
+    )
+    tool_env_prefix: str = Field(
+        "STEPCHAIN_TOOL_",
+        min_length=1,
+        description="tool headers `env:NAME` may only read variables starting with this",
+    )
+    live_logs_max_bytes: int = Field(
+        256_000_000, ge=1, description="streamed responses' event logs cached in memory, in all (the store has them all)"
+    )
+    live_log_max_bytes: int = Field(
+        16_000_000, ge=1, description="one response's event log cached in memory; older events are read from the store"
+    )
+    history_cache_max_bytes: int = Field(
+        256_000_000, ge=1, description="conversation histories cached for previous_response_id"
+    )
+    retention_days: float | None = Field(
+        None, gt=0, description="delete finished responses (steps, events) older than this; "
+        "none = keep"
+    )
+    mcp_timeout_s: float = Field(
+        30.0, gt=0, description="client-supplied MCP servers: time for one listing or call"
     )
     max_body_bytes: int = Field(20_000_000, ge=1, description="largest request body")
     model_context_windows: dict[str, int] = Field(
@@ -248,6 +318,13 @@ class Settings(BaseSettings):
         (),
         strict=False,
         description="`[[tools]]` tool definitions as `POST /v1/tools` takes them, registered at "
+        "start-up (flag and variable: a JSON list)",
+    )
+    mcp_servers: tuple[MCPServerSetting, ...] = Field(
+        (),
+        strict=False,
+        description="`[[mcp_servers]]` MCP servers `{server_label, server_url, headers?, "
+        "allowed_tools?, require_approval?, attach?, timeout_s?, allow_private?}` registered at "
         "start-up (flag and variable: a JSON list)",
     )
     hosted_tool_map: dict[str, str] = Field(
@@ -302,7 +379,7 @@ class Settings(BaseSettings):
 _SECRET = frozenset(
     name for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)
 )
-_TABLES = frozenset({"tools", "upstream_fallbacks"})
+_TABLES = frozenset({"tools", "upstream_fallbacks", "mcp_servers"})
 _JSON = _TABLES | {"hosted_tool_map", "model_context_windows", "prices"}  # flags, variables: JSON
 
 
@@ -399,6 +476,7 @@ def redacted(settings: Settings) -> dict[str, Any]:
         if out.get(name) is not None:
             out[name] = "***"
     out["tools"] = [t.name for t in settings.tools]
+    out["mcp_servers"] = [m.server_label for m in settings.mcp_servers]
     out["upstream_fallbacks"] = [f.base_url for f in settings.upstream_fallbacks]
     return out
 

@@ -196,11 +196,11 @@ class LiveStream:
 
 
 class LiveStreams:
-    """The cached logs of this process, by response id: at most ``max_bytes_per_stream`` of
+    """The cached logs of this process, by response id: at most ``max_bytes_per_response`` of
     persisted events per response and ``max_bytes`` in all; a log leaves as it closes."""
 
-    def __init__(self, *, max_bytes_per_stream: int = 1 << 20, max_bytes: int = 64 << 20) -> None:
-        self.max_bytes_per_stream = max_bytes_per_stream
+    def __init__(self, *, max_bytes_per_response: int = 1 << 20, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes_per_response = max_bytes_per_response
         self.max_bytes = max_bytes
         self._streams: dict[str, LiveStream] = {}
         self._total = 0  # bytes cached, as of each log's last store write
@@ -234,6 +234,8 @@ class LiveStreams:
         """The bytes cached, as of each log's last store write."""
         return self._total
 
+    total_bytes = nbytes
+
     def _account(self, stream: LiveStream) -> None:
         if self._streams.get(stream.response_id) is stream:
             self._total += stream.nbytes - stream.accounted
@@ -242,8 +244,8 @@ class LiveStreams:
     def trim(self, stream: LiveStream) -> None:
         """After ``stream`` persisted more: keep it, and the whole cache, within the caps
         (dropping only events the store has)."""
-        if stream.nbytes > self.max_bytes_per_stream:
-            stream.trim(self.max_bytes_per_stream // 2)
+        if stream.nbytes > self.max_bytes_per_response:
+            stream.trim(self.max_bytes_per_response // 2)
         self._account(stream)
         if self._total > self.max_bytes:
             for other in sorted(self._streams.values(), key=lambda s: -s.nbytes):

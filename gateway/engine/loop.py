@@ -17,13 +17,14 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
 
 from executors.http_tool import HTTPToolExecutor, ToolError
+from executors.mcp_tool import MCPServer, MCPToolExecutor
 from executors.reassembly import Delta
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream
@@ -46,7 +47,14 @@ from .transition import (
 
 logger = logging.getLogger("stepchain.loop")
 
-__all__ = ["EmptyActionError", "LoopDeps", "LoopObserver", "LoopOutcome", "run_response_loop"]
+__all__ = [
+    "EmptyActionError",
+    "LoopDeps",
+    "LoopObserver",
+    "LoopOutcome",
+    "StepBudget",
+    "run_response_loop",
+]
 
 
 class EmptyActionError(GatewayError):
@@ -64,6 +72,24 @@ class LoopObserver(Protocol):
     def add_usage(self, chat_usage: dict[str, Any] | None) -> None: ...
 
 
+class StepBudget:
+    """How many more steps one response may record, across all its scopes (setting
+    ``max_response_steps``): the iteration cap is per loop level, so agent tools that fan out
+    multiply it; this bounds the whole response."""
+
+    __slots__ = ("remaining",)
+
+    def __init__(self, limit: int, used: int = 0) -> None:
+        self.remaining = limit - used
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` steps; False (nothing reserved) if fewer are left."""
+        if n > self.remaining:
+            return False
+        self.remaining -= n
+        return True
+
+
 @dataclass(slots=True)
 class LoopDeps:
     """The shared things one response's loops run with (one set per gateway process)."""
@@ -72,6 +98,13 @@ class LoopDeps:
     upstream: ResilientUpstream
     registry: ToolRegistry
     http_tools: HTTPToolExecutor
+    mcp_tools: MCPToolExecutor | None = None
+    # Per response: function name -> (the MCP server, its tool name) the model may call.
+    mcp_routes: Mapping[str, tuple[MCPServer, str]] | None = None
+    mcp_timeout_s: float = 30.0
+    max_steps: int = 200
+    # Per response (set by the service): the steps it may still record.
+    step_budget: StepBudget | None = None
     max_iterations: int = 10
     max_depth: int = 8
     tool_output_max_bytes: int = 50_000
@@ -153,6 +186,11 @@ async def run_response_loop(
         if isinstance(action, AppendSteps):
             if not action.steps:
                 raise EmptyActionError("transition function returned AppendSteps with no steps")
+            if deps.step_budget is not None and not deps.step_budget.take(len(action.steps)):
+                unwritten = deferred[0] if deferred else None
+                return LoopOutcome(
+                    "incomplete", chain, incomplete_reason="max_steps_exceeded", unwritten=unwritten
+                )
             steps = await deps.store.record_steps(
                 response_id, scope_parent, prev, action.steps, start=True
             )
@@ -267,6 +305,10 @@ async def _run_step(
 
 
 def _safe_to_rerun(deps: LoopDeps, step: Step) -> bool:
+    if step.request_payload.get(REJECTED_KEY):
+        return True  # never runs anyway
+    if deps.mcp_routes and step.request_payload.get("name") in deps.mcp_routes:
+        return False  # an MCP tool may have side effects
     definition = deps.registry.lookup(step.request_payload.get("name", ""))
     if definition is None:
         return True  # it will fail as unknown again, harmlessly
@@ -362,6 +404,16 @@ async def _tool_call(
     name = payload.get("name", "")
     if payload.get(REJECTED_KEY) == "max_tool_calls":
         raise ToolError("max_tool_calls_exceeded", "max_tool_calls reached: this call was not run")
+    if payload.get(REJECTED_KEY) == "denied":
+        reason = payload.get("reason")
+        raise ToolError(
+            "approval_denied",
+            "the user denied this tool call" + (f": {reason}" if isinstance(reason, str) and reason else ""),
+        )
+    route = deps.mcp_routes.get(name) if deps.mcp_routes and depth == 0 else None
+    if route is not None and deps.mcp_tools is not None:
+        server, tool_name = route
+        return await deps.mcp_tools.call(server, tool_name, payload.get("arguments") or "")
     definition = deps.registry.lookup(name)
     if definition is None:
         raise ToolError("unknown_tool", f"unknown tool: {name}")

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from types import EllipsisType
 from typing import Any
 
+import orjson
+
 from executors.upstream import STEP_NOTES
 from gateway.errors import (
     ConflictError,
@@ -60,10 +62,12 @@ from .chat import ENDPOINT as CHAT_ENDPOINT
 from .chat import run_chat_completion
 from .compaction import compact_threshold_of, expand_compactions
 from .conversations import ConversationService, conversation_id_of
+from .history import HistoryCache
 from .live import LiveStream, LiveStreams
-from .loop import LoopDeps, run_response_loop
+from .loop import LoopDeps, StepBudget, run_response_loop
 from .references import ItemResolver
 from .tasks import TaskSet
+from .tool_sources import LISTINGS_KEY, ResponseTools, prepare_tool_sources
 from .transition import AppendSteps, LoopRequest, next_action
 from .writer import ResponseWriter
 
@@ -89,6 +93,8 @@ class Prepared:
     history_ids: frozenset[str] = frozenset()
     # The client's own key, sent upstream instead of the gateway's (pass_client_key); never stored.
     upstream_key: str | None = None
+    # The MCP tools (and approvals) of this response.
+    mcp: ResponseTools | None = None
     # The conversation (Conversations API) the response's input and output are appended to.
     conversation_id: str | None = None
     # Why the response failed, as the error a client sees when nothing was output yet.
@@ -168,6 +174,7 @@ class ResponsesService:
         encrypted_content_key: str | None = None,
         reasoning_to_upstream: str = "encrypted",
         context_windows: dict[str, int] | None = None,
+        history_max_bytes: int = 256_000_000,
         tasks: TaskSet | None = None,
     ) -> None:
         self.deps = deps
@@ -195,7 +202,7 @@ class ResponsesService:
         self._watchers: dict[str, asyncio.Task[Any]] = {}
         # response id -> (the ids of the responses in its conversation, the conversation's items
         # up to and including that response's output).
-        self._history: OrderedDict[str, tuple[frozenset[str], list[dict[str, Any]]]] = OrderedDict()
+        self._history = HistoryCache(max_entries=_HISTORY_CACHE_SIZE, max_bytes=history_max_bytes)
         # Recently deleted responses: a conversation holding one is not cached again.
         self._deleted: OrderedDict[str, None] = OrderedDict()
 
@@ -222,7 +229,6 @@ class ResponsesService:
     ) -> tuple[frozenset[str], list[dict[str, Any]]]:
         cached = self._history.get(record.id)
         if cached is not None:
-            self._history.move_to_end(record.id)
             return cached
         ids: frozenset[str] = frozenset()
         items: list[dict[str, Any]] = []
@@ -237,7 +243,10 @@ class ResponsesService:
         items.extend(inputs)
         items.extend(record.output)
         ids = ids | {record.id}
-        self._remember(record.id, ids, items)
+        self._remember(
+            record.id, ids, items, previous_id=record.previous_response_id,
+            added=inputs + list(record.output),
+        )
         return ids, items
 
     async def history_for(self, previous_id: str | None, tenant: str | None) -> list[dict[str, Any]]:
@@ -261,20 +270,25 @@ class ResponsesService:
             items = await ItemResolver(self.store, record.tenant).resolve(items, strict=False)
         return items
 
-    def _remember(self, response_id: str, ids: frozenset[str], items: list[dict[str, Any]]) -> None:
+    def _remember(
+        self,
+        response_id: str,
+        ids: frozenset[str],
+        items: list[dict[str, Any]],
+        *,
+        previous_id: str | None = None,
+        added: list[dict[str, Any]] | None = None,
+    ) -> None:
         if not ids.isdisjoint(self._deleted):
             return  # an earlier response was deleted while this one ran: rebuild it when asked
-        self._history[response_id] = (ids, items)
-        if len(self._history) > _HISTORY_CACHE_SIZE:
-            self._history.popitem(last=False)
+        self._history.put(response_id, ids, items, previous_id=previous_id, added=added)
 
     def _forget(self, response_id: str) -> None:
         """Drop every cached conversation that holds ``response_id``'s items."""
         self._deleted[response_id] = None
         if len(self._deleted) > _HISTORY_CACHE_SIZE:
             self._deleted.popitem(last=False)
-        for key in [k for k, (ids, _items) in self._history.items() if response_id in ids]:
-            del self._history[key]
+        self._history.forget_containing(response_id)
 
     async def steps(
         self, record: ResponseRecord, scope_parent: str | None | EllipsisType = ...
@@ -485,8 +499,13 @@ class ResponsesService:
             input_items = await ItemResolver(self.store, tenant).resolve(input_items, strict=check)
         if check:
             validate_call_outputs(history, input_items)
+            if LISTINGS_KEY in body:
+                body = {k: v for k, v in body.items() if k != LISTINGS_KEY}
             self._check_encrypted(input_items)
         plan, offered, client_names = self._offer(body)
+        body, offered, hosted, approved = await prepare_tool_sources(
+            self.deps, body, offered, history, input_items, response_id, check=check
+        )
         if plan.left_out and check:
             logger.info(
                 "response %s: tools left out (nothing runs them): %s",
@@ -502,6 +521,21 @@ class ResponsesService:
             tool_name=plan.upstream_name,
             reasoning_text=None if self.reasoning_to_upstream == "off" else self._reasoning_text,
         )
+        if approved:  # the turn that asked for them, answered by the steps that run them
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": call["call_id"],
+                            "type": "function",
+                            "function": {"name": call["name"], "arguments": call["arguments"]},
+                        }
+                        for call in approved
+                    ],
+                }
+            )
         initial_body = build_chat_request(
             body, messages, tools_to_chat(offered), stream=stream, tool_name=plan.upstream_name
         )
@@ -512,6 +546,8 @@ class ResponsesService:
         loop_request = LoopRequest(
             initial_body=initial_body,
             client_tools=client_names,
+            approval_tools=hosted.approval,
+            approved_calls=approved,
             max_iterations=self.deps.max_iterations,
             max_tool_calls=max_tool_calls if isinstance(max_tool_calls, int) else None,
             tool_output_max_bytes=self.deps.tool_output_max_bytes,
@@ -534,6 +570,7 @@ class ResponsesService:
         )
         return Prepared(
             record, loop_request, input_items, history, client_names, plan, history_ids,
+            mcp=hosted,
             conversation_id=conversation_id,
         )
 
@@ -614,9 +651,13 @@ class ResponsesService:
             def seal_reasoning(text: str) -> str:
                 return seal({"text": text}, key)
 
+        sources = record.request.get(LISTINGS_KEY) or {}
         return ResponseBuilder(
             base, hosted_tools=_NotClient(client_tools), emit=emit,
             client_tools=plan.client, seal_reasoning=seal_reasoning,
+            approval_tools=frozenset(sources.get("approval") or ()),
+            labels={fn: (v[0], v[1]) for fn, v in (sources.get("labels") or {}).items()},
+            listings=sources.get("listings"),
         )
 
     async def replay_chain(self, response_id: str, builder: ResponseBuilder) -> None:
@@ -691,6 +732,7 @@ class ResponsesService:
             self._remember(
                 record.id, prepared.history_ids | {record.id},
                 prepared.history + prepared.input_items,
+                previous_id=record.previous_response_id, added=prepared.input_items,
             )
         return final
 
@@ -724,6 +766,7 @@ class ResponsesService:
             return record_to_object(record)
         prepared.record = record
         builder = self.builder(prepared)
+        builder.start()  # no events: adds the listings' items to the output
         await self.replay_chain(record.id, builder)
         logged = await writer.list_events(record.id)
         if logged:
@@ -811,6 +854,10 @@ class ResponsesService:
         deps = dataclasses.replace(self.deps, store=writer)
         if prepared.upstream_key:
             deps = dataclasses.replace(deps, upstream=deps.upstream.with_api_key(prepared.upstream_key))
+        if prepared.mcp is not None and prepared.mcp.routes:
+            deps = dataclasses.replace(deps, mcp_routes=prepared.mcp.routes)
+        used = len(started) if started is not None else len(await self.store.list_steps(record.id))
+        deps = dataclasses.replace(deps, step_budget=StepBudget(deps.max_steps, used))
         error = incomplete = None
         last: Step | None = None  # the final model call, when the loop left storing it to us
         try:
@@ -856,6 +903,8 @@ class ResponsesService:
                 record.id,
                 prepared.history_ids | {record.id},
                 prepared.history + prepared.input_items + output,
+                previous_id=record.previous_response_id,
+                added=prepared.input_items + output,
             )
         result = {
             "status": status,

@@ -14,6 +14,13 @@ crash. It follows DESIGN.md ("The transition function"):
   matched by ``call_id`` (a failed tool's error text is its message, so the model can recover);
 * the last model call asked for no tools → :class:`Complete`.
 
+Approvals: calls of tools in ``approval_tools`` are not run; like client tool calls they end the
+response (with ``mcp_approval_request`` items) once the other calls of that turn ran. A follow-up
+that answers them carries them in ``approved_calls``: its chain starts with their tool steps
+(denied ones are failed by the loop without running, see ``REJECTED_KEY``), then a model call whose
+messages are ``initial_body``'s (which end with the assistant message asking for those calls) +
+one ``tool`` message per call.
+
 A **batch** is one AppendSteps transition: a model call, or the tool steps of one model turn.
 ``max_iterations`` caps the batches of one loop level; at the cap the response is
 :class:`Incomplete` with reason ``max_iterations_exceeded``.
@@ -69,6 +76,11 @@ class LoopRequest:
 
     initial_body: dict[str, Any]
     client_tools: frozenset[str] = frozenset()
+    # Function names whose calls wait for the client's approval (mcp_approval_request).
+    approval_tools: frozenset[str] = frozenset()
+    # Calls the client answered with mcp_approval_response: {"name", "call_id", "arguments",
+    # "approved": bool, "approval_request_id"}; run (or refused) before the first model call.
+    approved_calls: tuple[dict[str, Any], ...] = ()
     max_iterations: int = 10
     max_tool_calls: int | None = None
     tool_output_max_bytes: int = 50_000
@@ -205,6 +217,37 @@ def _follow_up(request: LoopRequest, model_step: Step, tool_steps: Sequence[Step
     return body
 
 
+def _approved_steps(request: LoopRequest) -> AppendSteps:
+    descriptors = []
+    for call in request.approved_calls:
+        payload = {
+            "name": call["name"],
+            "call_id": call["call_id"],
+            "arguments": call.get("arguments") or "",
+            "approval_request_id": call.get("approval_request_id") or call["call_id"],
+        }
+        if not call.get("approved"):
+            payload[REJECTED_KEY] = "denied"
+            if call.get("reason"):
+                payload["reason"] = call["reason"]
+        descriptors.append(StepDescriptor(TOOL_CALL, payload))
+    return AppendSteps(tuple(descriptors))
+
+
+def _after_approved(request: LoopRequest, tool_steps: Sequence[Step]) -> dict[str, Any]:
+    """The first model call of a response that ran approved calls: their tool messages follow
+    the initial body's messages (which end with the assistant message asking for them)."""
+    by_call_id = {s.request_payload["call_id"]: s for s in tool_steps}
+    messages = list(request.initial_body["messages"])
+    for call in request.approved_calls:
+        step = by_call_id[call["call_id"]]
+        content = tool_message_content(
+            step, max_bytes=request.tool_output_max_bytes, max_lines=request.tool_output_max_lines
+        )
+        messages.append({"role": "tool", "tool_call_id": call["call_id"], "content": content})
+    return {**request.initial_body, "messages": messages}
+
+
 #: The step error type of an upstream that found the prompt longer than its context window.
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
@@ -237,6 +280,8 @@ def _pending_body(request: LoopRequest, batches: list[list[Step]]) -> dict[str, 
     tool batch before it."""
     if not batches:
         return request.initial_body
+    if len(batches) == 1 and batches[0][0].kind == TOOL_CALL:
+        return _after_approved(request, batches[0])
     return _follow_up(request, batches[-2][0], batches[-1])
 
 
@@ -272,6 +317,8 @@ def next_action(request: LoopRequest, chain: Sequence[Step]) -> Action:
     :class:`ChainNotSettledError` if its last batch has a step still pending or processing.
     """
     if not chain:
+        if request.approved_calls:
+            return _approved_steps(request)
         return _model_call(request, request.initial_body)
     batches = _batches(chain)
     last = batches[-1]
@@ -299,7 +346,12 @@ def next_action(request: LoopRequest, chain: Sequence[Step]) -> Action:
             if reason == "content_filter":
                 return Incomplete("content_filter")
             return Complete()
-        server_calls = [c for c in calls if c["function"]["name"] not in request.client_tools]
+        server_calls = [
+            c
+            for c in calls
+            if c["function"]["name"] not in request.client_tools
+            and c["function"]["name"] not in request.approval_tools
+        ]
         if not server_calls:
             return Complete()
         if at_cap:
@@ -318,10 +370,16 @@ def next_action(request: LoopRequest, chain: Sequence[Step]) -> Action:
             descriptors.append(StepDescriptor(TOOL_CALL, payload))
         return AppendSteps(tuple(descriptors))
 
+    if len(batches) == 1:
+        # The approved calls a follow-up started with: now the first model call.
+        if at_cap:
+            return Incomplete("max_iterations_exceeded")
+        return _model_call(request, _after_approved(request, last))
     # The last batch is the finished tool steps of the model call just before it.
     model_step = batches[-2][0]
     calls = _tool_calls(model_step.response_payload)
-    if any(c["function"]["name"] in request.client_tools for c in calls):
+    waiting = request.client_tools | request.approval_tools
+    if any(c["function"]["name"] in waiting for c in calls):
         # Mixed turn: the server-side calls ran; the client answers the rest.
         return Complete()
     if at_cap:

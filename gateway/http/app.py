@@ -7,6 +7,7 @@ responses finish within a grace period before closing them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -27,6 +28,7 @@ from starlette.responses import Response
 
 from executors.egress import EgressPolicy
 from executors.http_tool import HTTPToolExecutor
+from executors.mcp_tool import MCPToolExecutor
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream, UpstreamTarget
 from gateway.config import Settings, load_settings
@@ -34,6 +36,7 @@ from gateway.engine.keys import load_or_create_key
 from gateway.engine.live import LiveStreams
 from gateway.engine.loop import LoopDeps
 from gateway.engine.recovery import Recovery, new_owner_id
+from gateway.engine.retention import purge_periodically
 from gateway.engine.service import ResponsesService
 from gateway.engine.tasks import TaskSet
 from gateway.engine.tokens import TokenCounter
@@ -114,7 +117,10 @@ def _upstream_targets(settings: Settings) -> list[UpstreamTarget]:
         settings.upstream_base_url or "http://127.0.0.1:9/v1", _secret(settings.upstream_api_key)
     )
     fallbacks = [
-        UpstreamTarget(f.base_url, _secret(f.api_key), f.model, f.label or f.base_url)
+        UpstreamTarget(
+            f.base_url, _secret(f.api_key), f.model, f.label or f.base_url,
+            pass_client_key=f.pass_client_key,
+        )
         for f in settings.upstream_fallbacks
     ]
     return [primary, *fallbacks]
@@ -199,12 +205,17 @@ def create_app(
             total_timeout=settings.upstream_total_timeout,
             read_timeout=settings.upstream_read_timeout,
         )
-        registry = ToolRegistry(the_store)
-        if settings.tools:
-            await registry.upsert_many([tool.definition() for tool in settings.tools])
+        registry = ToolRegistry(the_store, env_prefix=settings.tool_env_prefix)
+        if settings.tools or settings.mcp_servers:
+            await registry.upsert_many(
+                [tool.definition() for tool in (*settings.tools, *settings.mcp_servers)]
+            )
         await registry.load()
         http_tools = HTTPToolExecutor(
-            tool_client, max_response_bytes=settings.tool_max_response_bytes, egress=egress
+            tool_client,
+            max_response_bytes=settings.tool_max_response_bytes,
+            egress=egress,
+            env_prefix=settings.tool_env_prefix,
         )
         metrics = get_metrics()
         metrics.tool_names = lambda name: registry.lookup(name) is not None
@@ -219,19 +230,26 @@ def create_app(
             upstream=upstream,
             registry=registry,
             http_tools=http_tools,
+            mcp_tools=MCPToolExecutor(egress, max_response_bytes=settings.tool_max_response_bytes),
+            mcp_timeout_s=settings.mcp_timeout_s,
+            max_steps=settings.max_response_steps,
             max_iterations=settings.max_response_iterations,
             max_depth=settings.max_response_step_depth,
             tool_output_max_bytes=settings.tool_output_max_bytes,
             tool_output_max_lines=settings.tool_output_max_lines,
         )
         tasks = TaskSet()
-        live = LiveStreams()
+        live = LiveStreams(
+            max_bytes=settings.live_logs_max_bytes,
+            max_bytes_per_response=settings.live_log_max_bytes,
+        )
         service = ResponsesService(
             deps, owner=new_owner_id(), lease_s=settings.lease_s, live=live,
             hosted_tool_map=settings.hosted_tool_map,
             encrypted_content_key=load_or_create_key(settings),
             reasoning_to_upstream=settings.reasoning_to_upstream,
             context_windows=settings.model_context_windows,
+            history_max_bytes=settings.history_cache_max_bytes,
             tasks=tasks,
         )
         recovery = Recovery(service, lease_s=settings.lease_s)
@@ -244,8 +262,21 @@ def create_app(
             token_counter=TokenCounter(upstream),
             recovery=recovery,
             egress=egress,
+            # What tenants see instead of upstream URLs (GET /v1/responses/{id}/steps).
+            upstream_names={
+                target.base_url: (
+                    target.label if target.label and target.label != target.base_url
+                    else ("primary" if i == 0 else f"fallback-{i}")
+                )
+                for i, target in reversed(list(enumerate(_upstream_targets(settings))))
+            },
         )
         await recovery.start()
+        purging = (
+            asyncio.create_task(purge_periodically(the_store, settings.retention_days))
+            if settings.retention_days
+            else None
+        )
         shutdown = _ShutdownClock()
         try:
             yield
@@ -255,6 +286,10 @@ def create_app(
             # released, so another replica resumes them at once.
             await tasks.drain(grace_s=shutdown.remaining(settings.shutdown_grace_s))
             shutdown.restore()
+            if purging is not None:
+                purging.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await purging
             await recovery.stop()
             await client.aclose()
             await tool_client.aclose()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -190,7 +191,9 @@ async def list_steps(request: Request) -> Response:
     """``GET /v1/responses/{id}/steps``: the recorded step chain (a stepchain extension).
 
     Every step of every scope by ``sequence``; ``?scope_parent=<step id>`` lists one sub-agent
-    scope and ``?scope_parent=`` (empty) the top level only.
+    scope and ``?scope_parent=`` (empty) the top level only. Upstream and tool URLs are shown to
+    the admin key only: tenants see the upstream's name (its label, else ``primary`` /
+    ``fallback-N``) and ``<url>`` where a message quoted one.
     """
     record = await _visible(request)
     service = gateway_state(request).service
@@ -198,11 +201,47 @@ async def list_steps(request: Request) -> Response:
         steps = await service.steps(record, request.query_params["scope_parent"] or None)
     else:
         steps = await service.steps(record)
-    return json_response({"object": "list", "data": [_step_dict(s) for s in steps]})
+    data = [_step_dict(s) for s in steps]
+    if not caller_is_admin(request):
+        data = [redact_urls(step, gateway_state(request).upstream_names) for step in data]
+    return json_response({"object": "list", "data": data})
 
 
 def _step_dict(step: Any) -> dict[str, Any]:
     return {"object": "response.step", **{name: getattr(step, name) for name in step.__slots__}}
+
+
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return _URL.sub("<url>", value)
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def redact_urls(step: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """A step as a tenant sees it: upstreams by name, no URL in errors or attempts."""
+
+    def name_of(upstream: Any) -> Any:
+        if not isinstance(upstream, str):
+            return upstream
+        return names.get(upstream) or ("upstream" if "://" in upstream else upstream)
+
+    out = dict(step)
+    out["upstream"] = name_of(out.get("upstream"))
+    attempts = []
+    for attempt in out.get("attempts") or ():
+        if isinstance(attempt, dict) and "upstream" in attempt:
+            attempt = {**attempt, "upstream": name_of(attempt["upstream"])}
+        attempts.append(_scrub(attempt))
+    out["attempts"] = attempts
+    out["error"] = _scrub(out.get("error"))
+    return out
 
 
 def response_routes() -> list[Route]:

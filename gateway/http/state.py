@@ -8,7 +8,7 @@ render.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
@@ -38,6 +38,8 @@ class GatewayState:
     token_counter: TokenCounter
     recovery: Recovery
     egress: EgressPolicy
+    # Upstream base URL -> the name tenants see instead (GET /v1/responses/{id}/steps).
+    upstream_names: dict[str, str] = field(default_factory=dict)
 
 
 def gateway_state(connection: HTTPConnection) -> GatewayState:

@@ -33,7 +33,8 @@ _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "max_output_tokens"
 _ID_PREFIX = {
     "message": "msg", "function_call": "fc", "function_call_output": "fco",
     "reasoning": "rs", "mcp_call": "mcp", "custom_tool_call": "ctc",
-    "custom_tool_call_output": "ctco", "compaction": "cmp",
+    "custom_tool_call_output": "ctco", "compaction": "cmp", "mcp_list_tools": "mcpl",
+    "mcp_approval_request": "mcpr", "mcp_approval_response": "mcpa",
 }  # fmt: skip
 _CALLS = ("function_call", "custom_tool_call", "mcp_call")
 _OUTPUTS = ("function_call_output", "custom_tool_call_output")
@@ -209,6 +210,28 @@ def _validate_mcp_call(item: dict[str, Any], param: str) -> None:
         raise bad_value(f"{param}.output", "a string or null")
 
 
+def _validate_mcp_list_tools(item: dict[str, Any], param: str) -> None:
+    # Resent by clients that keep the conversation themselves; its tools are reused.
+    _require_str(item, "server_label", param)
+    if not isinstance(item.get("tools"), list) or not all(isinstance(t, dict) for t in item["tools"]):
+        raise bad_value(f"{param}.tools", "a list of tools")
+
+
+def _validate_mcp_approval_request(item: dict[str, Any], param: str) -> None:
+    _require_str(item, "id", param)
+    _require_str(item, "server_label", param)
+    _require_str(item, "name", param)
+    _require_str(item, "arguments", param, empty=True)
+
+
+def _validate_mcp_approval_response(item: dict[str, Any], param: str) -> None:
+    _require_str(item, "approval_request_id", param)
+    if not isinstance(item.get("approve"), bool):
+        raise bad_value(f"{param}.approve", "a boolean")
+    if item.get("reason") is not None and not isinstance(item["reason"], str):
+        raise bad_value(f"{param}.reason", "a string")
+
+
 def _validate_compaction(item: dict[str, Any], param: str) -> None:
     # Opened (and expanded to its summary) by the service, which holds the key.
     _require_str(item, "encrypted_content", param)
@@ -226,6 +249,9 @@ _ITEM_VALIDATORS = {
     "custom_tool_call_output": _validate_function_call_output,
     "reasoning": _validate_reasoning,
     "mcp_call": _validate_mcp_call,
+    "mcp_list_tools": _validate_mcp_list_tools,
+    "mcp_approval_request": _validate_mcp_approval_request,
+    "mcp_approval_response": _validate_mcp_approval_response,
     "item_reference": _validate_reference,
     "compaction": _validate_compaction,
 }
@@ -262,6 +288,8 @@ def items_to_messages(
     * ``reasoning`` items are dropped, unless ``reasoning_text`` is given: then the text it
       returns for them (None: nothing) goes to the next assistant message as
       ``reasoning_content``.
+    * ``mcp_list_tools`` and ``mcp_approval_*`` items are dropped (an approved call becomes an
+      ``mcp_call`` item of the response that ran it).
 
     Chat upstreams reject an assistant ``tool_calls`` message that is not followed by exactly one
     tool message per id, so history that breaks that rule is repaired, never sent as is: a call

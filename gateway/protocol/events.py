@@ -16,7 +16,13 @@ replaying a stored chain yields the ids of the live stream. Output items are lis
 text, then tool calls (all known ones) that is the order a non-streamed call gives.
 
 Hosted tool calls (names in ``hosted_tools``) are ``mcp_call`` items: the SDKs show them but never
-run them client-side. Client tool calls are ``function_call`` items, or ``custom_tool_call`` items
+run them client-side. Calls that wait for the client's approval (names in ``approval_tools``) are ``mcp_approval_request`` items
+(``mcpr_<hex>_<n>``), added and done once their arguments are complete. The tools of remote MCP
+servers that a response listed are ``mcp_list_tools`` items (:meth:`ResponseBuilder.mcp_listings`),
+with ``response.mcp_list_tools.in_progress`` / ``.completed`` (or ``.failed``). ``labels`` maps a
+function name the model saw to the ``(server_label, tool name)`` its items show.
+
+Client tool calls are ``function_call`` items, or ``custom_tool_call`` items
 (``ctc_<hex>_<n>``, ``input`` the freeform text, events ``response.custom_tool_call_input.delta``
 / ``.done`` once the call is complete) for the upstream names that ``client_tools`` maps to a
 custom tool; a call of a namespaced tool carries the tool's own ``name`` and its ``namespace``.
@@ -139,11 +145,17 @@ class ResponseBuilder:
         hosted_tools: Container[str],
         emit: Callable[[bytes], None] | None = None,
         server_label: str = "stepchain",
+        approval_tools: Container[str] = frozenset(),
+        labels: Mapping[str, tuple[str, str]] | None = None,
+        listings: list[dict[str, Any]] | None = None,
         client_tools: Mapping[str, ClientTool] | None = None,
         seal_reasoning: Callable[[str], str] | None = None,
     ) -> None:
         self._base = base
         self._hosted = hosted_tools
+        self._approval = approval_tools
+        self._labels = labels or {}
+        self._listings = listings
         self._client_tools = client_tools or {}
         self._seal_reasoning = seal_reasoning
         self._emit = emit
@@ -178,12 +190,44 @@ class ResponseBuilder:
         return self._emit is not None
 
     def start(self) -> None:
-        """Emit ``response.created`` and ``response.in_progress`` (empty output)."""
-        if self._emit is None:
-            return
-        for kind in ("response.created", "response.in_progress"):
-            snapshot = response_object(**self._base, status="in_progress", output=[], usage=None)
-            self._send(kind, response=snapshot)
+        """Emit ``response.created`` and ``response.in_progress`` (empty output), then add the
+        ``mcp_list_tools`` items of the listings this response made (``listings`` given)."""
+        if self._emit is not None:
+            for kind in ("response.created", "response.in_progress"):
+                snapshot = response_object(**self._base, status="in_progress", output=[], usage=None)
+                self._send(kind, response=snapshot)
+        if self._listings:
+            self.mcp_listings(self._listings)
+
+    def mcp_listings(self, listings: list[dict[str, Any]]) -> None:
+        """Add one ``mcp_list_tools`` item per listing made by this response (``item_id`` set;
+        listings reused from an earlier response have none and add nothing):
+        ``{"server_label", "item_id", "tools", "error"?}``."""
+        for listing in listings:
+            if not listing.get("item_id"):
+                continue
+            item = self._open(
+                {
+                    "type": "mcp_list_tools",
+                    "id": listing["item_id"],
+                    "server_label": listing["server_label"],
+                    "tools": [],
+                    "error": None,
+                }
+            )
+            common = {"item_id": item.item["id"], "output_index": item.output_index}
+            self._send("response.mcp_list_tools.in_progress", **common)
+            if listing.get("error"):
+                item.item["error"] = listing["error"]
+                self._send("response.mcp_list_tools.failed", **common)
+            else:
+                item.item["tools"] = listing.get("tools") or []
+                self._send("response.mcp_list_tools.completed", **common)
+            self._send("response.output_item.done", output_index=item.output_index, item=item.item)
+
+    def _label(self, name: str) -> tuple[str, str]:
+        """The ``(server_label, tool name)`` a hosted function name shows in its items."""
+        return self._labels.get(name) or (self._server_label, name)
 
     def hold_events(self) -> None:
         """Keep the events from now on back until :meth:`finish`, which sends them just before
@@ -495,13 +539,24 @@ class ResponseBuilder:
             # A function_call item needs its call_id when it opens (the SDK keys it by call_id).
             if state.name is None or (state.call_id is None and state.name not in self._hosted):
                 return
+            if state.name in self._approval:
+                return  # an approval request is added whole, when its arguments are complete
             self._open_tool(call, state)
         self._stream_arguments(state)
 
     def _open_tool(self, call: _ModelCall, state: _ToolCall) -> _Item:
         name = state.name or ""
         client_tool = self._client_tools.get(name)
-        if client_tool is not None and client_tool.kind == "custom":
+        if name in self._approval:
+            label, tool = self._label(name)
+            item = {
+                "type": "mcp_approval_request",
+                "id": f"mcpr_{call.hex}_{state.ordinal}",
+                "server_label": label,
+                "name": tool,
+                "arguments": "".join(state.pieces),
+            }
+        elif client_tool is not None and client_tool.kind == "custom":
             item = {
                 "type": "custom_tool_call",
                 "id": f"ctc_{call.hex}_{state.ordinal}",
@@ -513,11 +568,12 @@ class ResponseBuilder:
             if client_tool.namespace is not None:
                 item["namespace"] = client_tool.namespace
         elif name in self._hosted:
+            label, tool = self._label(name)
             item = {
                 "type": "mcp_call",
                 "id": f"mcp_{call.hex}_{state.ordinal}",
-                "server_label": self._server_label,
-                "name": name,
+                "server_label": label,
+                "name": tool,
                 "arguments": "",
                 "output": None,
                 "error": None,
@@ -543,6 +599,8 @@ class ResponseBuilder:
     def _stream_arguments(self, state: _ToolCall) -> None:
         item = state.opened
         assert item is not None
+        if item.item["type"] == "mcp_approval_request":
+            return  # added whole once the call is complete
         if item.item["type"] == "custom_tool_call":
             self._stream_input(state, item)
             return
@@ -622,7 +680,9 @@ class ResponseBuilder:
                 self._close(item, status)
                 continue
             item.item["arguments"] = arguments
-            if item.item["type"] == "mcp_call":
+            if item.item["type"] == "mcp_approval_request":
+                self._send("response.output_item.done", output_index=item.output_index, item=item.item)
+            elif item.item["type"] == "mcp_call":
                 self._send("response.mcp_call_arguments.done", **common, arguments=arguments)
                 if failed:
                     self._close(item, "incomplete")
@@ -640,17 +700,18 @@ class ResponseBuilder:
         call_id = payload.get("call_id")
         item = self._mcp.get(call_id)
         if item is None:
+            label, tool = self._label(payload.get("name") or "")
             item = self._open(
                 {
                     "type": "mcp_call",
                     "id": f"mcp_{_hex(step.id)}",
-                    "server_label": self._server_label,
-                    "name": payload.get("name") or "",
+                    "server_label": label,
+                    "name": tool,
                     "arguments": "",
                     "output": None,
                     "error": None,
                     "status": "in_progress",
-                    "approval_request_id": None,
+                    "approval_request_id": payload.get("approval_request_id"),
                 }
             )
             arguments = payload.get("arguments")

@@ -29,6 +29,11 @@ def _tools(tools: Any) -> list[Any]:
     for tool in tools:
         if isinstance(tool, dict) and tool.get("type") == "function":
             tool = {"description": None, "parameters": None, "strict": None, **tool}
+        elif isinstance(tool, dict) and tool.get("type") == "mcp":
+            # Credentials for the MCP server are never echoed.
+            tool = {k: v for k, v in tool.items() if k != "authorization"}
+            if isinstance(tool.get("headers"), dict):
+                tool["headers"] = {k: "***" for k in tool["headers"]}
         echoed.append(tool)
     return echoed
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from executors.mcp_tool import option_problem
 from gateway.errors import InvalidRequestError
 
 from .checks import (
@@ -94,10 +95,24 @@ def _validate_metadata(metadata: Any) -> None:
             raise bad_value(f"metadata.{key}", "a string of at most 512 characters")
 
 
+def _validate_mcp_tool(tool: dict[str, Any], param: str) -> None:
+    """OpenAI's ``Mcp`` tool: a remote server (``server_url``) or a registered one (its label)."""
+    for key in ("connector_id", "tunnel_id"):
+        if tool.get(key) is not None:
+            raise unsupported_value(
+                f"{param}.{key}",
+                f"MCP {key} is not supported by this gateway; give server_url, or the "
+                "server_label of an MCP server registered on the gateway.",
+            )
+    problem = option_problem(tool)
+    if problem is not None:
+        raise bad_value(f"{param}.{problem[0]}", problem[1])
+
+
 def _validate_tools(tools: Any) -> None:
     """``function``, ``custom`` and ``namespace`` tools are checked in full; other (hosted)
     types only need a string ``type``: they are mapped or left out, never refused (see
-    :mod:`gateway.protocol.tools`). ``mcp`` tools are refused until MCP servers are supported."""
+    :mod:`gateway.protocol.tools`). ``mcp`` tools: see :func:`_validate_mcp_tool`."""
     if tools is None:
         return
     if not isinstance(tools, list):
@@ -124,11 +139,7 @@ def _validate_tools(tools: Any) -> None:
                     raise bad_value(where, "a function or custom tool")
                 _validate_tool(member, where)
         elif kind == "mcp":
-            raise unsupported_value(
-                f"{param}.type",
-                "Tools of type 'mcp' are not supported by this gateway; register the server's "
-                "tools on the gateway.",
-            )
+            _validate_mcp_tool(tool, param)
 
 
 def _require_name(tool: dict[str, Any], param: str) -> None:

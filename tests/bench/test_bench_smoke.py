@@ -184,6 +184,7 @@ def test_connection_reads_whole_body_and_reuses_the_socket() -> None:
             replies = [await conn.request(b"POST", "/json", b"x" * n) for n in (0, 10, 100_000)]
         finally:
             conn.close()
+            await asyncio.sleep(0)  # the transport closes its socket in a callback
         return [orjson.loads(r.body)["echo"] for r in replies]
 
     with serve_app(app) as url:
@@ -201,6 +202,7 @@ def test_connection_closed_by_the_server_while_idle_is_reopened() -> None:
             second = await conn.request(b"POST", "/json", b"abc")
         finally:
             conn.close()
+            await asyncio.sleep(0)  # the transport closes its socket in a callback
         return [first.status, second.status]
 
     with serve_app(app, timeout_keep_alive=0.2) as url:
@@ -234,7 +236,7 @@ def test_bench_upstream_and_tools_serve_through_the_load_generator() -> None:
                                           marker=b'"delta":{"content":')  # fmt: skip
             tool = await worker.request("127.0.0.1", tools, b"POST", "/t0", b'{"q":"x"}')
         finally:
-            worker.close()
+            await worker.aclose()
         return ping, stream, tool
 
     with serve_app(create_bench_upstream()) as up, serve_app(create_tool_app(0.0)) as tools:
@@ -254,7 +256,7 @@ def _post_responses(port: int, text: str) -> Any:
             return await worker.request("127.0.0.1", port, b"POST", "/v1/responses",
                                         orjson.dumps({"model": "m", "input": text}))  # fmt: skip
         finally:
-            worker.close()
+            await worker.aclose()
 
     return asyncio.run(go())
 

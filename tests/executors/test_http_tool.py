@@ -161,9 +161,9 @@ def test_posts_arguments_as_json_with_resolved_headers(tool_server: str) -> None
     definition = tool(
         f"{tool_server}/echo",
         parameters=WEATHER_SCHEMA,
-        headers={"X-Key": "env:WEATHER_KEY", "X-Plain": "literal-value"},
+        headers={"X-Key": "env:STEPCHAIN_TOOL_WEATHER_KEY", "X-Plain": "literal-value"},
     )
-    out = call(definition, '{"city": "Köln", "days": 2}', environ={"WEATHER_KEY": SECRET})
+    out = call(definition, '{"city": "Köln", "days": 2}', environ={"STEPCHAIN_TOOL_WEATHER_KEY": SECRET})
     assert out["json"] == {"city": "Köln", "days": 2}
     digest = out["headers"]
     assert digest["x-key"] == hashlib.sha256(SECRET.encode()).hexdigest()
@@ -188,8 +188,8 @@ def test_2xx_bodies(tool_server: str, path: str, output: Any) -> None:
 
 
 def test_echoed_env_secret_is_scrubbed_from_the_output(tool_server: str) -> None:
-    definition = tool(f"{tool_server}/leak", headers={"X-Key": "env:WEATHER_KEY"})
-    out = call(definition, "{}", environ={"WEATHER_KEY": SECRET})
+    definition = tool(f"{tool_server}/leak", headers={"X-Key": "env:STEPCHAIN_TOOL_WEATHER_KEY"})
+    out = call(definition, "{}", environ={"STEPCHAIN_TOOL_WEATHER_KEY": SECRET})
     assert out == {"key": "***", "ok": True}
 
 
@@ -257,8 +257,8 @@ def test_large_error_body_is_cut_to_a_short_snippet(tool_server: str) -> None:
 
 
 def test_error_snippet_never_holds_the_secret(tool_server: str) -> None:
-    definition = tool(f"{tool_server}/leak-error", headers={"X-Key": "env:WEATHER_KEY"})
-    err = call_error(definition, "{}", environ={"WEATHER_KEY": SECRET})
+    definition = tool(f"{tool_server}/leak-error", headers={"X-Key": "env:STEPCHAIN_TOOL_WEATHER_KEY"})
+    err = call_error(definition, "{}", environ={"STEPCHAIN_TOOL_WEATHER_KEY": SECRET})
     assert err.status == 403
     assert SECRET not in err.message
 
@@ -299,20 +299,21 @@ def test_connection_refused() -> None:
         port = sock.getsockname()[1]
         err = call_error(tool(f"http://127.0.0.1:{port}/x"), "{}")
     assert err.type == "connection_error"
-    assert f"127.0.0.1:{port}" in err.message
+    assert "'weather'" in err.message
+    assert str(port) not in err.message  # tenants and the model see tool names, not URLs
 
 
 def test_missing_env_variable_names_it_without_values(tool_server: str) -> None:
-    definition = tool(f"{tool_server}/echo", headers={"X-Key": "env:NOT_SET_KEY", "X-B": "lit"})
+    definition = tool(f"{tool_server}/echo", headers={"X-Key": "env:STEPCHAIN_TOOL_NOT_SET_KEY", "X-B": "lit"})
     err = call_error(definition, "{}", environ={"OTHER": SECRET})
     assert err.type == "configuration_error"
-    assert "NOT_SET_KEY" in err.message
+    assert "STEPCHAIN_TOOL_NOT_SET_KEY" in err.message
     assert SECRET not in err.message and "lit" not in err.message
 
 
 def test_env_value_with_line_break_is_refused(tool_server: str) -> None:
-    definition = tool(f"{tool_server}/echo", headers={"X-Key": "env:BAD"})
-    err = call_error(definition, "{}", environ={"BAD": "abc\r\nX-Evil: 1"})
+    definition = tool(f"{tool_server}/echo", headers={"X-Key": "env:STEPCHAIN_TOOL_BAD"})
+    err = call_error(definition, "{}", environ={"STEPCHAIN_TOOL_BAD": "abc\r\nX-Evil: 1"})
     assert err.type == "configuration_error"
     assert "abc" not in err.message
 
@@ -359,3 +360,11 @@ def test_other_ports_are_not_blocked(tool_server: str) -> None:
 def test_default_port_is_checked() -> None:
     err = call_error(tool("http://localhost/x"), "{}", blocked_ports={80})
     assert err.type == "blocked_url"
+
+
+def test_stored_env_header_outside_the_prefix_is_not_read(tool_server: str) -> None:
+    # A definition stored before the rule (no validation on the way out of the store).
+    definition = {**tool(f"{tool_server}/echo"), "headers": {"X-Key": "env:STEPCHAIN_UPSTREAM_API_KEY"}}
+    err = call_error(definition, "{}", environ={"STEPCHAIN_UPSTREAM_API_KEY": "sk-upstream-secret"})
+    assert err.type == "configuration_error"
+    assert "X-Key" in err.message and "sk-upstream-secret" not in err.message

@@ -75,6 +75,7 @@ def test_http_defaults() -> None:
         "timeout_s": 30,
         "idempotent": False,
         "allow_private": False,
+        "require_approval": "never",
     }
 
 
@@ -99,7 +100,7 @@ def test_agent_defaults() -> None:
         pytest.param({**HTTP, "name": "a-B_9" * 12 + "abcd"}, id="name-64-chars"),
         pytest.param({**HTTP, "attach": "on_request", "timeout_s": 600, "idempotent": True}, id="all"),
         pytest.param({**HTTP, "timeout_s": 0.5}, id="float-timeout"),
-        pytest.param({**HTTP, "headers": {"X-Key": "env:WEATHER_KEY", "Accept": "a/b"}}, id="headers"),
+        pytest.param({**HTTP, "headers": {"X-Key": "env:STEPCHAIN_TOOL_WEATHER_KEY", "Accept": "a/b"}}, id="headers"),
         pytest.param({**HTTP, "object": "tool"}, id="object-tool-from-a-get"),
         pytest.param(
             {**HTTP, "parameters": {"$schema": "http://json-schema.org/draft-07/schema#", **SCHEMA}},
@@ -127,7 +128,7 @@ def test_good_definitions(body: dict[str, Any]) -> None:
         pytest.param({**HTTP, "color": "red"}, "color", "Unknown field 'color'", id="unknown-key"),
         pytest.param({**HTTP, "model": "m"}, "model", "not a field of http", id="agent-key-on-http"),
         pytest.param({**AGENT, "url": "http://h"}, "url", "not a field of agent", id="http-key-on-agent"),
-        pytest.param({**HTTP, "kind": "mcp"}, "kind", "kind must be", id="kind"),
+        pytest.param({**HTTP, "kind": "ftp"}, "kind", "kind must be", id="kind"),
         pytest.param({**HTTP, "attach": "sometimes"}, "attach", "attach must be", id="attach"),
         pytest.param({**HTTP, "description": 3}, "description", "string", id="description"),
         pytest.param({**HTTP, "object": "model"}, "object", "object", id="object"),
@@ -186,11 +187,11 @@ def test_bad_definitions(body: Any, param: str | None, needle: str) -> None:
 
 def test_public_view_hides_literal_header_values() -> None:
     definition = validate_tool_definition(
-        {**HTTP, "headers": {"Authorization": "Bearer sk-live-123", "X-Key": "env:WEATHER_KEY"}}
+        {**HTTP, "headers": {"Authorization": "Bearer sk-live-123", "X-Key": "env:STEPCHAIN_TOOL_WEATHER_KEY"}}
     )
     view = public_view(definition)
     assert view["object"] == "tool"
-    assert view["headers"] == {"Authorization": "***", "X-Key": "env:WEATHER_KEY"}
+    assert view["headers"] == {"Authorization": "***", "X-Key": "env:STEPCHAIN_TOOL_WEATHER_KEY"}
     assert definition["headers"]["Authorization"] == "Bearer sk-live-123"  # not mutated
     assert public_view(validate_tool_definition(AGENT))["tools"] == ["weather"]
 
@@ -325,20 +326,20 @@ def test_replicas_converge_through_the_store(tmp_path: Path) -> None:
 
 def test_resolve_header_secrets(tmp_path: Path) -> None:
     definition = validate_tool_definition(
-        {**HTTP, "headers": {"X-Key": "env:WEATHER_KEY", "Accept": "text/plain"}}
+        {**HTTP, "headers": {"X-Key": "env:STEPCHAIN_TOOL_WEATHER_KEY", "Accept": "text/plain"}}
     )
 
     async def scenario(registry: ToolRegistry) -> None:
         resolved = registry.resolve_header_secrets(definition)
         assert resolved == {"X-Key": "k-1", "Accept": "text/plain"}
 
-    with_registry(tmp_path, scenario, environ={"WEATHER_KEY": "k-1"})
+    with_registry(tmp_path, scenario, environ={"STEPCHAIN_TOOL_WEATHER_KEY": "k-1"})
 
     async def missing(registry: ToolRegistry) -> None:
         with pytest.raises(ToolError) as info:
             registry.resolve_header_secrets(definition)
         assert info.value.type == "configuration_error"
-        assert "WEATHER_KEY" in info.value.message
+        assert "STEPCHAIN_TOOL_WEATHER_KEY" in info.value.message
 
     with_registry(tmp_path, missing, environ={})
 
@@ -418,3 +419,17 @@ def test_request_duplicates_and_non_function_tools_are_dropped(tmp_path: Path) -
     )
     assert names(offered) == ["client_fn", "a_always", "b_always"]
     assert client == [CLIENT]
+
+
+@pytest.mark.parametrize(
+    "variable", ["STEPCHAIN_UPSTREAM_API_KEY", "HOME", "AWS_SECRET_ACCESS_KEY", "STEPCHAIN_TOOLX"]
+)
+def test_env_headers_only_from_the_tool_prefix(variable: str) -> None:
+    with pytest.raises(ToolDefinitionError) as info:
+        validate_tool_definition({**HTTP, "headers": {"X-Key": f"env:{variable}"}})
+    assert info.value.param == "headers.X-Key"
+    assert "'X-Key'" in info.value.message and "STEPCHAIN_TOOL_" in info.value.message
+    custom = validate_tool_definition(
+        {**HTTP, "headers": {"X-Key": "env:ACME_KEY"}}, env_prefix="ACME_"
+    )
+    assert custom["headers"] == {"X-Key": "env:ACME_KEY"}

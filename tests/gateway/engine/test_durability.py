@@ -86,7 +86,9 @@ def test_reattach_on_another_process_is_exact(db_url, tmp_path):
         upstream = stack.enter_context(serve_app(create_scripted_upstream(model)))
         url_a, _ = stack.enter_context(gateway(db_url, f"{upstream}/v1", tmp_path / "a.log"))
         url_b, _ = stack.enter_context(gateway(db_url, f"{upstream}/v1", tmp_path / "b.log"))
-        client = openai.OpenAI(base_url=f"{url_a}/v1", api_key="test", max_retries=0)
+        client = stack.enter_context(
+            openai.OpenAI(base_url=f"{url_a}/v1", api_key="test", max_retries=0)
+        )
         seen: list[bytes] = []
         follower: dict = {}
         with client.responses.with_streaming_response.create(
@@ -259,7 +261,9 @@ def test_cancel_through_another_process(db_url, tmp_path):
         while not model.requests:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        client = openai.OpenAI(base_url=f"{url_b}/v1", api_key="test", max_retries=0)
+        client = stack.enter_context(
+            openai.OpenAI(base_url=f"{url_b}/v1", api_key="test", max_retries=0)
+        )
         cancelled = client.responses.cancel(started["id"])
         assert cancelled.status == "cancelled"
         events = _reattach(url_b, started["id"], -1)
@@ -408,8 +412,8 @@ def test_cancel_a_resumed_response(tmp_path):
             while len(model.requests) < 2:  # resumed: its model call runs again
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="test", max_retries=0)
-            assert client.responses.cancel(started["id"]).status == "cancelled"
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="test", max_retries=0) as client:
+                assert client.responses.cancel(started["id"]).status == "cancelled"
             events = _reattach(url, started["id"], -1)
     assert events[-1].startswith(b"event: response.failed")
     state = _status(db, started["id"])

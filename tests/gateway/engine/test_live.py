@@ -31,7 +31,7 @@ async def _store(tmp_path, response_id: str = "resp_live"):
 def test_cache_stays_bounded_and_followers_read_the_rest_from_the_store(tmp_path):
     async def run() -> None:
         store = await _store(tmp_path)
-        live = LiveStreams(max_bytes_per_stream=2_000, max_bytes=10_000)
+        live = LiveStreams(max_bytes_per_response=2_000, max_bytes=10_000)
         log = live.open("resp_live")
         writer = ResponseWriter(store, "resp_live", Fence("me", 1), log, flush_s=0.001)
         events = [_event(i) for i in range(200)]
@@ -100,7 +100,7 @@ def test_the_total_cap_trims_every_log(tmp_path):
             ResponseRecord(id="resp_b", model="m", request={"model": "m"}, created_at=1.0),
             owner="me", lease_s=60,
         )
-        live = LiveStreams(max_bytes_per_stream=100_000, max_bytes=5_000)
+        live = LiveStreams(max_bytes_per_response=100_000, max_bytes=5_000)
         writers = []
         for response_id in ("resp_a", "resp_b"):
             log = live.open(response_id)

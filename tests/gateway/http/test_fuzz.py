@@ -103,21 +103,24 @@ def _assert_error_body(body: Any) -> None:
     assert error["code"] is None or isinstance(error["code"], str)
 
 
-def _assert_sse(content: bytes) -> None:
-    """Responses events in order: sequence numbers from 0, a terminal event, then ``[DONE]``."""
+def _assert_sse(content: bytes, first: int = 0) -> None:
+    """Responses events in order: sequence numbers from ``first`` (0, or after a resume's
+    ``starting_after``), a terminal event, then ``[DONE]``."""
     assert content.endswith(b"data: [DONE]\n\n"), content[-200:]
     blocks = content[: -len(b"data: [DONE]\n\n")].split(b"\n\n")
     assert blocks.pop() == b""
     types = []
-    for sequence, block in enumerate(blocks):
+    for sequence, block in enumerate(blocks, start=first):
         event_line, data_line = block.split(b"\n")
         assert event_line.startswith(b"event: ") and data_line.startswith(b"data: "), block
         event = orjson.loads(data_line[len(b"data: ") :])
         assert event["type"] == event_line[len(b"event: ") :].decode()
         assert event["sequence_number"] == sequence
         types.append(event["type"])
-    assert types[:2] == ["response.created", "response.in_progress"], types
-    assert types[-1] in TERMINAL, types
+    if first == 0:
+        assert types[:2] == ["response.created", "response.in_progress"], types
+    if types or first == 0:
+        assert types[-1] in TERMINAL, types
 
 
 def check(reply: httpx.Response, sent: bytes = b"") -> None:
@@ -139,7 +142,9 @@ def check(reply: httpx.Response, sent: bytes = b"") -> None:
             for block in content.split(b"\n\n")[:-2]:
                 assert orjson.loads(block[len(b"data: ") :])
         else:
-            _assert_sse(content)
+            raw = reply.request.url.params.get("starting_after", "-1")
+            first = int(raw) + 1 if raw.lstrip("-").isdigit() and int(raw) >= 0 else 0
+            _assert_sse(content, first)
         return
     body = orjson.loads(content)
     if status >= 400:
@@ -227,6 +232,47 @@ mcp_calls = st.builds(
     st.none() | st.just("call_m"),
 )
 text_parts = st.lists(st.builds(lambda t: {"type": "input_text", "text": t}, texts), max_size=2)
+approval_ids = st.sampled_from(["mcpr_1", "mcpr_unknown"]) | texts
+approval_requests = st.builds(
+    lambda name, arguments: {
+        "type": "mcp_approval_request", "id": "mcpr_1", "server_label": "calc", "name": name,
+        "arguments": arguments,
+    },
+    names,
+    st.just("{}") | texts,
+)
+approval_responses = st.builds(
+    lambda request_id, approve, reason: {
+        "type": "mcp_approval_response", "approval_request_id": request_id, "approve": approve,
+        **({"reason": reason} if reason is not None else {}),
+    },
+    approval_ids,
+    st.booleans(),
+    st.none() | texts,
+)
+tool_filters = st.none() | st.lists(names, max_size=2) | st.builds(
+    lambda tool_names, read_only: {
+        k: v for k, v in (("tool_names", tool_names), ("read_only", read_only)) if v is not None
+    },
+    st.none() | st.lists(names, max_size=2),
+    st.none() | st.booleans(),
+)
+# Nothing listens there: listing fails (424), or the URL is refused; never a 5xx.
+mcp_tools = st.builds(
+    lambda label, url, allowed, approval, headers, authorization: {
+        "type": "mcp", "server_label": label, "server_url": url, "allowed_tools": allowed,
+        "require_approval": approval, "headers": headers, "authorization": authorization,
+    },
+    st.sampled_from(["calc", "notes"]) | texts,
+    st.sampled_from(["http://127.0.0.1:9/mcp", "http://169.254.169.254/", "http://[::1]:9/sse",
+                     "ftp://x", "http://2130706433:9/"]) | texts,
+    tool_filters,
+    st.sampled_from([None, "always", "never"]) | st.builds(
+        lambda a, n: {"always": a, "never": n}, tool_filters, tool_filters
+    ),
+    st.none() | st.dictionaries(st.sampled_from(["X-Key", "Bad Header"]), texts, max_size=2),
+    st.none() | texts,
+)
 
 
 @st.composite
@@ -236,7 +282,8 @@ def input_items(draw: st.DrawFn, call_ids: list[str]) -> list[dict[str, Any]]:
     items: list[Any] = []
     for _ in range(draw(st.integers(0, 5))):
         kind = draw(
-            st.sampled_from(["message", "message", "function_call", "output", "reasoning", "mcp"])
+            st.sampled_from(["message", "message", "function_call", "output", "reasoning", "mcp",
+                             "approval_request", "approval_response"])
         )
         if kind == "message":
             items.append(draw(messages()))
@@ -246,6 +293,10 @@ def input_items(draw: st.DrawFn, call_ids: list[str]) -> list[dict[str, Any]]:
             items.append(draw(reasoning_items))
         elif kind == "mcp":
             items.append(draw(mcp_calls))
+        elif kind == "approval_request":
+            items.append(draw(approval_requests))
+        elif kind == "approval_response":
+            items.append(draw(approval_responses))
         else:
             calls = [i for i in items if i.get("type") in ("function_call", "mcp_call")]
             known = call_ids + [i.get("call_id") or i["id"] for i in calls]
@@ -284,7 +335,7 @@ def valid_fields(fz: Fuzz) -> dict[str, st.SearchStrategy[Any]]:
         "input": texts | input_items(fz.call_ids),
         "instructions": st.none() | texts,
         "previous_response_id": st.none() | st.sampled_from(fz.response_ids),
-        "tools": st.lists(tool, max_size=3),
+        "tools": st.lists(tool | mcp_tools, max_size=3),
         "tool_choice": st.sampled_from(["none", "auto", "required"])
         | st.builds(lambda n: {"type": "function", "name": n}, names),
         "parallel_tool_calls": st.booleans(),

@@ -248,12 +248,12 @@ def test_depth_and_iteration_caps(tmp_path, tools):
 
 
 def test_secrets_never_leave_the_gateway(tmp_path, tools, monkeypatch, caplog):
-    monkeypatch.setenv("WEATHER_KEY", SECRET)
+    monkeypatch.setenv("STEPCHAIN_TOOL_WEATHER_KEY", SECRET)
     caplog.set_level(logging.DEBUG)
     model = ScriptedModel(default=_answer_from_tools)
     model.replies.append(Reply(tool_calls=[{"id": "call_s", "name": "get_weather", "arguments": '{"city": "Bern"}'}]))
     with running_gateway(tmp_path, model) as gw:
-        created = _register(gw, _weather_tool(tools, headers={"X-Api-Key": "env:WEATHER_KEY",
+        created = _register(gw, _weather_tool(tools, headers={"X-Api-Key": "env:STEPCHAIN_TOOL_WEATHER_KEY",
                                                               "X-Literal": "literal-secret-456"}))
         response = gw.client().responses.create(model=MODEL, input="Bern?", stream=False)
         with gw.http() as http:
@@ -264,7 +264,7 @@ def test_secrets_never_leave_the_gateway(tmp_path, tools, monkeypatch, caplog):
                 http.get(f"/v1/responses/{response.id}/steps").text,
             ]
     assert tools.seen_keys == [SECRET]  # the tool did receive it
-    assert created["headers"] == {"X-Api-Key": "env:WEATHER_KEY", "X-Literal": "***"}
+    assert created["headers"] == {"X-Api-Key": "env:STEPCHAIN_TOOL_WEATHER_KEY", "X-Literal": "***"}
     for text in [*bodies, response.model_dump_json(), caplog.text]:
         assert SECRET not in text and "literal-secret-456" not in text
     stored = b"".join(p.read_bytes() for p in tmp_path.glob("stepchain.db*") if p.is_file())

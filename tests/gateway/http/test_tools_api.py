@@ -29,7 +29,7 @@ WEATHER = {
     },
     "kind": "http",
     "url": "https://weather.example/v1/current",
-    "headers": {"Authorization": f"Bearer {SECRET}", "X-Key": "env:WEATHER_KEY"},
+    "headers": {"Authorization": f"Bearer {SECRET}", "X-Key": "env:STEPCHAIN_TOOL_WEATHER_KEY"},
     "timeout_s": 10,
     "attach": "on_request",
 }
@@ -77,11 +77,12 @@ def test_crud_and_secrets_never_returned(db: Path) -> None:
         assert created.status_code == 201
         tool = created.json()
         assert tool["object"] == "tool"
-        assert tool["headers"] == {"Authorization": "***", "X-Key": "env:WEATHER_KEY"}
+        assert tool["headers"] == {"Authorization": "***", "X-Key": "env:STEPCHAIN_TOOL_WEATHER_KEY"}
         assert {k: v for k, v in tool.items() if k not in ("object", "headers")} == {
             **{k: v for k, v in WEATHER.items() if k != "headers"},
             "idempotent": False,
             "allow_private": False,
+            "require_approval": "never",
         }
 
         duplicate = client.post("/v1/tools", json=WEATHER)

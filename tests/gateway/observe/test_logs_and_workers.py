@@ -47,12 +47,12 @@ def test_json_logs_carry_ids_tenant_and_timings_and_no_secret(tmp_path):
             "STEPCHAIN_DB": str(tmp_path / "db.sqlite"),
             "STEPCHAIN_API_KEYS": KEY,
             "STEPCHAIN_ADMIN_KEY": ADMIN,
-            "TOOL_SECRET": TOOL_SECRET,
+            "STEPCHAIN_TOOL_SECRET": TOOL_SECRET,
         }
         with serve_process(["--log-format", "json"], log, env=env) as (url, _proc):
             with httpx.Client(base_url=url, timeout=60) as http:
                 tool = {"name": "echo", "description": "e", "url": f"{tool_url}/echo",
-                        "headers": {"X-Secret": "env:TOOL_SECRET"},
+                        "headers": {"X-Secret": "env:STEPCHAIN_TOOL_SECRET"},
                         "parameters": {"type": "object", "properties": {}}}
                 assert http.post("/v1/tools", json=tool,
                                  headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 201

@@ -957,7 +957,7 @@ def test_validate_request_accepts(body):
         ),
         pytest.param({"model": "m", "truncation": "middle"}, "truncation", id="truncation"),
         pytest.param(
-            {"model": "m", "tools": [{"type": "mcp"}]}, "tools[0].type", id="mcp-tool-type"
+            {"model": "m", "tools": [{"type": "mcp"}]}, "tools[0].server_label", id="mcp-tool-label"
         ),
         pytest.param(
             {"model": "m", "reasoning": {"summary": []}}, "reasoning.summary", id="reasoning-summary"

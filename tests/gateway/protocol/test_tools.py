@@ -142,7 +142,10 @@ def test_tool_choice_for_the_upstream(choice, expected):
         ([{"type": "namespace", "name": "n", "tools": [{"type": "web_search"}]}], "tools[0].tools[0]"),
         ([{"type": "namespace", "name": "n", "tools": [{"type": "function"}]}],
          "tools[0].tools[0].name"),
-        ([{"type": "mcp", "server_label": "x"}], "tools[0].type"),
+        ([{"type": "mcp", "server_label": "x", "connector_id": "connector_gmail"}],
+         "tools[0].connector_id"),
+        ([{"type": "mcp", "server_label": "a b", "server_url": "http://h/mcp"}],
+         "tools[0].server_label"),
     ],
 )
 def test_bad_tools_are_400s_naming_the_param(tools, param):
