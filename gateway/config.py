@@ -259,6 +259,11 @@ class Settings(BaseSettings):
     live_logs_max_bytes: int = Field(
         256_000_000, ge=1, description="streamed responses' event logs cached in memory, in all (the store has them all)"
     )
+    stream_events_stored_first: bool = Field(
+        True,
+        description="a streamed event reaches clients only once it is in the store, so a stream "
+        "re-attached anywhere after a crash is exact (off: sent first, stored within ~25 ms)",
+    )
     live_log_max_bytes: int = Field(
         16_000_000, ge=1, description="one response's event log cached in memory; older events are read from the store"
     )

@@ -47,14 +47,23 @@ class LiveStream:
     ``events[i]`` has sequence number ``base + i``; ``end`` is the next sequence number. Events
     below ``persisted`` are in the store. Events emitted while :meth:`hold` is on are *staged*:
     published (visible to followers) only when the store write that carries them commits.
+
+    With ``stored_first`` every event is staged: nothing reaches a client before the store has
+    it, so a client that re-attaches anywhere after this process died gets exactly the events it
+    missed (a take-over re-runs the interrupted model call and writes *its* events after the
+    stored ones). Events staged outside a hold are *flushable* — the writer stores them at once,
+    one write in flight, so bursts share a write — while held ones wait for their step's write.
     """
 
     __slots__ = (
         "response_id", "events", "base", "persisted", "closed", "handed_over", "staged",
         "holding", "nbytes", "accounted", "on_pending", "listeners", "_changed", "_owner",
+        "stored_first", "flushable",
     )  # fmt: skip
 
-    def __init__(self, response_id: str = "", *, owner: LiveStreams | None = None) -> None:
+    def __init__(
+        self, response_id: str = "", *, owner: LiveStreams | None = None, stored_first: bool = False
+    ) -> None:
         self.response_id = response_id
         self.events: list[bytes] = []
         self.base = 0
@@ -72,6 +81,8 @@ class LiveStream:
         self.listeners: list[Callable[[bytes], None]] = []
         self._changed = asyncio.Event()
         self._owner = owner
+        self.stored_first = stored_first
+        self.flushable = 0  # staged[:flushable] may be stored without waiting for a step write
 
     @property
     def end(self) -> int:
@@ -84,6 +95,12 @@ class LiveStream:
         """Append one encoded event (the ResponseBuilder's ``emit``)."""
         if self.holding:
             self.staged.append(event)
+            return
+        if self.stored_first:
+            self.staged.append(event)
+            self.flushable = len(self.staged)
+            if self.on_pending is not None and self.flushable == 1:
+                self.on_pending()
             return
         self.events.append(event)
         self.nbytes += len(event)
@@ -104,6 +121,20 @@ class LiveStream:
             return None
         return self.persisted, unpersisted + self.staged
 
+    def flushable_pending(self) -> tuple[int, list[bytes]] | None:
+        """``(first sequence, events)`` a flush may store now: published but unpersisted events,
+        then the flushable staged ones (never events held for a step write)."""
+        unpersisted = self.events[self.persisted - self.base :] if self.persisted < self.end else []
+        if not self.holding:
+            extra = self.staged
+        elif self.stored_first:
+            extra = self.staged[: self.flushable]
+        else:
+            return None
+        if not unpersisted and not extra:
+            return None
+        return self.persisted, unpersisted + extra
+
     def committed(self, first: int, count: int) -> None:
         """The store has the ``count`` events from ``first`` on: publish the staged ones."""
         if first != self.persisted:
@@ -112,6 +143,7 @@ class LiveStream:
         if count > published:  # the batch carried staged events: publish them now
             staged = self.staged[: count - published]
             del self.staged[: count - published]
+            self.flushable = max(0, self.flushable - len(staged))
             self.events.extend(staged)
             self.nbytes += sum(map(len, staged))
             for event in staged:
@@ -127,6 +159,7 @@ class LiveStream:
     def drop_staged(self) -> None:
         """Forget staged events (their write failed) and stop holding."""
         self.staged.clear()
+        self.flushable = 0
         self.holding = False
 
     def trim(self, keep_bytes: int) -> int:
@@ -199,14 +232,18 @@ class LiveStreams:
     """The cached logs of this process, by response id: at most ``max_bytes_per_response`` of
     persisted events per response and ``max_bytes`` in all; a log leaves as it closes."""
 
-    def __init__(self, *, max_bytes_per_response: int = 1 << 20, max_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self, *, max_bytes_per_response: int = 1 << 20, max_bytes: int = 64 << 20, stored_first: bool = False
+    ) -> None:
+        self.stored_first = stored_first  # see LiveStream
         self.max_bytes_per_response = max_bytes_per_response
         self.max_bytes = max_bytes
         self._streams: dict[str, LiveStream] = {}
         self._total = 0  # bytes cached, as of each log's last store write
 
     def open(self, response_id: str) -> LiveStream:
-        stream = self._streams[response_id] = LiveStream(response_id, owner=self)
+        stream = LiveStream(response_id, owner=self, stored_first=self.stored_first)
+        self._streams[response_id] = stream
         return stream
 
     def get(self, response_id: str) -> LiveStream | None:

@@ -57,7 +57,8 @@ class ResponseWriter:
         self.response_id = response_id
         self.fence = fence
         self.log = log
-        self.flush_s = flush_s
+        # Events that wait for the store before any client sees them are stored at once.
+        self.flush_s = 0.0 if log is not None and log.stored_first else flush_s
         self.retry_max_s = retry_max_s
         self.fenced = False  # set once a write was refused: this process no longer owns it
         self._lock = asyncio.Lock()  # one event-carrying write at a time
@@ -121,7 +122,7 @@ class ResponseWriter:
                 retry=retry,
             )
             log.committed(first, len(events))
-            if log.pending() is not None:  # emitted while this write was in flight
+            if log.flushable_pending() is not None:  # emitted while this write was in flight
                 self._schedule_flush()
             return result
 
@@ -171,12 +172,12 @@ class ResponseWriter:
         write carries them; errors are left to the next write."""
         log = self.log
         if log is None or self._lock.locked():
-            if log is not None and log.pending() is not None:
+            if log is not None and log.flushable_pending() is not None:
                 self._schedule_flush()
             return
         async with self._lock:
-            batch = log.pending()
-            if batch is None or log.holding:
+            batch = log.flushable_pending()
+            if batch is None:
                 return
             first, events = batch
             try:
@@ -189,7 +190,7 @@ class ResponseWriter:
                 logger.warning("events of response %s not stored yet: %s", self.response_id, exc)
                 return
             log.committed(first, len(events))
-        if log.pending() is not None:  # emitted while this flush was in flight
+        if log.flushable_pending() is not None:  # emitted while this flush was in flight
             self._schedule_flush()
 
     async def close(self) -> None:

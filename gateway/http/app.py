@@ -242,6 +242,7 @@ def create_app(
         live = LiveStreams(
             max_bytes=settings.live_logs_max_bytes,
             max_bytes_per_response=settings.live_log_max_bytes,
+            stored_first=settings.stream_events_stored_first,
         )
         service = ResponsesService(
             deps, owner=new_owner_id(), lease_s=settings.lease_s, live=live,

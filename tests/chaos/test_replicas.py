@@ -57,14 +57,6 @@ def test_no_non_idempotent_tool_call_runs_twice(report: ChaosReport) -> None:
     assert not report.duplicate_executions, report.summary()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="events reach a live client before they are stored: the durable event log stores a model "
-    "call's deltas and tool events up to flush_s (25 ms) plus a write's latency after sending them "
-    "(gateway/engine/writer.py), so when the owner dies in that window its client has seen events "
-    "the log never gets, and the replica that takes over writes different events (the interrupted "
-    "item closed, the model call re-run) at those sequence numbers",
-)
 def test_reattached_streams_get_exactly_the_events_they_missed(report: ChaosReport) -> None:
     """Every stream, re-attached or not: sequence numbers 0..n-1, one terminal event (last), and
     the events concatenated over re-attachments equal a fresh full replay from another replica."""
