@@ -162,19 +162,16 @@ class ResponseWriter:
 
     def _flush_now(self) -> None:
         self._flush_handle = None
+        # A flush already running looks again when it ends (no polling: flush_s may be 0).
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.ensure_future(self.flush())
-        else:  # a flush is running: look again later
-            self._schedule_flush()
 
     async def flush(self) -> None:
         """Store the log's published events not yet stored (``append_events``), unless another
         write carries them; errors are left to the next write."""
         log = self.log
         if log is None or self._lock.locked():
-            if log is not None and log.flushable_pending() is not None:
-                self._schedule_flush()
-            return
+            return  # the write holding the lock schedules the next flush when it commits
         async with self._lock:
             batch = log.flushable_pending()
             if batch is None:
