@@ -123,6 +123,25 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("pg_dsn")
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def on_both_backends(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test twice: ``running_gateway`` on a fresh SQLite file, then on a fresh PostgreSQL
+    database (``pytestmark = pytest.mark.usefixtures("on_both_backends")`` in a module)."""
+    if request.param == "postgres":
+        from tests.gateway import harness
+
+        monkeypatch.setattr(harness, "database_url", request.getfixturevalue("pg_dsn"))
+    return request.param
+
+
+def sqlite_only() -> None:
+    """Skip the running test on PostgreSQL (it reads or locks the SQLite file itself)."""
+    from tests.gateway import harness
+
+    if harness.database_url is not None:
+        pytest.skip("reads the SQLite file directly")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def collect_garbage_per_module() -> Iterator[None]:
     """Collect garbage after each test module, so an object a module left open (a socket, a

@@ -23,6 +23,11 @@ from gateway.testing.scripted_upstream import ScriptedModel, create_scripted_ups
 from gateway.testing.serving import serve_app
 
 
+#: The database :func:`running_gateway` uses when set: a PostgreSQL URL, set for one test by the
+#: ``on_both_backends`` fixture (tests/conftest.py). None: a fresh SQLite file in ``tmp_path``.
+database_url: str | None = None
+
+
 @dataclasses.dataclass
 class Running:
     """A gateway under test: its URL, an SDK client, and the scripted model behind it."""
@@ -30,7 +35,7 @@ class Running:
     url: str
     model: ScriptedModel
     upstream_url: str
-    db: Path
+    db: Path | str  # an SQLite file, or a PostgreSQL URL
     settings: Settings
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
@@ -44,16 +49,17 @@ class Running:
 def running_gateway(
     tmp_path: Path, model: ScriptedModel | None = None, **settings: Any
 ) -> Iterator[Running]:
-    """Start a scripted upstream and a gateway on a fresh SQLite file in ``tmp_path``."""
+    """Start a scripted upstream and a gateway on a fresh SQLite file in ``tmp_path`` (or on
+    :data:`database_url` when a test runs on PostgreSQL)."""
     model = model or ScriptedModel()
-    db = tmp_path / "stepchain.db"
+    db: Path | str = database_url or tmp_path / "stepchain.db"
     with serve_app(create_scripted_upstream(model)) as upstream_url:
         with gateway_on(db, f"{upstream_url}/v1", **settings) as (url, config):
             yield Running(url, model, upstream_url, db, config)
 
 
 @contextlib.contextmanager
-def gateway_on(db: Path, upstream_base_url: str, **settings: Any) -> Iterator[tuple[str, Settings]]:
+def gateway_on(db: Path | str, upstream_base_url: str, **settings: Any) -> Iterator[tuple[str, Settings]]:
     """Just the gateway, on ``db``, against ``upstream_base_url`` (for restarts)."""
     # Tool servers in tests listen on 127.0.0.1: allow loopback unless a test says otherwise.
     settings.setdefault("tool_allowed_networks", "127.0.0.0/8")

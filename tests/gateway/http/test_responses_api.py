@@ -11,6 +11,9 @@ import pytest
 from gateway.testing.scripted_upstream import Reply, ScriptedModel
 from tests.gateway.harness import gateway_on, running_gateway
 
+# SDK round trips, streaming, tools and resilience on both store backends (issue 11).
+pytestmark = pytest.mark.usefixtures("on_both_backends")
+
 MODEL = "scripted-model"
 
 

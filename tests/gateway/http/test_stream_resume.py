@@ -3,12 +3,18 @@ background responses followed and cancelled — through the real openai SDK."""
 
 from __future__ import annotations
 
+import pytest
+
 import time
 
 import httpx
 
 from gateway.testing.scripted_upstream import Reply
+from tests.conftest import sqlite_only
 from tests.gateway.harness import gateway_on, running_gateway
+
+# SDK round trips, streaming, tools and resilience on both store backends (issue 11).
+pytestmark = pytest.mark.usefixtures("on_both_backends")
 
 MODEL = "scripted-model"
 TEXT = "".join(f"piece{i} " for i in range(40))
@@ -93,6 +99,7 @@ def test_a_done_event_never_describes_a_step_the_store_lacks(tmp_path):
     import sqlite3
     import threading
 
+    sqlite_only()
     with running_gateway(tmp_path) as gw:
         gw.model.replies.append(Reply(content="one two three four", chunk_size=4, chunk_delay_s=0.02))
         locker = sqlite3.connect(gw.db, check_same_thread=False, isolation_level=None)

@@ -14,6 +14,9 @@ from gateway.testing.scripted_upstream import Reply, ScriptedModel
 from tests.gateway.harness import Running, gateway_on, running_gateway
 from tests.servers import serve_scripted_upstream
 
+# SDK round trips, streaming, tools and resilience on both store backends (issue 11).
+pytestmark = pytest.mark.usefixtures("on_both_backends")
+
 MODEL = "scripted-model"
 # Small, so that retries and budgets are quick; waits between retries are real (and short).
 FAST = {"upstream_max_retries": 2, "upstream_retry_max_s": 2.0}
