@@ -8,6 +8,7 @@ the step listing and recovery (which ends it ``failed``: its client is gone).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from executors.resilience import ResilientUpstream
 from executors.upstream import UpstreamError
 from gateway.errors import InvalidRequestError
+from gateway.observe.hooks import Observer
 from store.base import Store
 from store.types import MODEL_CALL, ResponseRecord, StepDescriptor, new_id
 
@@ -44,9 +46,11 @@ async def run_chat_completion(
     owner: str | None,
     lease_s: float,
     on_chunk: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    observer: Observer | None = None,
 ) -> dict[str, Any]:
     """Record the call, make it (streamed when ``body["stream"]`` is true: each chunk to
-    ``on_chunk``), store its completion or failure; returns the completion.
+    ``on_chunk``), store its completion or failure; returns the completion. ``observer``
+    (gateway.observe) sees the step as the loop's model calls are seen: metrics, span, log.
 
     Raises InvalidRequestError (before anything is written), executors' UpstreamError (the step
     and the record are failed first) and StoreError.
@@ -72,20 +76,25 @@ async def run_chat_completion(
         else:
             await store.record_attempt(step.id, error, label)
 
-    try:
-        completion = await upstream.chat_completion(body, on_chunk=on_chunk, on_attempt=on_attempt)
-    except UpstreamError as exc:
-        await store.fail_step(step.id, {"type": exc.type, "message": str(exc)}, exc.partial)
-        await store.update_response(
-            record.id,
-            status="failed",
-            error={"code": "server_error", "message": str(exc)},
-            completed_at=time.time(),
+    with contextlib.nullcontext() if observer is None else observer.step(step) as scope:
+        try:
+            completion = await upstream.chat_completion(body, on_chunk=on_chunk, on_attempt=on_attempt)
+        except UpstreamError as exc:
+            failed = await store.fail_step(step.id, {"type": exc.type, "message": str(exc)}, exc.partial)
+            await store.update_response(
+                record.id,
+                status="failed",
+                error={"code": "server_error", "message": str(exc)},
+                completed_at=time.time(),
+            )
+            if scope is not None:
+                scope.finish(failed)
+            raise
+        done = await store.complete_step(
+            step.id, completion, completion.get("usage"),
+            upstream=answered_by[-1] if answered_by else None,
+            response_update={"status": "completed", "completed_at": time.time()},
         )
-        raise
-    await store.complete_step(
-        step.id, completion, completion.get("usage"),
-        upstream=answered_by[-1] if answered_by else None,
-        response_update={"status": "completed", "completed_at": time.time()},
-    )
+        if scope is not None:
+            scope.finish(done)
     return completion

@@ -314,7 +314,7 @@ class ResponsesService:
             upstream = upstream.with_api_key(upstream_key)
         return await run_chat_completion(
             self.store, upstream, body, tenant=tenant, owner=self.owner, lease_s=self.lease_s,
-            on_chunk=on_chunk,
+            on_chunk=on_chunk, observer=self.deps.observer,
         )
 
     async def delete(self, record: ResponseRecord) -> None:

@@ -52,7 +52,7 @@ from store import open_store
 
 from gateway.observe.cost import PriceTable
 from gateway.observe.hooks import Observer
-from gateway.observe.metrics import MetricsMiddleware, TimedStore
+from gateway.observe.metrics import MetricsMiddleware, TimedStore, mark_process_dead
 from gateway.observe.metrics import metrics as get_metrics
 from gateway.observe.tracing import PropagatingTransport, get_tracing
 
@@ -295,6 +295,8 @@ def create_app(
             await client.aclose()
             await tool_client.aclose()
             await the_store.close()
+            # A worker leaving (multiprocess metrics) takes its live gauges out of the sum.
+            mark_process_dead(os.getpid())
 
     # The gateway's own sockets are added as requests arrive (``scope["server"]``: the real port,
     # also when ``port`` is 0).

@@ -20,9 +20,9 @@ from starlette.routing import Route
 
 from gateway.cli import main
 from gateway.observe.tracing import disable_tracing_for_tests, reset_tracing_for_tests
-from gateway.testing.scripted_upstream import Reply, ScriptedModel
+from gateway.testing.scripted_upstream import Reply, ScriptedModel, create_scripted_upstream
 from gateway.testing.serving import serve_app
-from tests.gateway.harness import running_gateway
+from tests.gateway.harness import Running, gateway_on, running_gateway
 
 MODEL = "scripted-model"
 PRICES = {MODEL: {"input": 1.0, "output": 2.0}}
@@ -66,35 +66,46 @@ def run(tmp_path_factory):
     try:
         tools = Starlette(routes=[Route("/w", weather, methods=["POST"]),
                                   Route("/b", broken, methods=["POST"])])
-        with serve_app(tools) as tool_url:
-            with running_gateway(tmp, model, prices=PRICES) as gw:
-                with gw.http() as http:
-                    for body in (
-                        {"name": "get_weather", "description": "w", "parameters": CITY,
-                         "url": f"{tool_url}/w"},
-                        {"name": "researcher", "kind": "agent", "description": "r", "model": MODEL,
-                         "instructions": "Research.", "tools": []},
-                        {"name": "broken", "description": "b", "url": f"{tool_url}/b",
-                         "parameters": {"type": "object", "properties": {}}},
-                    ):
-                        assert http.post("/v1/tools", json=body).status_code == 201
-                _EXPORTER.clear()
-                with gw.http() as http:
-                    reply = http.post(
-                        "/v1/responses", json={"model": MODEL, "input": "Weather?"},
-                        headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-01"},
-                    )
-                assert reply.status_code == 200, reply.text
-                assert reply.json()["status"] == "completed"
-                with gw.http() as http:  # a failing tool: its span records the error
-                    failing = http.post(
-                        "/v1/responses",
-                        json={"model": MODEL, "input": "Use the broken tool",
-                              "previous_response_id": reply.json()["id"]},
-                    )
-                assert failing.status_code == 200, failing.text
-                gw.failing_id = failing.json()["id"]
-                yield gw, reply.json()["id"], seen_headers
+        scripted = create_scripted_upstream(model)
+        upstream_headers: list[dict[str, str]] = []
+
+        async def upstream(scope, receive, send):  # the scripted model, recording each call's headers
+            if scope["type"] == "http" and scope["path"].endswith("/chat/completions"):
+                upstream_headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
+            await scripted(scope, receive, send)
+
+        with serve_app(tools) as tool_url, serve_app(upstream) as upstream_url, gateway_on(
+            tmp / "stepchain.db", f"{upstream_url}/v1", prices=PRICES
+        ) as (url, config):
+            gw = Running(url, model, upstream_url, tmp / "stepchain.db", config)
+            gw.upstream_headers = upstream_headers
+            with gw.http() as http:
+                for body in (
+                    {"name": "get_weather", "description": "w", "parameters": CITY,
+                     "url": f"{tool_url}/w"},
+                    {"name": "researcher", "kind": "agent", "description": "r", "model": MODEL,
+                     "instructions": "Research.", "tools": []},
+                    {"name": "broken", "description": "b", "url": f"{tool_url}/b",
+                     "parameters": {"type": "object", "properties": {}}},
+                ):
+                    assert http.post("/v1/tools", json=body).status_code == 201
+            _EXPORTER.clear()
+            with gw.http() as http:
+                reply = http.post(
+                    "/v1/responses", json={"model": MODEL, "input": "Weather?"},
+                    headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-01"},
+                )
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["status"] == "completed"
+            with gw.http() as http:  # a failing tool: its span records the error
+                failing = http.post(
+                    "/v1/responses",
+                    json={"model": MODEL, "input": "Use the broken tool",
+                          "previous_response_id": reply.json()["id"]},
+                )
+            assert failing.status_code == 200, failing.text
+            gw.failing_id = failing.json()["id"]
+            yield gw, reply.json()["id"], seen_headers
     finally:
         disable_tracing_for_tests()
 
@@ -155,6 +166,27 @@ def test_metrics_count_the_loop_without_ids(run):
     assert ("stepchain_live_streams", ()) in samples
 
 
+def test_chat_passthrough_steps_are_counted_too(tmp_path):
+    """A /v1/chat/completions call is a model-call step like the loop's: counted, tokens, cost."""
+
+    def model_steps(http):
+        for family in text_string_to_metric_families(http.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == "stepchain_steps_total" and sample.labels == {
+                    "kind": "model_call", "state": "completed"
+                }:
+                    return sample.value
+        return 0
+
+    with running_gateway(tmp_path, ScriptedModel([Reply(content="passed through")]), prices=PRICES) as gw:
+        with gw.http() as http:
+            before = model_steps(http)
+            reply = http.post("/v1/chat/completions",
+                              json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+            assert reply.status_code == 200, reply.text
+            assert model_steps(http) == before + 1
+
+
 def test_spans_follow_the_genai_conventions_and_nest_the_sub_agent(run):
     gw, response_id, tool_headers = run
     spans = {s.name: s for s in _EXPORTER.get_finished_spans() if s.context.trace_id == int(TRACE_ID, 16)}
@@ -186,6 +218,12 @@ def test_spans_follow_the_genai_conventions_and_nest_the_sub_agent(run):
     traceparent = tool_headers[-1]["traceparent"]
     assert traceparent.split("-")[1] == TRACE_ID
     assert traceparent.split("-")[2] == format(tool.context.span_id, "016x")
+    # Every model call reached the upstream with the trace context of its chat span.
+    sent = [h["traceparent"].split("-") for h in gw.upstream_headers if "traceparent" in h]
+    chat_ids = {format(c.context.span_id, "016x") for c in chats}
+    in_trace = [parts for parts in sent if parts[1] == TRACE_ID]
+    assert len(in_trace) == len(chats)
+    assert {parts[2] for parts in in_trace} == chat_ids
 
 
 def test_the_terminal_trace_prints_the_chain_as_a_tree(run, capsys):
