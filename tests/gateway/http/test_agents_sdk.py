@@ -20,6 +20,9 @@ from openai import AsyncOpenAI  # noqa: E402
 from gateway.testing.scripted_upstream import Reply  # noqa: E402
 from tests.gateway.harness import running_gateway  # noqa: E402
 
+# Run on both store backends (issue 11).
+pytestmark = pytest.mark.usefixtures("on_both_backends")
+
 set_tracing_disabled(True)  # no trace export: nothing may leave loopback
 
 calls: list[str] = []

@@ -11,6 +11,9 @@ from gateway.engine.tokens import estimate_tokens
 from gateway.testing.scripted_upstream import Reply, tokenize_count
 from tests.gateway.harness import running_gateway
 
+# Run on both store backends (issue 11).
+pytestmark = pytest.mark.usefixtures("on_both_backends")
+
 MODEL = "scripted-model"
 SUMMARY = "- The user is Ada; she wants a haiku about tea.\n- Draft 1 was too long."
 

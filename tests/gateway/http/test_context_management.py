@@ -10,6 +10,9 @@ from gateway.protocol.context_window import SUMMARY_PREFIX, SUMMARY_PROMPT
 from gateway.testing.scripted_upstream import Reply
 from tests.gateway.harness import running_gateway
 
+# Run on both store backends (issue 11).
+pytestmark = pytest.mark.usefixtures("on_both_backends")
+
 MODEL = "scripted-model"
 LONG = "word " * 300  # about 375 estimated tokens
 

@@ -3,12 +3,17 @@ is cancelled with its open steps)."""
 
 from __future__ import annotations
 
+import pytest
+
 import time
 
 import httpx
 
 from gateway.testing.scripted_upstream import Reply
 from tests.gateway.harness import running_gateway
+
+# Run on both store backends (issue 11).
+pytestmark = pytest.mark.usefixtures("on_both_backends")
 
 TEXT = "".join(f"word{i} " for i in range(60))
 

@@ -17,6 +17,9 @@ from gateway.testing.scripted_upstream import Reply, ScriptedModel
 from gateway.testing.serving import serve_app
 from tests.gateway.harness import running_gateway
 
+# Run on both store backends (issue 11).
+pytestmark = pytest.mark.usefixtures("on_both_backends")
+
 MODEL = "scripted-model"
 
 

@@ -16,6 +16,9 @@ from websockets.sync.client import connect
 from gateway.testing.scripted_upstream import Reply
 from tests.gateway.harness import running_gateway
 
+# Run on both store backends (issue 11).
+pytestmark = pytest.mark.usefixtures("on_both_backends")
+
 MODEL = "scripted-model"
 TERMINAL = ("response.completed", "response.incomplete", "response.failed", "error")
 TOOL = {
