@@ -3,11 +3,10 @@ is cancelled with its open steps)."""
 
 from __future__ import annotations
 
-import pytest
-
 import time
 
 import httpx
+import pytest
 
 from gateway.testing.scripted_upstream import Reply
 from tests.gateway.harness import running_gateway
