@@ -174,4 +174,6 @@ def _tool_loop_check(reply: HTTPReply) -> str | None:
     body = orjson.loads(reply.body)
     if body.get("status") != "completed":
         return f"status {body.get('status')}"
-    return None
+    from .scenarios import failed_tool_call
+
+    return failed_tool_call(body, TOOL_LOOP_STEPS - 2)

@@ -157,6 +157,10 @@ def register_tools(gateway_url: str, tools_url: str, names: list[str]) -> None:
                     "attach": "on_request",
                     "url": f"{tools_url}/{name}",
                     "timeout_s": 30,
+                    # The tool server listens on 127.0.0.1, which the egress policy refuses
+                    # unless the admin allows it: without this every call failed as
+                    # blocked_url and the scenario measured no tool call at all.
+                    "allow_private": True,
                 },
             )
             if reply.status_code not in (200, 201):
@@ -164,6 +168,18 @@ def register_tools(gateway_url: str, tools_url: str, names: list[str]) -> None:
 
 
 # --- checks: None when the reply is what the scenario expects, else the error text --------------
+
+
+def failed_tool_call(response: dict, expected: int) -> str | None:
+    """Why a tool-loop Response did not run ``expected`` tool calls successfully (its
+    ``mcp_call`` items), or None."""
+    calls = [item for item in response.get("output") or () if item.get("type") == "mcp_call"]
+    if len(calls) != expected:
+        return f"expected {expected} tool calls in the output, got {len(calls)}"
+    for call in calls:
+        if call.get("error"):
+            return f"tool call {call.get('name')} failed: {str(call['error'])[:200]}"
+    return None
 
 
 def _http_error(reply: HTTPReply) -> str | None:
@@ -471,7 +487,7 @@ async def scenario_tool_loop(b: Bench) -> list[Row]:
         error = check_response(reply)
         if error is None and b"Tool results" not in reply.body:
             error = f"no tool results in the answer: {reply.body[:300].decode(errors='replace')}"
-        return error
+        return error or failed_tool_call(orjson.loads(reply.body), len(names))
 
     gateway = http_request(b.gateway, b"POST", "/v1/responses", body, check)
     rows = []
