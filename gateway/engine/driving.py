@@ -195,9 +195,11 @@ class DrivingMixin:
             return record_to_object(record)
         prepared.record = record
         builder = self.builder(prepared)
+        logged = await writer.list_events(record.id)
+        if logged:  # the items it showed keep their places, however many take-overs ago
+            builder.adopt_log([event for _seq, event in logged])
         builder.start()  # no events: adds the listings' items to the output
         await self.replay_chain(record.id, builder)
-        logged = await writer.list_events(record.id)
         if logged:
             # It was streamed: go on with its durable log (sequence numbers continue).
             log = self.live.open(record.id)
