@@ -164,7 +164,8 @@ class Reassembler:
             self._created = chunk.get("created")
         if self._fingerprint is None:
             self._fingerprint = chunk.get("system_fingerprint")
-        self._known = bool(self._id and self._model and self._created) and self._fingerprint is not None
+        known = bool(self._id and self._model and self._created)
+        self._known = known and self._fingerprint is not None
 
     def _others(self, delta: dict[str, Any], out: list[Delta]) -> None:
         """The reasoning, refusal and tool-call pieces of a chunk's ``delta``."""
