@@ -10,6 +10,10 @@ registered with :meth:`PostgresStore.register_owner` (their liveness).
 Errors: ``psycopg`` errors become :class:`store.types.StoreError` subclasses in one place
 (:meth:`PostgresStore._run`); a lost or unreachable server is
 :class:`store.types.StoreUnavailableError`, raised within ``pool_timeout_s``.
+
+NUL: PostgreSQL ``text`` cannot hold U+0000, so no stored id, name or model holds one. A key
+holding it names no row (lookups find nothing, updates and deletes change nothing, as on SQLite
+for an unknown key); writing it into a text column is a ValueError (bad input), never an outage.
 """
 
 from __future__ import annotations
@@ -57,6 +61,20 @@ logger = logging.getLogger(__name__)
 
 _UNAVAILABLE_STATES = frozenset({"57P01", "57P02", "57P03"})
 _Op = Callable[..., Awaitable[_T]]
+
+
+_NUL_ERROR = "cannot contain NUL"
+_NUL_MESSAGE = "text values (ids, names, models) cannot contain NUL (U+0000)"
+
+
+def _holds_nul(sql: str, params: Sequence[Any]) -> bool:
+    """True when a text parameter holds U+0000, so the statement can match no row (see the
+    module docstring); ValueError when the statement is an INSERT that would store it."""
+    if not any(isinstance(p, str) and "\x00" in p for p in params):
+        return False
+    if sql.lstrip()[:6].upper() == "INSERT":
+        raise ValueError(_NUL_MESSAGE)
+    return True
 
 
 def _unavailable(exc: BaseException) -> bool:
@@ -172,6 +190,10 @@ class PostgresStore(PostgresRecords, Store):
             raise StoreNotFoundError(f"not found: {self._reason(exc)}") from None
         except psycopg_pool.PoolClosed:
             raise StoreError("the PostgreSQL store is not open") from None
+        except psycopg.DataError as exc:
+            if _NUL_ERROR in str(exc):
+                raise ValueError(_NUL_MESSAGE) from None
+            raise StoreError(f"postgresql error: {self._reason(exc)}") from None
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             if _unavailable(exc):
                 self._suspect()
@@ -205,6 +227,9 @@ class PostgresStore(PostgresRecords, Store):
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if _holds_nul(sql, params):
+            return []
+
         async def go(conn: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
             cursor = await conn.execute(sql, params)  # type: ignore[arg-type]
             return await cursor.fetchall()
@@ -216,6 +241,9 @@ class PostgresStore(PostgresRecords, Store):
         return rows[0] if rows else None
 
     async def _rowcount(self, sql: str, params: Sequence[Any] = ()) -> int:
+        if _holds_nul(sql, params):
+            return 0
+
         async def go(conn: psycopg.AsyncConnection[Any]) -> int:
             cursor = await conn.execute(sql, params)  # type: ignore[arg-type]
             return cursor.rowcount

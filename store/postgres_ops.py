@@ -54,6 +54,7 @@ RESPONSE_COLUMNS = tuple(
 )
 _STEP_SELECT = "SELECT " + ", ".join(STEP_COLUMNS) + " FROM steps"
 _STEP_RETURNING = ", ".join(STEP_COLUMNS)
+_STEP_WIDTH = len(STEP_COLUMNS)
 RESPONSE_SELECT = "SELECT " + ", ".join(RESPONSE_COLUMNS) + " FROM responses"
 _RESPONSE_RETURNING = ", ".join(f"r.{c}" for c in RESPONSE_COLUMNS)
 _RESPONSE_INSERT = "INSERT INTO responses ({}, lease_expires_at, last_sequence) VALUES ({})".format(
@@ -142,24 +143,33 @@ async def state_error(conn: Conn, step_id: str, target: str) -> StoreError:
     return StepStateError(f"step {step_id!r} is {row[0]!r}; cannot move it to {target!r}")
 
 
-_STATEMENTS: dict[tuple[str, bool, bool], str] = {}
+_STATEMENTS: dict[tuple[str, bool, bool, tuple[str, ...]], str] = {}
 
 
-def _step_statement(sql: str, fenced: bool, with_events: bool) -> str:
+def _step_statement(sql: str, fenced: bool, with_events: bool, updates: tuple[str, ...] = ()) -> str:
     """``sql`` (a step UPDATE … RETURNING) as one statement with the fence check (params:
-    step id, owner, epoch — first) and the events insert + NOTIFY (params: first sequence,
-    events — last). Returns the step's columns (and a void NOTIFY column with events)."""
-    key = (sql, fenced, with_events)
+    step id, owner, epoch — first), the response's columns ``updates`` set (params: their values,
+    after ``sql``'s) and the events insert (params: first sequence, events — last), with a
+    NOTIFY when events or the response's status are written. Returns the step's columns (and a
+    void NOTIFY column)."""
+    key = (sql, fenced, with_events, updates)
     statement = _STATEMENTS.get(key)
     if statement is None:
         parts = []
         if fenced:
+            lock = "NO KEY UPDATE" if updates else "SHARE"
             parts.append(
                 "f AS (SELECT 1 FROM steps s JOIN responses r ON r.id = s.response_id"
-                " WHERE s.id = %s AND r.owner = %s AND r.owner_epoch = %s FOR SHARE OF r)"
+                f" WHERE s.id = %s AND r.owner = %s AND r.owner_epoch = %s FOR {lock} OF r)"
             )
             sql = sql.replace(" RETURNING ", " AND EXISTS (SELECT 1 FROM f) RETURNING ", 1)
         parts.append(f"u AS ({sql})")
+        if updates:
+            sets = ", ".join(f"{name} = %s" for name in updates)
+            parts.append(
+                f"ru AS (UPDATE responses SET {sets} FROM u WHERE responses.id = u.response_id"
+                " RETURNING responses.id)"
+            )
         select = "SELECT u.* FROM u"
         if with_events:
             parts.append(
@@ -167,6 +177,7 @@ def _step_statement(sql: str, fenced: bool, with_events: bool) -> str:
                 " SELECT u.response_id, %s + t.n - 1, t.d FROM u,"
                 " unnest(%s::bytea[]) WITH ORDINALITY AS t(d, n))"
             )
+        if with_events or "status" in updates:
             select = f"SELECT u.*, pg_notify('{EVENTS_CHANNEL}', u.response_id) FROM u"
         statement = _STATEMENTS[key] = "WITH " + ", ".join(parts) + " " + select
     return statement
@@ -236,6 +247,8 @@ async def create_response(
     ids: list[str],
     events: Events,
 ) -> list[Step]:
+    """One statement (one round trip, its own transaction): the response row, its first steps
+    (``processing``) and its first events with their NOTIFY, as CTEs of one INSERT."""
     owner = owner if owner is not None else response.owner
     now = time.time()
     steps: list[Step] = []
@@ -246,21 +259,44 @@ async def create_response(
                  attempt=1, created_at=now, started_at=now)
         )  # fmt: skip
         prev = step_id
-    async with conn.pipeline(), conn.transaction():
-        await conn.execute(_RESPONSE_INSERT, _response_params(response, owner, expires, len(steps)))
-        if steps:
-            async with conn.cursor() as cursor:
-                await cursor.executemany(
-                    "INSERT INTO steps (id, response_id, prev_step_id, sequence, kind, state,"
-                    " request_payload, attempt, created_at, started_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [(s.id, s.response_id, s.prev_step_id, s.sequence, s.kind, s.state,
-                      dumps(s.request_payload), 1, now, now) for s in steps],
-                )  # fmt: skip
-        if events and events[1]:
-            await _queue_events(conn, response.id, events)
-            await conn.execute(_NOTIFY, (EVENTS_CHANNEL, response.id))
+    has_events = bool(events and events[1])
+    params: list[Any] = list(_response_params(response, owner, expires, len(steps)))
+    if steps:
+        params += [
+            now, now, [s.id for s in steps], [s.prev_step_id for s in steps],
+            [s.kind for s in steps], [dumps(s.request_payload) for s in steps],
+        ]  # fmt: skip
+    if has_events:
+        assert events is not None
+        params += [events[0], list(events[1])]
+    await conn.execute(_CREATE_RESPONSE[(bool(steps), has_events)], params)
     return steps
+
+
+def _create_response_sql(with_steps: bool, with_events: bool) -> str:
+    if not with_steps and not with_events:
+        return _RESPONSE_INSERT
+    parts = [f"r AS ({_RESPONSE_INSERT} RETURNING id)"]
+    if with_steps:
+        parts.append(
+            "s AS (INSERT INTO steps (id, response_id, prev_step_id, sequence, kind, state,"
+            " request_payload, attempt, created_at, started_at)"
+            f" SELECT t.id, r.id, t.prev, t.n, t.kind, '{PROCESSING}', t.payload::json, 1,"
+            " %s::float8, %s::float8 FROM r, unnest(%s::text[], %s::text[], %s::text[],"
+            " %s::text[]) WITH ORDINALITY AS t(id, prev, kind, payload, n))"
+        )
+    select = "SELECT r.id FROM r"
+    if with_events:
+        parts.append(
+            "e AS (INSERT INTO events (response_id, sequence_number, data)"
+            " SELECT r.id, %s + t.n - 1, t.d FROM r,"
+            " unnest(%s::bytea[]) WITH ORDINALITY AS t(d, n))"
+        )
+        select = f"SELECT pg_notify('{EVENTS_CHANNEL}', r.id) FROM r"
+    return "WITH " + ", ".join(parts) + " " + select
+
+
+_CREATE_RESPONSE = {(s, e): _create_response_sql(s, e) for s in (False, True) for e in (False, True)}
 
 
 async def record_steps(
@@ -350,23 +386,30 @@ async def step_write(
     response update and conversation items, in one transaction. ``target`` names the state
     moved to (None: not a transition; no row then means no such step).
 
-    Without a response update or conversation items (every step write but a response's last)
-    it is one statement, one round trip: the fence check, the UPDATE, the events and their
-    NOTIFY as CTEs of one query (:func:`_step_statement`)."""
-    if response_update is None and conversation_items is None:
+    Without conversation items it is one statement, one round trip: the fence check, the UPDATE, the response's update,
+    the events and their NOTIFY as CTEs of one query (:func:`_step_statement`). With
+    conversation items, a pipelined transaction."""
+    if conversation_items is None:
         has_events = bool(events and events[1])
+        updates: tuple[str, ...] = tuple(sorted(response_update)) if response_update else ()
         args: list[Any] = []
         if fence is not None:
             args += [step_id, fence.owner, fence.epoch]
         args += params
+        if updates:
+            assert response_update is not None
+            args += [
+                dumps_opt(response_update[n]) if n in RESPONSE_JSON_FIELDS else response_update[n]
+                for n in updates
+            ]  # fmt: skip
         if has_events:
             assert events is not None
             args += [events[0], list(events[1])]
-        cursor = await conn.execute(_step_statement(sql, fence is not None, has_events), args)
+        cursor = await conn.execute(_step_statement(sql, fence is not None, has_events, updates), args)
         row = await cursor.fetchone()
         if row is None:
             raise await _why_not(conn, step_id, target, fence)
-        return row[:-1] if has_events else row
+        return row[:_STEP_WIDTH]
     async with conn.pipeline(), conn.transaction():
         fenced = None
         if fence is not None:

@@ -115,8 +115,8 @@ class PostgresRecords(_Base):
             " WHERE response_id = %s AND sequence_number > %s)",
             (response_id, response_id, after),
         )
-        assert row is not None
-        return bool(row[1]) or row[0] is None or row[0] not in UNFINISHED_STATUSES
+        # No row: an id holding NUL, which names no response (store.postgres).
+        return row is None or bool(row[1]) or row[0] is None or row[0] not in UNFINISHED_STATUSES
 
     async def wait_events(self, response_id: str, after: int, timeout_s: float) -> None:
         await wait_until(
@@ -255,6 +255,8 @@ class PostgresRecords(_Base):
         order: str = "desc",
     ) -> tuple[list[dict[str, Any]], bool]:
         check_page(limit, order)
+        if "\x00" in conversation_id + (after or ""):  # no stored id holds NUL (store.postgres)
+            raise StoreNotFoundError(f"conversation {conversation_id!r} or item {after!r} not found")
         return await self._run(_list_items, conversation_id, after, limit, order)
 
     async def get_conversation_item(self, conversation_id: str, item_id: str) -> dict[str, Any] | None:

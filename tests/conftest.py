@@ -9,6 +9,7 @@ Databases for any test:
   is a failure instead.
 - ``db_url``: parametrised ``sqlite`` / ``postgres``: an SQLite file path or a ``pg_dsn``, for
   suites that should run on both backends (``store.open_store(db_url)`` or ``--db db_url``).
+- ``backend`` / ``module_db`` / ``on_both_backends``: end-to-end modules on both backends (below).
 - ``pg_server``: the :class:`tests.pg.PgServer` itself (``stop()``/``start()`` for outage tests;
   ``managed`` is False on an external server).
 
@@ -123,15 +124,32 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("pg_dsn")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def on_both_backends(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """``"sqlite"``, then ``"postgres"``: the store backend of a module's end-to-end tests. Module
+    scope, so that a module-scoped gateway (:func:`module_db`) and the module's tests agree."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def module_db(backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A fresh database for a module-scoped gateway on :func:`backend`: an SQLite file path or the
+    URL of a new PostgreSQL database (``running_gateway(tmp, db=module_db)``, ``--db module_db``)."""
+    if backend == "sqlite":
+        return str(tmp_path_factory.mktemp("db") / "stepchain.db")
+    return request.getfixturevalue("pg_server").new_database()
+
+
+@pytest.fixture
+def on_both_backends(backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test twice: ``running_gateway`` on a fresh SQLite file, then on a fresh PostgreSQL
-    database (``pytestmark = pytest.mark.usefixtures("on_both_backends")`` in a module)."""
-    if request.param == "postgres":
+    database (``pytestmark = pytest.mark.usefixtures("on_both_backends")`` in a module). The
+    backend is :func:`backend`'s, so a module-scoped gateway on :func:`module_db` matches it."""
+    if backend == "postgres":
         from tests.gateway import harness
 
         monkeypatch.setattr(harness, "database_url", request.getfixturevalue("pg_dsn"))
-    return request.param
+    return backend
 
 
 def sqlite_only() -> None:

@@ -33,6 +33,8 @@ def validate_chat_request(body: dict[str, Any]) -> None:
     """
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise InvalidRequestError("model is required.", param="model")
+    if "\x00" in body["model"]:
+        raise InvalidRequestError("model must not contain NUL characters.", param="model")
     if not isinstance(body.get("messages"), list):
         raise InvalidRequestError("messages must be a list.", param="messages")
 

@@ -167,6 +167,8 @@ def _validate(body: dict[str, Any]) -> None:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_value("model", "a non-empty string")
+    if "\x00" in model:
+        raise bad_value("model", "a model name without NUL characters")
     for key in ("instructions", "previous_response_id"):
         if body.get(key) is not None and not isinstance(body[key], str):
             raise bad_value(key, "a string")

@@ -99,6 +99,8 @@ def normalize_input(input: str | list[Any], response_id: str) -> list[dict[str, 
             item["id"] = f"{_ID_PREFIX[kind]}_{hex_id}_{i}"
         else:
             _require_str(item, "id", param)
+            if "\x00" in item["id"]:
+                raise bad_value(f"{param}.id", "an id without NUL characters")
         items.append(item)
     return items
 

@@ -39,6 +39,8 @@ def validate_request(body: dict[str, Any]) -> None:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_value("model", "a non-empty string")
+    if "\x00" in model:
+        raise bad_value("model", "a model name without NUL characters")
     if "input" in body and not isinstance(body["input"], (str, list)):
         raise bad_value("input", "a string or a list of input items")
     get = body.get

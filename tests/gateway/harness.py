@@ -47,12 +47,12 @@ class Running:
 
 @contextlib.contextmanager
 def running_gateway(
-    tmp_path: Path, model: ScriptedModel | None = None, **settings: Any
+    tmp_path: Path, model: ScriptedModel | None = None, *, db: Path | str | None = None, **settings: Any
 ) -> Iterator[Running]:
-    """Start a scripted upstream and a gateway on a fresh SQLite file in ``tmp_path`` (or on
-    :data:`database_url` when a test runs on PostgreSQL)."""
+    """Start a scripted upstream and a gateway on ``db`` (a module's ``module_db``), else on
+    :data:`database_url` when a test runs on PostgreSQL, else on a fresh SQLite file in ``tmp_path``."""
     model = model or ScriptedModel()
-    db: Path | str = database_url or tmp_path / "stepchain.db"
+    db = db or database_url or tmp_path / "stepchain.db"
     with serve_app(create_scripted_upstream(model)) as upstream_url:
         with gateway_on(db, f"{upstream_url}/v1", **settings) as (url, config):
             yield Running(url, model, upstream_url, db, config)

@@ -333,3 +333,39 @@ def test_purge_before_deletes_old_finished_responses_only(store: Store) -> None:
         assert await store.purge_before(5000.0) == 0
 
     run(main())
+
+
+# -- keys holding NUL ----------------------------------------------------------------------------
+
+
+def test_a_key_holding_nul_names_nothing(store: Store) -> None:
+    """PostgreSQL text cannot hold U+0000: such a key finds, changes and deletes nothing (as an
+    unknown key on SQLite), and is never an outage."""
+    nul = "resp_\x00"
+
+    async def main() -> None:
+        record = _record()
+        await store.create_response(record)
+        await store.create_conversation(ConversationRecord(id="conv_n"), [_item(0)])
+        assert await store.get_response(nul) is None
+        assert await store.delete_response(nul) is False
+        assert await store.list_steps(nul) == []
+        assert await store.list_events(nul) == []
+        assert await store.request_cancel(nul) is False
+        assert await store.get_tool("\x00") is None
+        assert await store.delete_tool("\x00") is False
+        assert await store.get_conversation("conv_\x00") is None
+        assert await store.delete_conversation("conv_\x00") is False
+        assert await store.get_conversation_item("conv_n", "msg_\x00") is None
+        assert await store.delete_conversation_item("conv_n", "msg_\x00") is False
+        with pytest.raises(StoreNotFoundError):
+            await store.list_conversation_items("conv_n", after="msg_\x00")
+        with pytest.raises(StoreNotFoundError):
+            await store.list_conversation_items("conv_\x00")
+        with pytest.raises(StoreNotFoundError):
+            await store.update_conversation("conv_\x00", {})
+        page, _ = await store.list_responses_page(model="m\x00")
+        assert page == []
+        assert (await store.get_response(record.id)).request == record.request  # type: ignore[union-attr]
+
+    run(main())

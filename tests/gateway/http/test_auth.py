@@ -1,5 +1,6 @@
-"""API keys and tenants: two tenants through the real openai SDK, the admin key, keys files, and
-the middleware on its own in front of a small app that shows what it put in the scope."""
+"""API keys and tenants: two tenants through the real openai SDK, the admin key, keys files (on
+SQLite and PostgreSQL), and the middleware on its own in front of a small app that shows what it
+put in the scope."""
 
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ def invalid_key_body(reply: httpx.Response) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory):
+def gw(tmp_path_factory, module_db):
     tmp = tmp_path_factory.mktemp("tenants")
-    with running_gateway(tmp, api_keys=f"{KEY_A}, {KEY_B}", admin_key=ADMIN) as running:
+    with running_gateway(tmp, db=module_db, api_keys=f"{KEY_A}, {KEY_B}", admin_key=ADMIN) as running:
         yield running
 
 
@@ -187,6 +188,7 @@ def test_tools_use_the_admin_key_only(gw):
         assert http.delete("/v1/tools/lookup", headers=admin).status_code == 200
 
 
+@pytest.mark.usefixtures("on_both_backends")
 def test_tools_stay_closed_on_a_keyed_gateway_without_an_admin_key(tmp_path):
     """Tenant keys but no admin key: nobody may register a tool (an ``attach: always`` tool
     would be offered to, and called for, every tenant)."""
@@ -204,6 +206,7 @@ def test_tools_stay_closed_on_a_keyed_gateway_without_an_admin_key(tmp_path):
 # -- keys files ----------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("on_both_backends")
 def test_keys_from_a_file(tmp_path):
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text(f"# tenants\n\n  {KEY_A}  \n#{KEY_B}\n")

@@ -1,8 +1,9 @@
 """Fuzzing the real app: generated bodies, ids and query strings never produce a 5xx or a traceback.
 
-One gateway (real uvicorn, scripted upstream that answers a short text, SQLite in a temporary
-directory) serves the whole module; hypothesis drives a few thousand requests through one
-keep-alive ``httpx.Client``. Every reply must be: below 500 (502 only when the upstream failed),
+One gateway (real uvicorn, scripted upstream that answers a short text) serves the whole module,
+once on SQLite in a temporary directory and once on PostgreSQL; hypothesis drives a few thousand
+requests through one keep-alive ``httpx.Client`` (a third as many on PostgreSQL: the code paths
+are the same, the second run checks what that store makes of the odd values). Every reply must be: below 500 (502 only when the upstream failed),
 JSON (or, for an accepted stream, well-formed SSE ending in ``[DONE]``), an exact OpenAI error body
 for every error status, and free of Python tracebacks.
 """
@@ -10,7 +11,7 @@ for every error status, and free of Python tracebacks.
 from __future__ import annotations
 
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -43,6 +44,29 @@ FUZZ = settings(
         HealthCheck.filter_too_much,
     ],
 )
+#: On PostgreSQL each property runs on a third of its SQLite examples (at least 30).
+PG_EXAMPLES_DIVISOR = 3
+
+
+def fuzzed(max_examples: int, **strategies: st.SearchStrategy[Any]) -> Callable[..., Any]:
+    """``@settings(FUZZ, max_examples=…) @given(**strategies)`` for a test ``(fuzz, **drawn)``:
+    ``max_examples`` on SQLite, a :data:`PG_EXAMPLES_DIVISOR`-th of them on PostgreSQL."""
+
+    def decorate(body: Callable[..., None]) -> Callable[[Fuzz], None]:
+        on_pg = max(30, max_examples // PG_EXAMPLES_DIVISOR)
+        runs = {
+            "sqlite": settings(FUZZ, max_examples=max_examples)(given(**strategies)(body)),
+            "postgres": settings(FUZZ, max_examples=on_pg)(given(**strategies)(body)),
+        }
+
+        def test(fuzz: Fuzz) -> None:
+            runs[fuzz.backend](fuzz)
+
+        test.__name__ = test.__qualname__ = body.__name__
+        test.__doc__ = body.__doc__
+        return test
+
+    return decorate
 
 
 # -- the gateway under test ---------------------------------------------------------------------
@@ -54,6 +78,7 @@ class Fuzz:
     model: ScriptedModel
     response_ids: list[str]  # stored responses to use as ids and previous_response_id
     call_ids: list[str]  # call_ids of function_call items in the first one
+    backend: str  # "sqlite" or "postgres"
 
 
 def _short_text(body: dict[str, Any]) -> Reply:
@@ -61,13 +86,13 @@ def _short_text(body: dict[str, Any]) -> Reply:
 
 
 @pytest.fixture(scope="module")
-def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
+def fuzz(tmp_path_factory: pytest.TempPathFactory, backend: str, module_db: str) -> Iterator[Fuzz]:
     model = ScriptedModel(default=_short_text, record=False)
     tmp = tmp_path_factory.mktemp("fuzz")
     # No upstream retries: junk chat bodies crash the scripted upstream (a 502 is fine), and
     # backing off between retries would only make the fuzzing slow.
     settings = {"max_body_bytes": MAX_BODY_BYTES, "admin_key": ADMIN_KEY, "upstream_max_retries": 0}
-    with running_gateway(tmp, model, **settings) as gw:
+    with running_gateway(tmp, model, db=module_db, **settings) as gw:
         with httpx.Client(base_url=gw.url, timeout=30) as http:
             model.replies.append(
                 Reply(tool_calls=[{"id": "call_seed", "name": "get_weather", "arguments": "{}"}])
@@ -87,7 +112,8 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
                 },
             )
             assert first.status_code == second.status_code == 200, (first.text, second.text)
-            yield Fuzz(http, model, [first.json()["id"], second.json()["id"]], ["call_seed"])
+            ids = [first.json()["id"], second.json()["id"]]
+            yield Fuzz(http, model, ids, ["call_seed"], backend)
 
 
 # -- what every reply must look like ------------------------------------------------------------
@@ -391,8 +417,7 @@ def responses_bodies(draw: st.DrawFn, fz: Fuzz) -> dict[str, Any]:
 # -- POST /v1/responses -------------------------------------------------------------------------
 
 
-@settings(FUZZ, max_examples=500)
-@given(data=st.data())
+@fuzzed(500, data=st.data())
 def test_structured_responses_bodies(fuzz: Fuzz, data: st.DataObject) -> None:
     body = data.draw(responses_bodies(fuzz))
     reply = post_json(fuzz, "/v1/responses", body)
@@ -405,14 +430,13 @@ def test_structured_responses_bodies(fuzz: Fuzz, data: st.DataObject) -> None:
         assert reply.json()["object"] == "response"
 
 
-@settings(FUZZ, max_examples=300)
-@given(body=json_values)
+@fuzzed(300, body=json_values)
 def test_arbitrary_json_bodies(fuzz: Fuzz, body: Any) -> None:
     assert post_json(fuzz, "/v1/responses", body).status_code in (200, 400)
 
 
-@settings(FUZZ, max_examples=300)
-@given(
+@fuzzed(
+    300,
     value=json_values,
     field=st.sampled_from(["input", "tools", "text", "metadata", "instructions", "tool_choice"]),
 )
@@ -439,8 +463,7 @@ def test_odd_number_literals(fuzz: Fuzz, field: str, number: bytes) -> None:
         assert reply.status_code == 400
 
 
-@settings(FUZZ, max_examples=150)
-@given(raw=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+@fuzzed(150, raw=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
 def test_malformed_bodies(fuzz: Fuzz, raw: bytes) -> None:
     assert post_raw(fuzz, "/v1/responses", raw).status_code == 400
 
@@ -560,8 +583,7 @@ chat_bodies = st.fixed_dictionaries(
 )
 
 
-@settings(FUZZ, max_examples=250)
-@given(body=chat_bodies | chat_bodies | json_values)
+@fuzzed(250, body=chat_bodies | chat_bodies | json_values)
 def test_chat_completions_bodies(fuzz: Fuzz, body: Any) -> None:
     reply = post_json(fuzz, "/v1/chat/completions", body)
     param = reply.json()["error"]["param"] if reply.status_code >= 400 else None
@@ -581,8 +603,9 @@ query_params = st.dictionaries(
 )
 
 
-@settings(FUZZ, max_examples=300)
-@given(data=st.data(), params=query_params, what=st.sampled_from(["", "/input_items", "/steps"]))
+@fuzzed(
+    300, data=st.data(), params=query_params, what=st.sampled_from(["", "/input_items", "/steps"])
+)
 def test_get_response_paths(
     fuzz: Fuzz, data: st.DataObject, params: dict[str, str], what: str
 ) -> None:
@@ -593,8 +616,7 @@ def test_get_response_paths(
         assert reply.status_code >= 400
 
 
-@settings(FUZZ, max_examples=150)
-@given(response_id=texts | printable_ids)
+@fuzzed(150, response_id=texts | printable_ids)
 def test_delete_unknown_responses(fuzz: Fuzz, response_id: str) -> None:
     if response_id in fuzz.response_ids:
         return
@@ -629,8 +651,7 @@ tool_bodies = st.fixed_dictionaries(
 )
 
 
-@settings(FUZZ, max_examples=250)
-@given(body=tool_bodies | json_values, authorized=st.booleans())
+@fuzzed(250, body=tool_bodies | json_values, authorized=st.booleans())
 def test_tool_registration_bodies(fuzz: Fuzz, body: Any, authorized: bool) -> None:
     headers = {"authorization": f"Bearer {ADMIN_KEY}"} if authorized else {}
     reply = post_json(fuzz, "/v1/tools", body, headers)

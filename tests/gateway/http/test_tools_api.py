@@ -1,11 +1,11 @@
-"""The tool admin API over real HTTP: httpx against uvicorn, tools in a real SQLite file."""
+"""The tool admin API over real HTTP: httpx against uvicorn, tools in a real SQLite file and in a
+real PostgreSQL database (every test runs on both)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from gateway.config import Settings
 from gateway.http.app import create_app
 from gateway.testing.serving import serve_app
-from store.sqlite import SQLiteStore
+from store import open_store
 
 SECRET = "sk-live-weather-5f2a9c"
 ADMIN_KEY = "admin-key-7d41"
@@ -35,14 +35,14 @@ WEATHER = {
 }
 
 
-def tools_app(db: Path, admin_key: str | None) -> Starlette:
+def tools_app(db: str, admin_key: str | None) -> Starlette:
     """The whole gateway app on ``db`` (no upstream needed: only the tool routes are called)."""
     return create_app(Settings(db=str(db), admin_key=admin_key))
 
 
 @contextlib.contextmanager
 def admin_client(
-    db: Path, admin_key: str | None = None, bodies: list[bytes] | None = None, **headers: str
+    db: str, admin_key: str | None = None, bodies: list[bytes] | None = None, **headers: str
 ) -> Iterator[httpx.Client]:
     """A client of a fresh app on ``db``; every response body is appended to ``bodies``."""
 
@@ -66,11 +66,12 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "stepchain.db"
+def db(db_url: str) -> str:
+    """A fresh database: an SQLite file, then a PostgreSQL database."""
+    return db_url
 
 
-def test_crud_and_secrets_never_returned(db: Path) -> None:
+def test_crud_and_secrets_never_returned(db: str) -> None:
     bodies: list[bytes] = []
     with admin_client(db, bodies=bodies) as client:
         created = client.post("/v1/tools", json=WEATHER)
@@ -112,12 +113,12 @@ def test_crud_and_secrets_never_returned(db: Path) -> None:
     assert len(bodies) == 8
     assert not any(SECRET.encode() in body for body in bodies)
 
-    # Persisted: a new app on the same file still has the tool, secret included (not "***").
+    # Persisted: a new app on the same database still has the tool, secret included (not "***").
     with admin_client(db) as client:
         assert client.get("/v1/tools/weather").json()["description"] == "Edited."
 
     async def stored() -> dict[str, Any] | None:
-        store = SQLiteStore(db)
+        store = open_store(db)
         await store.open()
         try:
             return await store.get_tool("weather")
@@ -135,7 +136,7 @@ def test_crud_and_secrets_never_returned(db: Path) -> None:
         pytest.param("PUT", "/v1/tools/nope", id="put"),
     ],
 )
-def test_unknown_tool_is_404(db: Path, method: str, path: str) -> None:
+def test_unknown_tool_is_404(db: str, method: str, path: str) -> None:
     with admin_client(db) as client:
         response = client.request(method, path, json={"url": "http://h/"})
     assert response.status_code == 404
@@ -155,7 +156,7 @@ def test_unknown_tool_is_404(db: Path, method: str, path: str) -> None:
     ],
 )
 def test_bad_registration_is_400_naming_the_field(
-    db: Path, body: Any, param: str, needle: str
+    db: str, body: Any, param: str, needle: str
 ) -> None:
     bodies: list[bytes] = []
     with admin_client(db, bodies=bodies) as client:
@@ -168,7 +169,7 @@ def test_bad_registration_is_400_naming_the_field(
     assert not any(SECRET.encode() in b for b in bodies)
 
 
-def test_malformed_json_is_400(db: Path) -> None:
+def test_malformed_json_is_400(db: str) -> None:
     with admin_client(db) as client:
         response = client.post(
             "/v1/tools", content=b'{"name": ', headers={"content-type": "application/json"}
@@ -177,7 +178,7 @@ def test_malformed_json_is_400(db: Path) -> None:
     assert "not valid JSON" in error_of(response)["message"]
 
 
-def test_put_name_mismatch_is_400(db: Path) -> None:
+def test_put_name_mismatch_is_400(db: str) -> None:
     with admin_client(db) as client:
         client.post("/v1/tools", json=WEATHER)
         response = client.put("/v1/tools/weather", json={**WEATHER, "name": "other"})
@@ -195,7 +196,7 @@ def test_put_name_mismatch_is_400(db: Path) -> None:
         pytest.param("Bearer", id="empty"),
     ],
 )
-def test_admin_key_required_when_set(db: Path, authorization: str | None) -> None:
+def test_admin_key_required_when_set(db: str, authorization: str | None) -> None:
     headers = {} if authorization is None else {"authorization": authorization}
     with admin_client(db, admin_key=ADMIN_KEY, **headers) as client:
         responses = [
@@ -211,7 +212,7 @@ def test_admin_key_required_when_set(db: Path, authorization: str | None) -> Non
         assert ADMIN_KEY not in response.text
 
 
-def test_admin_key_accepted(db: Path) -> None:
+def test_admin_key_accepted(db: str) -> None:
     with admin_client(db, admin_key=ADMIN_KEY, authorization=f"Bearer {ADMIN_KEY}") as client:
         assert client.post("/v1/tools", json=WEATHER).status_code == 201
         assert client.get("/v1/tools").json()["data"][0]["name"] == "weather"

@@ -1,5 +1,6 @@
 """The trace viewer's JSON: ``GET /v1/stepchain/responses`` (tenants, admin, filters, paging) and
-the admin key's read access to stored responses, on a real gateway with two tenant keys."""
+the admin key's read access to stored responses, on a real gateway with two tenant keys (on
+SQLite, then on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ def bearer(key: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory):
+def gw(tmp_path_factory, module_db):
     tmp = tmp_path_factory.mktemp("ui-api")
-    with running_gateway(tmp, api_keys=f"{KEY_A},{KEY_B}", admin_key=ADMIN) as running:
+    with running_gateway(tmp, db=module_db, api_keys=f"{KEY_A},{KEY_B}", admin_key=ADMIN) as running:
         running.ids = []
         with running.http() as http:
             for text in ("one", "two", "three"):

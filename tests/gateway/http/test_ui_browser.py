@@ -1,6 +1,6 @@
 """The trace viewer (``/ui``) in a real browser: headless Chromium (Debian's ``/usr/bin/chromium``)
 driven by Playwright, against a real ``stepchain serve`` process with a scripted upstream and
-real loopback tool servers.
+real loopback tool servers; once on SQLite, once on PostgreSQL (one browser for both).
 
 Screenshots go to ``$STEPCHAIN_ARTIFACTS`` (or a pytest temporary directory); the path is printed.
 Without chromium the tests skip with one reason; with ``CI=true`` that is a failure instead.
@@ -88,17 +88,19 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def site(tmp_path_factory: pytest.TempPathFactory, backend: str, module_db: str) -> Iterator[Site]:
     _browser_or_skip()
     tmp = tmp_path_factory.mktemp("ui")
-    shots = Path(os.environ.get("STEPCHAIN_ARTIFACTS") or tmp / "artifacts") / "ui"
+    shots = Path(os.environ.get("STEPCHAIN_ARTIFACTS") or tmp / "artifacts") / (
+        "ui" if backend == "sqlite" else f"ui-{backend}"
+    )
     shots.mkdir(parents=True, exist_ok=True)
     model = ScriptedModel()
     tools = Tools()
     with serve_app(create_scripted_upstream(model)) as upstream, serve_app(tools.app) as tool_url:
         env = {
             "STEPCHAIN_UPSTREAM_BASE_URL": f"{upstream}/v1",
-            "STEPCHAIN_DB": str(tmp / "stepchain.db"),
+            "STEPCHAIN_DB": module_db,
             "STEPCHAIN_API_KEYS": f"{KEY_A},{KEY_B}",
             "STEPCHAIN_ADMIN_KEY": ADMIN,
             "STEPCHAIN_UPSTREAM_RETRY_MAX_S": "5",
@@ -145,7 +147,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 
 @pytest.fixture(scope="module")
-def browser(site: Site) -> Iterator[Any]:
+def browser() -> Iterator[Any]:
+    """One headless Chromium for the module (both backends' sites)."""
     sync_playwright = _browser_or_skip()
     with sync_playwright() as p:
         browser = p.chromium.launch(
