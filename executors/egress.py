@@ -208,11 +208,11 @@ class EgressPolicy:
         )
         self.own_ports: set[int] = {p for p in own_ports if p}
         self.own_addresses: set[IPAddress] = set()
+        self._noted: set[tuple[Any, Any]] = set()
         for host in own_addresses:
             address = parse_ip(host)
             if address is not None:
                 self.own_addresses.add(address)
-        self._last_own: Any = None  # the socket note_own_socket saw last
         # (host, port, allow_private) -> the Pinned an IP-literal host checked to, while the
         # own sockets are those of ``_literals_for`` (an address literal needs no resolving:
         # the same check on the same input gives the same answer)
@@ -230,11 +230,12 @@ class EgressPolicy:
 
     def note_own_socket(self, server: tuple[str, int] | list[Any] | None) -> None:
         """Remember a socket the gateway serves on (an ASGI ``scope["server"]``)."""
-        if server == self._last_own:  # every request notes the same socket
-            return
         if not server or len(server) < 2 or not server[1]:
             return
-        self._last_own = server
+        key = (server[0], server[1])
+        if key in self._noted:
+            return  # every request names its socket: parse each one once
+        self._noted.add(key)
         self.own_ports.add(int(server[1]))
         address = parse_ip(str(server[0]))
         if address is not None:

@@ -151,6 +151,12 @@ _RECORD_ATTEMPT = (
     "UPDATE steps SET attempts = json_insert(attempts, '$[#]', json(?)),"
     " upstream = coalesce(?, upstream) WHERE id = ? RETURNING id, response_id"
 )
+# An error with an id is appended once: a retried write finds it there and appends nothing.
+_RECORD_ATTEMPT_ONCE = (
+    "UPDATE steps SET attempts = CASE WHEN EXISTS (SELECT 1 FROM json_each(attempts)"
+    " WHERE json_extract(value, '$.id') = ?) THEN attempts ELSE json_insert(attempts, '$[#]',"
+    " json(?)) END, upstream = coalesce(?, upstream) WHERE id = ? RETURNING id, response_id"
+)
 
 
 class transaction:
@@ -578,6 +584,8 @@ def record_attempt(
         params: tuple[Any, ...] = (upstream, step_id)
     else:
         sql, params = _RECORD_ATTEMPT, (_dumps(error), upstream, step_id)
+        if isinstance(error.get("id"), str):
+            sql, params = _RECORD_ATTEMPT_ONCE, (error["id"], *params)
     return _transition(conn, sql, params, step_id, None, fence, events)[1]
 
 

@@ -175,6 +175,8 @@ class _Run:
         self.streams: list[Stream] = []
         self.kills: list[tuple[float, str]] = []
         self.database_restarts = 0
+        self.database_up = threading.Event()  # cleared while the database restarts
+        self.database_up.set()
         self.chaos_over = asyncio.Event()
         self.stopping = threading.Event()  # the chaos threads stop early when set
         self.restart_failures: list[str] = []
@@ -262,7 +264,7 @@ class _Run:
             try:
                 self.start_replica(victim)
             except RuntimeError as exc:  # a finding, not a crash of the harness
-                self.restart_failures.append(f"{victim.name}: {str(exc)[-300:]}")
+                self.restart_failures.append(f"{victim.name}: {str(exc)[:800]}")
             finally:
                 with lock:
                     restarting.discard(victim.name)
@@ -286,16 +288,29 @@ class _Run:
             thread.join()
 
     def start_replica(self, replica: Replica) -> None:
-        """Start ``replica`` again; while the database is restarting it may refuse to come up
-        (exit status 2), so it is tried again for up to a minute."""
+        """Start ``replica`` again. A replica that starts while the database is down or
+        restarting exits (status 2: "unreachable --db at start-up", or 3 when the database
+        went away between that check and opening the store), as specified: so it is tried
+        again, for up to a minute after the database is back (a restart in progress does not
+        count against that minute). RuntimeError with every failed attempt's reason."""
         deadline = time.monotonic() + 60
+        failures: list[str] = []
         while True:
+            if not self.database_up.is_set():
+                self.database_up.wait(300)
+                deadline = max(deadline, time.monotonic() + 60)
             try:
-                replica.start()
+                replica.start(timeout_s=45)
                 return
-            except RuntimeError:
+            except RuntimeError as exc:
+                failures.append(str(exc).splitlines()[0])
                 if time.monotonic() > deadline or self.stopping.is_set():
-                    raise
+                    reasons = collections.Counter(failures).most_common(3)
+                    raise RuntimeError(
+                        f"{len(failures)} failed start(s): "
+                        + "; ".join(f"{n}× {why}" for why, n in reasons)
+                        + f"\nlog tail:\n{replica.tail(8)}"
+                    ) from None
                 time.sleep(0.5)
 
     def database_restarter(self) -> None:
@@ -303,7 +318,11 @@ class _Run:
             return
         if self.stopping.wait(self.config.chaos_s / 2):
             return
-        self.cluster.db.restart()
+        self.database_up.clear()
+        try:
+            self.cluster.db.restart()
+        finally:
+            self.database_up.set()
         self.database_restarts += 1
 
     async def main(self) -> None:
@@ -321,7 +340,7 @@ class _Run:
                     try:
                         await asyncio.to_thread(self.start_replica, replica)
                     except RuntimeError as exc:
-                        self.restart_failures.append(f"{replica.name} (after the chaos): {str(exc)[-300:]}")
+                        self.restart_failures.append(f"{replica.name} (after the chaos): {str(exc)[:800]}")
             await asyncio.wait(clients, timeout=self.config.settle_s + 30)
         finally:
             self.stopping.set()
