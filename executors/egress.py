@@ -208,6 +208,7 @@ class EgressPolicy:
         )
         self.own_ports: set[int] = {p for p in own_ports if p}
         self.own_addresses: set[IPAddress] = set()
+        self._noted: set[tuple[Any, Any]] = set()
         for host in own_addresses:
             address = parse_ip(host)
             if address is not None:
@@ -226,6 +227,10 @@ class EgressPolicy:
         """Remember a socket the gateway serves on (an ASGI ``scope["server"]``)."""
         if not server or len(server) < 2 or not server[1]:
             return
+        key = (server[0], server[1])
+        if key in self._noted:
+            return  # every request names its socket: parse each one once
+        self._noted.add(key)
         self.own_ports.add(int(server[1]))
         address = parse_ip(str(server[0]))
         if address is not None:
