@@ -353,23 +353,31 @@ class _Run:
                 raise task.exception()  # type: ignore[misc]
 
     async def replay(self, stream: Stream) -> list[dict[str, Any]] | str:
-        """A fresh full replay of ``stream``'s response from a replica it did not end on."""
-        index = self._pick(stream.replicas[-1], stream.replicas[-1] + 1)
-        stream.replay_from = index
-        out: list[dict[str, Any]] = []
+        """A fresh full replay of ``stream``'s response from a replica it did not end on. A
+        replay whose own connection fails (not a finding about the response: e.g. a pooled
+        keep-alive connection to a replica's killed predecessor) is tried again, up to three
+        times, from the next replica."""
+        failures: list[str] = []
+        for attempt in range(3):
+            index = self._pick(stream.replicas[-1], stream.replicas[-1] + 1 + attempt)
+            stream.replay_from = index
+            out: list[dict[str, Any]] = []
 
-        async def read() -> None:
-            events = await self.clients[index].responses.retrieve(stream.response_id, stream=True)  # type: ignore[arg-type]
-            async for event in events:
-                out.append(event.to_dict())
+            async def read() -> None:
+                events = await self.clients[index].responses.retrieve(stream.response_id, stream=True)  # type: ignore[arg-type]
+                async for event in events:
+                    out.append(event.to_dict())
 
-        try:
-            await asyncio.wait_for(read(), REPLAY_TIMEOUT_S)
-        except _RETRYABLE as exc:
-            return f"{type(exc).__name__}: {exc}"
-        except asyncio.TimeoutError:
-            return f"the replay did not end within {REPLAY_TIMEOUT_S:g} s ({len(out)} events)"
-        return out
+            try:
+                await asyncio.wait_for(read(), REPLAY_TIMEOUT_S)
+            except _RETRYABLE as exc:
+                failures.append(f"replica {index}: {type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.5)
+                continue
+            except asyncio.TimeoutError:
+                return f"the replay did not end within {REPLAY_TIMEOUT_S:g} s ({len(out)} events)"
+            return out
+        return "; ".join(failures)
 
     async def close(self) -> None:
         for client in self.clients:

@@ -266,3 +266,42 @@ def test_a_gateway_that_loses_a_commit_answer_writes_each_step_once(pg_dsn, tmp_
         ("model_call", "completed"), ("tool_call", "completed"), ("model_call", "completed"),
     ]
     assert [s.sequence for s in steps] == [1, 2, 3]
+
+
+def test_a_creation_that_commits_unacknowledged_is_not_left_behind(pg_dsn, tmp_path):
+    """The write that creates a response commits, its answer is lost: the client gets a 503
+    (creations are not retried), and the stored response — leased to a live process that will
+    never run it — is deleted once the store answers again, instead of staying in_progress."""
+    import httpx
+    import psycopg
+
+    from gateway.testing.scripted_upstream import ScriptedModel, create_scripted_upstream
+    from gateway.testing.serving import serve_app
+    from tests.chaos.commit_cut import proxy_in_thread
+    from tests.gateway.engine.test_durability import gateway
+
+    marker = new_id("marker")
+
+    def stored() -> int:
+        with psycopg.connect(pg_dsn) as conn:
+            row = conn.execute("SELECT count(*) FROM responses WHERE request::text LIKE %s",
+                               (f"%{marker}%",)).fetchone()  # fmt: skip
+        return row[0] if row else 0
+
+    with proxy_in_thread(*_target(pg_dsn)) as proxy, \
+            serve_app(create_scripted_upstream(ScriptedModel())) as upstream, \
+            gateway(_via(pg_dsn, proxy.port), f"{upstream}/v1", tmp_path / "gw.log") as (url, _):  # fmt: skip
+        proxy.cut_after(marker.encode(), b"INSERT INTO responses")
+        reply = httpx.post(f"{url}/v1/responses", timeout=120,
+                           json={"model": "scripted-model", "input": marker})  # fmt: skip
+        assert proxy.cuts == 1
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["error"]["type"]
+        deadline = time.monotonic() + 60  # the deletion follows at once; a bound, not a speed
+        while stored() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stored() == 0
+        # And the gateway serves the client's retry normally.
+        again = httpx.post(f"{url}/v1/responses", timeout=120,
+                           json={"model": "scripted-model", "input": "again"})  # fmt: skip
+        assert again.status_code == 200 and again.json()["status"] == "completed"
