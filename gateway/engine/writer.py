@@ -87,6 +87,7 @@ class ResponseWriter:
         self.retry_max_s = retry_max_s
         self.fenced = False  # set once a write was refused: this process no longer owns it
         self._lock = asyncio.Lock()  # one event-carrying write at a time
+        self._queued = 0  # writes waiting for the lock (they carry what a flush would)
         self._flush_handle: asyncio.TimerHandle | None = None
         self._flush_task: asyncio.Task[None] | None = None
         if log is not None:
@@ -182,7 +183,12 @@ class ResponseWriter:
                 lambda: method(*args, **kwargs), retry=retry,
                 committed=lambda: self._committed(name, args, kwargs),
             )  # fmt: skip
-        async with self._lock:
+        self._queued += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._queued -= 1
+        try:
             batch = log.pending()
             if batch is None:
                 return await self._retry(
@@ -196,9 +202,11 @@ class ResponseWriter:
                 committed=lambda: self._committed(name, args, kwargs),
             )  # fmt: skip
             log.committed(first, len(events))
-            if log.flushable_pending() is not None:  # emitted while this write was in flight
-                self._schedule_flush()
-            return result
+        finally:
+            self._lock.release()
+        if log.flushable_pending() is not None:  # emitted while this write was in flight
+            self._schedule_flush()
+        return result
 
     async def _retry(
         self,
@@ -269,7 +277,14 @@ class ResponseWriter:
     # -- flushing deltas --------------------------------------------------------------------------
 
     def _schedule_flush(self) -> None:
-        if self._flush_handle is None and not self.fenced:
+        if self.fenced or self._queued:
+            return  # a write waiting for the lock carries the pending events
+        if self.flush_s <= 0:
+            # Started now, the flush runs as soon as the emitting task yields (the loop yields
+            # after a model call's first delta): the first delta is stored and published by one
+            # small write while the rest of its burst is still being processed.
+            self._flush_now()
+        elif self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(self.flush_s, self._flush_now)
 
     def _flush_now(self) -> None:
