@@ -121,8 +121,10 @@ class SQLiteStore(Store):
         conn = self._conn
         if conn is None:
             raise StoreError("the SQLite store is not open")
-        with ops.translate_errors():
+        try:
             return fn(conn, *args)
+        except ops.FOREIGN_ERRORS as exc:  # as ops.translate_errors, without a generator
+            raise ops.translated(exc) from exc
 
     def _connect(self) -> None:
         if sqlite3.sqlite_version_info < ops.MIN_SQLITE_VERSION:
