@@ -266,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
                 names = tool_names(sizes.tools)
                 register_tools(gateway.url, tools.url, names)
                 floor_servers: dict[str, ServerProcess] = {}
+                gateway_nolog = None
+                if "2" in selected:  # the event log's cost: the same gateway without it
+                    gateway_nolog = stack.enter_context(
+                        start_gateway(upstream.url + "/v1", work_dir, name="gateway-nolog", event_log=False)
+                    )
                 if "1" in selected:
                     for _, mode, field, _ in FLOORS:
                         floor_servers[field] = stack.enter_context(
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             except (ServerError, RuntimeError, OSError) as exc:
                 failures.append(f"start-up failed: {exc}")
                 raise _Abort from None
-            pg = gateway_pg = None
+            pg = gateway_pg = gateway_pg_nolog = None
             # A --quick run keeps to scenario 6's PostgreSQL rows (seconds) unless --postgres.
             pg_full = not args.quick or args.postgres
             wanted = POSTGRES_SCENARIOS if pg_full else {"6"}
@@ -291,11 +296,16 @@ def main(argv: list[str] | None = None) -> int:
                         except RuntimeError as exc:  # a gateway without the PostgreSQL backend
                             raise PostgresUnavailable(f"stepchain serve did not use --db postgresql://…: {exc}") from None
                         register_tools(gateway_pg.url, tools.url, names)
+                    if pg_full and "2" in selected:
+                        gateway_pg_nolog = stack.enter_context(start_gateway(
+                            upstream.url + "/v1", work_dir, name="gateway-pg-nolog", db=pg.new_database(),
+                            event_log=False,
+                        ))  # fmt: skip
                     postgres_status = "running (a throwaway server on loopback, synchronous_commit=off)" + (
                         "" if pg_full else "; --quick: scenario 6 only (--postgres for all its rows)"
                     )
                 except PostgresUnavailable as exc:
-                    pg = gateway_pg = None
+                    pg = gateway_pg = gateway_pg_nolog = None
                     postgres_status = f"unavailable: {exc}"
                     _say(f"postgres {postgres_status}; its rows are skipped")
                 except (ServerError, RuntimeError, OSError) as exc:
@@ -322,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(
                 upstream, tools, gateway, peer, work_dir, sizes, names, **floor_servers,
                 agentic=agentic, sustained_s=sustained_s, gateway_pg=gateway_pg, pg=pg,
+                gateway_nolog=gateway_nolog, gateway_pg_nolog=gateway_pg_nolog,
                 pg_replicas=pg is not None and pg_full,
             )
             rows, failures = _run(_run_scenarios(bench, selected))

@@ -12,7 +12,8 @@ requests run one at a time, and a dump (``callgrind_control -d``) gives the inst
 in that window (all threads: the
 SQLite thread counts). Rows: instructions per response for ``POST /v1/responses`` non-streamed
 (scenario 1's request) and streamed (scenario 2's), and for the tool loop (scenario 3's request,
-per recorded step: one model call, four tool calls, one model call). The upstream and the tool
+per recorded step: one model call, four tool calls, one model call); the streamed request again
+on a gateway with the durable event log switched off (:mod:`bench.no_event_log`): its cost. The upstream and the tool
 server run outside valgrind and are not counted.
 
 Raises :class:`InstructionsUnavailable` (the scenario reports it and the run goes on) when
@@ -148,6 +149,27 @@ async def scenario_instructions(b) -> list[Row]:  # b: bench.scenarios.Bench
             ))  # fmt: skip
     finally:
         gateway.stop(timeout_s=60)
+    # The durable event log's cost: the streamed request on the same gateway without it.
+    nolog = await asyncio.to_thread(
+        start_gateway, upstream_v1, b.work_dir, name="gateway-nolog-callgrind",
+        wrap=_callgrind(b.work_dir, "gateway-nolog"), timeout_s=300, event_log=False,
+    )  # fmt: skip
+    try:
+        body, check = cases[1][1], cases[1][2]
+        total = await count_instructions(
+            nolog, "gateway-nolog", b.work_dir, _post(nolog, body, check), warmup=warmup, count=count
+        )
+        per = total / count
+        with_log = rows[1].extra["instructions"]
+        rows.append(Row(
+            id="8/gateway-nolog/stream", scenario="8 instructions", target="stepchain, event log off",
+            concurrency=1, requests=count,
+            note=f"stream: {per / 1e6:.2f} M instructions per response (measurement switch); "
+                 f"the event log: ×{with_log / per:.2f}",
+            extra={"instructions": per, "unit": "per response", "event_log_ratio": with_log / per},
+        ))  # fmt: skip
+    finally:
+        nolog.stop(timeout_s=60)
     floor = await asyncio.to_thread(
         start_floor_proxy, upstream_v1, b.work_dir, mode="starlette-httpx",
         wrap=_callgrind(b.work_dir, "floor"), timeout_s=300,

@@ -247,6 +247,7 @@ def evaluate_targets(rows: Sequence[Row], *, quick: bool) -> list[Target]:
         ))  # fmt: skip
     else:
         targets.append(Target("PostgreSQL, scenario 1, c=1: added p50 − SQLite's", "≤ 1 ms", "not run", None))
+    targets += _event_log_targets(rows)
     two = _find(rows, "10/replicas-2")
     ratio = two.extra.get("throughput_ratio") if two else None
     targets.append(Target(
@@ -260,6 +261,22 @@ def evaluate_targets(rows: Sequence[Row], *, quick: bool) -> list[Target]:
             if target.met is not None:
                 target.measured += " (quick run: indicative)"
     return targets
+
+
+def _event_log_targets(rows: Sequence[Row]) -> list[Target]:
+    """Issue 11: the durable event log adds ≤ 10 % gateway CPU per streamed response — the
+    streamed request with it ÷ without it (bench.no_event_log), counted (scenario 8) and timed
+    (scenario 2, c=16, SQLite and PostgreSQL), each where it ran."""
+    name = "durable event log: streamed gateway CPU with ÷ without it"
+    found = []
+    for row_id, what in (("8/gateway-nolog/stream", "instructions, scenario 8"),
+                         ("2/ttlb/gateway-nolog/c16", "CPU µs, scenario 2, c=16, SQLite"),
+                         ("2/ttlb/gateway-pg-nolog/c16", "CPU µs, scenario 2, c=16, PostgreSQL")):  # fmt: skip
+        row = _find(rows, row_id)
+        ratio = row.extra.get("event_log_ratio") if row else None
+        if ratio is not None:
+            found.append(Target(f"{name} ({what})", "≤ 1.1×", f"{ratio:.2f}×", ratio <= 1.1))
+    return found or [Target(name, "≤ 1.1×", "not run", None)]
 
 
 def floor_notes(rows: Sequence[Row], *, quick: bool) -> list[str]:

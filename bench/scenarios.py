@@ -135,6 +135,9 @@ class Bench:
     # Scenario 9's duration in seconds.
     sustained_s: float = 600.0
     gateway_pg: ServerProcess | None = None  # the same gateway on PostgreSQL (bench.postgres)
+    # The same gateways with the durable event log switched off (bench.no_event_log): scenario 2.
+    gateway_nolog: ServerProcess | None = None
+    gateway_pg_nolog: ServerProcess | None = None
     pg: Any = None  # bench.postgres.PgBench when a PostgreSQL server runs
     pg_replicas: bool = False  # scenario 10 runs (not in a --quick run without --postgres)
 
@@ -433,6 +436,9 @@ async def scenario_stream(b: Bench) -> list[Row]:
             a_last.note = peer_note(a_last, g_last)
             first_rows += [rd_first, a_first]
             last_rows += [rd_last, a_last]
+        if b.gateway_nolog is not None:
+            await _event_log_rows(b.gateway_nolog, "gateway-nolog", "stepchain, event log off", c, n, body,
+                            g, d_first, d_last, first_rows, last_rows)  # fmt: skip
         if b.gateway_pg is not None:
             on_pg = http_request(b.gateway_pg, b"POST", "/v1/responses", body, check_response_stream, GATEWAY_DELTA)
             p = await measure(on_pg, b.gateway_pg, c, n)
@@ -440,7 +446,32 @@ async def scenario_stream(b: Bench) -> list[Row]:
                                        "stepchain (PostgreSQL)", p, base=d_first, first=True))  # fmt: skip
             last_rows.append(load_row(f"2/ttlb/gateway-pg/c{c}", "2 stream: last byte",
                                       "stepchain (PostgreSQL)", p, base=d_last))  # fmt: skip
+            if b.gateway_pg_nolog is not None:
+                await _event_log_rows(b.gateway_pg_nolog, "gateway-pg-nolog", "stepchain (PostgreSQL), event log off",
+                                c, n, body, p, d_first, d_last, first_rows, last_rows)  # fmt: skip
     return first_rows + last_rows
+
+
+async def _event_log_rows(
+    server: ServerProcess, key: str, target: str, c: int, n: int, body: bytes, with_log: LoadResult,
+    d_first: Row, d_last: Row, first_rows: list[Row], last_rows: list[Row],
+) -> None:  # fmt: skip
+    """Scenario 2's request against ``server`` (:mod:`bench.no_event_log`), measured right
+    after the same gateway with its event log (``with_log``): the event log's cost is the
+    gateway CPU per streamed response with it ÷ without it (``extra["event_log_ratio"]``)."""
+    request = http_request(server, b"POST", "/v1/responses", body, check_response_stream, GATEWAY_DELTA)
+    result = await measure(request, server, c, n)
+    first = load_row(f"2/ttfd/{key}/c{c}", "2 stream: first delta", target, result, base=d_first, first=True)
+    last = load_row(f"2/ttlb/{key}/c{c}", "2 stream: last byte", target, result, base=d_last)
+    on = with_log.probe_delta * 1e6 / max(with_log.count, 1) if with_log.probe_delta is not None else None
+    off = last.server_cpu_us
+    if on is not None and off:
+        ratio = on / off
+        for row in (first, last):
+            row.extra.update(event_log_ratio=ratio, cpu_with_log_us=on, cpu_without_log_us=off)
+            row.note = f"measurement switch; the event log: ×{ratio:.2f} gateway CPU ({on:,.0f} vs {off:,.0f} µs)"
+    first_rows.append(first)
+    last_rows.append(last)
 
 
 async def scenario_tool_loop(b: Bench) -> list[Row]:

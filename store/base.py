@@ -138,6 +138,7 @@ class Store(abc.ABC):
         start: bool = False,
         fence: Fence | None = None,
         events: Events = None,
+        ids: Sequence[str] | None = None,
     ) -> list[Step]:
         """Append steps in state ``pending``, in one transaction, in the order given.
 
@@ -145,8 +146,12 @@ class Store(abc.ABC):
         before it in ``descriptors`` (parallel siblings are chained one after another). Each gets
         the next per-response ``sequence``. With ``start`` the steps are written already
         ``processing`` (attempt 1, ``started_at`` set): the pending → processing transition in
-        the same transaction, for callers that run them at once. Raises StoreNotFoundError for an
-        unknown response.
+        the same transaction, for callers that run them at once. ``ids`` (one distinct string
+        per descriptor, e.g. ``new_id("step")``; None: the store makes them) are the steps'
+        ids: a caller that retries the write after losing the connection during its COMMIT
+        passes the same ids again and gets StoreConflictError if the first attempt was stored
+        (nothing is written twice). Raises StoreNotFoundError for an unknown response,
+        ValueError for ``ids`` of the wrong length or repeated.
         """
 
     @abc.abstractmethod
@@ -209,7 +214,8 @@ class Store(abc.ABC):
         events: Events = None,
     ) -> None:
         """Append one failed attempt's error to the step's ``attempts`` (None appends nothing)
-        and set ``upstream`` when given."""
+        and set ``upstream`` when given. An error with an ``"id"`` the step's attempts have
+        already is not appended again (a retried write is a no-op)."""
 
     @abc.abstractmethod
     async def get_step(self, step_id: str) -> Step | None:

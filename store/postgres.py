@@ -52,7 +52,13 @@ from .types import (
     StoreUnavailableError,
     new_id,
 )
-from .validation import check_conversation_items, check_events, check_kinds, check_response_fields
+from .validation import (
+    check_conversation_items,
+    check_events,
+    check_kinds,
+    check_response_fields,
+    check_step_ids,
+)
 
 __all__ = ["PostgresStore"]
 
@@ -436,10 +442,12 @@ class PostgresStore(PostgresRecords, Store):
         start: bool = False,
         fence: Fence | None = None,
         events: tuple[int, Sequence[bytes]] | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[Step]:
         check_kinds(descriptors)
         check_events(events)
-        ids = [new_id("step") for _ in descriptors]
+        given = check_step_ids(ids, descriptors)
+        ids = given if given is not None else [new_id("step") for _ in descriptors]
         return await self._run(
             ops.record_steps, response_id, scope_parent, prev_step_id, descriptors, ids, start,
             fence, events,
@@ -518,6 +526,8 @@ class PostgresStore(PostgresRecords, Store):
             sql, params = ops.SET_UPSTREAM, (upstream, step_id)
         else:
             sql, params = ops.RECORD_ATTEMPT, (ops.dumps(error), upstream, step_id)
+            if isinstance(error.get("id"), str):
+                sql, params = ops.RECORD_ATTEMPT_ONCE, (error["id"], *params)
         await self._run(ops.step_write, step_id, sql, params, None, fence, events)
 
     async def get_step(self, step_id: str) -> Step | None:

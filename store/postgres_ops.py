@@ -113,6 +113,12 @@ RECORD_ATTEMPT = (
     "UPDATE steps SET attempts = attempts || jsonb_build_array(%s::jsonb),"
     f" upstream = coalesce(%s, upstream) WHERE id = %s RETURNING {_STEP_RETURNING}"
 )
+# An error with an id is appended once: a retried write finds it there and appends nothing.
+RECORD_ATTEMPT_ONCE = (
+    "UPDATE steps SET attempts = CASE WHEN attempts @> jsonb_build_array(jsonb_build_object('id',"
+    " %s::text)) THEN attempts ELSE attempts || jsonb_build_array(%s::jsonb) END,"
+    f" upstream = coalesce(%s, upstream) WHERE id = %s RETURNING {_STEP_RETURNING}"
+)
 SET_UPSTREAM = f"UPDATE steps SET upstream = coalesce(%s, upstream) WHERE id = %s RETURNING {_STEP_RETURNING}"
 
 _FENCE_BY_STEP = (

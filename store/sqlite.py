@@ -36,6 +36,7 @@ from .validation import (
     check_kinds,
     check_page,
     check_response_fields,
+    check_step_ids,
 )
 from .types import (
     StoreConflictError,
@@ -120,8 +121,10 @@ class SQLiteStore(Store):
         conn = self._conn
         if conn is None:
             raise StoreError("the SQLite store is not open")
-        with ops.translate_errors():
+        try:
             return fn(conn, *args)
+        except ops.FOREIGN_ERRORS as exc:  # as ops.translate_errors, without a generator
+            raise ops.translated(exc) from exc
 
     def _connect(self) -> None:
         if sqlite3.sqlite_version_info < ops.MIN_SQLITE_VERSION:
@@ -263,6 +266,7 @@ class SQLiteStore(Store):
         start: bool = False,
         fence: Fence | None = None,
         events: tuple[int, Sequence[bytes]] | None = None,
+        ids: Sequence[str] | None = None,
     ) -> list[Step]:
         """See :meth:`Store.record_steps`. The first step of a response gets sequence 1.
 
@@ -272,7 +276,8 @@ class SQLiteStore(Store):
         check_events(events)
         # Ids are made here, on the loop thread: new_id's tie-breaking counter is not
         # thread-safe, and other code makes ids on this thread.
-        ids = [new_id("step") for _ in descriptors]
+        given = check_step_ids(ids, descriptors)
+        ids = given if given is not None else [new_id("step") for _ in descriptors]
         steps = await self._run(
             ops.record_steps, response_id, scope_parent, prev_step_id, descriptors, ids, start,
             fence, events,

@@ -17,6 +17,7 @@ __all__ = [
     "check_fence",
     "check_events",
     "check_kinds",
+    "check_step_ids",
     "check_page",
     "check_response_fields",
 ]
@@ -43,6 +44,18 @@ def check_kinds(descriptors: Sequence[StepDescriptor]) -> None:
     for d in descriptors:
         if d.kind not in (MODEL_CALL, TOOL_CALL):
             raise ValueError(f"unknown step kind {d.kind!r}")
+
+
+def check_step_ids(ids: Sequence[str] | None, descriptors: Sequence[StepDescriptor]) -> list[str] | None:
+    """``ids`` as a list; ValueError unless None or one distinct non-empty string per descriptor."""
+    if ids is None:
+        return None
+    ids = list(ids)
+    if len(ids) != len(descriptors) or len(set(ids)) != len(ids):
+        raise ValueError("ids: one distinct step id per descriptor")
+    if not all(isinstance(i, str) and i for i in ids):
+        raise ValueError("ids: step ids are non-empty strings")
+    return ids
 
 
 def check_events(events: tuple[int, Sequence[bytes]] | None) -> None:

@@ -68,6 +68,16 @@ def _response_error(error: dict[str, Any] | None) -> dict[str, Any]:
     return {"code": code, "message": error.get("message") or kind}
 
 
+def _with_changes(deps: LoopDeps, changes: dict[str, Any]) -> LoopDeps:
+    """``dataclasses.replace(deps, **changes)`` at a quarter of its cost (once per response)."""
+    values = {name: getattr(deps, name) for name in _DEPS_FIELDS}
+    values.update(changes)
+    return LoopDeps(**values)
+
+
+_DEPS_FIELDS = tuple(f.name for f in dataclasses.fields(LoopDeps) if f.init)
+
+
 class DrivingMixin:
     """Drives responses for :class:`ResponsesService` (which holds the attributes)."""
 
@@ -185,9 +195,11 @@ class DrivingMixin:
             return record_to_object(record)
         prepared.record = record
         builder = self.builder(prepared)
+        logged = await writer.list_events(record.id)
+        if logged:  # the items it showed keep their places, however many take-overs ago
+            builder.adopt_log([event for _seq, event in logged])
         builder.start()  # no events: adds the listings' items to the output
         await self.replay_chain(record.id, builder)
-        logged = await writer.list_events(record.id)
         if logged:
             # It was streamed: go on with its durable log (sequence numbers continue).
             log = self.live.open(record.id)
@@ -258,13 +270,14 @@ class DrivingMixin:
     ) -> dict[str, Any]:
         record = prepared.record
         iterations = 0
-        deps = dataclasses.replace(self.deps, store=writer)
-        if prepared.upstream_key:
-            deps = dataclasses.replace(deps, upstream=deps.upstream.with_api_key(prepared.upstream_key))
-        if prepared.mcp is not None and prepared.mcp.routes:
-            deps = dataclasses.replace(deps, mcp_routes=prepared.mcp.routes)
+        base = self.deps
         used = len(started) if started is not None else len(await self.store.list_steps(record.id))
-        deps = dataclasses.replace(deps, step_budget=StepBudget(deps.max_steps, used))
+        changes: dict[str, Any] = {"store": writer, "step_budget": StepBudget(base.max_steps, used)}
+        if prepared.upstream_key:
+            changes["upstream"] = base.upstream.with_api_key(prepared.upstream_key)
+        if prepared.mcp is not None and prepared.mcp.routes:
+            changes["mcp_routes"] = prepared.mcp.routes
+        deps = _with_changes(base, changes)
         error = incomplete = None
         last: Step | None = None  # the final model call, when the loop left storing it to us
         try:

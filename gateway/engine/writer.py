@@ -13,7 +13,13 @@ response's loop (every scope: sub-agents too) goes through it and
   (a follower on another replica sees them within about ``flush_s`` + its wake-up latency);
 - retries with backoff while the database is unreachable (``StoreUnavailableError``): the loop
   pauses at its next write and goes on when the database is back, or stops with
-  ``FencedError`` if another replica has taken the response over meanwhile.
+  ``FencedError`` if another replica has taken the response over meanwhile. A retried write
+  is applied once even when the connection broke while its COMMIT was in flight (stored, but
+  never acknowledged): new steps carry ids made before the first attempt and an attempt's
+  error an id, so the retry conflicts (or, for an attempt, is a no-op) instead of writing them
+  again; a retry that conflicts, or finds its step already moved, checks that the earlier
+  attempt is what the store holds (the steps by id, the step in the target state, its events
+  byte-identical at their sequence numbers, the response's ``completed_at``) and returns that.
 
 One event-carrying write is in flight at a time, so the log is appended in sequence order.
 Reads pass through unchanged (retried the same way while the database is unreachable).
@@ -26,7 +32,19 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from store.types import Fence, FencedError, StepStateError, StoreError, StoreUnavailableError
+from store.types import (
+    CANCELED,
+    COMPLETED,
+    FAILED,
+    PROCESSING,
+    Fence,
+    FencedError,
+    StepStateError,
+    StoreConflictError,
+    StoreError,
+    StoreUnavailableError,
+    new_id,
+)
 
 from .live import LiveStream
 
@@ -35,8 +53,15 @@ logger = logging.getLogger("stepchain.writer")
 __all__ = ["ResponseWriter"]
 
 _T = TypeVar("_T")
+# Deletions of responses whose creation may have committed unacknowledged (kept referenced).
+_DISCARDING: set[asyncio.Task[None]] = set()
 
 _STEP_WRITES = frozenset({"mark_processing", "complete_step", "fail_step", "cancel_step"})
+# The state each step transition moves its step to (how a retry recognises its own commit).
+_TARGETS = {
+    "mark_processing": PROCESSING, "complete_step": COMPLETED, "fail_step": FAILED,
+    "cancel_step": CANCELED,
+}  # fmt: skip
 _READS = ("list_chain", "list_steps", "get_step", "get_response", "list_events")
 
 
@@ -62,6 +87,7 @@ class ResponseWriter:
         self.retry_max_s = retry_max_s
         self.fenced = False  # set once a write was refused: this process no longer owns it
         self._lock = asyncio.Lock()  # one event-carrying write at a time
+        self._queued = 0  # writes waiting for the lock (they carry what a flush would)
         self._flush_handle: asyncio.TimerHandle | None = None
         self._flush_task: asyncio.Task[None] | None = None
         if log is not None:
@@ -76,10 +102,44 @@ class ResponseWriter:
     # -- writes ----------------------------------------------------------------------------------
 
     async def create_response(self, *args: Any, **kwargs: Any) -> Any:
-        """Not retried: a new response the store cannot take fails at once (HTTP 503)."""
-        return await self._write("create_response", args, kwargs, retry=False)
+        """Not retried: a new response the store cannot take fails at once (HTTP 503). If the
+        connection broke while its COMMIT was in flight it may be stored all the same, leased
+        to this live process that will never run it: it is deleted in the background once the
+        store answers again (its client was told it failed, and never saw its id)."""
+        try:
+            return await self._write("create_response", args, kwargs, retry=False)
+        except StoreUnavailableError:
+            record = args[0] if args else kwargs["response"]
+            task = asyncio.ensure_future(self._discard(record.id))
+            _DISCARDING.add(task)
+            task.add_done_callback(_DISCARDING.discard)
+            raise
+
+    async def _discard(self, response_id: str, give_up_s: float = 600.0) -> None:
+        deadline = asyncio.get_running_loop().time() + give_up_s
+        delay = 0.05
+        while True:
+            try:
+                if await self.store.delete_response(response_id):
+                    logger.warning("response %s: its creation had committed unacknowledged; "
+                                   "deleted (its client got a 503)", response_id)  # fmt: skip
+                return
+            except StoreUnavailableError:
+                if asyncio.get_running_loop().time() > deadline:
+                    logger.error("response %s may be stored unacknowledged", response_id)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+            except StoreError as exc:
+                logger.error("response %s may be stored unacknowledged: %s", response_id, exc)
+                return
 
     async def record_steps(self, *args: Any, **kwargs: Any) -> Any:
+        """As :meth:`store.base.Store.record_steps`, with the steps' ids made here (once, not
+        per attempt) so that a retry cannot write the steps twice."""
+        if kwargs.get("ids") is None:
+            descriptors = args[3] if len(args) > 3 else kwargs["descriptors"]
+            kwargs["ids"] = [new_id("step") for _ in descriptors]
         return await self._write("record_steps", args, kwargs)
 
     async def mark_processing(self, *args: Any, **kwargs: Any) -> Any:
@@ -95,6 +155,15 @@ class ResponseWriter:
         return await self._write("cancel_step", args, kwargs)
 
     async def record_attempt(self, *args: Any, **kwargs: Any) -> Any:
+        """As :meth:`store.base.Store.record_attempt`; the error gets an ``id`` (once, not per
+        attempt) so that a retry does not append it twice."""
+        error = args[1] if len(args) > 1 else kwargs.get("error")
+        if isinstance(error, dict) and "id" not in error:
+            error = {**error, "id": new_id("attempt")}
+            if len(args) > 1:
+                args = (args[0], error, *args[2:])
+            else:
+                kwargs["error"] = error
         return await self._write("record_attempt", args, kwargs)
 
     async def update_response(self, *args: Any, **kwargs: Any) -> Any:
@@ -104,31 +173,52 @@ class ResponseWriter:
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, retry: bool = True
     ) -> Any:
         method = getattr(self.store, name)
-        step_id = args[0] if name in _STEP_WRITES and args else None
         if self.fence is not None and name != "create_response":
             kwargs["fence"] = self.fence
         log = self.log
         # Carry the pending events if no other write carries some now; a write that must
         # publish staged events (the final one) waits for its turn.
         if log is None or (self._lock.locked() and not log.holding) or log.pending() is None:
-            return await self._retry(lambda: method(*args, **kwargs), step_id=step_id, retry=retry)
-        async with self._lock:
+            return await self._retry(
+                lambda: method(*args, **kwargs), retry=retry,
+                committed=lambda: self._committed(name, args, kwargs),
+            )  # fmt: skip
+        self._queued += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._queued -= 1
+        try:
             batch = log.pending()
             if batch is None:
-                return await self._retry(lambda: method(*args, **kwargs), step_id=step_id, retry=retry)
+                return await self._retry(
+                    lambda: method(*args, **kwargs), retry=retry,
+                    committed=lambda: self._committed(name, args, kwargs),
+                )  # fmt: skip
             first, events = batch
+            kwargs = {**kwargs, "events": (first, events)}
             result = await self._retry(
-                lambda: method(*args, events=(first, events), **kwargs), step_id=step_id,
-                retry=retry,
-            )
+                lambda: method(*args, **kwargs), retry=retry,
+                committed=lambda: self._committed(name, args, kwargs),
+            )  # fmt: skip
             log.committed(first, len(events))
-            if log.flushable_pending() is not None:  # emitted while this write was in flight
-                self._schedule_flush()
-            return result
+        finally:
+            self._lock.release()
+        if log.flushable_pending() is not None:  # emitted while this write was in flight
+            self._schedule_flush()
+        return result
 
     async def _retry(
-        self, call: Callable[[], Awaitable[_T]], *, step_id: str | None = None, retry: bool = True
+        self,
+        call: Callable[[], Awaitable[_T]],
+        *,
+        retry: bool = True,
+        committed: Callable[[], Awaitable[tuple[bool, Any]]] | None = None,
     ) -> _T:
+        """``call()``, again with backoff while the store is unavailable. After such a failure
+        a retry refused as a duplicate (StoreConflictError) or as a wrong step state asks
+        ``committed()`` whether the failed attempt was stored after all (its COMMIT reached
+        the database, its answer did not): then that attempt's result is returned."""
         if not retry:
             return await call()
         delay = 0.05
@@ -146,18 +236,55 @@ class ResponseWriter:
                 if isinstance(exc, FencedError):
                     self.fenced = True
                     raise
-                if failed and isinstance(exc, StepStateError) and step_id is not None:
-                    # The attempt cut off by the outage had committed after all.
-                    logger.info("response %s: a retried write had committed", self.response_id)
-                    step = await self.store.get_step(step_id)
-                    if step is not None:
-                        return step  # type: ignore[no-any-return]
+                if failed and committed is not None and isinstance(
+                    exc, (StepStateError, StoreConflictError)
+                ):
+                    done, result = await self._retry(committed)
+                    if done:
+                        logger.info("response %s: a retried write had committed", self.response_id)
+                        return result  # type: ignore[no-any-return]
                 raise
+
+    async def _committed(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[bool, Any]:
+        """Whether the write ``name(*args, **kwargs)`` is in the store already, and its result."""
+        store = self.store
+        events = kwargs.get("events")
+        if events is not None and events[1]:
+            first, data = events
+            stored = await store.list_events(self.response_id, after=first - 1, limit=len(data))
+            if stored != [(first + i, event) for i, event in enumerate(data)]:
+                return False, None
+        if name == "record_steps":
+            steps = [await store.get_step(step_id) for step_id in kwargs.get("ids") or ()]
+            if not steps or any(s is None or s.response_id != self.response_id for s in steps):
+                return False, None
+            return True, steps
+        if name in _TARGETS:
+            step = await store.get_step(args[0])
+            return (step is not None and step.state == _TARGETS[name]), step
+        if name == "update_response" and (events is None or not events[1]):
+            record = await store.get_response(self.response_id)
+            if record is None or "completed_at" not in kwargs:
+                return False, None
+            same = record.completed_at == kwargs["completed_at"]
+            return same and record.status == kwargs.get("status", record.status), None
+        if name in ("update_response", "append_events"):
+            return events is not None and bool(events[1]), None
+        return False, None
 
     # -- flushing deltas --------------------------------------------------------------------------
 
     def _schedule_flush(self) -> None:
-        if self._flush_handle is None and not self.fenced:
+        if self.fenced or self._queued:
+            return  # a write waiting for the lock carries the pending events
+        if self.flush_s <= 0:
+            # Started now, the flush runs as soon as the emitting task yields (the loop yields
+            # after a model call's first delta): the first delta is stored and published by one
+            # small write while the rest of its burst is still being processed.
+            self._flush_now()
+        elif self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_later(self.flush_s, self._flush_now)
 
     def _flush_now(self) -> None:
@@ -181,7 +308,10 @@ class ResponseWriter:
                 await self._retry(
                     lambda: self.store.append_events(
                         self.response_id, first, events, fence=self.fence
-                    )
+                    ),
+                    committed=lambda: self._committed(
+                        "append_events", (), {"events": (first, events)}
+                    ),
                 )
             except StoreError as exc:
                 logger.warning("events of response %s not stored yet: %s", self.response_id, exc)

@@ -60,6 +60,7 @@ from .auth import AuthMiddleware, hash_key, load_api_keys
 from .chat import chat_routes
 from .context import context_routes
 from .conversations import conversation_routes
+from .hot import GatewayApp
 from .models import model_routes
 from .responses import response_routes
 from .state import GatewayState
@@ -213,6 +214,7 @@ def create_app(
         await registry.load()
         http_tools = HTTPToolExecutor(
             tool_client,
+            transport=tool_transport,
             max_response_bytes=settings.tool_max_response_bytes,
             egress=egress,
             env_prefix=settings.tool_env_prefix,
@@ -308,17 +310,17 @@ def create_app(
     )
     key_hashes = load_api_keys(_secret(settings.api_keys), settings.api_keys_file)
     middleware = [Middleware(MetricsMiddleware)]
+    auth: AuthMiddleware | None = None
     if key_hashes or settings.pass_client_key:  # an open gateway skips the layer altogether
         admin = _secret(settings.admin_key)
-        middleware.append(
-            Middleware(
-                AuthMiddleware,
-                key_hashes=key_hashes,
-                pass_client_key=settings.pass_client_key,
-                admin_key_hash=hash_key(admin) if admin else None,
-            )
-        )
-    app = Starlette(
+        auth_options: dict[str, Any] = {
+            "key_hashes": key_hashes,
+            "pass_client_key": settings.pass_client_key,
+            "admin_key_hash": hash_key(admin) if admin else None,
+        }
+        middleware.append(Middleware(AuthMiddleware, **auth_options))
+        auth = AuthMiddleware(None, **auth_options)  # the same check for the hot route
+    app = GatewayApp(
         routes=[
             *model_routes(),
             *context_routes(),
@@ -333,6 +335,7 @@ def create_app(
         lifespan=lifespan,
         exception_handlers=error_handlers(),
     )
+    app.hot = {"metrics": get_metrics(), "auth": auth}
     app.router.redirect_slashes = False  # a bodiless 307 is no OpenAI error: 404 instead
     return app
 

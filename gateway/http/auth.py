@@ -38,7 +38,9 @@ __all__ = [
     "caller_is_admin",
     "hash_key",
     "load_api_keys",
+    "route_path",
     "tenant_for_hash",
+    "unauthorized",
 ]
 
 TENANT_SCOPE_KEY = "stepchain.tenant"
@@ -106,7 +108,7 @@ def load_api_keys(keys: str | None, keys_file: str | None) -> dict[str, str]:
     return hashes
 
 
-def _route_path(scope: Scope) -> str:
+def route_path(scope: Scope) -> str:
     """The path the router matches (``root_path`` removed), as starlette computes it."""
     path: str = scope["path"]
     root_path: str = scope.get("root_path", "")
@@ -154,7 +156,7 @@ class AuthMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        path = _route_path(scope)
+        path = route_path(scope)
         if not (path == "/v1" or path.startswith("/v1/")):
             await self.app(scope, receive, send)
             return
@@ -162,6 +164,16 @@ class AuthMiddleware:
             # The tool admin API checks the admin key; a tenant key grants nothing there.
             await self.app(scope, receive, send)
             return
+        missing = self.admit(scope, path)
+        if missing is not None:
+            await unauthorized(scope, send, missing)
+            return
+        await self.app(scope, receive, send)
+
+    def admit(self, scope: Scope, path: str) -> bool | None:
+        """Check the Bearer key of a ``/v1/`` request (``path``: :func:`route_path`) outside the
+        tool admin API. Admitted: the tenant (and admin flag, client key) put in ``scope``,
+        returns None. Refused: returns whether the key was missing (for :func:`unauthorized`)."""
         token = _bearer(scope)
         tenant = None
         if self.key_hashes:
@@ -178,18 +190,16 @@ class AuthMiddleware:
             ):
                 scope[ADMIN_SCOPE_KEY] = True  # reads every tenant's responses; never a tenant
                 scope[TENANT_SCOPE_KEY] = None
-                await self.app(scope, receive, send)
-                return
+                return None
             if tenant is None:
-                await _unauthorized(scope, send, token is None)
-                return
+                return token is None
         scope[TENANT_SCOPE_KEY] = tenant
         if self.pass_client_key and token is not None:
             scope[CLIENT_KEY_SCOPE_KEY] = token
-        await self.app(scope, receive, send)
+        return None
 
 
-async def _unauthorized(scope: Scope, send: Send, missing: bool) -> None:
+async def unauthorized(scope: Scope, send: Send, missing: bool) -> None:
     """401 with the OpenAI error body; for a WebSocket upgrade the same HTTP response where the
     server offers the ASGI denial-response extension, else a close before accept (HTTP 403)."""
     if missing:

@@ -118,10 +118,12 @@ class PriceTable:
 
 def step_cost(usage: Mapping[str, Any] | None) -> float | None:
     """The cost stored in a model-call step's usage (None: unknown or none recorded)."""
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict) and not isinstance(usage, Mapping):  # dict: no ABC check
         return None
     extra = usage.get(COST_KEY)
-    if isinstance(extra, Mapping):
+    if extra is None:
+        return None
+    if isinstance(extra, dict) or isinstance(extra, Mapping):
         value = extra.get("cost_usd")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

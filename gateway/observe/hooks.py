@@ -40,7 +40,7 @@ _CURRENT: contextvars.ContextVar[ResponseScope | None] = contextvars.ContextVar(
 
 
 def _tokens(usage: Mapping[str, Any] | None) -> tuple[int, int]:
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict) and not isinstance(usage, Mapping):
         return 0, 0
     i = usage.get("prompt_tokens", usage.get("input_tokens", 0))
     o = usage.get("completion_tokens", usage.get("output_tokens", 0))

@@ -29,7 +29,9 @@ The hot path only touches pre-bound label children (a dict lookup and an increme
 
 from __future__ import annotations
 
+import math
 import os
+from bisect import bisect_left
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -151,16 +153,69 @@ class Metrics:
     # -- pre-bound children ------------------------------------------------------------------
 
     def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, looked up once and kept."""
+        """``metric.labels(*labels)``, looked up once and kept (as a :class:`_Lean` child:
+        ``inc``/``observe`` without prometheus-client's per-call checks)."""
         key = (id(metric), *labels)
         found = self._children.get(key)
         if found is None:
-            found = self._children[key] = metric.labels(*labels)
+            found = self._children[key] = _Lean.of(metric.labels(*labels))
         return found
 
     def tool_label(self, name: str | None) -> str:
         """A registered tool's name, else ``other`` (the registry bounds the label's values)."""
         return name if name and self.tool_names(name) else OTHER
+
+
+class _Lean:
+    """A labelled counter or histogram child whose ``inc``/``observe`` do what
+    prometheus-client's do (same values, same buckets: the first bound ≥ the amount) without
+    its per-call observability check, exemplar handling and linear bucket scan: these run
+    several times per response. Anything it does not recognise is used as it is."""
+
+    __slots__ = ("child", "_inc", "_sum", "_bounds", "_buckets")
+
+    def __init__(self, child: Any, inc: Any, total: Any, bounds: Any, buckets: Any) -> None:
+        self.child = child
+        self._inc = inc
+        self._sum = total
+        self._bounds = bounds
+        self._buckets = buckets
+
+    @classmethod
+    def of(cls, child: Any) -> Any:
+        value = getattr(child, "_value", None)
+        if isinstance(child, Counter) and value is not None and hasattr(value, "inc"):
+            return cls(child, value.inc, None, None, None)
+        bounds = getattr(child, "_upper_bounds", None)
+        buckets = getattr(child, "_buckets", None)
+        total = getattr(child, "_sum", None)
+        if (
+            isinstance(child, Histogram)
+            and isinstance(bounds, list)
+            and isinstance(buckets, list)
+            and total is not None
+            and len(bounds) == len(buckets)
+            and bounds
+            and bounds[-1] == math.inf
+        ):
+            return cls(child, None, total.inc, tuple(bounds), [b.inc for b in buckets])
+        return child
+
+    def inc(self, amount: float = 1) -> None:
+        if self._inc is None or amount < 0:
+            self.child.inc(amount)  # a histogram has none; a counter raises ValueError
+            return
+        self._inc(amount)
+
+    def observe(self, amount: float) -> None:
+        if self._sum is None or amount != amount:  # not a histogram, or NaN: the library's way
+            self.child.observe(amount)
+            return
+        self._sum(amount)
+        self._buckets[bisect_left(self._bounds, amount)](1)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.child, name)
 
 
 _METRICS: Metrics | None = None

@@ -45,7 +45,7 @@ from gateway.protocol.truncation import tool_output_text
 from store.types import COMPLETED
 
 from .response_object import response_object
-from .sse import encode_event
+from .sse import encode_fields, event_head
 from .tools import ClientTool, CustomInputDecoder, custom_input
 from .usage import add_chat_usage, zero_usage
 
@@ -90,6 +90,8 @@ class _Part:
     content_index: int
     part: dict[str, Any]
     pieces: list[str] = field(default_factory=list)
+    # A delta event's bytes around its sequence number and its text (built at the first delta).
+    frame: tuple[bytes, bytes, bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -169,6 +171,7 @@ class ResponseBuilder:
         self._final: dict[str, Any] | None = None
         self._held: list[bytes] | None = None  # events waiting for finish(), see hold_events
         self._ids: set[str] = set()  # item ids in the output (a re-run after a take-over)
+        self._logged: dict[str, int] = {}  # logged items no replayed step claimed yet, by id
 
     # -- what the loop reads ----------------------------------------------------------------
 
@@ -193,9 +196,11 @@ class ResponseBuilder:
         """Emit ``response.created`` and ``response.in_progress`` (empty output), then add the
         ``mcp_list_tools`` items of the listings this response made (``listings`` given)."""
         if self._emit is not None:
+            # Both events carry the same snapshot: its JSON is made once.
+            snapshot = response_object(**self._base, status="in_progress", output=[], usage=None)
+            body = orjson.dumps({"response": snapshot})[1:]
             for kind in ("response.created", "response.in_progress"):
-                snapshot = response_object(**self._base, status="in_progress", output=[], usage=None)
-                self._send(kind, response=snapshot)
+                self._put(b"%b%d,%b\n\n" % (event_head(kind), self._sequence, body))
         if self._listings:
             self.mcp_listings(self._listings)
 
@@ -237,41 +242,48 @@ class ResponseBuilder:
         if self._emit is not None and self._held is None:
             self._held = []
 
+    def adopt_log(self, logged: list[bytes]) -> None:
+        """Take the output items of a stream another process began, before replaying its
+        chain: ``logged`` is its stored event log (sequence numbers 0…n-1). Every item it
+        added keeps its ``output_index`` and id; a replayed item takes the place of the latest
+        logged item of its family (its id, or that id re-run after a take-over: ``_1``,
+        ``_2``…), and items the log lacks come after. Items no replayed step claims belong to
+        model calls a take-over interrupted (one or several times): they stay in the output
+        as logged and end ``incomplete`` (:meth:`continue_stream`)."""
+        added, done = _logged_items(logged)
+        for index in range(max(added) + 1 if added else 0):
+            # Items open in order: a gap cannot happen; were it there, the next item fills it.
+            item = done.get(index) or added.get(index) or added[min(i for i in added if i > index)]
+            self._output.append(item)
+            self._ids.add(item.get("id", ""))
+        self._logged = {item.get("id", ""): index for index, item in enumerate(self._output)}
+
     def continue_stream(self, emit: Callable[[bytes], None], logged: list[bytes]) -> None:
-        """Go on with a stream another process began: ``logged`` is its stored event log
-        (sequence numbers 0…n-1), this builder has replayed the response's finished steps
-        without events. Emits what the log lacks about those steps (``output_item.added`` /
-        ``.done`` of items whose step finished after its last stored event), closes the items
-        of an interrupted model call as ``incomplete`` (they keep their ``output_index``; its
-        re-run opens new ones, their ids suffixed ``_1``), and numbers new events from n on.
-        Exact for one take-over; after a second one, items of a model call interrupted by the
-        first are not known to the chain replay (a known limit)."""
-        added: dict[int, dict[str, Any]] = {}
-        done: set[int] = set()
-        for event in logged:
-            if event.startswith(b"event: response.output_item."):
-                data = orjson.loads(event[event.index(b"data: ") + 6 :])
-                if data["type"] == "response.output_item.added":
-                    added[data["output_index"]] = data["item"]
-                elif data["type"] == "response.output_item.done":
-                    done.add(data["output_index"])
+        """Go on with a stream another process began (after :meth:`adopt_log` and the replay
+        of the response's finished steps, without events): emits what the log lacks about
+        those steps (``output_item.added`` / ``.done`` of items whose step finished after its
+        last stored event), closes the items of interrupted model calls as ``incomplete``
+        (they keep their ``output_index``; a re-run opens new ones, their ids suffixed
+        ``_1``, ``_2``…), and numbers new events from n on. Exact after any number of
+        take-overs: the log, not the chain, says which items were shown."""
+        added, done = _logged_items(logged)
         self._emit = emit
         self._sequence = len(logged)
         still_open = {id(item.item) for item in self._mcp.values()}
+        interrupted = set(self._logged.values())  # logged items no replayed step claimed
+        self._logged = {}
         for index, item in enumerate(self._output):
             if index not in added:
                 self._send("response.output_item.added", output_index=index, item=item)
-            if index not in done and id(item) not in still_open:
-                self._send("response.output_item.done", output_index=index, item=item)
-        for index in sorted(i for i in added if i >= len(self._output)):
-            item = added[index]
-            while len(self._output) < index:  # cannot happen: items open in order
-                self._output.append(added.get(len(self._output), item))
-            item["status"] = "incomplete"
-            self._output.append(item)
-            self._ids.add(item.get("id", ""))
-            if index not in done:
-                self._send("response.output_item.done", output_index=index, item=item)
+            if index in done:
+                # As the client saw it (a replayed reasoning item is sealed anew, for one).
+                self._output[index] = done[index]
+                continue
+            if id(item) in still_open:
+                continue
+            if index in interrupted:
+                item["status"] = "incomplete"
+            self._send("response.output_item.done", output_index=index, item=item)
 
     def rewind(self, sequence: int) -> None:
         """Undo :meth:`finish` (its events were not stored): the next event gets ``sequence``."""
@@ -417,17 +429,23 @@ class ResponseBuilder:
     # -- items --------------------------------------------------------------------------------
 
     def _send(self, kind: str, **fields: Any) -> None:
-        if self._emit is None:
-            return
-        event = {"type": kind, "sequence_number": self._sequence, **fields}
+        if self._emit is not None:
+            self._put(encode_fields(kind, self._sequence, fields))
+
+    def _put(self, event: bytes) -> None:
+        """Emit (or hold) the encoded event that has the current sequence number."""
         self._sequence += 1
         if self._held is not None:
-            self._held.append(encode_event(event))
+            self._held.append(event)
         else:
-            self._emit(encode_event(event))
+            self._emit(event)  # type: ignore[misc]
 
     def _open(self, item: dict[str, Any]) -> _Item:
         item_id = item["id"]
+        if self._logged:  # replaying a stream another process began (adopt_log)
+            claimed = self._claim_logged(item)
+            if claimed is not None:
+                return claimed
         if item_id in self._ids:  # a model call re-run after a take-over: its items are new
             n = 1
             while f"{item_id}_{n}" in self._ids:
@@ -438,6 +456,23 @@ class ResponseBuilder:
         self._output.append(item)
         self._send("response.output_item.added", output_index=opened.output_index, item=item)
         return opened
+
+    def _claim_logged(self, item: dict[str, Any]) -> _Item | None:
+        """The logged slot of a replayed item: its family's latest logged item, unless
+        claimed already (the item is then a new one)."""
+        base = latest = item["id"]
+        if base not in self._ids:
+            return None
+        n = 1
+        while f"{base}_{n}" in self._ids:
+            latest = f"{base}_{n}"
+            n += 1
+        index = self._logged.pop(latest, None)
+        if index is None:
+            return None
+        item["id"] = latest
+        self._output[index] = item
+        return _Item(index, item)
 
     def _open_reasoning(self, call: _ModelCall) -> _Item:
         item = {
@@ -484,16 +519,17 @@ class ResponseBuilder:
         part.pieces.append(text)
         if self._emit is None:
             return
-        kind = _DELTA_EVENTS[part.kind]
-        extra = {"logprobs": []} if part.kind == "output_text" else {}
-        self._send(
-            kind,
-            item_id=item.item["id"],
-            output_index=item.output_index,
-            content_index=part.content_index,
-            delta=text,
-            **extra,
-        )
+        frame = part.frame
+        if frame is None:
+            # {"type","sequence_number","item_id","output_index","content_index","delta"
+            # [,"logprobs":[]]}: everything but the sequence number and the text is fixed.
+            middle = b',"item_id":%b,"output_index":%d,"content_index":%d,"delta":' % (
+                orjson.dumps(item.item["id"]), item.output_index, part.content_index
+            )
+            tail = b',"logprobs":[]}\n\n' if part.kind == "output_text" else b"}\n\n"
+            frame = part.frame = (event_head(_DELTA_EVENTS[part.kind]), middle, tail)
+        head, middle, tail = frame
+        self._put(b"%b%d%b%b%b" % (head, self._sequence, middle, orjson.dumps(text), tail))
 
     def _close_parts(self, item: _Item, final: dict[str, str]) -> None:
         """Finish every part of ``item``: text = ``final[kind]`` if given, else what streamed."""
@@ -724,6 +760,20 @@ class ResponseBuilder:
             item.item["arguments"] = arguments
             self._mcp[call_id] = item
         return item
+
+
+def _logged_items(logged: list[bytes]) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+    """The items a stored event log added and those it closed, by ``output_index``."""
+    added: dict[int, dict[str, Any]] = {}
+    done: dict[int, dict[str, Any]] = {}
+    for event in logged:
+        if event.startswith(b"event: response.output_item."):
+            data = orjson.loads(event[event.index(b"data: ") + 6 :])
+            if data["type"] == "response.output_item.added":
+                added[data["output_index"]] = data["item"]
+            elif data["type"] == "response.output_item.done":
+                done[data["output_index"]] = data["item"]
+    return added, done
 
 
 def _payload_tool_calls(message: dict[str, Any]) -> list[dict[str, Any]]:

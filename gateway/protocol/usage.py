@@ -26,6 +26,8 @@ def zero_usage() -> dict[str, Any]:
 
 
 def _count(value: Any) -> int:
+    if value.__class__ is int:  # the usual case (JSON integers), without the isinstance checks
+        return value if value > 0 else 0
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
@@ -38,30 +40,33 @@ def chat_usage_to_response_usage(usage: dict[str, Any] | None) -> dict[str, Any]
     ``total_tokens`` is the upstream's, or input + output. None (or missing counts) → 0. A usage
     object already in the Responses shape is passed through normalized.
     """
-    result = zero_usage()
     if not isinstance(usage, dict):
-        return result
+        return zero_usage()
+    get = usage.get
     if "input_tokens" in usage and "prompt_tokens" not in usage:
-        in_details = usage.get("input_tokens_details") or {}
-        out_details = usage.get("output_tokens_details") or {}
-        inputs, outputs = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+        in_details = get("input_tokens_details") or _NONE
+        out_details = get("output_tokens_details") or _NONE
+        inputs, outputs = _count(get("input_tokens")), _count(get("output_tokens"))
     else:
-        in_details = usage.get("prompt_tokens_details") or {}
-        out_details = usage.get("completion_tokens_details") or {}
-        inputs, outputs = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
-    result["input_tokens"] = inputs
-    result["output_tokens"] = outputs
-    result["total_tokens"] = _count(usage.get("total_tokens")) or inputs + outputs
+        in_details = get("prompt_tokens_details") or _NONE
+        out_details = get("completion_tokens_details") or _NONE
+        inputs, outputs = _count(get("prompt_tokens")), _count(get("completion_tokens"))
     if isinstance(in_details, dict):
-        result["input_tokens_details"]["cached_tokens"] = _count(in_details.get("cached_tokens"))
-        result["input_tokens_details"]["cache_write_tokens"] = _count(
-            in_details.get("cache_write_tokens")
-        )
-    if isinstance(out_details, dict):
-        result["output_tokens_details"]["reasoning_tokens"] = _count(
-            out_details.get("reasoning_tokens")
-        )
-    return result
+        cached = _count(in_details.get("cached_tokens"))
+        written = _count(in_details.get("cache_write_tokens"))
+    else:
+        cached = written = 0
+    reasoning = _count(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+    return {
+        "input_tokens": inputs,
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
+        "output_tokens": outputs,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": _count(get("total_tokens")) or inputs + outputs,
+    }
+
+
+_NONE: dict[str, Any] = {}
 
 
 def add_usage(total: dict[str, Any] | None, usage: dict[str, Any] | None) -> dict[str, Any]:
@@ -80,4 +85,4 @@ def add_chat_usage(
     total: dict[str, Any] | None, chat_usage: dict[str, Any] | None
 ) -> dict[str, Any]:
     """``total`` (Responses usage or None) plus one Chat Completions ``usage``; a new dict."""
-    return add_usage(total, chat_usage_to_response_usage(chat_usage))
+    return add_usage(total, chat_usage)  # add_usage normalizes both (either shape)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -24,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Cluster", "Database", "Process", "Replica", "TOOLS", "free_port", "running_cluster"]
+__all__ = [
+    "Cluster", "Database", "Process", "Replica", "TOOLS", "free_port", "running_cluster",
+    "stable_port",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 # The four HTTP tools of every chaos response: (name, idempotent). A non-idempotent tool must
@@ -41,6 +45,35 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def stable_port() -> int:
+    """A free port outside the kernel's ephemeral range, for a server that is started again on
+    the same port after being killed. A port from ``free_port`` is an ephemeral one: while its
+    server is down, the kernel may give it to any outgoing connection as its local port (the
+    replicas reconnect their database pools all at once when PostgreSQL restarts), and that
+    connection then holds it for good: the restart fails with "address already in use". No
+    outgoing connection is ever given a port below the ephemeral range."""
+    low, _high = _ephemeral_ports()
+    rng = random.SystemRandom()
+    if low > 12_000:
+        for _ in range(200):
+            port = rng.randrange(10_000, low)
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    return free_port()
 
 
 def _http_ok(port: int, path: str) -> bool:
@@ -83,7 +116,8 @@ class Process:
         deadline = time.monotonic() + timeout_s
         while not _http_ok(self.port, self.ready_path):
             if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.popen.returncode}) at start-up:\n{self.tail()}")
+                raise RuntimeError(f"{self.name} exited ({self.popen.returncode}) at start-up: "
+                                   f"{self.tail(1)[:200]}\n{self.tail()}")  # fmt: skip
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"{self.name} was not ready within {timeout_s:g} s:\n{self.tail()}")
@@ -248,7 +282,7 @@ def running_cluster(work_dir: Path, *, backend: str = "postgres", replicas: int 
             config.write_text(_tools_toml(tools.url))
             members = []
             for i in range(replicas):
-                port = free_port()
+                port = stable_port()  # restarted on the same port (see stable_port)
                 argv = [py, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                         "--upstream-base-url", upstream.url + "/v1", "--db", db.url,
                         "--config", str(config), "--log-level", "warning"]  # fmt: skip
