@@ -157,12 +157,12 @@ _FENCE_BY_RESPONSE_SHARE = _FENCE_BY_RESPONSE.format("SHARE")
 _EVENTS_INSERT = (  # nothing for an unknown response (the caller reports StoreNotFoundError)
     "INSERT INTO events (response_id, sequence_number, data)"
     " SELECT r.id, %s + t.n - 1, t.d FROM responses r,"
-    " unnest(%s::bytea[]) WITH ORDINALITY AS t(d, n) WHERE r.id = %s"
+    " unnest(%b::bytea[]) WITH ORDINALITY AS t(d, n) WHERE r.id = %s"
 )
 _EVENTS_INSERT_BY_STEP = (
     "INSERT INTO events (response_id, sequence_number, data)"
     " SELECT s.response_id, %s + t.n - 1, t.d FROM steps s,"
-    " unnest(%s::bytea[]) WITH ORDINALITY AS t(d, n) WHERE s.id = %s"
+    " unnest(%b::bytea[]) WITH ORDINALITY AS t(d, n) WHERE s.id = %s"
 )
 _NOTIFY = "SELECT pg_notify(%s, %s)"
 
@@ -206,7 +206,7 @@ def _step_statement(sql: str, fenced: bool, with_events: bool, updates: tuple[st
             parts.append(
                 "e AS (INSERT INTO events (response_id, sequence_number, data)"
                 " SELECT u.response_id, %s + t.n - 1, t.d FROM u,"
-                " unnest(%s::bytea[]) WITH ORDINALITY AS t(d, n))"
+                " unnest(%b::bytea[]) WITH ORDINALITY AS t(d, n))"
             )
         if with_events or "status" in updates:
             select = f"SELECT u.*, pg_notify('{EVENTS_CHANNEL}', u.response_id) FROM u"
@@ -261,7 +261,7 @@ async def add_items(conn: Conn, conversation_id: str, items: Sequence[dict[str, 
         await conn.execute(
             "INSERT INTO conversation_items (conversation_id, position, id, item)"
             " SELECT %s, %s + t.n, t.id, t.item::json"
-            " FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(id, item, n)",
+            " FROM unnest(%b::text[], %b::text[]) WITH ORDINALITY AS t(id, item, n)",
             (conversation_id, row[0] - len(ids), ids, [dumps(i) for i in items]),
         )
 
@@ -323,15 +323,15 @@ def _create_response_sql(steps: int, with_events: bool) -> str:
             "s AS (INSERT INTO steps (id, response_id, prev_step_id, sequence, kind, state,"
             " request_payload, attempt, created_at, started_at)"
             f" SELECT t.id, r.id, t.prev, t.n, t.kind, '{PROCESSING}', t.payload::json, 1,"
-            " %s::float8, %s::float8 FROM r, unnest(%s::text[], %s::text[], %s::text[],"
-            " %s::text[]) WITH ORDINALITY AS t(id, prev, kind, payload, n))"
+            " %s::float8, %s::float8 FROM r, unnest(%b::text[], %b::text[], %b::text[],"
+            " %b::text[]) WITH ORDINALITY AS t(id, prev, kind, payload, n))"
         )
     select = "SELECT r.id FROM r"
     if with_events:
         parts.append(
             "e AS (INSERT INTO events (response_id, sequence_number, data)"
             " SELECT r.id, %s + t.n - 1, t.d FROM r,"
-            " unnest(%s::bytea[]) WITH ORDINALITY AS t(d, n))"
+            " unnest(%b::bytea[]) WITH ORDINALITY AS t(d, n))"
         )
         select = f"SELECT pg_notify('{EVENTS_CHANNEL}', r.id) FROM r"
     return "WITH " + ", ".join(parts) + " " + select
@@ -395,15 +395,15 @@ def _record_steps_sql(fenced: bool, with_events: bool) -> str:
         " state, request_payload, attempt, created_at, started_at)"
         " SELECT t.id, %(rid)s::text, %(scope)s::text, t.prev, r.last_sequence - %(n)s + t.n,"
         " t.kind, %(state)s::text, t.payload::json, %(attempt)s::int, %(now)s::float8,"
-        " %(started)s::float8 FROM r, unnest(%(ids)s::text[], %(prevs)s::text[],"
-        " %(kinds)s::text[], %(payloads)s::text[]) WITH ORDINALITY AS t(id, prev, kind, payload, n))",
+        " %(started)s::float8 FROM r, unnest(%(ids)b::text[], %(prevs)b::text[],"
+        " %(kinds)b::text[], %(payloads)b::text[]) WITH ORDINALITY AS t(id, prev, kind, payload, n))",
     ]
     select = "SELECT r.last_sequence FROM r"
     if with_events:
         parts.append(
             "e AS (INSERT INTO events (response_id, sequence_number, data)"
             " SELECT %(rid)s::text, %(first)s + t.n - 1, t.d FROM r,"
-            " unnest(%(events)s::bytea[]) WITH ORDINALITY AS t(d, n))"
+            " unnest(%(events)b::bytea[]) WITH ORDINALITY AS t(d, n))"
         )
         select = f"SELECT r.last_sequence, pg_notify('{EVENTS_CHANNEL}', %(rid)s::text) FROM r"
     return "WITH " + ", ".join(parts) + " " + select
@@ -512,7 +512,7 @@ async def update_response(
         parts.append(
             "e AS (INSERT INTO events (response_id, sequence_number, data)"
             " SELECT u.id, %(first)s + t.n - 1, t.d FROM u,"
-            " unnest(%(events)s::bytea[]) WITH ORDINALITY AS t(d, n))"
+            " unnest(%(events)b::bytea[]) WITH ORDINALITY AS t(d, n))"
         )
     select = "SELECT u.id FROM u"
     if has_events or "status" in fields:
