@@ -213,6 +213,11 @@ class EgressPolicy:
             address = parse_ip(host)
             if address is not None:
                 self.own_addresses.add(address)
+        # (host, port, allow_private) -> the Pinned an IP-literal host checked to, while the
+        # own sockets are those of ``_literals_for`` (an address literal needs no resolving:
+        # the same check on the same input gives the same answer)
+        self._literals: dict[tuple[str, int, bool], Pinned] = {}
+        self._literals_for: tuple[int, int] = (-1, -1)
 
     @classmethod
     def from_settings(
@@ -269,24 +274,35 @@ class EgressPolicy:
         resolves to must pass; raises EgressError (also when the name does not resolve)."""
         if not host:
             raise EgressError("the URL has no host")
+        own = (len(self.own_ports), len(self.own_addresses))
+        if own == self._literals_for:
+            hit = self._literals.get((host, port, allow_private))
+            if hit is not None:
+                return hit
         if self.allowed_hosts is not None and not host_matches(host, self.allowed_hosts):
             raise EgressError(f"host {host!r} is not in tool_allowed_hosts")
         literal = parse_ip(host)
         if literal is not None:
-            addresses: list[IPAddress] = [literal]
-        else:
-            loop = asyncio.get_running_loop()
-            try:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except (OSError, UnicodeError) as exc:
-                raise EgressError(f"host {host!r} does not resolve: {exc}") from None
-            addresses = []
-            for info in infos:
-                address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-                if address not in addresses:
-                    addresses.append(address)
-            if not addresses:
-                raise EgressError(f"host {host!r} does not resolve")
+            self.check_address(host, literal, port, allow_private=allow_private)
+            pinned = Pinned(host, port, literal)
+            if own != self._literals_for:
+                self._literals.clear()
+                self._literals_for = own
+            if len(self._literals) < 1024:
+                self._literals[(host, port, allow_private)] = pinned
+            return pinned
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise EgressError(f"host {host!r} does not resolve: {exc}") from None
+        addresses: list[IPAddress] = []
+        for info in infos:
+            address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+            if address not in addresses:
+                addresses.append(address)
+        if not addresses:
+            raise EgressError(f"host {host!r} does not resolve")
         for address in addresses:
             self.check_address(host, address, port, allow_private=allow_private)
         return Pinned(host, port, addresses[0])
@@ -310,7 +326,8 @@ async def pin_request(policy: EgressPolicy, request: Any, allow_private: bool) -
     allow = bool(request.extensions.pop(ALLOW_PRIVATE_EXTENSION, False)) or allow_private
     port = url.port or (443 if url.scheme == "https" else 80)
     pinned = await policy.resolve(url.host, port, allow_private=allow)
-    if parse_ip(url.host) is None or str(pinned.address) != url.host:
+    # (A host equal to the address's text is that address literally: nothing to rewrite.)
+    if str(pinned.address) != url.host:
         # The Host header was set from the name when the request was built and stays.
         request.url = url.copy_with(host=str(pinned.address))
         if url.scheme == "https":

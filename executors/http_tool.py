@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -112,6 +113,19 @@ def _host_allowed(host: str, allowed: Collection[str]) -> bool:
     return host_matches(host, allowed)
 
 
+@dataclass(slots=True)
+class _PreparedRequest:
+    """What every call of one tool definition sends alike."""
+
+    definition: dict[str, Any]  # the definition it was made from (a copy, to compare)
+    url: httpx.URL
+    headers: httpx.Headers  # the client's defaults + the definition's (env: values blank)
+    env_headers: bool  # some header values are read from the environment at call time
+    timeout_s: float
+    timeout: dict[str, float | None]  # the request's "timeout" extension
+    allow_private: bool
+
+
 class HTTPToolExecutor:
     """Calls HTTP tools over one shared ``httpx.AsyncClient`` (one instance per process).
 
@@ -121,6 +135,11 @@ class HTTPToolExecutor:
     and ``blocked_ports`` (the gateway's own). A definition with ``allow_private: true`` may
     reach private addresses. Redirects are not followed, so a 3xx is an ``http_error`` and
     cannot lead around the policy.
+
+    ``transport`` is ``client``'s transport (the one it was built with): requests then go to it
+    directly, with the client's default headers and cookies applied as ``client.send`` would,
+    but without its per-request URL merging, cookie-jar round trips and stream wrappers. Without
+    a ``client``, the executor makes both.
     """
 
     def __init__(
@@ -134,9 +153,16 @@ class HTTPToolExecutor:
         egress: EgressPolicy | None = None,
         environ: Mapping[str, str] = os.environ,
         env_prefix: str = ENV_VAR_PREFIX,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._owns_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient()
+        if client is None:
+            transport = transport or httpx.AsyncHTTPTransport()
+            client = httpx.AsyncClient(transport=transport)
+        self._client = client
+        # The client's transport (given with the client, or ours): requests go to it directly,
+        # without the client's per-request layers (see _send).
+        self._transport = transport
         self.max_response_bytes = max_response_bytes
         self.egress = egress or EgressPolicy(
             allowed_hosts=allowed_hosts, allowed_networks=allowed_networks, own_ports=blocked_ports
@@ -145,6 +171,8 @@ class HTTPToolExecutor:
         self.env_prefix = env_prefix
         # tool name -> (the schema it was compiled from, its validator)
         self._validators: dict[str, tuple[dict[str, Any], Any]] = {}
+        # tool name -> what every call of that definition sends alike (see _prepared)
+        self._requests: dict[str, _PreparedRequest] = {}
 
     async def aclose(self) -> None:
         """Close the client if this executor created it."""
@@ -171,6 +199,8 @@ class HTTPToolExecutor:
         name = definition["name"]
         args = self._parse_arguments(name, arguments)
         self._validate_arguments(name, definition.get("parameters"), args)
+        if self._transport is not None:
+            return await self._call_direct(name, definition, args, idempotency_key, call_id)
         url = definition["url"]
         headers, secrets = _resolve(definition.get("headers") or {}, self.environ, self.env_prefix)
         if not any(key.lower() == "content-type" for key in headers):
@@ -196,6 +226,87 @@ class HTTPToolExecutor:
                 await pin_request(self.egress, request, False)
                 response = await self._client.send(request, stream=True, follow_redirects=False)
                 try:
+                    return await self._read(name, response, secrets)
+                finally:
+                    await response.aclose()
+
+    def _prepared(self, name: str, definition: Mapping[str, Any]) -> _PreparedRequest:
+        """The parts of ``definition``'s request that are the same on every call, made once per
+        definition (a re-registered tool is a new definition object, compared by value)."""
+        cached = self._requests.get(name)
+        if cached is not None and (
+            cached.definition is definition or cached.definition == definition
+        ):
+            return cached
+        url = definition["url"]
+        literal = {
+            key: "" if value.startswith(ENV_PREFIX) else value
+            for key, value in (definition.get("headers") or {}).items()
+        }  # env: values are read at call time; "" keeps their place
+        if not any(key.lower() == "content-type" for key in literal):
+            literal["content-type"] = "application/json"
+        headers = httpx.Headers(self._client.headers)  # as client.build_request merges them
+        headers.update(literal)
+        timeout_s = float(definition.get("timeout_s", 30))
+        prepared = _PreparedRequest(
+            definition=dict(definition),
+            url=httpx.URL(url),
+            headers=headers,
+            env_headers=any(v.startswith(ENV_PREFIX) for v in (definition.get("headers") or {}).values()),
+            timeout_s=timeout_s,
+            timeout=httpx.Timeout(timeout_s).as_dict(),
+            allow_private=bool(definition.get("allow_private")),
+        )
+        self._requests[name] = prepared
+        return prepared
+
+    async def _call_direct(
+        self,
+        name: str,
+        definition: Mapping[str, Any],
+        args: Any,
+        idempotency_key: str | None,
+        call_id: str | None,
+    ) -> Any:
+        """:meth:`call` over the transport: the same request, headers and cookies as
+        ``client.send`` would make, built from the definition's cached parts."""
+        prepared = self._prepared(name, definition)
+        url = prepared.url
+        headers = httpx.Headers(prepared.headers)
+        ascii_only = prepared.headers.encoding == "ascii"
+        secrets: list[bytes] = []
+        if prepared.env_headers:
+            resolved, secrets = _resolve(definition.get("headers") or {}, self.environ, self.env_prefix)
+            for key, value in resolved.items():
+                headers[key] = value
+                ascii_only = ascii_only and value.isascii()
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+            ascii_only = ascii_only and idempotency_key.isascii()
+        if call_id:
+            headers["X-Stepchain-Call-Id"] = call_id
+            ascii_only = ascii_only and call_id.isascii()
+        if ascii_only:
+            headers.encoding = "ascii"  # what the property would find, without decoding them all
+        timeout_s = prepared.timeout_s
+        cookies = self._client.cookies
+        transport = self._transport
+        assert transport is not None
+        with self._map_errors(name, str(url), timeout_s):
+            # The httpx timeout bounds each read; the outer one the whole call (a slow drip).
+            async with asyncio.timeout(timeout_s):
+                request = httpx.Request(
+                    "POST", url, content=orjson.dumps(args), headers=headers,
+                    extensions={"timeout": prepared.timeout},
+                )  # fmt: skip
+                if cookies.jar:  # the client's jar, as build_request would send it
+                    cookies.set_cookie_header(request)
+                await pin_request(self.egress, request, prepared.allow_private)
+                response = await transport.handle_async_request(request)
+                response.request = request
+                try:
+                    if "set-cookie" in response.headers or "set-cookie2" in response.headers:
+                        cookies.extract_cookies(response)
                     return await self._read(name, response, secrets)
                 finally:
                     await response.aclose()

@@ -38,17 +38,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 __all__ = ["Delta", "Reassembler", "StreamCutError", "new_call_id"]
 
 
-@dataclass(slots=True, frozen=True)
-class Delta:
-    """One normalised piece of a streamed answer.
+class Delta(NamedTuple):
+    """One normalised piece of a streamed answer (immutable; a named tuple: one is made per
+    streamed piece, and a tuple costs a fraction of a frozen dataclass).
 
     ``kind`` is ``"content"``, ``"refusal"``, ``"reasoning"`` or ``"tool_call"``. ``text`` is the
     text piece, or for a tool call the piece of its JSON ``arguments``. ``index`` is the tool call's
@@ -150,32 +149,39 @@ class Reassembler:
                     if text:
                         self._content.append(text)
                         out.append(Delta("content", text))
-                text = delta.get("reasoning_content")
-                if text is None:
-                    text = delta.get("reasoning")
-                    if type(text) is not str:
-                        text = None  # e.g. an object of reasoning details: not text
-                if text:
-                    if self._reasoning is None:
-                        self._reasoning = []
-                    self._reasoning.append(text)
-                    out.append(Delta("reasoning", text))
-                text = delta.get("refusal")
-                if text is not None:
-                    if self._refusal is None:
-                        self._refusal = []
-                    if text:
-                        self._refusal.append(text)
-                        out.append(Delta("refusal", text))
-                pieces = delta.get("tool_calls")
-                if pieces:
-                    for piece in pieces:
-                        self._tool_piece(piece, out)
+                    if len(delta) > 1:  # most chunks carry content alone
+                        self._others(delta, out)
+                else:
+                    self._others(delta, out)
             finish_reason = choice.get("finish_reason")
             if finish_reason is not None:
                 self._finish_reason = finish_reason
                 self._settle_all(out)
         return out
+
+    def _others(self, delta: dict[str, Any], out: list[Delta]) -> None:
+        """The reasoning, refusal and tool-call pieces of a chunk's ``delta``."""
+        text = delta.get("reasoning_content")
+        if text is None:
+            text = delta.get("reasoning")
+            if type(text) is not str:
+                text = None  # e.g. an object of reasoning details: not text
+        if text:
+            if self._reasoning is None:
+                self._reasoning = []
+            self._reasoning.append(text)
+            out.append(Delta("reasoning", text))
+        text = delta.get("refusal")
+        if text is not None:
+            if self._refusal is None:
+                self._refusal = []
+            if text:
+                self._refusal.append(text)
+                out.append(Delta("refusal", text))
+        pieces = delta.get("tool_calls")
+        if pieces:
+            for piece in pieces:
+                self._tool_piece(piece, out)
 
     def _tool_piece(self, piece: dict[str, Any], out: list[Delta]) -> None:
         index = piece.get("index")

@@ -33,6 +33,7 @@ rest (the usage chunk, the end of the body) does not fail the call.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import email.utils
 import time
@@ -41,7 +42,8 @@ from typing import Any
 
 import httpx
 import orjson
-from httpx_sse import EventSource
+# httpx-sse's I/O-free decoders, fed straight from the body (see _sse_batches).
+from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 
 from executors.reassembly import Delta, Reassembler, StreamCutError
 
@@ -124,6 +126,11 @@ class UpstreamClient:
             headers["Authorization"] = f"Bearer {api_key}"
         self._headers = headers
         self._sse_headers = {**headers, "Accept": "text/event-stream", "Cache-Control": "no-store"}
+        # Model calls through ``transport``: complete request headers but Content-Length, built
+        # once (httpx would normalise the dict and add Host on every request).
+        host = [("Host", self._parsed_url.netloc.decode("ascii"))]
+        self._plain_request_headers = httpx.Headers(host + list(headers.items()))
+        self._sse_request_headers = httpx.Headers(host + list(self._sse_headers.items()))
 
     async def aclose(self) -> None:
         """Close the HTTP client if this object created it."""
@@ -199,7 +206,7 @@ class UpstreamClient:
         timer = None
         try:
             async with asyncio.timeout(limit) as timer:
-                async with self._post(payload, self._headers) as response:
+                async with self._post(payload, False) as response:
                     await response.aread()
         except TimeoutError as exc:
             if timer is None or not timer.expired():
@@ -212,18 +219,23 @@ class UpstreamClient:
         return _parse_completion(response.content)
 
     @contextlib.asynccontextmanager
-    async def _post(self, payload: bytes, headers: dict[str, str]) -> AsyncIterator[httpx.Response]:
-        """POST ``payload`` to the chat completions URL; the response body is not read yet."""
+    async def _post(self, payload: bytes, sse: bool) -> AsyncIterator[httpx.Response]:
+        """POST ``payload`` to the chat completions URL (asking for SSE if ``sse``); the response
+        body is not read yet."""
         if self._transport is None:
             async with self._client.stream(
-                "POST", self._url, content=payload, headers=headers, timeout=self._timeout
+                "POST", self._url, content=payload, timeout=self._timeout,
+                headers=self._sse_headers if sse else self._headers,
             ) as response:
                 yield response
             return
+        prepared = httpx.Headers(self._sse_request_headers if sse else self._plain_request_headers)
+        prepared["Content-Length"] = str(len(payload))
         request = httpx.Request(
-            "POST", self._parsed_url, content=payload, headers=headers,
+            "POST", self._parsed_url, headers=prepared, stream=httpx.ByteStream(payload),
             extensions={"timeout": self._timeout_extension},
         )
+        request.read()  # the body is in memory: the transport sends it as bytes
         response = await self._transport.handle_async_request(request)
         response.request = request
         try:
@@ -248,58 +260,59 @@ class UpstreamClient:
         total_at = None if self._total_timeout is None else loop.time() + self._total_timeout
         try:
             async with asyncio.timeout_at(None if limit is None else loop.time() + limit) as timer:
-                async with self._post(payload, self._sse_headers) as response:
+                async with self._post(payload, True) as response:
                     if not 200 <= response.status_code < 300:
                         await response.aread()
                         raise _status_error(response)
                     started = True
-                    content_type = response.headers.get("content-type", "")
-                    if "text/event-stream" not in content_type:
+                    headers = response.headers
+                    if "text/event-stream" not in headers.get("content-type", ""):
                         # A server that ignored "stream": it answered with one JSON completion.
                         completion = _parse_completion(await response.aread())
-                        events: Any = _as_events(_chunk_of(completion))
+                        batches: Any = _one_batch(_chunk_of(completion))
                     else:
                         watch = _IdleWatch(timer, self._idle_timeout)
-                        response.stream = watch.wrap(response.stream)
-                        response.encoding = "utf-8"  # SSE is UTF-8 by definition: no charset sniffing
-                        events = EventSource(response).aiter_sse()
-                    async with contextlib.aclosing(events):
-                        async for sse in events:
+                        encoding = headers.get("content-encoding", "identity").strip().lower()
+                        # The raw body unless it is compressed (then httpx decodes it).
+                        body = response.stream if encoding == "identity" else response.aiter_bytes()
+                        batches = _sse_batches(body, watch)
+                    async with contextlib.aclosing(batches):
+                        async for batch in batches:
                             if not first_event:
                                 first_event = True  # from now on only the total limit is left
                                 if timer.when() != total_at:
                                     timer.reschedule(total_at)
-                            data = sse.data
-                            if saw_done or not data:
-                                continue  # read on to the end of the body: the connection is reused
-                            if data.startswith("[DONE]"):
-                                saw_done = True
-                                continue
-                            try:
-                                chunk = orjson.loads(data)
-                            except orjson.JSONDecodeError as exc:
-                                raise UpstreamError(
-                                    f"The upstream stream sent a line that is not valid JSON: "
-                                    f"{data[:_SNIPPET_CHARS]!r}",
-                                    type="invalid_upstream_response",
-                                    partial=reassembler.partial(),
-                                ) from exc
-                            try:
-                                if chunk.get("error"):
-                                    raise _error_object(chunk, None, partial=reassembler.partial())
-                                deltas = reassembler.feed(chunk)
-                            except (AttributeError, TypeError) as exc:
-                                raise UpstreamError(
-                                    f"The upstream sent a stream chunk that is not a valid "
-                                    f"chat.completion.chunk: {data[:_SNIPPET_CHARS]!r}",
-                                    type="invalid_upstream_response",
-                                    partial=reassembler.partial(),
-                                ) from exc
-                            if on_chunk is not None:
-                                await on_chunk(chunk)
-                            if on_delta is not None:
-                                for delta in deltas:
-                                    await on_delta(delta)
+                            for data in batch:
+                                if saw_done or not data:
+                                    continue  # read on to the end of the body: the connection is reused
+                                if data.startswith("[DONE]"):
+                                    saw_done = True
+                                    continue
+                                try:
+                                    chunk = orjson.loads(data)
+                                except orjson.JSONDecodeError as exc:
+                                    raise UpstreamError(
+                                        f"The upstream stream sent a line that is not valid JSON: "
+                                        f"{data[:_SNIPPET_CHARS]!r}",
+                                        type="invalid_upstream_response",
+                                        partial=reassembler.partial(),
+                                    ) from exc
+                                try:
+                                    if chunk.get("error"):
+                                        raise _error_object(chunk, None, partial=reassembler.partial())
+                                    deltas = reassembler.feed(chunk)
+                                except (AttributeError, TypeError) as exc:
+                                    raise UpstreamError(
+                                        f"The upstream sent a stream chunk that is not a valid "
+                                        f"chat.completion.chunk: {data[:_SNIPPET_CHARS]!r}",
+                                        type="invalid_upstream_response",
+                                        partial=reassembler.partial(),
+                                    ) from exc
+                                if on_chunk is not None:
+                                    await on_chunk(chunk)
+                                if on_delta is not None:
+                                    for delta in deltas:
+                                        await on_delta(delta)
         except TimeoutError as exc:
             if timer is None or not timer.expired():
                 raise
@@ -333,22 +346,23 @@ class UpstreamClient:
 class _IdleWatch:
     """Fires ``timer`` when a read of the response body has waited ``idle`` seconds.
 
-    Only a float store per read on the hot path; one loop timer re-arms itself as needed.
+    Only a float store per read on the hot path (``waiting_since``, set by the reader); one loop
+    timer re-arms itself as needed.
     """
 
-    __slots__ = ("_timer", "_idle", "_loop", "_waiting_since", "_handle", "fired")
+    __slots__ = ("_timer", "_idle", "_loop", "waiting_since", "_handle", "fired")
 
     def __init__(self, timer: asyncio.Timeout, idle: float) -> None:
         self.fired = False
         self._timer = timer
         self._idle = idle
         self._loop = asyncio.get_running_loop()
-        self._waiting_since: float | None = None
+        self.waiting_since: float | None = None
         self._handle = self._loop.call_later(idle, self._check)
 
     def _check(self) -> None:
         now = self._loop.time()
-        since = self._waiting_since
+        since = self.waiting_since
         if since is not None and now - since >= self._idle:
             self.fired = True
             self._timer.reschedule(now)
@@ -356,51 +370,57 @@ class _IdleWatch:
         due = (since if since is not None else now) + self._idle
         self._handle = self._loop.call_at(due, self._check)
 
-    async def _watched(self, stream: httpx.AsyncByteStream) -> AsyncIterator[bytes]:
-        iterator = stream.__aiter__()
-        time = self._loop.time
-        try:
-            while True:
-                self._waiting_since = time()
-                try:
-                    piece = await iterator.__anext__()
-                except StopAsyncIteration:
-                    return
-                self._waiting_since = None
-                yield piece
-        finally:
-            self._waiting_since = None
-            self._handle.cancel()
-
-    def wrap(self, stream: Any) -> httpx.AsyncByteStream:
-        return _WatchedStream(stream, self)
+    def stop(self) -> None:
+        self.waiting_since = None
+        self._handle.cancel()
 
 
-class _WatchedStream(httpx.AsyncByteStream):
-    """The response body stream, with every read timed by an :class:`_IdleWatch`."""
+async def _sse_batches(body: AsyncIterator[bytes], watch: _IdleWatch) -> AsyncIterator[list[str]]:
+    """The ``data`` of the SSE events in a streamed body, one list per read that completed any.
 
-    def __init__(self, inner: httpx.AsyncByteStream, watch: _IdleWatch) -> None:
-        self._inner = inner
-        self._watch = watch
+    httpx-sse's decoders (its line splitter, then its event decoder: ``\r\n``/``\r``/``\n``,
+    comments, multi-line data, events without a final blank line dropped) fed straight from
+    the body's reads, instead of through ``EventSource.aiter_sse()``'s stack of async
+    generators (``aiter_sse`` → lines → ``aiter_text`` → ``aiter_bytes`` → ``aiter_raw``), which
+    cost a generator hop per layer per line. Every read is timed by ``watch``.
+    """
+    text = codecs.getincrementaldecoder("utf-8")("replace")  # SSE is UTF-8 by definition
+    lines = SSELineDecoder()
+    events = SSEDecoder()
+    iterator = body.__aiter__()
+    now = watch._loop.time
+    try:
+        while True:
+            watch.waiting_since = now()
+            try:
+                piece = await iterator.__anext__()
+            except StopAsyncIteration:
+                break
+            watch.waiting_since = None
+            decoded = text.decode(piece)
+            if not decoded:
+                continue
+            batch = []
+            for line in lines.decode(decoded):
+                sse = events.decode(line)
+                if sse is not None:
+                    batch.append(sse.data)
+            if batch:
+                yield batch
+        batch = []
+        for line in lines.decode(text.decode(b"", True)) + lines.flush():
+            sse = events.decode(line)
+            if sse is not None:
+                batch.append(sse.data)
+        if batch:
+            yield batch
+    finally:
+        watch.stop()
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._watch._watched(self._inner)
 
-    async def aclose(self) -> None:
-        self._watch._handle.cancel()
-        await self._inner.aclose()
-
-
-class _Event:
-    __slots__ = ("data",)
-
-    def __init__(self, data: str) -> None:
-        self.data = data
-
-
-async def _as_events(chunk: dict[str, Any]) -> AsyncIterator[_Event]:
-    yield _Event(orjson.dumps(chunk).decode())
-    yield _Event("[DONE]")
+async def _one_batch(chunk: dict[str, Any]) -> AsyncIterator[list[str]]:
+    """A non-streamed completion as the one batch of event data a stream of it would give."""
+    yield [orjson.dumps(chunk).decode(), "[DONE]"]
 
 
 def _chunk_of(completion: dict[str, Any]) -> dict[str, Any]:

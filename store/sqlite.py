@@ -53,6 +53,14 @@ from .worker import BatchingWorker
 __all__ = ["SQLiteStore"]
 
 _T = TypeVar("_T")
+
+# sqlite3 binds None, bool and bytes only after looking for an adapter, and that failed look-up
+# builds and drops an AttributeError per parameter (~13 per response). These adapters bind each
+# exactly as before (NULL, 0/1, BLOB), without it. sqlite3's adapters are process-wide.
+sqlite3.register_adapter(type(None), {}.get)
+sqlite3.register_adapter(bool, int)
+sqlite3.register_adapter(bytes, bytes)
+
 #: Each waiter also re-checks on its own this often, whatever the shared poller does.
 _FALLBACK_POLL_S = 5.0
 
@@ -121,8 +129,10 @@ class SQLiteStore(Store):
         conn = self._conn
         if conn is None:
             raise StoreError("the SQLite store is not open")
-        with ops.translate_errors():
+        try:
             return fn(conn, *args)
+        except ops.FOREIGN_ERRORS as exc:  # as ops.translate_errors, without a generator
+            raise ops.translated(exc) from exc
 
     def _connect(self) -> None:
         if sqlite3.sqlite_version_info < ops.MIN_SQLITE_VERSION:

@@ -14,8 +14,8 @@ transaction: one commit, one write of the pages they share, instead of one per c
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -40,8 +40,10 @@ class BatchingWorker:
 
     def __init__(self, name: str, group: GroupRunner | None = None) -> None:
         self._group = group
-        self._cond = threading.Condition()
-        self._queue: deque[_Item] = deque()
+        # A C queue: put() wakes the worker only when it is waiting, with no Python-level
+        # condition variable in between (the submitting side of every store call).
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # orders submissions against shutdown's end marker
         self._closed = False
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
@@ -58,30 +60,38 @@ class BatchingWorker:
     def _submit(self, fn: Callable[..., _T], args: tuple[Any, ...], grouped: bool) -> asyncio.Future[_T]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise RuntimeError("the worker is shut down")
-            self._queue.append((loop, future, fn, args, grouped))
-            if len(self._queue) == 1:  # the worker may be waiting: it only waits on an empty queue
-                self._cond.notify()
+            self._queue.put((loop, future, fn, args, grouped))
         return future
 
     def shutdown(self) -> None:
         """Run what is queued, then stop the thread (blocks until it has stopped)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)  # the end marker: nothing is queued after it
         self._thread.join()
 
     def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                batch = list(self._queue)
-                self._queue.clear()
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        stop = False
+        while not stop:
+            first = get()  # blocks (without the GIL) until something is queued
+            batch: list[_Item] = []
+            item = first
+            while True:
+                if item is None:
+                    stop = True  # run what came before the end marker, then return
+                    break
+                batch.append(item)
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+            if not batch:
+                continue
             done: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
             for items, results in self._run(batch):
                 for (loop, future, *_rest), (ok, value) in zip(items, results, strict=True):

@@ -93,14 +93,13 @@ class LiveStream:
 
     def emit(self, event: bytes) -> None:
         """Append one encoded event (the ResponseBuilder's ``emit``)."""
-        if self.holding:
-            self.staged.append(event)
-            return
-        if self.stored_first:
-            self.staged.append(event)
-            self.flushable = len(self.staged)
-            if self.on_pending is not None and self.flushable == 1:
-                self.on_pending()
+        if self.holding or self.stored_first:
+            staged = self.staged
+            staged.append(event)
+            if not self.holding:
+                self.flushable = flushable = len(staged)
+                if flushable == 1 and self.on_pending is not None:
+                    self.on_pending()
             return
         self.events.append(event)
         self.nbytes += len(event)
@@ -146,9 +145,10 @@ class LiveStream:
             self.flushable = max(0, self.flushable - len(staged))
             self.events.extend(staged)
             self.nbytes += sum(map(len, staged))
-            for event in staged:
-                for listener in self.listeners:
-                    listener(event)
+            if self.listeners:
+                for event in staged:
+                    for listener in self.listeners:
+                        listener(event)
             if not self.staged:
                 self.holding = False
             self._changed.set()

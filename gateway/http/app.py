@@ -214,6 +214,7 @@ def create_app(
         await registry.load()
         http_tools = HTTPToolExecutor(
             tool_client,
+            transport=tool_transport,
             max_response_bytes=settings.tool_max_response_bytes,
             egress=egress,
             env_prefix=settings.tool_env_prefix,

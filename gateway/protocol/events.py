@@ -45,7 +45,7 @@ from gateway.protocol.truncation import tool_output_text
 from store.types import COMPLETED
 
 from .response_object import response_object
-from .sse import encode_event
+from .sse import encode_fields, event_head
 from .tools import ClientTool, CustomInputDecoder, custom_input
 from .usage import add_chat_usage, zero_usage
 
@@ -90,6 +90,8 @@ class _Part:
     content_index: int
     part: dict[str, Any]
     pieces: list[str] = field(default_factory=list)
+    # A delta event's bytes around its sequence number and its text (built at the first delta).
+    frame: tuple[bytes, bytes, bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -194,9 +196,11 @@ class ResponseBuilder:
         """Emit ``response.created`` and ``response.in_progress`` (empty output), then add the
         ``mcp_list_tools`` items of the listings this response made (``listings`` given)."""
         if self._emit is not None:
+            # Both events carry the same snapshot: its JSON is made once.
+            snapshot = response_object(**self._base, status="in_progress", output=[], usage=None)
+            body = orjson.dumps({"response": snapshot})[1:]
             for kind in ("response.created", "response.in_progress"):
-                snapshot = response_object(**self._base, status="in_progress", output=[], usage=None)
-                self._send(kind, response=snapshot)
+                self._put(b"%b%d,%b\n\n" % (event_head(kind), self._sequence, body))
         if self._listings:
             self.mcp_listings(self._listings)
 
@@ -271,7 +275,11 @@ class ResponseBuilder:
         for index, item in enumerate(self._output):
             if index not in added:
                 self._send("response.output_item.added", output_index=index, item=item)
-            if index in done or id(item) in still_open:
+            if index in done:
+                # As the client saw it (a replayed reasoning item is sealed anew, for one).
+                self._output[index] = done[index]
+                continue
+            if id(item) in still_open:
                 continue
             if index in interrupted:
                 item["status"] = "incomplete"
@@ -421,14 +429,16 @@ class ResponseBuilder:
     # -- items --------------------------------------------------------------------------------
 
     def _send(self, kind: str, **fields: Any) -> None:
-        if self._emit is None:
-            return
-        event = {"type": kind, "sequence_number": self._sequence, **fields}
+        if self._emit is not None:
+            self._put(encode_fields(kind, self._sequence, fields))
+
+    def _put(self, event: bytes) -> None:
+        """Emit (or hold) the encoded event that has the current sequence number."""
         self._sequence += 1
         if self._held is not None:
-            self._held.append(encode_event(event))
+            self._held.append(event)
         else:
-            self._emit(encode_event(event))
+            self._emit(event)  # type: ignore[misc]
 
     def _open(self, item: dict[str, Any]) -> _Item:
         item_id = item["id"]
@@ -509,16 +519,17 @@ class ResponseBuilder:
         part.pieces.append(text)
         if self._emit is None:
             return
-        kind = _DELTA_EVENTS[part.kind]
-        extra = {"logprobs": []} if part.kind == "output_text" else {}
-        self._send(
-            kind,
-            item_id=item.item["id"],
-            output_index=item.output_index,
-            content_index=part.content_index,
-            delta=text,
-            **extra,
-        )
+        frame = part.frame
+        if frame is None:
+            # {"type","sequence_number","item_id","output_index","content_index","delta"
+            # [,"logprobs":[]]}: everything but the sequence number and the text is fixed.
+            middle = b',"item_id":%b,"output_index":%d,"content_index":%d,"delta":' % (
+                orjson.dumps(item.item["id"]), item.output_index, part.content_index
+            )
+            tail = b',"logprobs":[]}\n\n' if part.kind == "output_text" else b"}\n\n"
+            frame = part.frame = (event_head(_DELTA_EVENTS[part.kind]), middle, tail)
+        head, middle, tail = frame
+        self._put(b"%b%d%b%b%b" % (head, self._sequence, middle, orjson.dumps(text), tail))
 
     def _close_parts(self, item: _Item, final: dict[str, str]) -> None:
         """Finish every part of ``item``: text = ``final[kind]`` if given, else what streamed."""

@@ -199,6 +199,23 @@ def test_own_non_loopback_address_is_blocked() -> None:
     assert check(policy, "http://10.1.2.4:8080/") == "10.1.2.4"
 
 
+def test_a_passed_literal_check_is_not_reused_once_an_own_socket_is_noted() -> None:
+    """Checks of address literals are remembered, but never past a change of the gateway's own
+    sockets: a port that passed becomes refused the moment the gateway is seen listening on it."""
+    policy = EgressPolicy(allowed_networks=["127.0.0.0/8"])
+    for _ in range(2):  # the second answer comes from the remembered check
+        assert check(policy, "http://127.0.0.1:8125/") == "127.0.0.1"
+    policy.note_own_socket(("127.0.0.1", 8125))
+    assert "own address" in refused(policy, "http://127.0.0.1:8125/")
+    policy.note_own_socket(("127.0.0.1", 8125))  # the same socket again: still refused
+    assert "own address" in refused(policy, "http://127.0.0.1:8125/")
+    # A refusal is never remembered as a pass, and allow_private is part of what was checked.
+    strict = EgressPolicy()
+    assert check(strict, "http://10.0.0.1/", allow_private=True) == "10.0.0.1"
+    assert "private" in refused(strict, "http://10.0.0.1/")
+    assert "private" in refused(strict, "http://10.0.0.1/")
+
+
 def test_unresolvable_name_is_refused() -> None:
     assert "does not resolve" in refused(EgressPolicy(), "http://no-such-host.invalid/")
 

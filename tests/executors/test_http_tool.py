@@ -94,6 +94,13 @@ async def _big_stream(request: Request) -> Response:
     return StreamingResponse(body(), media_type="text/plain")
 
 
+async def _cookie(request: Request) -> Response:
+    """Sets a cookie and tells which one it was sent (a tool server with a session)."""
+    response = JSONResponse({"sent": request.headers.get("cookie")})
+    response.set_cookie("session", "abc")
+    return response
+
+
 async def _redirect(request: Request) -> Response:
     return RedirectResponse("/echo", status_code=307)
 
@@ -112,6 +119,7 @@ ROUTES = {
     "/big": _big,
     "/big-stream": _big_stream,
     "/redirect": _redirect,
+    "/cookie": _cookie,
 }
 
 
@@ -204,6 +212,36 @@ def test_shared_client_is_not_closed(tool_server: str) -> None:
             assert not client.is_closed
 
     asyncio.run(run())
+
+
+def test_the_direct_path_sends_what_the_client_would(tool_server: str) -> None:
+    """Over the transport (as the gateway runs it) a call sends the same headers, body and
+    cookies as through ``client.send``, and keeps the cookies a tool sets in the client's jar."""
+    import httpx
+
+    definition = tool(
+        f"{tool_server}/echo", headers={"X-Key": "env:STEPCHAIN_TOOL_WEATHER_KEY", "X-Plain": "v"}
+    )
+    environ = {"STEPCHAIN_TOOL_WEATHER_KEY": SECRET}
+
+    async def run(direct: bool) -> tuple[Any, Any, Any]:
+        transport = httpx.AsyncHTTPTransport()
+        async with httpx.AsyncClient(transport=transport) as client:
+            executor = HTTPToolExecutor(
+                client, transport=transport if direct else None, environ=environ,
+                allowed_networks=("127.0.0.0/8",),
+            )  # fmt: skip
+            echoed = await executor.call(definition, '{"city": "Köln"}', idempotency_key="step_1", call_id="call_1")
+            first = await executor.call(tool(f"{tool_server}/cookie"), "{}")
+            second = await executor.call(tool(f"{tool_server}/cookie"), "{}")
+            return echoed, first, second
+
+    via_client, via_transport = asyncio.run(run(False)), asyncio.run(run(True))
+    assert via_transport == via_client
+    echoed, first, second = via_transport
+    assert echoed["json"] == {"city": "Köln"}
+    assert {"x-key", "x-plain", "idempotency-key", "x-stepchain-call-id", "user-agent"} <= set(echoed["headers"])
+    assert first == {"sent": None} and second == {"sent": "session=abc"}
 
 
 # -- failures the model sees --------------------------------------------------------------------

@@ -434,3 +434,34 @@ def test_time_spent_in_callbacks_is_not_idle_time() -> None:
             return await upstream.chat_completion(STREAM, on_delta=slow)
 
     assert message_of(asyncio.run(main()))["content"] == "HiHi"
+
+
+# --- SSE framing (httpx-sse's decoders fed from the body's reads) ---------------------------------
+
+WIDE = {**HEAD, "choices": [{"index": 0, "delta": {"content": "é€😀\u2028x"}, "finish_reason": None}]}
+
+
+def _framed(newline: bytes) -> bytes:
+    body = b": a comment\n" + sse(HI, WIDE) + b"event: ignored\n" + sse(STOP, "[DONE]")
+    return body.replace(b"\n", newline)
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1 << 16])
+def test_any_line_ending_and_any_read_boundary(newline: bytes, size: int) -> None:
+    """Reads split anywhere (inside a UTF-8 sequence, between \\r and \\n) give the same text."""
+    body = _framed(newline)
+    pieces = [body[i : i + size] for i in range(0, len(body), size)]
+    completion = mocked(mock(pieces=pieces), STREAM)
+    assert message_of(completion)["content"] == "Hié€😀\u2028x"
+    assert completion["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_compressed_stream_is_decoded() -> None:
+    import gzip
+
+    body = gzip.compress(_framed(b"\n"))
+    pieces = [body[: len(body) // 2], body[len(body) // 2 :]]
+    headers = {"content-type": "text/event-stream", "content-encoding": "gzip"}
+    completion = mocked(mock(pieces=pieces, headers=headers), STREAM)
+    assert message_of(completion)["content"] == "Hié€😀\u2028x"

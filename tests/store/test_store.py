@@ -636,8 +636,9 @@ def test_complete_step_with_the_response_result_in_one_write(store: Store) -> No
 
 def test_calls_queued_together_commit_together_and_fail_alone(tmp_path: Path) -> None:
     """Store calls that pile up while the worker is busy run as one transaction (one commit),
-    each in its own savepoint: the illegal one is rolled back alone and raises, the others are
-    committed before their callers hear back (another connection sees them)."""
+    and when one of them fails the group falls back to one call at a time: the illegal one
+    raises alone, the others are committed before their callers hear back (another connection
+    sees them)."""
     path = tmp_path / "store.db"
 
     async def main() -> tuple[list[Any], str, list[str]]:

@@ -115,3 +115,37 @@ def test_the_total_cap_trims_every_log(tmp_path):
         await store.close()
 
     asyncio.run(run())
+
+
+def test_stored_first_a_burst_first_event_goes_out_after_a_write_of_its_own(tmp_path):
+    """With stored-first, the events emitted before the emitting task yields are stored by one
+    write started at once; what the rest of the burst emits meanwhile queues behind that write
+    and reaches followers only with the write that carries it (never before it is stored)."""
+
+    async def run() -> None:
+        store = await _store(tmp_path)
+        live = LiveStreams(stored_first=True)
+        log = live.open("resp_live")
+        writer = ResponseWriter(store, "resp_live", Fence("me", 1), log)
+        seen: list[tuple[int, int]] = []  # (sequence published, events stored by then)
+        log.listeners.append(lambda event: seen.append((len(seen), log.end)))
+        first = [_event(i) for i in range(3)]  # item added, part added, the first delta
+        rest = [_event(i) for i in range(3, 12)]
+        for event in first:
+            log.emit(event)
+        await asyncio.sleep(0)  # the model call's pause after its first delta
+        for event in rest:
+            log.emit(event)
+        assert log.end == 0  # nothing published before it is stored
+        terminal = _event(12, "response.completed")
+        log.hold()
+        log.emit(terminal)
+        await writer.update_response("resp_live", status="completed")
+        assert log.end == 13 and log.persisted == 13
+        assert [end for _, end in seen[:3]] == [3, 3, 3]  # the first write carried only those
+        stored = await store.list_events("resp_live")
+        assert [event for _, event in stored] == [*first, *rest, terminal]
+        await writer.close()
+        await store.close()
+
+    asyncio.run(run())

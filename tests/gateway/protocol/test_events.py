@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from executors.reassembly import Delta
 from gateway.protocol.events import ResponseBuilder
-from gateway.protocol.sse import DONE, encode_event
+from gateway.protocol.sse import DONE, encode_event, encode_fields
 from gateway.testing.serving import serve_app
 from store.types import MODEL_CALL, TOOL_CALL, Step
 
@@ -166,6 +166,8 @@ def check_stream(data, final):
     assert b"".join(b"event: %s\ndata: %s\n\n" % f for f in frames) == data  # nothing else in it
     events = [orjson.loads(payload) for _, payload in frames]
     assert [e["type"].encode() for e in events] == [name for name, _ in frames]
+    # Byte-exact: every frame, however it was assembled, is encode_event of its own event.
+    assert b"".join(encode_event(event) for event in events) == data
 
     # The SDK: its SSE decoder, its event union (strictly validated), its accumulator.
     decoded = [sse.json() for sse in SSEDecoder().iter_bytes(iter([data]))]
@@ -265,6 +267,42 @@ def stream_and_plain(script, **kwargs):
 )
 def test_encode_event_byte_exact(event, expected):
     assert encode_event(event) == expected
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["response.output_text.delta", "response.output_item.added", "x"]),
+    st.integers(0, 10**9),
+    st.dictionaries(
+        st.text(max_size=8).filter(lambda k: k not in ("type", "sequence_number")),
+        _json, min_size=0, max_size=4,
+    ),
+)
+def test_encode_fields_is_encode_event(kind, sequence, fields):
+    expected = encode_event({"type": kind, "sequence_number": sequence, **fields})
+    assert encode_fields(kind, sequence, fields) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=5), st.sampled_from(["content", "refusal", "reasoning"]))
+def test_delta_frames_are_byte_exact(pieces, kind):
+    """Text deltas are assembled from cached pieces: the same bytes as encode_event."""
+    chunks = []
+    builder = ResponseBuilder(BASE, hosted_tools=HOSTED, emit=chunks.append)
+    builder.start()
+    for piece in pieces:
+        builder.model_delta("step_b1", Delta(kind, piece))
+    assert len(chunks) > len(pieces)
+    for chunk in chunks:
+        event = orjson.loads(chunk[chunk.index(b"data: ") + 6 :])
+        assert chunk == encode_event(event)
 
 
 def test_done_marker():
