@@ -53,6 +53,8 @@ logger = logging.getLogger("stepchain.writer")
 __all__ = ["ResponseWriter"]
 
 _T = TypeVar("_T")
+# Deletions of responses whose creation may have committed unacknowledged (kept referenced).
+_DISCARDING: set[asyncio.Task[None]] = set()
 
 _STEP_WRITES = frozenset({"mark_processing", "complete_step", "fail_step", "cancel_step"})
 # The state each step transition moves its step to (how a retry recognises its own commit).
@@ -100,8 +102,37 @@ class ResponseWriter:
     # -- writes ----------------------------------------------------------------------------------
 
     async def create_response(self, *args: Any, **kwargs: Any) -> Any:
-        """Not retried: a new response the store cannot take fails at once (HTTP 503)."""
-        return await self._write("create_response", args, kwargs, retry=False)
+        """Not retried: a new response the store cannot take fails at once (HTTP 503). If the
+        connection broke while its COMMIT was in flight it may be stored all the same, leased
+        to this live process that will never run it: it is deleted in the background once the
+        store answers again (its client was told it failed, and never saw its id)."""
+        try:
+            return await self._write("create_response", args, kwargs, retry=False)
+        except StoreUnavailableError:
+            record = args[0] if args else kwargs["response"]
+            task = asyncio.ensure_future(self._discard(record.id))
+            _DISCARDING.add(task)
+            task.add_done_callback(_DISCARDING.discard)
+            raise
+
+    async def _discard(self, response_id: str, give_up_s: float = 600.0) -> None:
+        deadline = asyncio.get_running_loop().time() + give_up_s
+        delay = 0.05
+        while True:
+            try:
+                if await self.store.delete_response(response_id):
+                    logger.warning("response %s: its creation had committed unacknowledged; "
+                                   "deleted (its client got a 503)", response_id)  # fmt: skip
+                return
+            except StoreUnavailableError:
+                if asyncio.get_running_loop().time() > deadline:
+                    logger.error("response %s may be stored unacknowledged", response_id)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+            except StoreError as exc:
+                logger.error("response %s may be stored unacknowledged: %s", response_id, exc)
+                return
 
     async def record_steps(self, *args: Any, **kwargs: Any) -> Any:
         """As :meth:`store.base.Store.record_steps`, with the steps' ids made here (once, not

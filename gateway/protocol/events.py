@@ -275,7 +275,11 @@ class ResponseBuilder:
         for index, item in enumerate(self._output):
             if index not in added:
                 self._send("response.output_item.added", output_index=index, item=item)
-            if index in done or id(item) in still_open:
+            if index in done:
+                # As the client saw it (a replayed reasoning item is sealed anew, for one).
+                self._output[index] = done[index]
+                continue
+            if id(item) in still_open:
                 continue
             if index in interrupted:
                 item["status"] = "incomplete"

@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+import threading
+from collections.abc import Iterator
 
-__all__ = ["CommitCutProxy"]
+__all__ = ["CommitCutProxy", "proxy_in_thread"]
 
 
 class CommitCutProxy:
@@ -29,7 +31,7 @@ class CommitCutProxy:
         self.target = (host, port)
         self.port = 0
         self.cuts = 0  # how many statements had their answer cut so far
-        self._marker: bytes | None = None
+        self._marker: tuple[bytes, ...] | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -48,10 +50,10 @@ class CommitCutProxy:
             await asyncio.wait(list(self._tasks), timeout=10)
         await self._server.wait_closed()
 
-    def cut_after(self, marker: bytes) -> None:
-        """Cut the answer of the next statement whose client bytes contain ``marker`` (as is,
-        or hex-encoded: a ``bytea`` parameter in text format)."""
-        self._marker = marker
+    def cut_after(self, *markers: bytes) -> None:
+        """Cut the answer of the next statement whose client bytes contain every one of
+        ``markers`` (each as is, or hex-encoded: a ``bytea`` parameter in text format)."""
+        self._marker = markers
 
     # -- one connection -----------------------------------------------------------------------
 
@@ -84,18 +86,40 @@ class CommitCutProxy:
     async def _client_to_server(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: dict[str, bool]
     ) -> None:
-        tail = b""
+        """Forward the client's bytes; arm the cut when one batch of its messages (up to a
+        ``Sync``: a statement's Parse, Bind and Execute, or a pipeline's) holds every marker."""
+        buffer = batch = b""
+        startup = True  # the untyped startup message (after any SSL/GSS request) comes first
         while True:
             data = await reader.read(65536)
             if not data:
                 writer.write_eof()
                 return
-            marker = self._marker
-            seen = tail + data
-            if marker is not None and (marker in seen or marker.hex().encode() in seen):
-                self._marker = None  # once per arming
-                state["armed"] = True
-            tail = (tail + data)[-4096:]
+            buffer += data
+            while True:
+                if startup:
+                    if len(buffer) < 8:
+                        break
+                    (length,) = struct.unpack("!I", buffer[:4])
+                    if len(buffer) < length:
+                        break
+                    code = struct.unpack("!I", buffer[4:8])[0]
+                    startup = code in (80877103, 80877104)  # SSL/GSS request: startup follows
+                    buffer = buffer[length:]
+                    continue
+                if len(buffer) < 5:
+                    break
+                (length,) = struct.unpack("!I", buffer[1:5])
+                if len(buffer) < length + 1:
+                    break
+                message, buffer = buffer[: length + 1], buffer[length + 1 :]
+                batch += message
+                markers = self._marker
+                if markers is not None and all(m in batch or m.hex().encode() in batch for m in markers):
+                    self._marker = None  # once per arming
+                    state["armed"] = True
+                if message[:1] == b"S":
+                    batch = b""
             writer.write(data)
             await writer.drain()
 
@@ -141,3 +165,22 @@ class CommitCutProxy:
             writer.write(message)
             if kind == b"Z" or in_transaction:
                 await writer.drain()
+
+
+@contextlib.contextmanager
+def proxy_in_thread(host: str, port: int) -> Iterator[CommitCutProxy]:
+    """A :class:`CommitCutProxy` on an event loop of its own thread (for servers in other
+    processes); stopped, with its connections, when the block ends."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="commit-cut-proxy", daemon=True)
+    thread.start()
+    proxy = CommitCutProxy(host, port)
+    try:
+        asyncio.run_coroutine_threadsafe(proxy.__aenter__(), loop).result(30)
+        yield proxy
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(proxy.__aexit__(None, None, None), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()

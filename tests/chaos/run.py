@@ -14,8 +14,9 @@ The report holds, per guarantee, what broke it (empty lists when it holds):
 - ``steps_processing``: steps still ``processing`` in the database;
 - ``duplicate_executions``: non-idempotent tool calls the tool server executed more than once;
 - ``stream_mismatches``: streams whose events (concatenated over re-attachments) are not exactly a
-  fresh full replay from another replica, have a gap or repeat in ``sequence_number``, or not
-  exactly one terminal event, last.
+  fresh full replay from another replica, have a gap or repeat in ``sequence_number``, not
+  exactly one terminal event, last, or a terminal ``output`` other than the items their
+  ``output_item.added`` / ``.done`` events showed (a take-over, or several, loses no item).
 """
 
 from __future__ import annotations
@@ -352,23 +353,31 @@ class _Run:
                 raise task.exception()  # type: ignore[misc]
 
     async def replay(self, stream: Stream) -> list[dict[str, Any]] | str:
-        """A fresh full replay of ``stream``'s response from a replica it did not end on."""
-        index = self._pick(stream.replicas[-1], stream.replicas[-1] + 1)
-        stream.replay_from = index
-        out: list[dict[str, Any]] = []
+        """A fresh full replay of ``stream``'s response from a replica it did not end on. A
+        replay whose own connection fails (not a finding about the response: e.g. a pooled
+        keep-alive connection to a replica's killed predecessor) is tried again, up to three
+        times, from the next replica."""
+        failures: list[str] = []
+        for attempt in range(3):
+            index = self._pick(stream.replicas[-1], stream.replicas[-1] + 1 + attempt)
+            stream.replay_from = index
+            out: list[dict[str, Any]] = []
 
-        async def read() -> None:
-            events = await self.clients[index].responses.retrieve(stream.response_id, stream=True)  # type: ignore[arg-type]
-            async for event in events:
-                out.append(event.to_dict())
+            async def read() -> None:
+                events = await self.clients[index].responses.retrieve(stream.response_id, stream=True)  # type: ignore[arg-type]
+                async for event in events:
+                    out.append(event.to_dict())
 
-        try:
-            await asyncio.wait_for(read(), REPLAY_TIMEOUT_S)
-        except _RETRYABLE as exc:
-            return f"{type(exc).__name__}: {exc}"
-        except asyncio.TimeoutError:
-            return f"the replay did not end within {REPLAY_TIMEOUT_S:g} s ({len(out)} events)"
-        return out
+            try:
+                await asyncio.wait_for(read(), REPLAY_TIMEOUT_S)
+            except _RETRYABLE as exc:
+                failures.append(f"replica {index}: {type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.5)
+                continue
+            except asyncio.TimeoutError:
+                return f"the replay did not end within {REPLAY_TIMEOUT_S:g} s ({len(out)} events)"
+            return out
+        return "; ".join(failures)
 
     async def close(self) -> None:
         for client in self.clients:
@@ -383,6 +392,14 @@ def _check_sequence(events: list[dict[str, Any]]) -> str | None:
     terminals = [i for i, e in enumerate(events) if e.get("type") in TERMINAL]
     if len(terminals) != 1 or terminals[0] != len(events) - 1:
         return f"terminal events at {terminals} of {len(events)}"
+    # The output: one item per output_item.added, each as its output_item.done event showed it.
+    added = [e.get("output_index") for e in events if e.get("type") == "response.output_item.added"]
+    done = {e.get("output_index"): e.get("item") for e in events
+            if e.get("type") == "response.output_item.done"}  # fmt: skip
+    output = (events[-1].get("response") or {}).get("output")
+    if added != list(range(len(added))) or output != [done.get(i) for i in range(len(added))]:
+        return (f"the terminal output ({len(output or [])} items) is not the {len(added)} items "
+                f"added and done (added at {added[:12]}, done at {sorted(done)[:12]})")
     return None
 
 

@@ -210,3 +210,98 @@ def test_step_ids_given_by_the_caller_conflict_instead_of_writing_twice(db_url):
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_gateway_that_loses_a_commit_answer_writes_each_step_once(pg_dsn, tmp_path):
+    """End to end: a real ``stepchain serve`` on PostgreSQL through the proxy; the write of the
+    model's tool call step loses its answer after committing. The response completes, the tool
+    runs once, and the chain holds each step once, none left ``processing``."""
+    import threading
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from gateway.testing.scripted_upstream import Reply, ScriptedModel, create_scripted_upstream
+    from gateway.testing.serving import serve_app
+    from tests.chaos.commit_cut import proxy_in_thread
+    from tests.gateway.engine.test_durability import _status, gateway
+
+    call_id = new_id("call")
+    calls: list[dict] = []
+    lock = threading.Lock()
+
+    def script(body: dict) -> Reply:
+        if any(m["role"] == "tool" for m in body["messages"]):
+            return Reply(content="done")
+        return Reply(tool_calls=[{"id": call_id, "name": "charge", "arguments": '{"q": 1}'}])
+
+    async def tool(request: Request) -> JSONResponse:
+        with lock:
+            calls.append(await request.json())
+        return JSONResponse({"charged": True})
+
+    tools = Starlette(routes=[Route("/tool", tool, methods=["POST"])])
+    with proxy_in_thread(*_target(pg_dsn)) as proxy, \
+            serve_app(create_scripted_upstream(ScriptedModel(default=script))) as upstream, \
+            serve_app(tools) as tool_url, \
+            gateway(_via(pg_dsn, proxy.port), f"{upstream}/v1", tmp_path / "gw.log") as (url, _):  # fmt: skip
+        created = httpx.post(f"{url}/v1/tools", json={
+            "name": "charge", "description": "d", "url": f"{tool_url}/tool", "idempotent": False,
+        })  # fmt: skip
+        assert created.status_code == 201, created.text
+        # The statement that inserts the tool call's step (its call_id is in its payload).
+        proxy.cut_after(call_id.encode(), b"INSERT INTO steps")
+        reply = httpx.post(f"{url}/v1/responses", timeout=120,
+                           json={"model": "scripted-model", "input": "go"})  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert proxy.cuts == 1
+    assert body["status"] == "completed", body
+    assert len(calls) == 1
+    steps = _status(pg_dsn, body["id"])["steps"]
+    assert [(s.kind, s.state) for s in steps] == [
+        ("model_call", "completed"), ("tool_call", "completed"), ("model_call", "completed"),
+    ]
+    assert [s.sequence for s in steps] == [1, 2, 3]
+
+
+def test_a_creation_that_commits_unacknowledged_is_not_left_behind(pg_dsn, tmp_path):
+    """The write that creates a response commits, its answer is lost: the client gets a 503
+    (creations are not retried), and the stored response — leased to a live process that will
+    never run it — is deleted once the store answers again, instead of staying in_progress."""
+    import httpx
+    import psycopg
+
+    from gateway.testing.scripted_upstream import ScriptedModel, create_scripted_upstream
+    from gateway.testing.serving import serve_app
+    from tests.chaos.commit_cut import proxy_in_thread
+    from tests.gateway.engine.test_durability import gateway
+
+    marker = new_id("marker")
+
+    def stored() -> int:
+        with psycopg.connect(pg_dsn) as conn:
+            row = conn.execute("SELECT count(*) FROM responses WHERE request::text LIKE %s",
+                               (f"%{marker}%",)).fetchone()  # fmt: skip
+        return row[0] if row else 0
+
+    with proxy_in_thread(*_target(pg_dsn)) as proxy, \
+            serve_app(create_scripted_upstream(ScriptedModel())) as upstream, \
+            gateway(_via(pg_dsn, proxy.port), f"{upstream}/v1", tmp_path / "gw.log") as (url, _):  # fmt: skip
+        proxy.cut_after(marker.encode(), b"INSERT INTO responses")
+        reply = httpx.post(f"{url}/v1/responses", timeout=120,
+                           json={"model": "scripted-model", "input": marker})  # fmt: skip
+        assert proxy.cuts == 1
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["error"]["type"]
+        deadline = time.monotonic() + 60  # the deletion follows at once; a bound, not a speed
+        while stored() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stored() == 0
+        # And the gateway serves the client's retry normally.
+        again = httpx.post(f"{url}/v1/responses", timeout=120,
+                           json={"model": "scripted-model", "input": "again"})  # fmt: skip
+        assert again.status_code == 200 and again.json()["status"] == "completed"
