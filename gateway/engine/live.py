@@ -24,7 +24,9 @@ from typing import Any
 
 from gateway.protocol.events import ResponseBuilder
 
-__all__ = ["LiveStream", "LiveStreams", "follow_store", "is_terminal", "replay_events"]
+__all__ = [
+    "LiveStream", "LiveStreams", "ends_stream", "follow_store", "is_terminal", "replay_events",
+]
 
 _TERMINAL = (
     b"event: response.completed\n",
@@ -39,6 +41,13 @@ _UNFINISHED = ("queued", "in_progress")
 def is_terminal(event: bytes) -> bool:
     """Whether an encoded event ends its response's stream."""
     return event.startswith(_TERMINAL)
+
+
+def ends_stream(chunk: bytes) -> bool:
+    """Whether the last of the encoded events joined in ``chunk`` ends its response's stream
+    (an event's JSON is one line, so events are split by ``\n\nevent: ``)."""
+    last = chunk.rfind(b"\n\nevent: ")
+    return chunk.startswith(_TERMINAL, last + 2 if last >= 0 else 0)
 
 
 class LiveStream:

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.engine.live import stored_events
+from gateway.engine.live import ends_stream, stored_events
 from gateway.engine.service import Prepared, ResponsesService, record_to_object
 from gateway.errors import GatewayError, InvalidRequestError, NotFoundError
 from gateway.protocol.sse import DONE
@@ -102,7 +102,7 @@ def _trace_headers(scope: dict[str, Any]) -> dict[str, str] | None:
 
 
 def _sse(events: AsyncIterator[bytes]) -> EventStreamResponse:
-    return EventStreamResponse(events, tail=DONE)
+    return EventStreamResponse(events, tail=DONE, ends=ends_stream)
 
 
 async def _cancel_on_disconnect(
@@ -151,7 +151,8 @@ async def get_response(request: Request) -> Response | EventStreamResponse:
     # Following the store may wait for a response running elsewhere: stop when the client
     # leaves rather than when that response ends.
     return EventStreamResponse(
-        stored_events(service, record, starting_after), tail=DONE, watch_disconnect=True
+        stored_events(service, record, starting_after), tail=DONE, watch_disconnect=True,
+        ends=ends_stream,
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 __all__ = ["EventStreamResponse"]
@@ -35,10 +35,13 @@ class EventStreamResponse:
     ``headers`` are extra response headers (lower-case names). The iterator is closed however the
     body ends (finished, client gone, or cancelled), so its ``finally`` blocks run. With
     ``watch_disconnect`` the body is also cancelled as soon as the client's ``http.disconnect``
-    arrives (one extra task per response).
+    arrives (one extra task per response). ``ends(chunk)`` says a chunk is the stream's last
+    (e.g. it ends with the terminal event): it goes out together with ``tail`` as the final
+    body message, one write instead of two, and the iterator is closed without being asked for
+    more.
     """
 
-    __slots__ = ("chunks", "raw_headers", "status_code", "tail", "watch_disconnect")
+    __slots__ = ("chunks", "ends", "raw_headers", "status_code", "tail", "watch_disconnect")
 
     def __init__(
         self,
@@ -47,8 +50,10 @@ class EventStreamResponse:
         tail: bytes = b"",
         headers: Mapping[str, str] | None = None,
         watch_disconnect: bool = False,
+        ends: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.chunks = chunks
+        self.ends = ends
         self.tail = tail
         self.watch_disconnect = watch_disconnect
         self.status_code = 200
@@ -74,8 +79,13 @@ class EventStreamResponse:
     async def _send_all(self, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         chunks = self.chunks
+        ends = self.ends
         try:
             async for chunk in chunks:
+                if ends is not None and ends(chunk):
+                    body = chunk + self.tail
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                    return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": self.tail, "more_body": False})
         except OSError:

@@ -91,3 +91,49 @@ def test_a_client_gone_on_a_spec_2_4_server_ends_the_body():
         return calls
 
     assert asyncio.run(main()) == 3 and closed == [True]
+
+
+def test_the_last_chunk_goes_out_with_the_tail_and_nothing_more_is_asked_for():
+    from gateway.engine.live import ends_stream
+    from gateway.protocol.sse import encode_event
+
+    asked = []
+
+    async def chunks():
+        delta = encode_event({"type": "response.output_text.delta", "sequence_number": 0, "delta": "x"})
+        completed = encode_event({"type": "response.completed", "sequence_number": 1, "response": {}})
+        asked.append(1)
+        yield delta
+        asked.append(2)
+        yield delta + completed
+        asked.append(3)  # never: the terminal event ended the body
+        yield b": keep-alive\n\n"
+
+    async def main():
+        receive, send, sent = _asgi(None)
+        await EventStreamResponse(chunks(), tail=b"data: [DONE]\n\n", ends=ends_stream)(
+            {"type": "http"}, receive, send
+        )
+        return sent
+
+    _, *bodies = asyncio.run(main())
+    assert [m["more_body"] for m in bodies] == [True, False]
+    assert bodies[-1]["body"].startswith(b"event: response.output_text.delta\n")
+    assert bodies[-1]["body"].endswith(b"event: response.completed\ndata: "
+                                       b'{"type":"response.completed","sequence_number":1,"response":{}}\n\n'
+                                       b"data: [DONE]\n\n")
+    assert asked == [1, 2]
+
+
+def test_ends_stream_looks_at_the_last_event_only():
+    from gateway.engine.live import ends_stream
+    from gateway.protocol.sse import encode_event
+
+    def ev(kind, **fields):
+        return encode_event({"type": kind, "sequence_number": 0, **fields})
+
+    assert ends_stream(ev("response.completed", response={}))
+    assert ends_stream(ev("response.output_text.delta", delta="event: response.completed\n") + ev("response.failed"))
+    assert not ends_stream(ev("response.completed") + ev("response.output_text.delta", delta="x"))
+    assert not ends_stream(ev("response.output_text.delta", delta="\n\nevent: response.completed\n"))
+    assert not ends_stream(b": keep-alive\n\n")
