@@ -40,6 +40,7 @@ import jsonschema.validators
 import orjson
 
 from .egress import ALLOW_PRIVATE_EXTENSION, EgressError, EgressPolicy, host_matches, pin_request
+from .quickcheck import compile_quick_check
 
 __all__ = ["ENV_PREFIX", "ENV_VAR_PREFIX", "HTTPToolExecutor", "ToolError", "resolve_headers"]
 
@@ -169,8 +170,8 @@ class HTTPToolExecutor:
         )
         self.environ = environ
         self.env_prefix = env_prefix
-        # tool name -> (the schema it was compiled from, its validator)
-        self._validators: dict[str, tuple[dict[str, Any], Any]] = {}
+        # tool name -> (the schema it was compiled from, its validator, its quick check)
+        self._validators: dict[str, tuple[dict[str, Any], Any, Any]] = {}
         # tool name -> what every call of that definition sends alike (see _prepared)
         self._requests: dict[str, _PreparedRequest] = {}
 
@@ -326,13 +327,15 @@ class HTTPToolExecutor:
             return
         cached = self._validators.get(name)
         if cached is not None and (cached[0] is schema or cached[0] == schema):
-            validator = cached[1]
+            validator, quick = cached[1], cached[2]
         else:
             cls = jsonschema.validators.validator_for(
                 schema, default=jsonschema.Draft202012Validator
             )
-            validator = cls(schema)
-            self._validators[name] = (schema, validator)
+            validator, quick = cls(schema), compile_quick_check(schema)
+            self._validators[name] = (schema, validator, quick)
+        if quick is not None and quick(args):
+            return  # certainly valid (executors/quickcheck.py): jsonschema would find nothing
         try:
             error = jsonschema.exceptions.best_match(validator.iter_errors(args))
         except Exception as exc:  # e.g. a $ref that cannot be resolved: the schema's fault

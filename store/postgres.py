@@ -237,7 +237,7 @@ class PostgresStore(PostgresRecords, Store):
             return []
 
         async def go(conn: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
-            cursor = await conn.execute(sql, params)  # type: ignore[arg-type]
+            cursor = await ops.run(conn, sql, params)
             return await cursor.fetchall()
 
         return await self._run(go)
@@ -251,7 +251,7 @@ class PostgresStore(PostgresRecords, Store):
             return 0
 
         async def go(conn: psycopg.AsyncConnection[Any]) -> int:
-            cursor = await conn.execute(sql, params)  # type: ignore[arg-type]
+            cursor = await ops.run(conn, sql, params)
             return cursor.rowcount
 
         return await self._run(go)
@@ -282,6 +282,7 @@ class PostgresStore(PostgresRecords, Store):
             max_size=self._max_size,
             timeout=self._pool_timeout_s,
             kwargs=self._conn_kwargs(),
+            connection_class=ops.StoreConnection,
             configure=self._configure,
             check=self._check,
             # Give up a failing reconnect attempt soon: the next call starts a fresh one, so

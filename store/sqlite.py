@@ -53,6 +53,14 @@ from .worker import BatchingWorker
 __all__ = ["SQLiteStore"]
 
 _T = TypeVar("_T")
+
+# sqlite3 binds None, bool and bytes only after looking for an adapter, and that failed look-up
+# builds and drops an AttributeError per parameter (~13 per response). These adapters bind each
+# exactly as before (NULL, 0/1, BLOB), without it. sqlite3's adapters are process-wide.
+sqlite3.register_adapter(type(None), {}.get)
+sqlite3.register_adapter(bool, int)
+sqlite3.register_adapter(bytes, bytes)
+
 #: Each waiter also re-checks on its own this often, whatever the shared poller does.
 _FALLBACK_POLL_S = 5.0
 

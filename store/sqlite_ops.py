@@ -63,6 +63,14 @@ Items = tuple[str, Sequence[dict[str, Any]]] | None
 
 _loads = orjson.loads
 
+# CPython's sqlite3 binds int, float, str and bytearray parameters directly, but sends None and
+# bytes through its adaptation protocol: a failed adapter lookup, a failed ``__adapt__`` lookup
+# that formats and clears an AttributeError, and a ``__conform__`` lookup — thousands of
+# instructions per parameter, and most statements here bind several NULLs (and the event log
+# binds bytes). Identity adapters (a C callable each, same bound values) make that one dict hit.
+sqlite3.register_adapter(type(None), {}.get)  # {}.get(None) is None: bound as NULL
+sqlite3.register_adapter(bytes, bytes)  # bytes(b) is b: bound as a BLOB
+
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()

@@ -49,11 +49,9 @@ async def create_response(request: Request) -> Response | EventStreamResponse:
     prepared = await service.prepare(
         body, tenant_of(request), upstream_key=request.scope.get("stepchain.client_key")
     )
-    traceparent = request.headers.get("traceparent")
-    if traceparent:
-        prepared.trace_headers = {"traceparent": traceparent}
-        if "tracestate" in request.headers:
-            prepared.trace_headers["tracestate"] = request.headers["tracestate"]
+    trace_headers = _trace_headers(request.scope)
+    if trace_headers is not None:
+        prepared.trace_headers = trace_headers
     response_id = prepared.record.id
     stream = body.get("stream") is True
     background = body.get("background") is True
@@ -83,6 +81,24 @@ async def create_response(request: Request) -> Response | EventStreamResponse:
         service.tasks.spawn(_cancel_on_disconnect(request, service, response_id, task))
     # If the client goes away, the response goes on and is stored (unless configured otherwise).
     return _sse(live.follow(0, service.store))
+
+
+def _trace_headers(scope: dict[str, Any]) -> dict[str, str] | None:
+    """The client's W3C trace context (the first ``traceparent``, and ``tracestate`` with it),
+    read from the raw ASGI headers (lower-case names) as ``request.headers`` would give them."""
+    traceparent = tracestate = None
+    for name, value in scope.get("headers", ()):
+        if name == b"traceparent":
+            if traceparent is None:
+                traceparent = value.decode("latin-1")
+        elif name == b"tracestate" and tracestate is None:
+            tracestate = value.decode("latin-1")
+    if not traceparent:
+        return None
+    found = {"traceparent": traceparent}
+    if tracestate is not None:
+        found["tracestate"] = tracestate
+    return found
 
 
 def _sse(events: AsyncIterator[bytes]) -> EventStreamResponse:

@@ -141,10 +141,12 @@ class ResponseScope:
         self.finished = False
         self.cost: float | None = 0.0  # None once a model call's cost is unknown
 
-    def add_cost(self, usage: Mapping[str, Any] | None) -> None:
+    def add_cost(self, usage: Mapping[str, Any] | None, cost: float | None = None) -> None:
+        """Add a model call's cost (``cost``: ``step_cost(usage)`` when the caller has it)."""
         if usage is None or self.cost is None:
             return
-        cost = step_cost(usage)
+        if cost is None:
+            cost = step_cost(usage)
         self.cost = None if cost is None else self.cost + cost
 
     def __enter__(self) -> ResponseScope:
@@ -249,7 +251,7 @@ class StepScope:
         cost = step_cost(step.usage) if kind == MODEL_CALL else None
         response = _CURRENT.get()
         if response is not None and kind == MODEL_CALL:
-            response.add_cost(step.usage)
+            response.add_cost(step.usage, cost)
         if m is not None:
             m.child(m.steps, kind, step.state).inc()
             tool = "" if kind == MODEL_CALL else m.tool_label(payload.get("name"))

@@ -317,6 +317,9 @@ class TimedStore:
                     histogram.observe(time.perf_counter() - start)
 
             self._wrapped[name] = timed
+            # Found in the instance from now on: no failed lookup (an AttributeError built and
+            # dropped) before every call.
+            self.__dict__[name] = timed
             return timed
         return attr
 

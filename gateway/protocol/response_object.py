@@ -60,44 +60,51 @@ def response_object(
     The ``output`` list is referenced, not copied.
     """
     get = request.get
-
-    def setting(key: str, default: Any = None) -> Any:
-        value = get(key)
-        return default if value is None else value
-
+    # A setting's value, or its default when absent or null (inlined: this runs per response).
+    background = get("background")
+    frequency_penalty = get("frequency_penalty")
+    metadata = get("metadata")
+    parallel_tool_calls = get("parallel_tool_calls")
+    presence_penalty = get("presence_penalty")
+    store = get("store")
+    temperature = get("temperature")
+    tool_choice = get("tool_choice")
+    top_logprobs = get("top_logprobs")
+    top_p = get("top_p")
+    truncation = get("truncation")
     return {
         "id": id,
         "object": "response",
         "created_at": int(created_at),
         "status": status,
-        "background": setting("background", False),
+        "background": False if background is None else background,
         "completed_at": None if completed_at is None else int(completed_at),
         "conversation": _conversation(get("conversation")),
         "error": error,
-        "frequency_penalty": setting("frequency_penalty", 0.0),
+        "frequency_penalty": 0.0 if frequency_penalty is None else frequency_penalty,
         "incomplete_details": incomplete_details,
         "instructions": get("instructions"),
         "max_output_tokens": get("max_output_tokens"),
         "max_tool_calls": get("max_tool_calls"),
-        "metadata": setting("metadata", {}),
+        "metadata": {} if metadata is None else metadata,
         "model": model,
         "output": output,
-        "parallel_tool_calls": setting("parallel_tool_calls", True),
-        "presence_penalty": setting("presence_penalty", 0.0),
+        "parallel_tool_calls": True if parallel_tool_calls is None else parallel_tool_calls,
+        "presence_penalty": 0.0 if presence_penalty is None else presence_penalty,
         "previous_response_id": get("previous_response_id"),
         "prompt_cache_key": get("prompt_cache_key"),
         "prompt_cache_retention": get("prompt_cache_retention"),
         "reasoning": _reasoning(get("reasoning")),
         "safety_identifier": get("safety_identifier"),
         "service_tier": "default",
-        "store": setting("store", True),
-        "temperature": setting("temperature", 1.0),
+        "store": True if store is None else store,
+        "temperature": 1.0 if temperature is None else temperature,
         "text": _text(get("text")),
-        "tool_choice": setting("tool_choice", "auto"),
+        "tool_choice": "auto" if tool_choice is None else tool_choice,
         "tools": _tools(get("tools")),
-        "top_logprobs": setting("top_logprobs", 0),
-        "top_p": setting("top_p", 1.0),
-        "truncation": setting("truncation", "disabled"),
+        "top_logprobs": 0 if top_logprobs is None else top_logprobs,
+        "top_p": 1.0 if top_p is None else top_p,
+        "truncation": "disabled" if truncation is None else truncation,
         "usage": usage,
         "user": get("user"),
     }

@@ -71,6 +71,8 @@ _NONE: dict[str, Any] = {}
 
 def add_usage(total: dict[str, Any] | None, usage: dict[str, Any] | None) -> dict[str, Any]:
     """The sum of two Responses usage objects (None counts as zero); a new dict."""
+    if total is None:
+        return chat_usage_to_response_usage(usage)  # zero plus it: it, normalized
     a = chat_usage_to_response_usage(total)
     b = chat_usage_to_response_usage(usage)
     for key in ("input_tokens", "output_tokens", "total_tokens"):

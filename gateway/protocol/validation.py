@@ -43,6 +43,8 @@ def validate_request(body: dict[str, Any]) -> None:
         raise bad_value("model", "a model name without NUL characters")
     if "input" in body and not isinstance(body["input"], (str, list)):
         raise bad_value("input", "a string or a list of input items")
+    if body.keys().isdisjoint(_CHECKED):
+        return  # only model and input (the usual shape): nothing below applies
     get = body.get
     for key in STRING_FIELDS:
         if get(key) is not None and not isinstance(get(key), str):
@@ -81,6 +83,19 @@ def validate_request(body: dict[str, Any]) -> None:
     include = get("include")
     if include is not None and not (isinstance(include, list) and all(map(is_str, include))):
         raise bad_value("include", "a list of strings")
+
+
+# Every field checked below ``model`` and ``input`` in validate_request: a body with none of
+# them (present at all, null included) passes those checks as it is.
+_CHECKED = frozenset(
+    (
+        *STRING_FIELDS,
+        "store", "stream", "parallel_tool_calls", "background", "temperature", "top_p",
+        "presence_penalty", "frequency_penalty", "max_output_tokens", "max_tool_calls",
+        "top_logprobs", "truncation", "metadata", "tools", "tool_choice", "text", "reasoning",
+        "include",
+    )
+)  # fmt: skip
 
 
 def _validate_metadata(metadata: Any) -> None:
