@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import operator
 import time
 from typing import Any
 
@@ -70,12 +71,13 @@ def _response_error(error: dict[str, Any] | None) -> dict[str, Any]:
 
 def _with_changes(deps: LoopDeps, changes: dict[str, Any]) -> LoopDeps:
     """``dataclasses.replace(deps, **changes)`` at a quarter of its cost (once per response)."""
-    values = {name: getattr(deps, name) for name in _DEPS_FIELDS}
+    values = dict(zip(_DEPS_FIELDS, _deps_values(deps)))
     values.update(changes)
     return LoopDeps(**values)
 
 
 _DEPS_FIELDS = tuple(f.name for f in dataclasses.fields(LoopDeps) if f.init)
+_deps_values = operator.attrgetter(*_DEPS_FIELDS)
 
 
 class DrivingMixin:
