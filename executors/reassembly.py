@@ -98,6 +98,7 @@ class Reassembler:
         "_calls",
         "_last_index",
         "_finish_reason",
+        "_known",
     )
 
     def __init__(self) -> None:
@@ -113,6 +114,7 @@ class Reassembler:
         self._calls: dict[int, _ToolCall] = {}
         self._last_index: int | None = None
         self._finish_reason: str | None = None
+        self._known = False  # id, model, created and system_fingerprint all seen
 
     @property
     def finish_reason(self) -> str | None:
@@ -121,15 +123,8 @@ class Reassembler:
 
     def feed(self, chunk: dict[str, Any]) -> list[Delta]:
         """Take one parsed ``chat.completion.chunk``; return the Deltas it adds, in order."""
-        # Not simply the first chunk's: Azure's first chunk has id "", model "" and created 0.
-        if not self._id:
-            self._id = chunk.get("id")
-        if not self._model:
-            self._model = chunk.get("model")
-        if not self._created:
-            self._created = chunk.get("created")
-        if self._fingerprint is None:
-            self._fingerprint = chunk.get("system_fingerprint")
+        if not self._known:
+            self._take_meta(chunk)
         usage = chunk.get("usage")
         if usage is not None:
             self._usage = usage
@@ -158,6 +153,19 @@ class Reassembler:
                 self._finish_reason = finish_reason
                 self._settle_all(out)
         return out
+
+    def _take_meta(self, chunk: dict[str, Any]) -> None:
+        # Not simply the first chunk's: Azure's first chunk has id "", model "" and created 0.
+        if not self._id:
+            self._id = chunk.get("id")
+        if not self._model:
+            self._model = chunk.get("model")
+        if not self._created:
+            self._created = chunk.get("created")
+        if self._fingerprint is None:
+            self._fingerprint = chunk.get("system_fingerprint")
+        known = bool(self._id and self._model and self._created)
+        self._known = known and self._fingerprint is not None
 
     def _others(self, delta: dict[str, Any], out: list[Delta]) -> None:
         """The reasoning, refusal and tool-call pieces of a chunk's ``delta``."""

@@ -284,7 +284,7 @@ class UpstreamClient:
                                     timer.reschedule(total_at)
                             for data in batch:
                                 if saw_done or not data:
-                                    continue  # read on to the end of the body: the connection is reused
+                                    continue  # read on to the end: the connection is reused
                                 if data.startswith("[DONE]"):
                                     saw_done = True
                                     continue
@@ -299,7 +299,8 @@ class UpstreamClient:
                                     ) from exc
                                 try:
                                     if chunk.get("error"):
-                                        raise _error_object(chunk, None, partial=reassembler.partial())
+                                        so_far = reassembler.partial()
+                                        raise _error_object(chunk, None, partial=so_far)
                                     deltas = reassembler.feed(chunk)
                                 except (AttributeError, TypeError) as exc:
                                     raise UpstreamError(

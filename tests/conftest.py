@@ -152,14 +152,6 @@ def on_both_backends(backend: str, request: pytest.FixtureRequest, monkeypatch: 
     return backend
 
 
-def sqlite_only() -> None:
-    """Skip the running test on PostgreSQL (it reads or locks the SQLite file itself)."""
-    from tests.gateway import harness
-
-    if harness.database_url is not None:
-        pytest.skip("reads the SQLite file directly")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def collect_garbage_per_module() -> Iterator[None]:
     """Collect garbage after each test module, so an object a module left open (a socket, a

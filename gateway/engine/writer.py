@@ -10,7 +10,12 @@ response's loop (every scope: sub-agents too) goes through it and
   (``events=(first_sequence, [bytes])``), in the same transaction: the stream's durable log
   costs no round trip of its own while steps are written. Events emitted between writes (a
   model call's deltas) are flushed by :meth:`ResponseWriter.flush` after ``flush_s`` seconds
-  (a follower on another replica sees them within about ``flush_s`` + its wake-up latency);
+  (a follower on another replica sees them within about ``flush_s`` + its wake-up latency).
+  With stored-first (the log's events reach clients only once stored) the flush starts as
+  soon as events are pending: a model call's first delta gets a small write of its own that
+  runs when the model call yields after that delta, while the rest of a burst that arrived at
+  once is staged behind it and goes with the next write (a write waiting for the lock carries
+  it: no flush is scheduled then);
 - retries with backoff while the database is unreachable (``StoreUnavailableError``): the loop
   pauses at its next write and goes on when the database is back, or stops with
   ``FencedError`` if another replica has taken the response over meanwhile. A retried write

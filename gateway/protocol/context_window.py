@@ -134,7 +134,10 @@ def is_compaction_request(body: Any) -> bool:
     if not isinstance(body, dict):
         return False
     messages = body.get("messages") or []
-    return bool(messages) and messages[-1] == {"role": "user", "content": SUMMARY_PROMPT}
+    return bool(messages) and messages[-1] == _SUMMARY_MESSAGE
+
+
+_SUMMARY_MESSAGE = {"role": "user", "content": SUMMARY_PROMPT}  # compared, never handed out
 
 
 def compaction_request(body: dict[str, Any]) -> dict[str, Any] | None:

@@ -171,6 +171,8 @@ class ResponseBuilder:
         self._final: dict[str, Any] | None = None
         self._held: list[bytes] | None = None  # events waiting for finish(), see hold_events
         self._ids: set[str] = set()  # item ids in the output (a re-run after a take-over)
+        # (step id, delta kind, item, part) of the last text piece: where the next one goes.
+        self._last_text: tuple[str, str, _Item, _Part] | None = None
         self._logged: dict[str, int] = {}  # logged items no replayed step claimed yet, by id
 
     # -- what the loop reads ----------------------------------------------------------------
@@ -293,6 +295,10 @@ class ResponseBuilder:
 
     def model_delta(self, step_id: str, delta: Delta) -> None:
         """One streamed piece of the top-level model call ``step_id``; opens items as needed."""
+        last = self._last_text
+        if last is not None and last[0] == step_id and last[1] == delta.kind and delta.text:
+            self._append(last[2], last[3], delta.text)  # the same part as the piece before
+            return
         if step_id in self._finished_calls:
             return
         call = self._calls.get(step_id)
@@ -305,11 +311,14 @@ class ResponseBuilder:
             return
         elif kind == "reasoning":
             item = call.reasoning or self._open_reasoning(call)
-            self._append(item, item.parts["reasoning_text"], delta.text)
+            part = item.parts["reasoning_text"]
+            self._last_text = (step_id, kind, item, part)
+            self._append(item, part, delta.text)
         elif kind in ("content", "refusal"):
             item = call.message or self._open_message(call)
             part_kind = "output_text" if kind == "content" else "refusal"
             part = item.parts.get(part_kind) or self._open_part(item, part_kind)
+            self._last_text = (step_id, kind, item, part)
             self._append(item, part, delta.text)
 
     def model_call_finished(self, step: Step) -> None:
@@ -320,6 +329,7 @@ class ResponseBuilder:
         end ``incomplete``. Hosted calls stay open until their tool step finishes.
         """
         self._finished_calls.add(step.id)
+        self._last_text = None
         call = self._calls.pop(step.id, None) or _ModelCall(_hex(step.id))
         payload = step.response_payload if isinstance(step.response_payload, dict) else {}
         choices = payload.get("choices") or [{}]
@@ -400,6 +410,7 @@ class ResponseBuilder:
         """
         if self._final is not None:
             return self._final
+        self._last_text = None
         for step_id in list(self._calls):
             call = self._calls.pop(step_id)
             self._finished_calls.add(step_id)

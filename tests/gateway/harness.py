@@ -58,6 +58,12 @@ def running_gateway(
             yield Running(url, model, upstream_url, db, config)
 
 
+def fresh_db(tmp_path: Path) -> Path | str:
+    """The database for a test's own :func:`gateway_on`: :data:`database_url` when the test runs
+    on PostgreSQL, else a new SQLite file in ``tmp_path``."""
+    return database_url or tmp_path / "stepchain.db"
+
+
 @contextlib.contextmanager
 def gateway_on(db: Path | str, upstream_base_url: str, **settings: Any) -> Iterator[tuple[str, Settings]]:
     """Just the gateway, on ``db``, against ``upstream_base_url`` (for restarts)."""

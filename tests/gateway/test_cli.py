@@ -29,6 +29,7 @@ from gateway.testing.scripted_upstream import (
     create_scripted_upstream,
 )
 from gateway.testing.serving import serve_app
+from tests.gateway import harness
 from tests.gateway.harness import serve_process
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,10 +158,12 @@ def test_readme_settings_table_is_generated_from_the_model():
         assert f"| `{name}` |" in readme
 
 
+@pytest.mark.usefixtures("on_both_backends")
 def test_serve_process_answers_the_sdk_and_the_readme_snippet_runs(tmp_path):
+    db = harness.database_url or tmp_path / "db" / "s.db"  # a directory that does not exist yet
     model = ScriptedModel(default=lambda body: Reply(content=f"reply to {body['messages'][-1]['content']}"))
     with serve_app(create_scripted_upstream(model)) as upstream, serve_process(
-        ["--db", str(tmp_path / "db" / "s.db"), "--upstream-base-url", f"{upstream}/v1"],
+        ["--db", str(db), "--upstream-base-url", f"{upstream}/v1"],
         tmp_path / "serve.log",
     ) as (url, _):
         with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
@@ -209,6 +212,7 @@ def _running(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
+@pytest.mark.usefixtures("on_both_backends")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_serve_with_two_workers_passes_every_setting_on_but_no_secret_in_their_environment(tmp_path):
     """Workers get the settings (tables and keys included) from the parent, not from the
@@ -232,7 +236,7 @@ def test_serve_with_two_workers_passes_every_setting_on_but_no_secret_in_their_e
     secrets = [b"upstream-secret-1", b"admin-secret-2", b"fallback-secret-3", b"header-secret-4",
                b"tenant-secret-5"]
     with serve_app(recording_upstream) as upstream, serve_process(
-        ["--workers", "2", "--config", str(config), "--db", str(tmp_path / "w.db"),
+        ["--workers", "2", "--config", str(config), "--db", str(harness.database_url or tmp_path / "w.db"),
          "--upstream-base-url", f"{upstream}/v1", "--admin-key", "admin-secret-2"],
         tmp_path / "serve.log",
         env={"STEPCHAIN_UPSTREAM_API_KEY": "upstream-secret-1", "STEPCHAIN_API_KEYS": "tenant-secret-5"},

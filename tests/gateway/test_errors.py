@@ -150,7 +150,8 @@ def test_the_sdk_sees_the_upstreams_400_as_a_bad_request(tmp_path):
 
 def test_a_store_failure_reaching_a_route_is_a_503(tmp_path):
     """With the database's write lock held elsewhere past SQLite's busy timeout, a DELETE
-    fails in the store: the client gets a 503 it may retry, not a 500."""
+    fails in the store: the client gets a 503 it may retry, not a 500. (SQLite only: it holds
+    SQLite's lock; on PostgreSQL, engine/test_durability.py stops the server for the same 503.)"""
     with running_gateway(tmp_path) as gw, gw.client() as client, gw.http() as http:
         gw.model.replies.append(Reply(content="kept"))
         response = client.responses.create(model="m", input="x")

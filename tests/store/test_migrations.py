@@ -199,3 +199,39 @@ def test_postgres_replicas_opening_together_migrate_once(pg_dsn: str) -> None:
     assert names == [name for name, _ in MIGRATIONS]
     assert tables == {"schema_migrations", "responses", "steps", "tools", "events",
                       "conversations", "conversation_items", "owners"}  # fmt: skip
+
+
+def test_postgres_upgrade_from_an_older_schema_keeps_rows(pg_dsn: str) -> None:
+    """A database left by a release that knew only the first migration: opening the store
+    applies the rest and the old rows stay readable through the store."""
+    import psycopg
+
+    from store.postgres import PostgresStore
+    from store.postgres_schema import MIGRATIONS
+
+    (first, first_sql), *_ = MIGRATIONS
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (name text PRIMARY KEY, applied_at double precision NOT NULL)"
+        )
+        conn.execute(first_sql)  # type: ignore[arg-type]  # constant SQL
+        conn.execute("INSERT INTO schema_migrations VALUES (%s, 1.0)", (first,))
+        conn.execute(
+            "INSERT INTO responses (id, model, request, status, created_at)"
+            " VALUES ('resp_old', 'm', '{\"input\": \"hi\"}', 'completed', 1.0)"
+        )
+
+    async def go() -> None:
+        store = PostgresStore(pg_dsn)
+        await store.open()
+        try:
+            record = await store.get_response("resp_old")
+            assert record is not None and record.request == {"input": "hi"}
+            assert await store.list_events("resp_old") == []  # m002's table is there
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    with psycopg.connect(pg_dsn) as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM schema_migrations ORDER BY name")]
+    assert names == [name for name, _ in MIGRATIONS]

@@ -1,5 +1,6 @@
 """A gateway process killed with SIGKILL mid-loop, restarted on the same database: every
-response ends, no step stays processing; SIGTERM lets in-flight responses finish."""
+response ends, no step stays processing; SIGTERM lets in-flight responses finish. On SQLite and
+on PostgreSQL (the rows are read with each backend's own driver)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,13 +28,16 @@ from gateway.testing.scripted_upstream import (
     create_scripted_upstream,
 )
 from gateway.testing.serving import serve_app
-from tests.gateway.harness import serve_process
+from tests.gateway.harness import fresh_db, serve_process
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+pytestmark = [
+    pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
+    pytest.mark.usefixtures("on_both_backends"),
+]
 
 
 @contextmanager
-def gateway_process(db: Path, upstream: str, log: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
+def gateway_process(db: Path | str, upstream: str, log: Path, **env: str) -> Iterator[tuple[str, subprocess.Popen]]:
     with serve_process(["--db", str(db), "--upstream-base-url", upstream], log,
                        env={"STEPCHAIN_LEASE_S": "1", **env}) as running:
         yield running
@@ -61,14 +66,20 @@ def _script(body):
     return Reply(tool_calls=[{"id": "call_slow", "name": "slow", "arguments": "{}"}])
 
 
-def _rows(db: Path) -> tuple[list[tuple], list[tuple]]:
+def _rows(db: Path | str) -> tuple[list[tuple], list[tuple]]:
+    """``(id, status)`` of every response, ``(kind, state, error JSON, sequence)`` of every step."""
+    responses_sql = "SELECT id, status FROM responses"
+    steps_sql = "SELECT kind, state, CAST(error AS TEXT), sequence FROM steps ORDER BY sequence"
+    if str(db).startswith("postgresql://"):
+        with psycopg.connect(str(db)) as pg:
+            return pg.execute(responses_sql).fetchall(), pg.execute(steps_sql).fetchall()
     with sqlite3.connect(db) as conn:
-        responses = conn.execute("SELECT id, status FROM responses").fetchall()
-        steps = conn.execute("SELECT kind, state, error, sequence FROM steps ORDER BY sequence").fetchall()
+        responses = conn.execute(responses_sql).fetchall()
+        steps = conn.execute(steps_sql).fetchall()
     return responses, steps
 
 
-def _wait_all_finished(db: Path, timeout: float = 30) -> list[tuple]:
+def _wait_all_finished(db: Path | str, timeout: float = 30) -> list[tuple]:
     deadline = time.monotonic() + timeout
     while True:
         responses, _ = _rows(db)
@@ -95,7 +106,7 @@ def _post_in_background(url: str, body: dict) -> threading.Thread:
 def test_sigkill_during_a_tool_call_then_restart(tmp_path, idempotent):
     model = ScriptedModel(default=_script)
     tool = SlowTool()
-    db = tmp_path / "gw.db"
+    db = fresh_db(tmp_path)
     log = tmp_path / "gateway.log"
     with serve_app(create_scripted_upstream(model)) as upstream, serve_app(tool.app) as tool_url:
         with gateway_process(db, f"{upstream}/v1", log) as (url, proc):
@@ -133,7 +144,7 @@ def test_sigkill_during_a_streamed_model_call_then_restart(tmp_path):
     model = ScriptedModel()
     model.replies.append(Reply(content="x" * 200, chunk_size=5, chunk_delay_s=0.1))
     model.replies.append(Reply(content="complete answer after the restart"))
-    db = tmp_path / "gw.db"
+    db = fresh_db(tmp_path)
     log = tmp_path / "gateway.log"
     with serve_app(create_scripted_upstream(model)) as upstream:
         with gateway_process(db, f"{upstream}/v1", log) as (url, proc):
@@ -156,7 +167,7 @@ def test_sigkill_during_a_streamed_model_call_then_restart(tmp_path):
 def test_sigterm_lets_in_flight_responses_finish(tmp_path):
     model = ScriptedModel()
     model.replies.append(Reply(content="finished during shutdown", delay_s=1.0))
-    db = tmp_path / "gw.db"
+    db = fresh_db(tmp_path)
     log = tmp_path / "gateway.log"
     result: dict = {}
     with serve_app(create_scripted_upstream(model)) as upstream:
@@ -189,7 +200,7 @@ def test_sigterm_past_the_grace_period_leaves_the_rest_for_resumption(tmp_path):
     model = ScriptedModel()
     model.replies.append(Reply(content="too slow for the grace period", delay_s=5.0))
     model.replies.append(Reply(content="finished by the next process"))
-    db = tmp_path / "gw.db"
+    db = fresh_db(tmp_path)
     log = tmp_path / "gateway.log"
     with serve_app(create_scripted_upstream(model)) as upstream:
         with gateway_process(db, f"{upstream}/v1", log, STEPCHAIN_LEASE_S="60",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psycopg
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -141,14 +142,14 @@ def _is_terminal(frame: bytes) -> bool:
                              b"event: response.incomplete"))
 
 
-def test_sigkill_then_restart_resumes_within_two_seconds_and_continues_the_log(tmp_path):
-    """A single SQLite gateway killed mid-stream and restarted: its response is claimed at
-    start-up (the dead owner's liveness lock is free), not after the 30 s lease, and its event
-    log goes on with the next sequence numbers."""
+def test_sigkill_then_restart_resumes_within_two_seconds_and_continues_the_log(db_url, tmp_path):
+    """A single gateway (SQLite file, then PostgreSQL) killed mid-stream and restarted: its
+    response is claimed at start-up (the dead owner's liveness lock is free), not after the 30 s
+    lease, and its event log goes on with the next sequence numbers."""
     model = ScriptedModel()
     model.replies.append(Reply(content="x" * 400, chunk_size=5, chunk_delay_s=0.05))
     model.replies.append(Reply(content="complete answer after the restart"))
-    db = str(tmp_path / "gw.db")
+    db = db_url
     seen: list[bytes] = []
     with serve_app(create_scripted_upstream(model)) as upstream:
         with gateway(db, f"{upstream}/v1", tmp_path / "a.log", STEPCHAIN_LEASE_S="30") as (url, proc):
@@ -220,10 +221,10 @@ def _tool_script(body: dict) -> Reply:
     return Reply(tool_calls=[{"id": "call_abc", "name": "charge", "arguments": "{}"}])
 
 
-def test_idempotency_key_is_stable_across_a_take_over(tmp_path):
+def test_idempotency_key_is_stable_across_a_take_over(db_url, tmp_path):
     model = ScriptedModel(default=_tool_script)
     tool = RecordingTool()
-    db = str(tmp_path / "gw.db")
+    db = db_url
     with serve_app(create_scripted_upstream(model)) as upstream, serve_app(tool.app) as tool_url:
         with gateway(db, f"{upstream}/v1", tmp_path / "a.log") as (url, proc):
             created = httpx.post(f"{url}/v1/tools", json={
@@ -273,7 +274,7 @@ def test_cancel_through_another_process(db_url, tmp_path):
     assert [s.state for s in state["steps"]] == ["canceled"]
 
 
-def test_fenced_loop_stops_and_writes_nothing_more(tmp_path):
+def test_fenced_loop_stops_and_writes_nothing_more(db_url, tmp_path):
     """Process A's lease runs out while it is paused (lease_s short, its renewal starved by a
     long claim period is simulated by taking the response over directly): once another owner
     has claimed the response, A's next write is refused and A runs no further step."""
@@ -286,7 +287,7 @@ def test_fenced_loop_stops_and_writes_nothing_more(tmp_path):
         tool_calls.append(request.headers.get("idempotency-key", ""))
         return JSONResponse({"answer": 1})
 
-    db = str(tmp_path / "gw.db")
+    db = db_url
     tool_app = Starlette(routes=[Route("/tool", tool, methods=["POST"])])
     with serve_app(create_scripted_upstream(model)) as upstream, serve_app(tool_app) as tool_url:
         with gateway(db, f"{upstream}/v1", tmp_path / "a.log") as (url, proc):
@@ -301,11 +302,16 @@ def test_fenced_loop_stops_and_writes_nothing_more(tmp_path):
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             # Another owner takes the response over while A waits for the model.
-            with sqlite3.connect(db) as conn:
-                conn.execute(
-                    "UPDATE responses SET owner = 'thief', owner_epoch = owner_epoch + 1,"
-                    " lease_expires_at = ? WHERE id = ?", (time.time() + 600, response_id),
-                )
+            take_over = (
+                "UPDATE responses SET owner = 'thief', owner_epoch = owner_epoch + 1,"
+                " lease_expires_at = ? WHERE id = ?"
+            )
+            if db.startswith("postgresql://"):
+                with psycopg.connect(db) as pg:
+                    pg.execute(take_over.replace("?", "%s"), (time.time() + 600, response_id))
+            else:
+                with sqlite3.connect(db) as conn:
+                    conn.execute(take_over, (time.time() + 600, response_id))
             before = _status(db, response_id)
             deadline = time.monotonic() + 20
             while "taken over" not in (tmp_path / "a.log").read_text():
@@ -332,11 +338,11 @@ def test_unreachable_database_at_start_up(tmp_path):
     assert "hunter2secret" not in lines[0]
 
 
-def test_sigterm_finishes_responses_without_a_connection(tmp_path):
+def test_sigterm_finishes_responses_without_a_connection(db_url, tmp_path):
     """A background response (no client connected) still finishes within the grace period."""
     model = ScriptedModel()
     model.replies.append(Reply(content="finished during shutdown", delay_s=1.5))
-    db = str(tmp_path / "gw.db")
+    db = db_url
     with serve_app(create_scripted_upstream(model)) as upstream:
         with gateway(db, f"{upstream}/v1", tmp_path / "a.log") as (url, proc):
             started = httpx.post(f"{url}/v1/responses", timeout=30,
@@ -391,12 +397,12 @@ def test_database_outage_503_then_in_flight_responses_go_on(pg_server, pg_dsn, t
     assert [event for _seq, event in state["events"]] == events
 
 
-def test_cancel_a_resumed_response(tmp_path):
+def test_cancel_a_resumed_response(db_url, tmp_path):
     """A background response resumed after its process was killed can be cancelled."""
     model = ScriptedModel()
     model.replies.append(Reply(content=TEXT * 40, chunk_size=3, chunk_delay_s=0.05))
     model.replies.append(Reply(content=TEXT * 40, chunk_size=3, chunk_delay_s=0.05))
-    db = str(tmp_path / "gw.db")
+    db = db_url
     with serve_app(create_scripted_upstream(model)) as upstream:
         with gateway(db, f"{upstream}/v1", tmp_path / "a.log") as (url, proc):
             started = httpx.post(f"{url}/v1/responses", timeout=30,

@@ -1,4 +1,5 @@
-"""The response loop against a scripted upstream and HTTP tools, all real servers on loopback."""
+"""The response loop against a scripted upstream and HTTP tools, all real servers on loopback, on a
+store on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from gateway.testing.scripted_upstream import (
     create_scripted_upstream,
 )
 from gateway.testing.serving import serve_app
-from store.sqlite import SQLiteStore
+from store import open_store
 from store.types import (
     MODEL_CALL,
     TOOL_CALL,
@@ -35,6 +36,10 @@ from store.types import (
     StoreError,
     new_id,
 )
+from tests.gateway import harness
+
+# Each test's store is an SQLite file, then a PostgreSQL database (harness.database_url).
+pytestmark = pytest.mark.usefixtures("on_both_backends")
 
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
@@ -85,7 +90,7 @@ def servers():
 
 @contextlib.asynccontextmanager
 async def loop_deps(tmp_path, upstream_url, tools_url, *, definitions=(), **caps):
-    store = SQLiteStore(tmp_path / "loop.db")
+    store = open_store(str(harness.database_url or tmp_path / "loop.db"))
     await store.open()
     registry = ToolRegistry(store)
     for definition in [

@@ -3,6 +3,7 @@ and a deleted response's items are never sent upstream again."""
 
 from __future__ import annotations
 
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -11,6 +12,9 @@ from starlette.routing import Route
 from gateway.testing.scripted_upstream import Reply, ScriptedModel
 from gateway.testing.serving import serve_app
 from tests.gateway.harness import running_gateway
+
+# Every gateway here runs once on SQLite, once on PostgreSQL.
+pytestmark = pytest.mark.usefixtures("on_both_backends")
 
 LONG_OUTPUT = "\n".join(f"line {i} of the tool's long answer" for i in range(400))
 

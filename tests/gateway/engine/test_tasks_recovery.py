@@ -1,5 +1,6 @@
 """Background work never fails silently: a failed task is logged with its traceback, and the
-recovery loop outlives any exception a sweep raises."""
+recovery loop outlives any exception a sweep raises. SQLite only: the failures are injected
+through a subclass of the SQLite store, and the loop under test is the same on either backend."""
 
 from __future__ import annotations
 

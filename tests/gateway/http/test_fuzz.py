@@ -561,6 +561,42 @@ def test_function_call_output_for_an_unknown_call_id(fuzz: Fuzz) -> None:
     assert "call_never" in reply.json()["error"]["message"]
 
 
+# PostgreSQL text cannot hold NUL: an id, name or model holding one is never a 5xx there either.
+NUL_REQUESTS = {
+    "previous-response-id": ("POST", "/v1/responses", {"input": "hi", "previous_response_id": "resp_\x00"}),
+    "conversation": ("POST", "/v1/responses", {"input": "hi", "conversation": "conv_\x00"}),
+    "item-reference": ("POST", "/v1/responses", {"input": [{"type": "item_reference", "id": "msg_\x00"}]}),
+    "input-item-id": ("POST", "/v1/responses", {"input": [{"id": "msg_\x00", "role": "user", "content": "x"}]}),
+    "metadata": ("POST", "/v1/responses", {"input": "hi", "metadata": {"k\x00": "v\x00"}}),
+    "model": ("POST", "/v1/responses", {"model": "m\x00", "input": "hi"}),
+    "compact-model": ("POST", "/v1/responses/compact", {"model": "m\x00", "input": "hi"}),
+    "input-tokens-model": ("POST", "/v1/responses/input_tokens", {"model": "m\x00", "input": "hi"}),
+    "chat-model": ("POST", "/v1/chat/completions", {"model": "m\x00", "messages": []}),
+    "conversation-items": ("POST", "/v1/conversations", {"items": [{"id": "m\x00", "role": "user", "content": "x"}]}),
+    "conversation-metadata": ("POST", "/v1/conversations", {"metadata": {"k\x00": "v\x00"}}),
+    "get-conversation": ("GET", "/v1/conversations/conv_%00", None),
+    "tool-name": ("POST", "/v1/tools", {"name": "t\x00", "url": "http://127.0.0.1:9/x"}),
+    "get-tool": ("GET", "/v1/tools/t%00", None),
+    "input-items-after": ("GET", "/v1/responses/{id}/input_items?after=%00", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NUL_REQUESTS))
+def test_a_nul_in_an_id_name_or_model_is_never_a_5xx(fuzz: Fuzz, case: str) -> None:
+    method, path, body = NUL_REQUESTS[case]
+    path = path.replace("{id}", fuzz.response_ids[0])
+    if body is None:
+        reply = fuzz.http.request(method, path, headers=ADMIN_HEADERS)
+        check(reply)
+    else:
+        body = body if path.startswith(("/v1/tools", "/v1/conversations")) else {"model": MODEL, **body}
+        reply = post_json(fuzz, path, body, ADMIN_HEADERS)
+    if "metadata" in case:
+        assert reply.status_code == 200, reply.text
+    else:
+        assert 400 <= reply.status_code < 500, reply.text
+
+
 # -- POST /v1/chat/completions ------------------------------------------------------------------
 
 chat_roles = st.sampled_from(["user", "assistant", "system", "tool"])

@@ -1,5 +1,6 @@
 """Safe by default, against real servers on loopback: which secrets reach which server, what
-tenants see of URLs, the per-response step cap, the gateway's own socket, and `serve --host`."""
+tenants see of URLs, the per-response step cap, the gateway's own socket, and `serve --host`.
+The tests that store tools, responses and steps run on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.testing.scripted_upstream import Reply, ScriptedModel, create_scripted_upstream
 from gateway.testing.serving import serve_app
-from tests.gateway.harness import ROOT, gateway_on, running_gateway
+from tests.gateway.harness import ROOT, fresh_db, gateway_on, running_gateway
 
 MODEL = "scripted-model"
 ADMIN = "admin-key-hardening"
@@ -43,6 +44,7 @@ class EchoTool:
         self.app = Starlette(routes=[Route("/echo", echo, methods=["POST"])])
 
 
+@pytest.mark.usefixtures("on_both_backends")
 def test_env_headers_come_only_from_the_tool_prefix(tmp_path, monkeypatch):
     monkeypatch.setenv("STEPCHAIN_TOOL_ECHO_KEY", "tool-secret-value-1")
     monkeypatch.setenv("STEPCHAIN_UPSTREAM_API_KEY", "sk-upstream-must-stay-home")
@@ -91,13 +93,14 @@ class KeyRecorder:
         await self.inner(scope, receive, send)
 
 
+@pytest.mark.usefixtures("on_both_backends")
 @pytest.mark.parametrize("marked", [False, True], ids=["fallback-unmarked", "fallback-marked"])
 def test_client_key_goes_only_where_it_was_meant(tmp_path, marked):
     primary, fallback = KeyRecorder(fail=True), KeyRecorder(fail=False)
     with serve_app(primary) as primary_url, serve_app(fallback) as fallback_url:
         table = {"base_url": f"{fallback_url}/v1", "api_key": "sk-fallback-own",
                  "pass_client_key": marked}
-        with gateway_on(tmp_path / "db", f"{primary_url}/v1", api_keys=CLIENT_KEY,
+        with gateway_on(fresh_db(tmp_path), f"{primary_url}/v1", api_keys=CLIENT_KEY,
                         pass_client_key=True, upstream_api_key="sk-gateway-primary",
                         upstream_max_retries=0, upstream_fallbacks=[table]) as (url, _):
             client = openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0)
@@ -107,11 +110,12 @@ def test_client_key_goes_only_where_it_was_meant(tmp_path, marked):
     assert fallback.keys == [f"Bearer {CLIENT_KEY}" if marked else "Bearer sk-fallback-own"]
 
 
+@pytest.mark.usefixtures("on_both_backends")
 def test_steps_show_urls_to_the_admin_only(tmp_path):
     primary, fallback = KeyRecorder(fail=True), KeyRecorder(fail=False)
     with serve_app(primary) as primary_url, serve_app(fallback) as fallback_url:
         table = {"base_url": f"{fallback_url}/v1"}
-        with gateway_on(tmp_path / "db", f"{primary_url}/v1", api_keys=CLIENT_KEY,
+        with gateway_on(fresh_db(tmp_path), f"{primary_url}/v1", api_keys=CLIENT_KEY,
                         admin_key=ADMIN, upstream_max_retries=0,
                         upstream_fallbacks=[table]) as (url, _):
             client = openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0)
@@ -125,6 +129,7 @@ def test_steps_show_urls_to_the_admin_only(tmp_path):
     assert "127.0.0.1" not in str(tenant)
 
 
+@pytest.mark.usefixtures("on_both_backends")
 def test_steps_per_response_are_capped_across_scopes(tmp_path):
     def always_tools(body: dict[str, Any]) -> Reply:
         return Reply(tool_calls=[{"id": f"c{len(body['messages'])}", "name": "nope", "arguments": "{}"}])
@@ -168,6 +173,7 @@ def test_serve_on_a_network_address_needs_keys(tmp_path):
     assert "STEPCHAIN_API_KEYS" in lines[0] and "--insecure-open" in lines[0]
 
 
+@pytest.mark.usefixtures("on_both_backends")
 def test_registered_tool_on_loopback_needs_allow_private(tmp_path):
     echo = EchoTool()
     model = ScriptedModel(default=lambda body: Reply(content="done"))

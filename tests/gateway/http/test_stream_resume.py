@@ -3,14 +3,17 @@ background responses followed and cancelled — through the real openai SDK."""
 
 from __future__ import annotations
 
-import pytest
-
+import contextlib
+import sqlite3
+import threading
 import time
+from typing import Any
 
 import httpx
+import psycopg
+import pytest
 
 from gateway.testing.scripted_upstream import Reply
-from tests.conftest import sqlite_only
 from tests.gateway.harness import gateway_on, running_gateway
 
 # SDK round trips, streaming, tools and resilience on both store backends (issue 11).
@@ -91,22 +94,52 @@ def test_cancel_a_background_response(tmp_path):
         assert refused.status_code == 400
 
 
+class WriteLock:
+    """The database's write lock, held from the test's own connection: SQLite's ``BEGIN
+    IMMEDIATE``; on PostgreSQL an ``EXCLUSIVE`` lock on ``steps`` (reads go on, writes wait)."""
+
+    def __init__(self, db: str) -> None:
+        self.pg = db.startswith("postgresql://")
+        if self.pg:
+            self.conn: Any = psycopg.connect(db)
+        else:
+            self.conn = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
+        self.db = db
+
+    def take(self) -> None:
+        self.conn.execute("LOCK TABLE steps IN EXCLUSIVE MODE" if self.pg else "BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        self.conn.rollback() if self.pg else self.conn.execute("ROLLBACK")
+
+    def step_state(self, response_id: str) -> str:
+        """The response's one step's state, read on a connection of its own."""
+        if self.pg:
+            with psycopg.connect(self.db) as conn:
+                row = conn.execute("SELECT state FROM steps WHERE response_id = %s", (response_id,))
+                return row.fetchone()[0]
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            sql = "SELECT state FROM steps WHERE response_id = ?"
+            return conn.execute(sql, (response_id,)).fetchone()[0]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 def test_a_done_event_never_describes_a_step_the_store_lacks(tmp_path):
     """The last model call is stored with the response's result in one write, and its ``*.done``
     events wait for that write. The test holds the database's write lock from its own connection
     for a second from the first delta on: the stream must not show ``response.output_item.done``
     until the lock is gone and the step is ``completed`` in the database."""
-    import sqlite3
-    import threading
-
-    sqlite_only()
     with running_gateway(tmp_path) as gw:
-        gw.model.replies.append(Reply(content="one two three four", chunk_size=4, chunk_delay_s=0.02))
-        locker = sqlite3.connect(gw.db, check_same_thread=False, isolation_level=None)
+        # About a second of deltas: the last write cannot have started when the lock is taken
+        # (PostgreSQL writes are slower than SQLite's, and deltas reach clients once stored).
+        gw.model.replies.append(Reply(content="one two three four " * 5, chunk_size=4, chunk_delay_s=0.04))
+        lock = WriteLock(str(gw.db))
         released = threading.Event()
 
         def release() -> None:
-            locker.execute("ROLLBACK")
+            lock.release()
             released.set()
 
         timer = threading.Timer(1.0, release)
@@ -117,16 +150,12 @@ def test_a_done_event_never_describes_a_step_the_store_lacks(tmp_path):
                     if event.type == "response.created":
                         response_id = event.response.id
                     elif event.type == "response.output_text.delta" and timer.ident is None:
-                        locker.execute("BEGIN IMMEDIATE")  # no one else can write now
+                        lock.take()  # no one else can write now
                         timer.start()
                     elif event.type == "response.output_item.done":
-                        with sqlite3.connect(gw.db) as conn:
-                            (state,) = conn.execute(
-                                "SELECT state FROM steps WHERE response_id = ?", (response_id,)
-                            ).fetchone()
-                        seen.append((released.is_set(), state))
+                        seen.append((released.is_set(), lock.step_state(response_id)))
         finally:
             if timer.ident is not None:  # started
                 timer.join()
-            locker.close()
+            lock.close()
     assert seen == [(True, "completed")]

@@ -1,6 +1,7 @@
 """A real ``stepchain serve`` process: ``--log-format json`` writes one JSON object per line for
 each response, step, upstream retry and error, with ids, tenant and timings and no secret; with
-``--workers 2`` ``/metrics`` sums both workers (prometheus-client's multiprocess mode)."""
+``--workers 2`` ``/metrics`` sums both workers (prometheus-client's multiprocess mode). SQLite
+only: neither depends on the store (two workers on PostgreSQL: tests/gateway/test_cli.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Observability end to end on a real gateway running a real tool loop (a parallel HTTP tool and
 a sub-agent): the cost stored per model call and summed, Prometheus metrics, OpenTelemetry spans
 (the SDK's in-memory exporter) with the client's traceparent carried to the tools, and the
-terminal trace of the same database."""
+terminal trace of the same database; on SQLite, then on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ from gateway.testing.scripted_upstream import Reply, ScriptedModel, create_scrip
 from gateway.testing.serving import serve_app
 from tests.gateway.harness import Running, gateway_on, running_gateway
 
+# The module's gateway (``run``) and every test's own run once on SQLite, once on PostgreSQL.
+pytestmark = pytest.mark.usefixtures("on_both_backends")
+
 MODEL = "scripted-model"
 PRICES = {MODEL: {"input": 1.0, "output": 2.0}}
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -34,7 +37,7 @@ _EXPORTER = InMemorySpanExporter()
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(module_db):
     """One response through the loop; yields (gateway, response id, tool request headers)."""
     if not isinstance(trace.get_tracer_provider(), TracerProvider):
         provider = TracerProvider()
@@ -62,7 +65,6 @@ def run(tmp_path_factory):
         Reply(tool_calls=[{"id": "call_b", "name": "broken", "arguments": "{}"}]),
         Reply(content="The broken tool failed."),
     ])
-    tmp = tmp_path_factory.mktemp("observe")
     try:
         tools = Starlette(routes=[Route("/w", weather, methods=["POST"]),
                                   Route("/b", broken, methods=["POST"])])
@@ -75,9 +77,9 @@ def run(tmp_path_factory):
             await scripted(scope, receive, send)
 
         with serve_app(tools) as tool_url, serve_app(upstream) as upstream_url, gateway_on(
-            tmp / "stepchain.db", f"{upstream_url}/v1", prices=PRICES
+            module_db, f"{upstream_url}/v1", prices=PRICES
         ) as (url, config):
-            gw = Running(url, model, upstream_url, tmp / "stepchain.db", config)
+            gw = Running(url, model, upstream_url, module_db, config)
             gw.upstream_headers = upstream_headers
             with gw.http() as http:
                 for body in (

@@ -25,6 +25,9 @@ from tests.gateway.harness import running_gateway
 
 from .test_conformance import KEY, check_all
 
+# Every gateway here runs once on SQLite, once on PostgreSQL.
+pytestmark = pytest.mark.usefixtures("on_both_backends")
+
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "clients"
 PATCH = "*** Begin Patch\n*** Add File: hello.txt\n+hello\n*** End Patch\n"
 

@@ -25,6 +25,9 @@ from tests.gateway.harness import running_gateway
 
 from .conformance import check_event, check_response
 
+# Every gateway here runs once on SQLite, once on PostgreSQL.
+pytestmark = pytest.mark.usefixtures("on_both_backends")
+
 MODEL = "scripted-model"
 KEY = "x4Kc9Ue6fWJ2lq1ZbVtH0x0p3cM2b1kq8QH0pZ3kXnA="  # a Fernet key for the test gateways
 APPLY_PATCH = {

@@ -291,7 +291,10 @@ def test_encode_fields_is_encode_event(kind, sequence, fields):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=5), st.sampled_from(["content", "refusal", "reasoning"]))
+@given(
+    st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=5),
+    st.sampled_from(["content", "refusal", "reasoning"]),
+)
 def test_delta_frames_are_byte_exact(pieces, kind):
     """Text deltas are assembled from cached pieces: the same bytes as encode_event."""
     chunks = []
