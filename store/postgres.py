@@ -355,7 +355,9 @@ class PostgresStore(PostgresRecords, Store):
             finally:
                 self._listening = False
                 if conn is not None:
-                    with contextlib.suppress(BaseException):
+                    # Exception, not BaseException: a cancel arriving here must end the task
+                    # (else asyncio.run's shutdown waits for it forever and the process hangs).
+                    with contextlib.suppress(Exception):
                         await conn.close()
                 conn = None
             self._waiters.wake_all()

@@ -176,7 +176,7 @@ class PostgresRecords(_Base):
                     await conn.execute("SELECT 1")
                 except psycopg.Error:
                     if conn is not None:
-                        with contextlib.suppress(BaseException):
+                        with contextlib.suppress(Exception):  # a cancel must end the task
                             await conn.close()
                     self._owner_conn = None
                     try:

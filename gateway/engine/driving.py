@@ -71,13 +71,17 @@ def _response_error(error: dict[str, Any] | None) -> dict[str, Any]:
 
 def _with_changes(deps: LoopDeps, changes: dict[str, Any]) -> LoopDeps:
     """``dataclasses.replace(deps, **changes)`` at a quarter of its cost (once per response)."""
-    values = dict(zip(_DEPS_FIELDS, _deps_values(deps)))
-    values.update(changes)
-    return LoopDeps(**values)
+    if not _DEPS_POSITIONAL:
+        return dataclasses.replace(deps, **changes)
+    copied = LoopDeps(*_deps_values(deps))
+    for name, value in changes.items():
+        setattr(copied, name, value)
+    return copied
 
 
-_DEPS_FIELDS = tuple(f.name for f in dataclasses.fields(LoopDeps) if f.init)
-_deps_values = operator.attrgetter(*_DEPS_FIELDS)
+_DEPS_FIELDS = dataclasses.fields(LoopDeps)
+_deps_values = operator.attrgetter(*(f.name for f in _DEPS_FIELDS))
+_DEPS_POSITIONAL = all(f.init for f in _DEPS_FIELDS) and not hasattr(LoopDeps, "__post_init__")
 
 
 class DrivingMixin:

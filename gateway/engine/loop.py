@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,21 @@ class StepBudget:
             return False
         self.remaining -= n
         return True
+
+
+_STEP_FIELDS = dataclasses.fields(Step)
+_step_values = operator.attrgetter(*(f.name for f in _STEP_FIELDS))
+_STEP_POSITIONAL = all(f.init for f in _STEP_FIELDS) and not hasattr(Step, "__post_init__")
+
+
+def _step_copy(step: Step, **changes: Any) -> Step:
+    """``dataclasses.replace(step, **changes)`` at a quarter of its cost (once per response)."""
+    if not _STEP_POSITIONAL:
+        return dataclasses.replace(step, **changes)
+    done = Step(*_step_values(step))
+    for name, value in changes.items():
+        setattr(done, name, value)
+    return done
 
 
 @dataclass(slots=True)
@@ -378,7 +394,7 @@ async def _model_call(
         usage = watch.priced(step, usage)  # its cost, stored with it
     upstream = answered_by[-1] if answered_by else None
     if ends_after is not None and deferred is not None:
-        done = dataclasses.replace(
+        done = _step_copy(
             step, state=COMPLETED, response_payload=completion, usage=usage,
             finished_at=time.time(), upstream=upstream or step.upstream,
         )

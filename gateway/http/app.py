@@ -174,6 +174,17 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         the_store = store or open_store(settings.db, synchronous=settings.sqlite_synchronous)
+        try:
+            async with serving(app, the_store):
+                yield
+        finally:
+            # Closed already after a clean shutdown (close is idempotent); after a start-up
+            # that failed once the store was open (the database went away meanwhile), this
+            # stops its pool, whose tasks would otherwise keep the process from exiting.
+            await the_store.close()
+
+    @contextlib.asynccontextmanager
+    async def serving(app: Starlette, the_store: Store) -> AsyncIterator[None]:
         await the_store.open()
         # httpx clients on aiohttp's transport (as openai-python's DefaultAioHttpClient): the
         # same httpx API and httpx-sse parsing, at about half the CPU per request of httpcore.

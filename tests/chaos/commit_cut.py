@@ -32,6 +32,8 @@ class CommitCutProxy:
         self.port = 0
         self.cuts = 0  # how many statements had their answer cut so far
         self._marker: tuple[bytes, ...] | None = None
+        self._then_refuse = False
+        self.refusing = False  # new connections are closed at once (the database "is down")
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -50,10 +52,17 @@ class CommitCutProxy:
             await asyncio.wait(list(self._tasks), timeout=10)
         await self._server.wait_closed()
 
-    def cut_after(self, *markers: bytes) -> None:
+    def cut_after(self, *markers: bytes, then_refuse: bool = False) -> None:
         """Cut the answer of the next statement whose client bytes contain every one of
-        ``markers`` (each as is, or hex-encoded: a ``bytea`` parameter in text format)."""
+        ``markers`` (each as is, or hex-encoded: a ``bytea`` parameter in text format). With
+        ``then_refuse`` the database looks down from then on: every new connection is closed at
+        once (until :meth:`accept`)."""
         self._marker = markers
+        self._then_refuse = then_refuse
+
+    def accept(self) -> None:
+        """Forward new connections again (after ``then_refuse``)."""
+        self.refusing = False
 
     # -- one connection -----------------------------------------------------------------------
 
@@ -64,6 +73,8 @@ class CommitCutProxy:
         self._writers.add(client_w)
         server_w: asyncio.StreamWriter | None = None
         try:
+            if self.refusing:
+                return
             server_r, server_w = await asyncio.open_connection(*self.target)
             self._writers.add(server_w)
             state = {"armed": False}
@@ -153,6 +164,7 @@ class CommitCutProxy:
             if state["armed"]:
                 if kind == b"Z" and body == b"I":
                     self.cuts += 1
+                    self.refusing = self.refusing or self._then_refuse
                     return  # the caller closes both sides: the answer never arrives
                 if swallowing:
                     continue
