@@ -421,8 +421,7 @@ def test_the_upstream_answers_the_same_script_in_the_responses_api() -> None:
     from bench.upstream import create_bench_upstream
     from gateway.testing.serving import serve_app
 
-    with serve_app(create_bench_upstream()) as url:
-        client = OpenAI(base_url=url + "/v1", api_key="unused")
+    with serve_app(create_bench_upstream()) as url, OpenAI(base_url=url + "/v1", api_key="unused") as client:
         response = client.responses.create(model="scripted-model", input="hello there")
         assert response.output_text == "Echo: hello there" and response.usage.output_tokens > 0
         with client.responses.stream(model="scripted-model", input=[{"role": "user", "content": "hi"}]) as stream:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def test_a_gateway_without_the_event_log_streams_the_same_events_and_stores_none
             name = f"gateway-{event_log}"
             with start_gateway(upstream.url + "/v1", tmp_path, name=name, event_log=event_log) as gateway:
                 bodies[event_log] = _stream(gateway.url)
-            with sqlite3.connect(tmp_path / f"{name}.db") as db:
+            with contextlib.closing(sqlite3.connect(tmp_path / f"{name}.db")) as db:
                 stored = db.execute("SELECT count(*) FROM events").fetchone()[0]
                 statuses = [r[0] for r in db.execute("SELECT status FROM responses")]
             assert statuses == ["completed"]

@@ -30,19 +30,28 @@ database_url: str | None = None
 
 @dataclasses.dataclass
 class Running:
-    """A gateway under test: its URL, an SDK client, and the scripted model behind it."""
+    """A gateway under test: its URL, an SDK client, and the scripted model behind it.
+
+    Clients from :meth:`client` and :meth:`http` are closed (their sockets too) when the gateway
+    stops, so a test may use them without a ``with``.
+    """
 
     url: str
     model: ScriptedModel
     upstream_url: str
     db: Path | str  # an SQLite file, or a PostgreSQL URL
     settings: Settings
+    clients: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="test", max_retries=0, **kwargs)
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="test", max_retries=0, **kwargs)
+        self.clients.callback(client.close)
+        return client
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
+        client = httpx.Client(base_url=self.url, timeout=30)
+        self.clients.callback(client.close)
+        return client
 
 
 @contextlib.contextmanager
@@ -55,7 +64,9 @@ def running_gateway(
     db = db or database_url or tmp_path / "stepchain.db"
     with serve_app(create_scripted_upstream(model)) as upstream_url:
         with gateway_on(db, f"{upstream_url}/v1", **settings) as (url, config):
-            yield Running(url, model, upstream_url, db, config)
+            running = Running(url, model, upstream_url, db, config)
+            with running.clients:
+                yield running
 
 
 def fresh_db(tmp_path: Path) -> Path | str:

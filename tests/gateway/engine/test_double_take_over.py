@@ -68,12 +68,30 @@ def _read_until(reply: httpx.Response, seen: list[dict], prefix: str, proc: subp
     raise AssertionError(f"the stream ended before {prefix[:20]!r} streamed: {seen[-3:]}")
 
 
-def _script(body: dict) -> Reply:
-    """The first model call streams FIRST and asks for the tool; the second streams SECOND."""
-    if not any(m["role"] == "tool" for m in body["messages"]):
-        return Reply(content=FIRST, chunk_size=5, chunk_delay_s=0.02,
-                     tool_calls=[{"id": "call_1", "name": "lookup", "arguments": '{"q": 1}'}])  # fmt: skip
-    return Reply(content=SECOND, chunk_size=5, chunk_delay_s=0.02)
+# Chunk 0 carries the role; chunks 1.. carry 5 characters each: a held call has streamed 95.
+_HOLD_AFTER = 20
+
+
+def _script(held_first: int, held_second: int):
+    """The first model call streams FIRST and asks for the tool; the second streams SECOND.
+
+    The first ``held_first`` runs of the first call (and ``held_second`` of the second) stream
+    95 characters and then hold the stream open until their client (the gateway) disconnects:
+    such a call cannot finish before the test has killed its gateway, whatever the load.
+    """
+    runs = {"first": 0, "second": 0}
+
+    def script(body: dict) -> Reply:
+        call = "second" if any(m["role"] == "tool" for m in body["messages"]) else "first"
+        runs[call] += 1
+        held = runs[call] <= (held_first if call == "first" else held_second)
+        stall = _HOLD_AFTER if held else None
+        if call == "first":
+            return Reply(content=FIRST, chunk_size=5, chunk_delay_s=0.01, stall_after_chunks=stall,
+                         tool_calls=[{"id": "call_1", "name": "lookup", "arguments": '{"q": 1}'}])  # fmt: skip
+        return Reply(content=SECOND, chunk_size=5, chunk_delay_s=0.01, stall_after_chunks=stall)
+
+    return script
 
 
 def _tool_app() -> Starlette:
@@ -90,7 +108,9 @@ def test_a_response_taken_over_twice_keeps_every_item_of_both_interrupted_calls(
     """next_call: A dies mid the first model call, B re-runs it (it completes with a tool call),
     runs the tool and dies mid the second model call; C re-runs the second one.
     same_call: B dies mid its re-run of the first model call; C re-runs it again."""
-    model = ScriptedModel(default=_script)
+    # A's first call, and B's call (the next one or the re-run), hold until their gateway dies.
+    held = (1, 1) if second_kill == "next_call" else (2, 0)
+    model = ScriptedModel(default=_script(*held))
     # B is killed once the text of this model call streams (a re-run streams the same text).
     b_dies_in = SECOND if second_kill == "next_call" else FIRST
     seen: list[dict] = []

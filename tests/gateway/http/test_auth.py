@@ -53,7 +53,10 @@ def gw(tmp_path_factory, module_db):
 
 
 def sdk(gw, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+    """An SDK client with ``key``, closed when ``gw`` stops."""
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+    gw.clients.callback(client.close)
+    return client
 
 
 # -- two tenants ---------------------------------------------------------------------------------

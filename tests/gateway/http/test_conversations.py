@@ -184,6 +184,8 @@ def test_conversations_are_tenant_scoped(tmp_path):
     with running_gateway(tmp_path, api_keys="key-a,key-b") as gw:
         a = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="key-a", max_retries=0)
         b = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="key-b", max_retries=0)
+        gw.clients.callback(a.close)
+        gw.clients.callback(b.close)
         conversation = a.conversations.create(items=[{"role": "user", "content": "secret"}])
         for attempt in (
             lambda: b.conversations.retrieve(conversation.id),

@@ -103,8 +103,8 @@ def test_client_key_goes_only_where_it_was_meant(tmp_path, marked):
         with gateway_on(fresh_db(tmp_path), f"{primary_url}/v1", api_keys=CLIENT_KEY,
                         pass_client_key=True, upstream_api_key="sk-gateway-primary",
                         upstream_max_retries=0, upstream_fallbacks=[table]) as (url, _):
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0)
-            response = client.responses.create(model=MODEL, input="hello")
+            with openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0) as client:
+                response = client.responses.create(model=MODEL, input="hello")
     assert response.status == "completed"
     assert primary.keys == [f"Bearer {CLIENT_KEY}"]
     assert fallback.keys == [f"Bearer {CLIENT_KEY}" if marked else "Bearer sk-fallback-own"]
@@ -118,11 +118,11 @@ def test_steps_show_urls_to_the_admin_only(tmp_path):
         with gateway_on(fresh_db(tmp_path), f"{primary_url}/v1", api_keys=CLIENT_KEY,
                         admin_key=ADMIN, upstream_max_retries=0,
                         upstream_fallbacks=[table]) as (url, _):
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0)
-            response = client.responses.create(model=MODEL, input="hello")
-            path = f"{url}/v1/responses/{response.id}/steps"
-            tenant = httpx.get(path, headers={"Authorization": f"Bearer {CLIENT_KEY}"}).json()
-            admin = httpx.get(path, headers={"Authorization": f"Bearer {ADMIN}"}).json()
+            with openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0) as client:
+                response = client.responses.create(model=MODEL, input="hello")
+                path = f"{url}/v1/responses/{response.id}/steps"
+                tenant = httpx.get(path, headers={"Authorization": f"Bearer {CLIENT_KEY}"}).json()
+                admin = httpx.get(path, headers={"Authorization": f"Bearer {ADMIN}"}).json()
     tenant_step, admin_step = tenant["data"][0], admin["data"][0]
     assert admin_step["upstream"] == f"{fallback_url}/v1"
     assert tenant_step["upstream"] == "fallback-1"

@@ -178,10 +178,10 @@ def test_previous_response_survives_a_restart(tmp_path):
         upstream = f"{gw.upstream_url}/v1"
         # A second gateway process-equivalent on the same database, fresh caches.
         with gateway_on(gw.db, upstream) as (url, _):
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-            model.replies.append(Reply(content="Yes."))
-            second = client.responses.create(model=MODEL, input="again", previous_response_id=first.id)
-            assert second.output_text == "Yes."
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
+                model.replies.append(Reply(content="Yes."))
+                second = client.responses.create(model=MODEL, input="again", previous_response_id=first.id)
+                assert second.output_text == "Yes."
     assert model.requests[-1]["messages"][:2] == [
         {"role": "user", "content": "remember me"},
         {"role": "assistant", "content": "Remembered."},

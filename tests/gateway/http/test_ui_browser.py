@@ -9,6 +9,7 @@ Without chromium the tests skip with one reason; with ``CI=true`` that is a fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -77,9 +78,12 @@ class Site:
         self.tools = tools
         self.shots = shots
         self.ids: dict[str, str] = {}
+        self.clients = contextlib.ExitStack()  # closed by the ``site`` fixture
 
     def client(self, key: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
+        self.clients.callback(client.close)
+        return client
 
     def shot(self, page: Any, name: str) -> None:
         path = self.shots / f"{name}.png"
@@ -106,8 +110,9 @@ def site(tmp_path_factory: pytest.TempPathFactory, backend: str, module_db: str)
             "STEPCHAIN_UPSTREAM_RETRY_MAX_S": "5",
             "STEPCHAIN_PRICES": '{"scripted-model": {"input": 2.5, "output": 10}}',
         }
-        with serve_process([], tmp / "gateway.log", env=env) as (url, _proc):
+        with serve_process([], tmp / "gateway.log", env=env) as (url, _proc), contextlib.ExitStack() as stack:
             s = Site(url, model, tools, shots)
+            stack.enter_context(s.clients)
             admin = {"Authorization": f"Bearer {ADMIN}"}
             for body in (
                 {"name": "get_weather", "description": "Weather for a city", "parameters": CITY,

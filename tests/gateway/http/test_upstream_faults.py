@@ -143,9 +143,9 @@ def test_a_fallback_answers_when_the_primary_is_down(tmp_path):
         fallback.model.replies.append(Reply(content="from the fallback"))
         with gateway_on(tmp_path / "gw.db", down, upstream_fallbacks=fallbacks,
                         upstream_max_retries=1, upstream_retry_max_s=2.0) as (url, _settings):
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="test", max_retries=0)
-            response = client.responses.create(model=MODEL, input="x")
-            step = model_call(url, response.id)
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="test", max_retries=0) as client:
+                response = client.responses.create(model=MODEL, input="x")
+                step = model_call(url, response.id)
     assert response.output_text == "from the fallback"
     assert step["upstream"] == "fallback-1"  # its URL is for the admin key only
     assert [e["type"] for e in errors_of(step)] == ["upstream_connection_error"] * 2

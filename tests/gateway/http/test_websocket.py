@@ -255,6 +255,8 @@ def test_keys_and_tenants_apply_to_the_upgrade_request(tmp_path):
         assert info.value.response.status_code == 401
         client_a = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="key-a", max_retries=0)
         client_b = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="key-b", max_retries=0)
+        gw.clients.callback(client_a.close)
+        gw.clients.callback(client_b.close)
         with client_a.responses.connect() as connection:
             connection.response.create(model=MODEL, input="mine")
             mine = until_terminal(connection)[-1].response
