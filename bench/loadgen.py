@@ -85,8 +85,17 @@ class HTTPConnection:
         )
 
     def close(self) -> None:
+        """Close the socket; it is closed after one more loop turn (a transport callback).
+
+        A request not fully sent is dropped (``abort``): a graceful close would keep the socket
+        open until the server read the rest, which it may never do.
+        """
         if self._writer is not None:
-            self._writer.close()
+            transport = self._writer.transport
+            if transport.get_write_buffer_size():
+                transport.abort()
+            else:
+                transport.close()
         self._reader = self._writer = None
 
     async def request(
