@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.cookiejar
 import logging
 import os
 from collections.abc import Collection, Iterator, Mapping
@@ -42,7 +43,9 @@ import orjson
 from .egress import ALLOW_PRIVATE_EXTENSION, EgressError, EgressPolicy, host_matches, pin_request
 from .quickcheck import compile_quick_check
 
-__all__ = ["ENV_PREFIX", "ENV_VAR_PREFIX", "HTTPToolExecutor", "ToolError", "resolve_headers"]
+__all__ = [
+    "ENV_PREFIX", "ENV_VAR_PREFIX", "HTTPToolExecutor", "ToolError", "no_cookie_jar", "resolve_headers",
+]  # fmt: skip
 
 logger = logging.getLogger("stepchain.tools")
 
@@ -127,6 +130,13 @@ class _PreparedRequest:
     allow_private: bool
 
 
+def no_cookie_jar() -> http.cookiejar.CookieJar:
+    """A cookie jar that keeps no cookie, for the shared tool client (``cookies=`` of
+    ``httpx.AsyncClient``): tool calls are stateless, so a cookie one tool call sets is never
+    sent on a later call, which could belong to another tenant or another response."""
+    return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+
+
 class HTTPToolExecutor:
     """Calls HTTP tools over one shared ``httpx.AsyncClient`` (one instance per process).
 
@@ -159,7 +169,7 @@ class HTTPToolExecutor:
         self._owns_client = client is None
         if client is None:
             transport = transport or httpx.AsyncHTTPTransport()
-            client = httpx.AsyncClient(transport=transport)
+            client = httpx.AsyncClient(transport=transport, cookies=no_cookie_jar())
         self._client = client
         # The client's transport (given with the client, or ours): requests go to it directly,
         # without the client's per-request layers (see _send).

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from executors.egress import EgressPolicy
-from executors.http_tool import HTTPToolExecutor
+from executors.http_tool import HTTPToolExecutor, no_cookie_jar
 from executors.mcp_tool import MCPToolExecutor
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream, UpstreamTarget
@@ -204,7 +204,9 @@ def create_app(
         tool_transport: httpx.AsyncBaseTransport = AiohttpTransport(limits=tool_limits)
         if tracing is not None:  # ... and to the tools
             tool_transport = PropagatingTransport(tool_transport)
-        tool_client = httpx.AsyncClient(transport=tool_transport, limits=tool_limits)
+        tool_client = httpx.AsyncClient(
+            transport=tool_transport, limits=tool_limits, cookies=no_cookie_jar()
+        )  # tool calls are stateless: no tenant's cookies reach another's calls
         upstream = ResilientUpstream(
             _upstream_targets(settings),
             client=client,

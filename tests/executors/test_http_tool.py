@@ -406,3 +406,28 @@ def test_stored_env_header_outside_the_prefix_is_not_read(tool_server: str) -> N
     err = call_error(definition, "{}", environ={"STEPCHAIN_UPSTREAM_API_KEY": "sk-upstream-secret"})
     assert err.type == "configuration_error"
     assert "X-Key" in err.message and "sk-upstream-secret" not in err.message
+
+
+@pytest.mark.parametrize("gateway_client", [True, False], ids=["gateway-client", "own-client"])
+def test_a_cookie_one_tool_call_sets_is_never_sent_on_a_later_call(tool_server: str, gateway_client: bool) -> None:
+    """Tool calls are stateless: the gateway's shared tool client (built as gateway/http/app.py
+    builds it) and an executor's own client keep no cookie, so one tenant's tool session never
+    rides on another tenant's call to the same host."""
+    import httpx
+
+    from executors.http_tool import no_cookie_jar
+
+    async def run() -> list[Any]:
+        transport = httpx.AsyncHTTPTransport()
+        client = httpx.AsyncClient(transport=transport, cookies=no_cookie_jar()) if gateway_client else None
+        executor = HTTPToolExecutor(
+            client, transport=transport if gateway_client else None, allowed_networks=("127.0.0.0/8",)
+        )
+        try:
+            return [await executor.call(tool(f"{tool_server}/cookie"), "{}") for _ in range(3)]
+        finally:
+            await executor.aclose()
+            if client is not None:
+                await client.aclose()
+
+    assert asyncio.run(run()) == [{"sent": None}] * 3
