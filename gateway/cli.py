@@ -11,6 +11,7 @@ status 2. The benchmarks run from the repository: ``python -m bench`` (not part 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 
 import click
 
-from .config import ENV_PREFIX, ConfigError, Settings, flag_name, load_settings
+from .config import ENV_PREFIX, ConfigError, Settings, database_error, flag_name, load_settings
 
 __all__ = ["main", "serve"]
 
@@ -193,7 +194,7 @@ def check_database(settings: Settings) -> None:
     """
     import asyncio
 
-    from store import open_store, redact_url
+    from store import open_store
     from store.types import StoreError
 
     async def probe() -> None:
@@ -204,8 +205,7 @@ def check_database(settings: Settings) -> None:
     try:
         asyncio.run(probe())
     except (StoreError, ValueError, OSError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ConfigError(f"db: cannot open {redact_url(settings.db)}: {reason}") from None
+        raise database_error(settings.db, exc) from None
 
 
 def _configure_logging(settings: Settings) -> dict[str, Any]:
@@ -297,7 +297,31 @@ def serve(settings: Settings) -> None:
     from gateway.http.app import create_app, tune_gc_for_serving
 
     tune_gc_for_serving()
-    uvicorn.run(create_app(settings), **common)
+    app = create_app(settings)
+    quiet = _QuietFailedStartup(app)
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    uvicorn_errors.addFilter(quiet)
+    try:
+        uvicorn.run(app, **common)
+    except SystemExit:  # uvicorn's start-up failure (status 3)
+        failure = getattr(app.state, "startup_failure", None)
+        if failure is not None:
+            raise failure from None  # one line, status 2, as check_database
+        raise
+    finally:
+        uvicorn_errors.removeFilter(quiet)
+
+
+class _QuietFailedStartup(logging.Filter):
+    """Drops uvicorn's report of a start-up the database failed (the traceback, then
+    "Application startup failed"): :func:`serve` tells it in one line instead."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(self.app.state, "startup_failure", None) is None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

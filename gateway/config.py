@@ -27,7 +27,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -50,6 +50,7 @@ __all__ = [
     "Settings",
     "ToolSetting",
     "UpstreamFallback",
+    "database_error",
     "load_settings",
     "readme_table",
 ]
@@ -472,6 +473,31 @@ def load_settings(flags: Mapping[str, Any] | None = None) -> Settings:
         return Settings(**values)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc, sources)) from None
+
+
+def database_error(db: str, exc: BaseException) -> ConfigError:
+    """The one line for a store ``db`` that cannot be opened (or fails the start-up's first
+    reads) because of ``exc``: ``db: cannot open URL: reason``, with the URL's password (in
+    its user part or a ``password=`` parameter) shown as ``***`` wherever it appears."""
+    from store import redact_url
+
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    line = f"db: cannot open {redact_url(db)}: {reason}"
+    for password in _passwords(db):
+        line = line.replace(password, "***")
+    return ConfigError(line)
+
+
+def _passwords(url: str) -> list[str]:
+    """The password of a database URL as it may appear (raw and decoded), longest first."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password or ""]
+    except ValueError:
+        return []
+    found += [value for key, value in parse_qsl(parts.query) if key.lower() == "password"]
+    found += [unquote(p) for p in found]
+    return sorted({p for p in found if p}, key=len, reverse=True)
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

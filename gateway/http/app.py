@@ -31,7 +31,7 @@ from executors.http_tool import HTTPToolExecutor, no_cookie_jar
 from executors.mcp_tool import MCPToolExecutor
 from executors.registry import ToolRegistry
 from executors.resilience import ResilientUpstream, UpstreamTarget
-from gateway.config import Settings, load_settings
+from gateway.config import Settings, database_error, load_settings
 from gateway.engine.keys import load_or_create_key
 from gateway.engine.live import LiveStreams
 from gateway.engine.loop import LoopDeps
@@ -49,6 +49,7 @@ from gateway.errors import (
 )
 from store.base import Store
 from store import open_store
+from store.types import StoreError
 
 from gateway.observe.cost import PriceTable
 from gateway.observe.hooks import Observer
@@ -169,14 +170,25 @@ def create_app(
 ) -> Starlette:
     """The gateway app for ``settings``. ``store`` overrides the SQLite store built from
     ``settings.db`` (e.g. a PostgreSQL store); ``upstream_transport`` replaces the HTTP
-    transport to the upstream (the demo's in-process scripted model)."""
+    transport to the upstream (the demo's in-process scripted model). When the database fails
+    the lifespan's start-up, ``app.state.startup_failure`` is the one-line ConfigError naming
+    it (no password); otherwise None."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.startup_failure = None
         the_store = store or open_store(settings.db, synchronous=settings.sqlite_synchronous)
+        started = False
         try:
             async with serving(app, the_store):
+                started = True
                 yield
+        except StoreError as exc:
+            # The database failed the start-up (gone since the command checked it, or failing
+            # the first reads): ``stepchain serve`` tells it in one line (gateway.cli.serve).
+            if not started:
+                app.state.startup_failure = database_error(settings.db, exc)
+            raise
         finally:
             # Closed already after a clean shutdown (close is idempotent); after a start-up
             # that failed once the store was open (the database went away meanwhile), this

@@ -33,6 +33,7 @@ class CommitCutProxy:
         self.cuts = 0  # how many statements had their answer cut so far
         self._marker: tuple[bytes, ...] | None = None
         self._then_refuse = False
+        self._refuse_after: tuple[bytes, ...] | None = None
         self.refusing = False  # new connections are closed at once (the database "is down")
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -60,6 +61,12 @@ class CommitCutProxy:
         self._marker = markers
         self._then_refuse = then_refuse
 
+    def refuse_after_close(self, *markers: bytes) -> None:
+        """Look down (refuse every new connection, until :meth:`accept`) once the connection
+        whose client bytes contained every one of ``markers`` has closed: e.g. after a
+        process's start-up check closed its store, before its app opens the store again."""
+        self._refuse_after = markers
+
     def accept(self) -> None:
         """Forward new connections again (after ``then_refuse``)."""
         self.refusing = False
@@ -72,12 +79,12 @@ class CommitCutProxy:
         self._tasks.add(task)
         self._writers.add(client_w)
         server_w: asyncio.StreamWriter | None = None
+        state = {"armed": False, "marked": False}
         try:
             if self.refusing:
                 return
             server_r, server_w = await asyncio.open_connection(*self.target)
             self._writers.add(server_w)
-            state = {"armed": False}
             upstream = asyncio.ensure_future(self._client_to_server(client_r, server_w, state))
             try:
                 await self._server_to_client(server_r, client_w, state)
@@ -88,6 +95,8 @@ class CommitCutProxy:
         except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
+            if state["marked"]:
+                self.refusing = True
             for writer in (client_w, server_w):
                 if writer is not None:
                     writer.transport.abort()
@@ -129,6 +138,10 @@ class CommitCutProxy:
                 if markers is not None and all(m in batch or m.hex().encode() in batch for m in markers):
                     self._marker = None  # once per arming
                     state["armed"] = True
+                after = self._refuse_after
+                if after is not None and all(m in batch for m in after):
+                    self._refuse_after = None
+                    state["marked"] = True
                 if message[:1] == b"S":
                     batch = b""
             writer.write(data)
