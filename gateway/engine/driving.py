@@ -69,6 +69,21 @@ def _response_error(error: dict[str, Any] | None) -> dict[str, Any]:
     return {"code": code, "message": error.get("message") or kind}
 
 
+def _taken_over(exc: BaseException) -> FencedError | None:
+    """The FencedError that ``exc`` is, or one of those an exception group (nested or not)
+    holds when it holds nothing else; None for any other exception."""
+    if isinstance(exc, FencedError):
+        return exc
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    fenced, rest = exc.split(FencedError)
+    if fenced is None or rest is not None:
+        return None
+    while isinstance(fenced, BaseExceptionGroup):
+        fenced = fenced.exceptions[0]
+    return fenced  # type: ignore[return-value]
+
+
 def _with_changes(deps: LoopDeps, changes: dict[str, Any]) -> LoopDeps:
     """``dataclasses.replace(deps, **changes)`` at a quarter of its cost (once per response)."""
     if not _DEPS_POSITIONAL:
@@ -234,8 +249,12 @@ class DrivingMixin:
         try:
             return await self._observed(prepared, builder, writer, started, cancelled)
         except FencedError:
-            # Another process owns the response now: stop without writing anything more.
-            logger.warning("response %s was taken over by another process; stopped", prepared.record.id)
+            # Another process owns the response now: stop without writing anything more (a
+            # hand-over, not a failure: no traceback).
+            logger.warning(
+                "response %s was taken over by another process; this process stops its loop",
+                prepared.record.id,
+            )
             if writer.log is not None:
                 writer.log.drop_staged()
                 self.live.close(prepared.record.id, stream=writer.log, handed_over=True)
@@ -306,6 +325,9 @@ class DrivingMixin:
             status, error = "failed", {"code": "server_error", "message": f"store error: {exc}"}
             prepared.failure = to_gateway_error(exc)
         except Exception as exc:  # a bug must still end the response, never leave it in_progress
+            fenced = _taken_over(exc)
+            if fenced is not None:  # concurrent steps (a TaskGroup) all refused by the fence
+                raise fenced from None
             logger.exception("response %s failed unexpectedly", record.id)
             status, error = "failed", {"code": "server_error", "message": "internal error"}
             prepared.failure = to_gateway_error(exc)
