@@ -19,10 +19,15 @@ response no longer cached here) read the store and wait with ``Store.wait_events
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from gateway.protocol.events import ResponseBuilder
+from gateway.protocol.sse import encode_event
+from store.types import StoreUnavailableError
+
+from .store_retry import retry_unavailable
 
 __all__ = [
     "LiveStream", "LiveStreams", "ends_stream", "follow_store", "is_terminal", "replay_events",
@@ -36,6 +41,7 @@ _TERMINAL = (
 )
 _KEEP_ALIVE = b": keep-alive\n\n"
 _UNFINISHED = ("queued", "in_progress")
+_T = TypeVar("_T")
 
 
 def is_terminal(event: bytes) -> bool:
@@ -305,58 +311,110 @@ class LiveStreams:
 
 
 async def follow_store(
-    store: Any, response_id: str, after: int, *, keep_alive_s: float = 15.0
+    store: Any, response_id: str, after: int, *, keep_alive_s: float = 15.0,
+    outage_s: float = 300.0,
 ) -> AsyncIterator[bytes]:
     """The stored events of a response with sequence number > ``after``, then the new ones as
     they are stored (``Store.wait_events``), until the terminal event; a keep-alive comment
     every ``keep_alive_s`` seconds without events. Ends without a terminal event only when the
-    response ends (or is deleted) with none stored (e.g. it was not streamed)."""
+    response ends (or is deleted) with none stored (e.g. it was not streamed).
+
+    While the store is unavailable the follower keeps its client with keep-alive comments and
+    retries with backoff (:func:`~gateway.engine.store_retry.retry_unavailable`), then goes on
+    from the last event it yielded, none lost or repeated. After ``outage_s`` seconds without
+    an answer it ends with an ``error`` event (code ``store_unavailable``) whose
+    ``sequence_number`` is that of the last event yielded (``after`` if none): the
+    ``starting_after`` to resume with. It is not stored; ``[DONE]`` follows as usual.
+    """
+    loop = asyncio.get_running_loop()
     cursor = after
+    answered = loop.time()  # when the store last answered
     while True:
-        rows = await store.list_events(response_id, after=cursor)
-        chunk = []
-        done = False
-        for sequence, event in rows:
-            if sequence != cursor + 1:
-                break  # a gap (a later batch committed first): wait for the missing ones
-            chunk.append(event)
-            cursor = sequence
-            if is_terminal(event):
-                done = True
-                break
-        if chunk:
-            yield b"".join(chunk)
-        if done:
+        try:
+            events, state = await retry_unavailable(
+                functools.partial(_look, store, response_id, cursor, keep_alive_s),
+                until=min(loop.time() + keep_alive_s, answered + outage_s),
+            )
+        except StoreUnavailableError:
+            if loop.time() < answered + outage_s:
+                yield _KEEP_ALIVE
+                continue
+            yield _gave_up(cursor, outage_s)
             return
-        if chunk:
-            continue
-        await store.wait_events(response_id, cursor, keep_alive_s)
+        answered = loop.time()
+        if events:
+            cursor += len(events)
+            yield b"".join(events)
+        if state == _ENDED or (events and is_terminal(events[-1])):
+            return
+        if state == _IDLE:
+            yield _KEEP_ALIVE
+
+
+_MORE, _IDLE, _ENDED = "more", "idle", "ended"
+
+
+async def _look(
+    store: Any, response_id: str, cursor: int, wait_s: float
+) -> tuple[list[bytes], str]:
+    """One look at the store for the events after sequence number ``cursor`` (reads only, so
+    it may be tried again): ``(events, "more")``, those stored in sequence (up to a terminal
+    one); or, when there are none, after waiting up to ``wait_s`` for some, ``([], "more")``
+    if some came, ``([], "idle")`` if none came and the response is unfinished, ``([],
+    "ended")`` if it ended (or is gone) with none."""
+    rows = await store.list_events(response_id, after=cursor)
+    events = []
+    for sequence, event in rows:
+        if sequence != cursor + 1 + len(events):
+            break  # a gap (a later batch committed first): wait for the missing ones
+        events.append(event)
+        if is_terminal(event):
+            break
+    if events:
+        return events, _MORE
+    await store.wait_events(response_id, cursor, wait_s)
+    if await store.list_events(response_id, after=cursor, limit=1):
+        return events, _MORE
+    record = await store.get_response(response_id)
+    if record is None or record.status not in _UNFINISHED:
         if await store.list_events(response_id, after=cursor, limit=1):
-            continue
-        record = await store.get_response(response_id)
-        if record is None or record.status not in _UNFINISHED:
-            if await store.list_events(response_id, after=cursor, limit=1):
-                continue  # its last events committed with its status
-            return
-        yield _KEEP_ALIVE
+            return events, _MORE  # its last events committed with its status
+        return events, _ENDED
+    return events, _IDLE
+
+
+def _gave_up(cursor: int, outage_s: float) -> bytes:
+    """The ``error`` event that ends a follower the store left without an answer."""
+    return encode_event({
+        "type": "error", "sequence_number": cursor, "code": "store_unavailable",
+        "message": f"The response store did not answer for {outage_s:g} s; resume with "
+        f"starting_after={cursor}.",
+        "param": None,
+    })  # fmt: skip
 
 
 async def stored_events(
-    service: Any, record: Any, starting_after: int
+    service: Any, record: Any, starting_after: int, *, outage_s: float = 300.0
 ) -> AsyncIterator[bytes]:
     """A stored response's events after ``starting_after``, from the durable log (then live
     ones, from any replica); a response that has no log (not streamed, or stored before the
-    log existed) is rebuilt from its chain once it has ended."""
+    log existed) is rebuilt from its chain once it has ended. Its reads of the store wait out
+    an outage of up to ``outage_s`` (see :func:`follow_store`)."""
     store = service.store
-    has_log = bool(await store.list_events(record.id, limit=1))
+    loop = asyncio.get_running_loop()
+
+    def patiently(read: Callable[[], Awaitable[_T]]) -> Awaitable[_T]:
+        return retry_unavailable(read, until=loop.time() + outage_s)
+
+    has_log = bool(await patiently(lambda: store.list_events(record.id, limit=1)))
     if has_log or record.status in _UNFINISHED:
         seen = False
-        async for chunk in follow_store(store, record.id, starting_after):
+        async for chunk in follow_store(store, record.id, starting_after, outage_s=outage_s):
             seen = seen or not chunk.startswith(b":")
             yield chunk
-        if seen or has_log or await store.list_events(record.id, limit=1):
+        if seen or has_log or await patiently(lambda: store.list_events(record.id, limit=1)):
             return
-        record = await store.get_response(record.id)
+        record = await patiently(lambda: store.get_response(record.id))
         if record is None:
             return
     index = 0

@@ -52,6 +52,7 @@ from store.types import (
 )
 
 from .live import LiveStream
+from .store_retry import retry_unavailable
 
 logger = logging.getLogger("stepchain.writer")
 
@@ -121,23 +122,17 @@ class ResponseWriter:
             raise
 
     async def _discard(self, response_id: str, give_up_s: float = 600.0) -> None:
-        deadline = asyncio.get_running_loop().time() + give_up_s
-        delay = 0.05
-        while True:
-            try:
-                if await self.store.delete_response(response_id):
-                    logger.warning("response %s: its creation had committed unacknowledged; "
-                                   "deleted (its client got a 503)", response_id)  # fmt: skip
-                return
-            except StoreUnavailableError:
-                if asyncio.get_running_loop().time() > deadline:
-                    logger.error("response %s may be stored unacknowledged", response_id)
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max_s)
-            except StoreError as exc:
-                logger.error("response %s may be stored unacknowledged: %s", response_id, exc)
-                return
+        try:
+            deleted = await retry_unavailable(
+                lambda: self.store.delete_response(response_id), max_delay_s=self.retry_max_s,
+                until=asyncio.get_running_loop().time() + give_up_s,
+            )  # fmt: skip
+        except StoreError as exc:
+            logger.error("response %s may be stored unacknowledged: %s", response_id, exc)
+            return
+        if deleted:
+            logger.warning("response %s: its creation had committed unacknowledged; "
+                           "deleted (its client got a 503)", response_id)  # fmt: skip
 
     async def record_steps(self, *args: Any, **kwargs: Any) -> Any:
         """As :meth:`store.base.Store.record_steps`, with the steps' ids made here (once, not
@@ -226,29 +221,25 @@ class ResponseWriter:
         the database, its answer did not): then that attempt's result is returned."""
         if not retry:
             return await call()
-        delay = 0.05
         failed = False
-        while True:
-            try:
-                return await call()
-            except StoreUnavailableError as exc:
-                if not failed:
-                    logger.warning("response %s waits for the store: %s", self.response_id, exc)
-                failed = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max_s)
-            except StoreError as exc:
-                if isinstance(exc, FencedError):
-                    self.fenced = True
-                    raise
-                if failed and committed is not None and isinstance(
-                    exc, (StepStateError, StoreConflictError)
-                ):
-                    done, result = await self._retry(committed)
-                    if done:
-                        logger.info("response %s: a retried write had committed", self.response_id)
-                        return result  # type: ignore[no-any-return]
-                raise
+
+        def waiting(exc: StoreUnavailableError) -> None:
+            nonlocal failed
+            failed = True
+            logger.warning("response %s waits for the store: %s", self.response_id, exc)
+
+        try:
+            return await retry_unavailable(call, max_delay_s=self.retry_max_s, on_wait=waiting)
+        except FencedError:
+            self.fenced = True
+            raise
+        except (StepStateError, StoreConflictError):
+            if failed and committed is not None:
+                done, result = await self._retry(committed)
+                if done:
+                    logger.info("response %s: a retried write had committed", self.response_id)
+                    return result  # type: ignore[no-any-return]
+            raise
 
     async def _committed(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
