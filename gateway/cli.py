@@ -304,7 +304,7 @@ def serve(settings: Settings) -> None:
     try:
         uvicorn.run(app, **common)
     except SystemExit:  # uvicorn's start-up failure (status 3)
-        failure = getattr(app.state, "startup_failure", None)
+        failure = app.startup_failure
         if failure is not None:
             raise failure from None  # one line, status 2, as check_database
         raise
@@ -321,7 +321,7 @@ class _QuietFailedStartup(logging.Filter):
         self.app = app
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(self.app.state, "startup_failure", None) is None
+        return self.app.startup_failure is None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

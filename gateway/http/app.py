@@ -167,16 +167,16 @@ def create_app(
     *,
     store: Store | None = None,
     upstream_transport: httpx.AsyncBaseTransport | None = None,
-) -> Starlette:
+) -> GatewayApp:
     """The gateway app for ``settings``. ``store`` overrides the SQLite store built from
     ``settings.db`` (e.g. a PostgreSQL store); ``upstream_transport`` replaces the HTTP
     transport to the upstream (the demo's in-process scripted model). When the database fails
-    the lifespan's start-up, ``app.state.startup_failure`` is the one-line ConfigError naming
-    it (no password); otherwise None."""
+    the lifespan's start-up, ``app.startup_failure`` is the one-line ConfigError naming it (no
+    password); otherwise None."""
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.startup_failure = None
+    async def lifespan(app: GatewayApp) -> AsyncIterator[None]:
+        app.startup_failure = None
         the_store = store or open_store(settings.db, synchronous=settings.sqlite_synchronous)
         started = False
         try:
@@ -187,7 +187,7 @@ def create_app(
             # The database failed the start-up (gone since the command checked it, or failing
             # the first reads): ``stepchain serve`` tells it in one line (gateway.cli.serve).
             if not started:
-                app.state.startup_failure = database_error(settings.db, exc)
+                app.startup_failure = database_error(settings.db, exc)
             raise
         finally:
             # Closed already after a clean shutdown (close is idempotent); after a start-up

@@ -143,9 +143,12 @@ class GatewayApp(Starlette):
 
     ``hot`` holds what the hot route needs besides the stack (set by the app factory):
     ``{"metrics": …, "auth": AuthMiddleware | None}``; the exception handlers are the app's.
+    ``startup_failure`` is set by the lifespan when the database failed its start-up: the
+    one-line error ``stepchain serve`` exits with (:func:`gateway.cli.serve`).
     """
 
     hot: dict[str, Any]
+    startup_failure: Exception | None = None
 
     def build_middleware_stack(self) -> ASGIApp:
         stack = super().build_middleware_stack()
