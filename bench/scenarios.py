@@ -38,7 +38,7 @@ from .loadgen import (
 )
 from .processes import ServerProcess, cpu_seconds
 from .report import Row
-from .upstream import TOOLS_PHRASE
+from .upstream import SLOW_PREFIX, TOOLS_PHRASE
 
 __all__ = ["FLOORS", "FULL", "QUICK", "TOOL_PARAMETERS", "Bench", "Sizes", "register_tools"]
 
@@ -449,7 +449,33 @@ async def scenario_stream(b: Bench) -> list[Row]:
             if b.gateway_pg_nolog is not None:
                 await _event_log_rows(b.gateway_pg_nolog, "gateway-pg-nolog", "stepchain (PostgreSQL), event log off",
                                 c, n, body, p, d_first, d_last, first_rows, last_rows)  # fmt: skip
+    if b.gateway_nolog is not None and 16 in b.sizes.stream:
+        last_rows += await _paced_event_log_rows(b, 16, max(32, b.sizes.stream[16] // 6))
     return first_rows + last_rows
+
+
+# A model streaming 40 deltas 5 ms apart (200 tokens/s, as a fast model does): the log stores
+# them in several writes (``stream_flush_s`` apart), where a burst's share one or two.
+PACED_TEXT = SLOW_PREFIX + "40 5"
+
+
+async def _paced_event_log_rows(b: Bench, c: int, n: int) -> list[Row]:
+    """The event log's cost on a paced stream (:data:`PACED_TEXT`): the gateway CPU per
+    streamed response with it ÷ without it (``extra["event_log_ratio"]``), on SQLite."""
+    body = orjson.dumps({"model": MODEL, "input": PACED_TEXT, "stream": True})
+    rows = []
+    for server, key, target in ((b.gateway, "gateway", "stepchain"),
+                                (b.gateway_nolog, "gateway-nolog", "stepchain, event log off")):  # fmt: skip
+        assert server is not None
+        request = http_request(server, b"POST", "/v1/responses", body, check_response_stream, GATEWAY_DELTA)
+        result = await measure(request, server, c, n)
+        rows.append(load_row(f"2/paced/{key}/c{c}", "2 paced stream (40 × 5 ms)", target, result))
+    on, off = rows[0].server_cpu_us, rows[1].server_cpu_us
+    if on and off:
+        for row in rows:
+            row.extra.update(event_log_ratio=on / off, cpu_with_log_us=on, cpu_without_log_us=off)
+        rows[1].note = f"measurement switch; the event log: ×{on / off:.2f} gateway CPU ({on:,.0f} vs {off:,.0f} µs)"
+    return rows
 
 
 async def _event_log_rows(

@@ -265,6 +265,12 @@ class Settings(BaseSettings):
         description="a streamed event reaches clients only once it is in the store, so a stream "
         "re-attached anywhere after a crash is exact (off: sent first, stored within ~25 ms)",
     )
+    stream_flush_s: float = Field(
+        0.025,
+        ge=0,
+        description="streamed events are stored (and, stored-first, sent) in writes at most this "
+        "many seconds apart after a model call's first delta, which is stored at once",
+    )
     live_log_max_bytes: int = Field(
         16_000_000, ge=1, description="one response's event log cached in memory; older events are read from the store"
     )

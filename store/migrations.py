@@ -134,6 +134,24 @@ def m005_fencing_events_conversations(db: Database) -> None:
     )
 
 
+@migrations()
+def m006_event_batches(db: Database) -> None:
+    """The durable event log as one row per write (:mod:`store.event_log`) instead of one per
+    event; the stored events move over unchanged, one per row."""
+    db.execute(
+        "CREATE TABLE event_batches (response_id TEXT NOT NULL,"
+        " last_sequence_number INTEGER NOT NULL, first_sequence_number INTEGER NOT NULL,"
+        " sizes BLOB NOT NULL, data BLOB NOT NULL,"
+        " PRIMARY KEY (response_id, last_sequence_number))"
+    )  # a rowid table: its rows (several KB) stay out of the key's b-tree
+    db.conn.create_function("stepchain_size", 1, lambda data: len(data).to_bytes(4, "big"))
+    db.execute(
+        "INSERT INTO event_batches SELECT response_id, sequence_number, sequence_number,"
+        " stepchain_size(data), data FROM events"
+    )
+    db.execute("DROP TABLE events")
+
+
 def apply_migrations(db: Database) -> list[str]:
     """Apply every pending migration; return the names applied (empty if none were pending).
 

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from .event_log import postgres_insert, postgres_named, postgres_params
 from .validation import check_conversation_items, check_fence
 from .types import (
     ALLOWED_TRANSITIONS,
@@ -154,16 +155,9 @@ _FENCE_BY_STEP_SHARE = _FENCE_BY_STEP.format("SHARE")
 _FENCE_BY_STEP_UPDATE = _FENCE_BY_STEP.format("NO KEY UPDATE")
 _FENCE_BY_RESPONSE = "SELECT id, owner, owner_epoch FROM responses WHERE id = %s FOR {}"
 _FENCE_BY_RESPONSE_SHARE = _FENCE_BY_RESPONSE.format("SHARE")
-_EVENTS_INSERT = (  # nothing for an unknown response (the caller reports StoreNotFoundError)
-    "INSERT INTO events (response_id, sequence_number, data)"
-    " SELECT r.id, %s + t.n - 1, t.d FROM responses r,"
-    " unnest(%b::bytea[]) WITH ORDINALITY AS t(d, n) WHERE r.id = %s"
-)
-_EVENTS_INSERT_BY_STEP = (
-    "INSERT INTO events (response_id, sequence_number, data)"
-    " SELECT s.response_id, %s + t.n - 1, t.d FROM steps s,"
-    " unnest(%b::bytea[]) WITH ORDINALITY AS t(d, n) WHERE s.id = %s"
-)
+# Nothing for an unknown response (the caller reports StoreNotFoundError).
+_EVENTS_INSERT = postgres_insert("r.id", "responses r WHERE r.id = %s")
+_EVENTS_INSERT_BY_STEP = postgres_insert("s.response_id", "steps s WHERE s.id = %s")
 _NOTIFY = "SELECT pg_notify(%s, %s)"
 
 async def state_error(conn: Conn, step_id: str, target: str) -> StoreError:
@@ -180,7 +174,7 @@ _STATEMENTS: dict[tuple[str, bool, bool, tuple[str, ...]], str] = {}
 def _step_statement(sql: str, fenced: bool, with_events: bool, updates: tuple[str, ...] = ()) -> str:
     """``sql`` (a step UPDATE … RETURNING) as one statement with the fence check (params:
     step id, owner, epoch — first), the response's columns ``updates`` set (params: their values,
-    after ``sql``'s) and the events insert (params: first sequence, events — last), with a
+    after ``sql``'s) and the events insert (params: :func:`postgres_params` — last), with a
     NOTIFY when events or the response's status are written. Returns the step's columns (and a
     void NOTIFY column)."""
     key = (sql, fenced, with_events, updates)
@@ -203,11 +197,7 @@ def _step_statement(sql: str, fenced: bool, with_events: bool, updates: tuple[st
             )
         select = "SELECT u.* FROM u"
         if with_events:
-            parts.append(
-                "e AS (INSERT INTO events (response_id, sequence_number, data)"
-                " SELECT u.response_id, %s + t.n - 1, t.d FROM u,"
-                " unnest(%b::bytea[]) WITH ORDINALITY AS t(d, n))"
-            )
+            parts.append(f"e AS ({postgres_insert('u.response_id', 'u')})")
         if with_events or "status" in updates:
             select = f"SELECT u.*, pg_notify('{EVENTS_CHANNEL}', u.response_id) FROM u"
         statement = _STATEMENTS[key] = "WITH " + ", ".join(parts) + " " + select
@@ -234,7 +224,7 @@ async def _queue_events(conn: Conn, response_id: str, events: Events) -> None:
     if events:
         first, data = events
         if data:
-            await conn.execute(_EVENTS_INSERT, (first, list(data), response_id))
+            await conn.execute(_EVENTS_INSERT, (*postgres_params(first, data), response_id))
 
 
 def _update_sql(fields: dict[str, Any]) -> tuple[str, list[Any]]:
@@ -301,7 +291,7 @@ async def create_response(
         ]  # fmt: skip
     if has_events:
         assert events is not None
-        params += [events[0], list(events[1])]
+        params += postgres_params(*events)
     await run(conn, _CREATE_RESPONSE[(min(len(steps), 2), has_events)], params)
     return steps
 
@@ -328,11 +318,7 @@ def _create_response_sql(steps: int, with_events: bool) -> str:
         )
     select = "SELECT r.id FROM r"
     if with_events:
-        parts.append(
-            "e AS (INSERT INTO events (response_id, sequence_number, data)"
-            " SELECT r.id, %s + t.n - 1, t.d FROM r,"
-            " unnest(%b::bytea[]) WITH ORDINALITY AS t(d, n))"
-        )
+        parts.append(f"e AS ({postgres_insert('r.id', 'r')})")
         select = f"SELECT pg_notify('{EVENTS_CHANNEL}', r.id) FROM r"
     return "WITH " + ", ".join(parts) + " " + select
 
@@ -369,7 +355,7 @@ async def record_steps(
         args["owner"], args["epoch"] = fence.owner, fence.epoch
     if has_events:
         assert events is not None
-        args["first"], args["events"] = events[0], list(events[1])
+        args.update(postgres_named(*events))
     cursor = await run(conn, sql, args)
     row = await cursor.fetchone()
     if row is None:
@@ -400,11 +386,7 @@ def _record_steps_sql(fenced: bool, with_events: bool) -> str:
     ]
     select = "SELECT r.last_sequence FROM r"
     if with_events:
-        parts.append(
-            "e AS (INSERT INTO events (response_id, sequence_number, data)"
-            " SELECT %(rid)s::text, %(first)s + t.n - 1, t.d FROM r,"
-            " unnest(%(events)b::bytea[]) WITH ORDINALITY AS t(d, n))"
-        )
+        parts.append(f"e AS ({postgres_insert('%(rid)s::text', 'r', named=True)})")
         select = f"SELECT r.last_sequence, pg_notify('{EVENTS_CHANNEL}', %(rid)s::text) FROM r"
     return "WITH " + ", ".join(parts) + " " + select
 
@@ -445,7 +427,7 @@ async def step_write(
             ]  # fmt: skip
         if has_events:
             assert events is not None
-            args += [events[0], list(events[1])]
+            args += postgres_params(*events)
         cursor = await run(conn, _step_statement(sql, fence is not None, has_events, updates), args)
         row = await cursor.fetchone()
         if row is None:
@@ -459,7 +441,7 @@ async def step_write(
             )
         cursor = await conn.execute(sql, params)
         if events and events[1]:
-            await conn.execute(_EVENTS_INSERT_BY_STEP, (events[0], list(events[1]), step_id))
+            await conn.execute(_EVENTS_INSERT_BY_STEP, (*postgres_params(*events), step_id))
         if fenced is not None:
             check_fence(fence, f"step {step_id!r}", await fenced.fetchone())
         row = await cursor.fetchone()
@@ -508,12 +490,8 @@ async def update_response(
         parts = [f"u AS (SELECT id FROM responses WHERE {where} FOR SHARE)"]
     if has_events:
         assert events is not None
-        args["first"], args["events"] = events[0], list(events[1])
-        parts.append(
-            "e AS (INSERT INTO events (response_id, sequence_number, data)"
-            " SELECT u.id, %(first)s + t.n - 1, t.d FROM u,"
-            " unnest(%(events)b::bytea[]) WITH ORDINALITY AS t(d, n))"
-        )
+        args.update(postgres_named(*events))
+        parts.append(f"e AS ({postgres_insert('u.id', 'u', named=True)})")
     select = "SELECT u.id FROM u"
     if has_events or "status" in fields:
         select = f"SELECT u.id, pg_notify('{EVENTS_CHANNEL}', u.id) FROM u"

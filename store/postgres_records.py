@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from . import postgres_ops as ops
+from .event_log import events_after
 from .notify import wait_until
 from .types import (
     StoreConflictError,
@@ -103,16 +104,16 @@ class PostgresRecords(_Base):
         self, response_id: str, *, after: int = -1, limit: int | None = None
     ) -> list[tuple[int, bytes]]:
         rows = await self._fetchall(
-            "SELECT sequence_number, data FROM events WHERE response_id = %s"
-            " AND sequence_number > %s ORDER BY sequence_number LIMIT %s",
-            (response_id, after, limit),
+            "SELECT first_sequence_number, sizes, data FROM event_batches WHERE response_id = %s"
+            " AND last_sequence_number > %s ORDER BY last_sequence_number LIMIT %s",
+            (response_id, after, limit),  # each row holds >= 1 event; NULL: no limit
         )
-        return [(n, bytes(d)) for n, d in rows]
+        return events_after(rows, after, limit)
 
     async def _events_ready(self, response_id: str, after: int) -> bool:
         row = await self._fetchone(
-            "SELECT (SELECT status FROM responses WHERE id = %s), EXISTS(SELECT 1 FROM events"
-            " WHERE response_id = %s AND sequence_number > %s)",
+            "SELECT (SELECT status FROM responses WHERE id = %s), EXISTS(SELECT 1 FROM event_batches"
+            " WHERE response_id = %s AND last_sequence_number > %s)",
             (response_id, response_id, after),
         )
         # No row: an id holding NUL, which names no response (store.postgres).

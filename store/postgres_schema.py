@@ -121,6 +121,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # One row per write instead of one per event (store/event_log.py); stored events move
+        # over one per row, sizes as 4-byte big-endian lengths (int4send).
+        "m005_event_batches",
+        """
+        CREATE TABLE event_batches (
+            response_id text NOT NULL REFERENCES responses (id) ON DELETE CASCADE,
+            last_sequence_number bigint NOT NULL,
+            first_sequence_number bigint NOT NULL,
+            sizes bytea NOT NULL,
+            data bytea NOT NULL,
+            PRIMARY KEY (response_id, last_sequence_number)
+        );
+        INSERT INTO event_batches
+            SELECT response_id, sequence_number, sequence_number,
+                   int4send(octet_length(data)), data FROM events;
+        DROP TABLE events;
+        """,
+    ),
 ]
 
 

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from .event_log import SQLITE_INSERT, sqlite_params
 from .validation import RESPONSE_JSON_FIELDS, check_fence
 from .types import (
     ALLOWED_TRANSITIONS,
@@ -57,7 +58,6 @@ RESPONSE_SELECT = "SELECT " + ", ".join(RESPONSE_COLUMNS) + " FROM responses"
 _RESPONSE_INSERT_LEASED = "INSERT INTO responses ({}, lease_expires_at) VALUES ({})".format(
     ", ".join(RESPONSE_COLUMNS), ", ".join("?" * (len(RESPONSE_COLUMNS) + 1))
 )
-_EVENTS_INSERT = "INSERT INTO events (response_id, sequence_number, data) VALUES (?, ?, ?)"
 Events = tuple[int, Sequence[bytes]] | None
 Items = tuple[str, Sequence[dict[str, Any]]] | None
 
@@ -272,10 +272,7 @@ def _state_error(conn: sqlite3.Connection, step_id: str, target: str) -> StoreEr
 
 def _write_events(conn: sqlite3.Connection, response_id: str, events: Events) -> None:
     if events and events[1]:
-        first, data = events
-        conn.executemany(
-            _EVENTS_INSERT, [(response_id, first + i, bytes(d)) for i, d in enumerate(data)]
-        )
+        conn.execute(SQLITE_INSERT, sqlite_params(response_id, *events))  # one row per write
 
 
 def insert_conversation_items(
@@ -411,18 +408,32 @@ def update_response(
             insert_conversation_items(conn, *items)
 
 
+_APPEND = SQLITE_INSERT.replace("VALUES (", "SELECT ", 1)[:-1] + " FROM responses WHERE id = ?"
+_APPEND_FENCED = _APPEND + " AND owner = ? AND owner_epoch = ?"
+
+
 def append_events(
     conn: sqlite3.Connection, response_id: str, events: Events, fence: Fence | None
 ) -> None:
-    with transaction(conn):
+    """One statement (its own transaction): the batch, inserted only if the response exists and
+    the fence holds — a model call's first delta costs no BEGIN, COMMIT or fence read of its own."""
+    if not (events and events[1]):
         _fence_response(conn, response_id, fence)
-        _write_events(conn, response_id, events)
+        return
+    params = sqlite_params(response_id, *events)
+    if fence is None:
+        inserted = conn.execute(_APPEND, (*params, response_id)).rowcount
+    else:
+        inserted = conn.execute(_APPEND_FENCED, (*params, response_id, fence.owner, fence.epoch)).rowcount
+    if not inserted:
+        _fence_response(conn, response_id, fence)  # StoreNotFoundError / FencedError
+        raise FencedError(f"response {response_id!r}: fence is stale")  # changed in between
 
 
 def delete_response(conn: sqlite3.Connection, response_id: str) -> bool:
     with transaction(conn):
         conn.execute("DELETE FROM steps WHERE response_id = ?", (response_id,))
-        conn.execute("DELETE FROM events WHERE response_id = ?", (response_id,))
+        conn.execute("DELETE FROM event_batches WHERE response_id = ?", (response_id,))
         deleted = conn.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount
     return deleted > 0
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from .event_log import events_after
 from .sqlite_ops import (
     RESPONSE_SELECT,
     insert_conversation_items,
@@ -36,18 +37,19 @@ def _dumps(value: Any) -> str:
 def list_events(
     conn: sqlite3.Connection, response_id: str, after: int, limit: int | None
 ) -> list[tuple[int, bytes]]:
-    return conn.execute(
-        "SELECT sequence_number, data FROM events WHERE response_id = ? AND sequence_number > ?"
-        " ORDER BY sequence_number LIMIT ?",
-        (response_id, after, -1 if limit is None else limit),
+    rows = conn.execute(
+        "SELECT first_sequence_number, sizes, data FROM event_batches WHERE response_id = ?"
+        " AND last_sequence_number > ? ORDER BY last_sequence_number LIMIT ?",
+        (response_id, after, -1 if limit is None else limit),  # each row holds >= 1 event
     ).fetchall()
+    return events_after(rows, after, limit)
 
 
 def events_ready(conn: sqlite3.Connection, response_id: str, after: int) -> bool:
     """An event after ``after`` exists, or the response is finished (or gone)."""
     status, newer = conn.execute(
-        "SELECT (SELECT status FROM responses WHERE id = ?), EXISTS(SELECT 1 FROM events"
-        " WHERE response_id = ? AND sequence_number > ?)",
+        "SELECT (SELECT status FROM responses WHERE id = ?), EXISTS(SELECT 1 FROM event_batches"
+        " WHERE response_id = ? AND last_sequence_number > ?)",
         (response_id, response_id, after),
     ).fetchone()
     return bool(newer) or status is None or status not in UNFINISHED_STATUSES
@@ -229,7 +231,7 @@ def purge_before(conn: sqlite3.Connection, timestamp: float) -> int:
     with transaction(conn):
         doomed = f"SELECT id FROM responses WHERE created_at < ? AND NOT {_UNFINISHED}"
         conn.execute(f"DELETE FROM steps WHERE response_id IN ({doomed})", (timestamp,))
-        conn.execute(f"DELETE FROM events WHERE response_id IN ({doomed})", (timestamp,))
+        conn.execute(f"DELETE FROM event_batches WHERE response_id IN ({doomed})", (timestamp,))
         return conn.execute(
             f"DELETE FROM responses WHERE created_at < ? AND NOT {_UNFINISHED}", (timestamp,)
         ).rowcount

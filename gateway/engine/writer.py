@@ -11,11 +11,15 @@ response's loop (every scope: sub-agents too) goes through it and
   costs no round trip of its own while steps are written. Events emitted between writes (a
   model call's deltas) are flushed by :meth:`ResponseWriter.flush` after ``flush_s`` seconds
   (a follower on another replica sees them within about ``flush_s`` + its wake-up latency).
-  With stored-first (the log's events reach clients only once stored) the flush starts as
-  soon as events are pending: a model call's first delta gets a small write of its own that
-  runs when the model call yields after that delta, while the rest of a burst that arrived at
-  once is staged behind it and goes with the next write (a write waiting for the lock carries
-  it: no flush is scheduled then);
+  With stored-first (the log's events reach clients only once stored) the first events
+  pending after a step write are flushed at once: a model call's first delta gets a small
+  write of its own that runs when the model call yields after that delta, while the rest of a
+  burst that arrived at once is staged behind it and goes with the next write (a write waiting
+  for the lock carries it: no flush is scheduled then). Later flushes start at most every
+  ``flush_s``: a model streaming a token every few milliseconds costs a store write (a commit,
+  on PostgreSQL a round trip and a NOTIFY) per ``flush_s``, not per token, and its clients
+  get its tokens in bursts at most ``flush_s`` apart. Delayed flushes fall due on multiples of
+  ``flush_s`` of the loop's clock, so those of concurrent streams share a SQLite transaction;
 - retries with backoff while the database is unreachable (``StoreUnavailableError``): the loop
   pauses at its next write and goes on when the database is back, or stops with
   ``FencedError`` if another replica has taken the response over meanwhile. A retried write
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -88,8 +93,11 @@ class ResponseWriter:
         self.response_id = response_id
         self.fence = fence
         self.log = log
-        # Events that wait for the store before any client sees them are stored at once.
-        self.flush_s = 0.0 if log is not None and log.stored_first else flush_s
+        self.flush_s = flush_s
+        # Events that wait for the store before any client sees them: the first pending ones
+        # after a step write are stored at once, later ones flush_s after the last flush.
+        self.stored_first = log is not None and log.stored_first
+        self._last_flush = float("-inf")  # loop time the last flush write started
         self.retry_max_s = retry_max_s
         self.fenced = False  # set once a write was refused: this process no longer owns it
         self._lock = asyncio.Lock()  # one event-carrying write at a time
@@ -197,6 +205,7 @@ class ResponseWriter:
                 )  # fmt: skip
             first, events = batch
             kwargs = {**kwargs, "events": (first, events)}
+            self._last_flush = float("-inf")  # the next model call's first delta goes at once
             result = await self._retry(
                 lambda: method(*args, **kwargs), retry=retry,
                 committed=lambda: self._committed(name, args, kwargs),
@@ -275,13 +284,20 @@ class ResponseWriter:
     def _schedule_flush(self) -> None:
         if self.fenced or self._queued:
             return  # a write waiting for the lock carries the pending events
-        if self.flush_s <= 0:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self.stored_first and now >= self._last_flush + self.flush_s:
             # Started now, the flush runs as soon as the emitting task yields (the loop yields
             # after a model call's first delta): the first delta is stored and published by one
-            # small write while the rest of its burst is still being processed.
+            # small write while the rest of its burst is processed.
             self._flush_now()
         elif self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(self.flush_s, self._flush_now)
+            # At the next multiple of flush_s on the loop's clock: the flushes of all the
+            # responses streaming in this process fall due together, and the SQLite worker
+            # runs those it finds queued together in one transaction (one commit for all).
+            tick = self.flush_s
+            due = (math.floor(max(now, self._last_flush) / tick) + 1) * tick if tick > 0 else now
+            self._flush_handle = loop.call_at(due, self._flush_now)
 
     def _flush_now(self) -> None:
         self._flush_handle = None
@@ -300,6 +316,7 @@ class ResponseWriter:
             if batch is None:
                 return
             first, events = batch
+            self._last_flush = asyncio.get_running_loop().time()
             try:
                 await self._retry(
                     lambda: self.store.append_events(

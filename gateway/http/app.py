@@ -273,6 +273,7 @@ def create_app(
         )
         service = ResponsesService(
             deps, owner=new_owner_id(), lease_s=settings.lease_s, live=live,
+            flush_s=settings.stream_flush_s,
             hosted_tool_map=settings.hosted_tool_map,
             encrypted_content_key=load_or_create_key(settings),
             reasoning_to_upstream=settings.reasoning_to_upstream,

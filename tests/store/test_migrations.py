@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import sqlite_utils
 
 from store.migrations import MIGRATION_SET, apply_migrations, migrations
@@ -17,6 +18,7 @@ NAMES = [
     "m003_tools",
     "m004_response_leases",
     "m005_fencing_events_conversations",
+    "m006_event_batches",
 ]
 
 COLUMNS = {
@@ -65,7 +67,13 @@ COLUMNS = {
         "created_at": "REAL",
         "updated_at": "REAL",
     },
-    "events": {"response_id": "TEXT", "sequence_number": "INTEGER", "data": "BLOB"},
+    "event_batches": {
+        "response_id": "TEXT",
+        "last_sequence_number": "INTEGER",
+        "first_sequence_number": "INTEGER",
+        "sizes": "BLOB",
+        "data": "BLOB",
+    },
     "conversations": {
         "id": "TEXT",
         "tenant": "TEXT",
@@ -103,6 +111,7 @@ def _assert_schema(db: sqlite_utils.Database) -> None:
     assert db.table("responses").pks == ["id"]
     assert db.table("steps").pks == ["id"]
     assert db.table("tools").pks == ["name"]
+    assert db.table("event_batches").pks == ["response_id", "last_sequence_number"]
     indexes = {tuple(i.columns): i.unique for i in db.table("steps").indexes}
     assert indexes[("response_id", "sequence")] == 1
     assert ("response_id", "scope_parent", "sequence") in indexes
@@ -173,6 +182,43 @@ def test_sqlite_upgrade_keeps_rows_and_fills_new_columns(tmp_path: Path) -> None
     assert tuple(row) == ("A", 0, 0)
 
 
+def test_sqlite_upgrade_moves_a_per_event_log_into_batches(tmp_path: Path) -> None:
+    """A file with m005's one-row-per-event log: every event comes back byte-exact, at its
+    sequence number, and new batches append after them (and cannot overlap them)."""
+    from store.types import StoreConflictError
+
+    path = tmp_path / "old.db"
+    old = [b"event: a\ndata: {}\n\n", b"", b"\x00\xff binary"]
+    with sqlite_utils.Database(path) as db:
+        migrations.apply(db, stop_before="m006_event_batches")
+        db.execute(
+            "INSERT INTO responses (id, model, request, status, created_at)"
+            " VALUES ('resp_old', 'm', '{}', 'in_progress', 1.0)"
+        )
+        db.conn.executemany(
+            "INSERT INTO events VALUES ('resp_old', ?, ?)", list(enumerate(old))
+        )
+        db.conn.commit()
+
+    async def go() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            assert await store.list_events("resp_old") == list(enumerate(old))
+            assert await store.list_events("resp_old", after=0, limit=1) == [(1, b"")]
+            with pytest.raises(StoreConflictError):
+                await store.append_events("resp_old", 2, [b"overlaps the last old event"])
+            await store.append_events("resp_old", 3, [b"new", b"newer"])
+            assert [n for n, _ in await store.list_events("resp_old")] == [0, 1, 2, 3, 4]
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    assert _applied(path) == NAMES
+    with sqlite_utils.Database(path) as db:
+        assert "events" not in db.table_names()
+
+
 def test_postgres_replicas_opening_together_migrate_once(pg_dsn: str) -> None:
     import psycopg
 
@@ -197,7 +243,7 @@ def test_postgres_replicas_opening_together_migrate_once(pg_dsn: str) -> None:
             )
         }
     assert names == [name for name, _ in MIGRATIONS]
-    assert tables == {"schema_migrations", "responses", "steps", "tools", "events",
+    assert tables == {"schema_migrations", "responses", "steps", "tools", "event_batches",
                       "conversations", "conversation_items", "owners"}  # fmt: skip
 
 
@@ -227,7 +273,7 @@ def test_postgres_upgrade_from_an_older_schema_keeps_rows(pg_dsn: str) -> None:
         try:
             record = await store.get_response("resp_old")
             assert record is not None and record.request == {"input": "hi"}
-            assert await store.list_events("resp_old") == []  # m002's table is there
+            assert await store.list_events("resp_old") == []  # the log's table is there
         finally:
             await store.close()
 
@@ -235,3 +281,50 @@ def test_postgres_upgrade_from_an_older_schema_keeps_rows(pg_dsn: str) -> None:
     with psycopg.connect(pg_dsn) as conn:
         names = [r[0] for r in conn.execute("SELECT name FROM schema_migrations ORDER BY name")]
     assert names == [name for name, _ in MIGRATIONS]
+
+
+def test_postgres_upgrade_moves_a_per_event_log_into_batches(pg_dsn: str) -> None:
+    """A database with m002's one-row-per-event log: opening the store moves every event into
+    ``event_batches`` byte-exact, at its sequence number; new batches append after them and
+    cannot overlap them."""
+    import psycopg
+
+    from store.postgres import PostgresStore
+    from store.postgres_schema import MIGRATIONS
+    from store.types import StoreConflictError
+
+    old = [b"event: a\ndata: {}\n\n", b"", b"\x00\xff binary"]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (name text PRIMARY KEY, applied_at double precision NOT NULL)"
+        )
+        for name, sql in MIGRATIONS[:4]:  # up to m004_owners: the per-event table
+            conn.execute(sql)  # type: ignore[arg-type]  # constant SQL
+            conn.execute("INSERT INTO schema_migrations VALUES (%s, 1.0)", (name,))
+        conn.execute(
+            "INSERT INTO responses (id, model, request, status, created_at)"
+            " VALUES ('resp_old', 'm', '{}', 'in_progress', 1.0)"
+        )
+        for n, data in enumerate(old):
+            conn.execute("INSERT INTO events VALUES ('resp_old', %s, %s)", (n, data))
+
+    async def go() -> None:
+        store = PostgresStore(pg_dsn)
+        await store.open()
+        try:
+            assert await store.list_events("resp_old") == list(enumerate(old))
+            assert await store.list_events("resp_old", after=0, limit=1) == [(1, b"")]
+            with pytest.raises(StoreConflictError):
+                await store.append_events("resp_old", 2, [b"overlaps the last old event"])
+            await store.append_events("resp_old", 3, [b"new", b"newer"])
+            assert [n for n, _ in await store.list_events("resp_old")] == [0, 1, 2, 3, 4]
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    with psycopg.connect(pg_dsn) as conn:
+        tables = {r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        )}  # fmt: skip
+    assert "events" not in tables and "event_batches" in tables
+

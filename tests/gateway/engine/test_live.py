@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import orjson
 
@@ -145,6 +146,43 @@ def test_stored_first_a_burst_first_event_goes_out_after_a_write_of_its_own(tmp_
         assert [end for _, end in seen[:3]] == [3, 3, 3]  # the first write carried only those
         stored = await store.list_events("resp_live")
         assert [event for _, event in stored] == [*first, *rest, terminal]
+        await writer.close()
+        await store.close()
+
+    asyncio.run(run())
+
+
+def test_stored_first_a_paced_stream_is_stored_in_writes_flush_s_apart(tmp_path):
+    """A model streaming a delta every 2 ms for 0.1 s: the first goes out at once (a write of
+    its own), the rest in writes at most ``flush_s`` apart (one stored row each), not one per
+    delta; each event reaches followers only once stored, all of them in order, and the last
+    ones without any further write to carry them."""
+
+    async def run() -> None:
+        store = await _store(tmp_path)
+        live = LiveStreams(stored_first=True)
+        log = live.open("resp_live")
+        writer = ResponseWriter(store, "resp_live", Fence("me", 1), log, flush_s=0.02)
+        reader = sqlite3.connect(tmp_path / "live.db")  # what another process would read
+        stored_now = "SELECT coalesce(max(last_sequence_number), -1) FROM event_batches"
+        published: list[tuple[bytes, int]] = []  # (event, last sequence stored at its publication)
+        log.listeners.append(lambda event: published.append((event, reader.execute(stored_now).fetchone()[0])))
+        events = [_event(i) for i in range(50)]
+        for event in events:
+            log.emit(event)
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.1)  # the last flush falls due without another write
+        assert log.persisted == log.end == 50
+        assert [event for event, _ in published] == events
+        assert all(stored >= n for n, (_, stored) in enumerate(published))  # stored, then sent
+        reader.close()
+        assert [event for _, event in await store.list_events("resp_live")] == events
+        rows = await store._run(  # one row per write (store.event_log)
+            lambda conn: conn.execute("SELECT count(*) FROM event_batches").fetchone()[0]
+        )
+        # 0.1 s of deltas at most 0.02 s apart: the first write and about five more (one per
+        # delta would be 50); a loaded machine only lengthens the gaps, so fewer, never more.
+        assert 2 <= rows <= 9
         await writer.close()
         await store.close()
 
