@@ -272,6 +272,7 @@ def _event_log_targets(rows: Sequence[Row]) -> list[Target]:
     for row_id, what in (("8/gateway-nolog/stream", "instructions, scenario 8"),
                          ("2/ttlb/gateway-nolog/c16", "CPU µs, scenario 2, c=16, SQLite"),
                          ("2/paced/gateway-nolog/c16", "CPU µs, scenario 2, paced stream, c=16, SQLite"),
+                         ("2/paced/gateway-pg-nolog/c16", "CPU µs, scenario 2, paced stream, c=16, PostgreSQL"),
                          ("2/ttlb/gateway-pg-nolog/c16", "CPU µs, scenario 2, c=16, PostgreSQL")):  # fmt: skip
         row = _find(rows, row_id)
         ratio = row.extra.get("event_log_ratio") if row else None

@@ -449,8 +449,12 @@ async def scenario_stream(b: Bench) -> list[Row]:
             if b.gateway_pg_nolog is not None:
                 await _event_log_rows(b.gateway_pg_nolog, "gateway-pg-nolog", "stepchain (PostgreSQL), event log off",
                                 c, n, body, p, d_first, d_last, first_rows, last_rows)  # fmt: skip
-    if b.gateway_nolog is not None and 16 in b.sizes.stream:
-        last_rows += await _paced_event_log_rows(b, 16, max(32, b.sizes.stream[16] // 6))
+    if 16 in b.sizes.stream:
+        n = max(32, b.sizes.stream[16] // 6)
+        for pair in ((b.gateway, b.gateway_nolog, "gateway", "stepchain"),
+                     (b.gateway_pg, b.gateway_pg_nolog, "gateway-pg", "stepchain (PostgreSQL)")):  # fmt: skip
+            if pair[0] is not None and pair[1] is not None:
+                last_rows += await _paced_event_log_rows(*pair, 16, n)
     return first_rows + last_rows
 
 
@@ -459,17 +463,17 @@ async def scenario_stream(b: Bench) -> list[Row]:
 PACED_TEXT = SLOW_PREFIX + "40 5"
 
 
-async def _paced_event_log_rows(b: Bench, c: int, n: int) -> list[Row]:
+async def _paced_event_log_rows(
+    with_log: ServerProcess, without_log: ServerProcess, key: str, target: str, c: int, n: int
+) -> list[Row]:
     """The event log's cost on a paced stream (:data:`PACED_TEXT`): the gateway CPU per
-    streamed response with it ÷ without it (``extra["event_log_ratio"]``), on SQLite."""
+    streamed response with it ÷ without it (``extra["event_log_ratio"]``)."""
     body = orjson.dumps({"model": MODEL, "input": PACED_TEXT, "stream": True})
     rows = []
-    for server, key, target in ((b.gateway, "gateway", "stepchain"),
-                                (b.gateway_nolog, "gateway-nolog", "stepchain, event log off")):  # fmt: skip
-        assert server is not None
+    for server, suffix, label in ((with_log, "", target), (without_log, "-nolog", f"{target}, event log off")):
         request = http_request(server, b"POST", "/v1/responses", body, check_response_stream, GATEWAY_DELTA)
         result = await measure(request, server, c, n)
-        rows.append(load_row(f"2/paced/{key}/c{c}", "2 paced stream (40 × 5 ms)", target, result))
+        rows.append(load_row(f"2/paced/{key}{suffix}/c{c}", "2 paced stream (40 × 5 ms)", label, result))
     on, off = rows[0].server_cpu_us, rows[1].server_cpu_us
     if on and off:
         for row in rows:

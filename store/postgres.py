@@ -35,6 +35,7 @@ from . import postgres_ops as ops
 from .base import Store
 from .notify import Waiters, wait_until
 from .postgres_records import PostgresRecords
+from .postgres_appends import AppendBatcher
 from .postgres_schema import apply_migrations
 from .types import (
     CANCELED,
@@ -126,6 +127,7 @@ class PostgresStore(PostgresRecords, Store):
         self._poll_s = poll_s
         self._pool: psycopg_pool.AsyncConnectionPool | None = None
         self._waiters = Waiters()
+        self._appends = AppendBatcher(self._run)
         self._listening = False
         self._tasks: list[asyncio.Task[None]] = []
         self._owners: set[str] = set()

@@ -97,8 +97,8 @@ class PostgresRecords(_Base):
         fence: Fence | None = None,
     ) -> None:
         check_events((first_sequence, events))
-        if events:
-            await self._run(ops.append_events, response_id, (first_sequence, events), fence)
+        if events:  # with the other appends of this loop turn (store.postgres_appends)
+            await self._appends.append(response_id, first_sequence, events, fence)
 
     async def list_events(
         self, response_id: str, *, after: int = -1, limit: int | None = None

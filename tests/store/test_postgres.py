@@ -160,3 +160,52 @@ def test_json_key_order_is_kept(pg_dsn: str) -> None:
             await store.close()
 
     run(main())
+
+
+def test_appends_of_one_loop_turn_share_a_statement_and_keep_their_own_errors(pg_dsn: str) -> None:
+    """Appends made together (the flushes of concurrent streams, store.postgres_appends): the
+    good ones are stored and wake followers; a stale fence, an overlap and an unknown response
+    each get their own error and write nothing — whether they share the statement or not."""
+    from store.types import Fence, FencedError, StoreConflictError, StoreNotFoundError
+
+    async def go() -> None:
+        store, follower = PostgresStore(pg_dsn), PostgresStore(pg_dsn)
+        await store.open()
+        await follower.open()
+        try:
+            records = [_record() for _ in range(6)]
+            for record in records:
+                await store.create_response(record, owner="A", lease_s=60, events=(0, [b"e0"]))
+            stored = await store.get_response(records[0].id)
+            assert stored is not None
+            fence = Fence("A", stored.owner_epoch)
+            good = records[:4]
+            stale, overlapped = records[4], records[5]
+            woken = asyncio.ensure_future(follower.wait_events(good[3].id, 0, 10))
+            await asyncio.sleep(0.05)  # it is waiting
+            results = await asyncio.gather(
+                *(store.append_events(r.id, 1, [b"e1", f"e2 {r.id}".encode()], fence=fence) for r in good),
+                store.append_events(stale.id, 1, [b"late"], fence=Fence("A", fence.epoch + 1)),
+                store.append_events(overlapped.id, 0, [b"again"]),
+                store.append_events("resp_unknown", 0, [b"x"]),
+                return_exceptions=True,
+            )
+            assert results[:4] == [None] * 4
+            assert [type(e) for e in results[4:]] == [FencedError, StoreConflictError, StoreNotFoundError]
+            for record in good:
+                assert await store.list_events(record.id) == [
+                    (0, b"e0"), (1, b"e1"), (2, f"e2 {record.id}".encode())
+                ]
+            for record in (stale, overlapped):
+                assert await store.list_events(record.id) == [(0, b"e0")]
+            await asyncio.wait_for(woken, 5)  # its NOTIFY reached the other store's listener
+            # Without a bad one, all of them go in one statement: still exact.
+            await asyncio.gather(*(store.append_events(r.id, 3, [b"e3"], fence=fence) for r in good))
+            for record in good:
+                assert [n for n, _ in await follower.list_events(record.id)] == [0, 1, 2, 3]
+        finally:
+            woken.cancel()
+            await follower.close()
+            await store.close()
+
+    run(go())

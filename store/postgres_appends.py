@@ -1,0 +1,118 @@
+"""Group append on PostgreSQL: event-log appends queued in one event-loop turn go to the
+database in one statement.
+
+Streamed responses flush their events at most every ``stream_flush_s``, on a tick grid of the
+loop's clock (:mod:`gateway.engine.writer`), so the flushes of every response streaming in a
+process fall due together. Each flush is an ``append_events``; one round trip apiece would
+cost the gateway a pooled connection, a query and its result, and a NOTIFY echoed back to its
+own listener, per response per tick. :class:`AppendBatcher` takes the appends made in one loop
+turn and writes them with one ``INSERT … SELECT FROM unnest(…)`` — each row still fenced
+(``owner``/``owner_epoch``, under a ``FOR SHARE`` lock of its response), overlap-checked
+(:mod:`store.event_log`) and NOTIFYing, as the single append is. Rows the statement could not
+take (a stale fence, an unknown response) and every row of a statement that failed (an overlap
+is a unique violation, which aborts the whole statement) are retried one by one through the
+single append, which raises the precise error for each; an unreachable database fails them all
+with ``StoreUnavailableError`` (the writers retry). One append alone takes the single path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from . import postgres_ops as ops
+from .event_log import pack_events
+from .types import Fence, StoreUnavailableError
+
+__all__ = ["AppendBatcher"]
+
+_Append = tuple[str, int, Sequence[bytes], "Fence | None", "asyncio.Future[None]"]
+_Run = Callable[..., Awaitable[Any]]
+
+_APPEND_MANY = (
+    "WITH b AS (SELECT * FROM unnest(%b::text[], %b::int8[], %b::int8[], %b::bytea[], %b::bytea[],"
+    " %b::text[], %b::int8[]) AS t(rid, first, last, sizes, data, owner, epoch)),"
+    " f AS (SELECT r.id FROM responses r JOIN b ON r.id = b.rid"
+    " WHERE b.owner IS NULL OR (r.owner = b.owner AND r.owner_epoch = b.epoch) FOR SHARE OF r),"
+    " i AS (INSERT INTO event_batches (response_id, last_sequence_number, first_sequence_number,"
+    " sizes, data) SELECT b.rid, coalesce((SELECT max(e.last_sequence_number) FROM event_batches e"
+    " WHERE e.response_id = b.rid AND e.last_sequence_number >= b.first), b.last), b.first,"
+    " b.sizes, b.data FROM b JOIN f ON f.id = b.rid RETURNING response_id)"
+    f" SELECT response_id, pg_notify('{ops.EVENTS_CHANNEL}', response_id) FROM i"
+)
+
+
+async def _append_many(conn: Any, appends: list[_Append]) -> set[str]:
+    """One statement for ``appends`` (distinct responses); the response ids it stored."""
+    columns: list[list[Any]] = [[] for _ in range(7)]
+    for response_id, first, events, fence, _future in appends:
+        first, last, sizes, data = pack_events(first, events)
+        row = (response_id, first, last, sizes, data,
+               None if fence is None else fence.owner, None if fence is None else fence.epoch)  # fmt: skip
+        for column, value in zip(columns, row):
+            column.append(value)
+    cursor = await conn.execute(_APPEND_MANY, columns)
+    return {row[0] for row in await cursor.fetchall()}
+
+
+class AppendBatcher:
+    """``await append(response_id, first, events, fence)``: as ``Store.append_events`` (its
+    checks done by the caller), grouped with the other appends of the same loop turn. ``run``
+    is the store's ``_run(fn, *args)`` (a pooled connection, errors as StoreError)."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._queue: list[_Append] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def append(
+        self, response_id: str, first: int, events: Sequence[bytes], fence: Fence | None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.append((response_id, first, events, fence, future))
+        if len(self._queue) == 1:
+            loop.call_soon(self._drain)  # after every task this turn runs has queued its own
+        await future
+
+    def _drain(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.ensure_future(self._write(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, batch: list[_Append]) -> None:
+        stored: set[str] = set()
+        if len(batch) > 1 and len({a[0] for a in batch}) == len(batch):
+            try:
+                stored = await self._run(_append_many, batch)
+            except StoreUnavailableError as exc:
+                for append in batch:
+                    _settle(append[4], exc)
+                return
+            except Exception:  # an overlap or any other row's error: each alone says which
+                stored = set()
+        rest = []
+        for append in batch:
+            if append[0] in stored:
+                _settle(append[4], None)
+            else:
+                rest.append(append)
+        for append in rest:  # in order: two appends of one response stay in sequence
+            response_id, first, events, fence, future = append
+            try:
+                await self._run(ops.append_events, response_id, (first, events), fence)
+            except Exception as exc:
+                _settle(future, exc)
+            else:
+                _settle(future, None)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return  # its caller was cancelled meanwhile
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
