@@ -123,14 +123,16 @@ def start_gateway_pg(upstream_base_url: str, log_dir: Path, pg: PgBench, *, name
 
 
 async def scenario_replicas(
-    upstream: ServerProcess, work_dir: Path, pg: PgBench, *, concurrency: int, count: int
+    upstream: ServerProcess, work_dir: Path, pg: PgBench, *, concurrency: int, count: int,
+    capped_cores: float = 0.4,
 ) -> list[Row]:
     """10: ``POST /v1/responses`` (scenario 1's request) at ``concurrency``, against 1 replica,
-    then spread evenly over 2 replicas on the same database; CPU per request of every process."""
-    from .scenarios import MODEL, TEXT, check_response, warmup_for
+    then spread evenly over 2 replicas on the same database; CPU per request of every process.
+    Then, where the machine allows (:mod:`bench.cpucap`), the same with each replica capped at
+    ``capped_cores`` of a core: replicas on machines of their own, emulated."""
+    from .cpucap import cap_available, cpu_capped
 
     url = pg.new_database()
-    body = orjson.dumps({"model": MODEL, "input": TEXT})
     replicas = [
         await asyncio.to_thread(start_gateway_pg, upstream.url + "/v1", work_dir, pg, name=f"replica-{i}", url=url)
         for i in range(2)
@@ -138,37 +140,60 @@ async def scenario_replicas(
     check_in_use(url)
     rows: list[Row] = []
     try:
-        for n in (1, 2):
-            members = replicas[:n]
-
-            async def one(worker: Worker, index: int, members: list[ServerProcess] = members) -> Sample:
-                target = members[worker.index % len(members)]
-                reply = await worker.request("127.0.0.1", target.port, b"POST", "/v1/responses", body)
-                error = check_response(reply)
-                return Sample(reply.t_end - reply.t_start, ok=error is None, error=error)
-
-            def probe(members: list[ServerProcess] = members) -> float:
-                return sum(cpu_seconds(r.pid) for r in members)
-
-            up0, pg0 = cpu_seconds(upstream.pid), pg.cpu_seconds()
-            result = await run_load(one, concurrency=concurrency, count=count,
-                                    warmup=warmup_for(concurrency, count), probe=probe)  # fmt: skip
-            up_us = (cpu_seconds(upstream.pid) - up0) * 1e6 / max(result.count, 1)
-            pg_us = (pg.cpu_seconds() - pg0) * 1e6 / max(result.count, 1)
-            lat = result.latency_ms()
-            rows.append(Row(
-                id=f"10/replicas-{n}", scenario="10 replicas (PostgreSQL)",
-                target="1 replica" if n == 1 else f"{n} replicas", concurrency=concurrency,
-                requests=result.count, errors=result.errors, rps=result.rps,
-                p50_ms=lat["p50"], p90_ms=lat["p90"], p99_ms=lat["p99"],
-                server_cpu_us=None if result.probe_delta is None else result.probe_delta * 1e6 / max(result.count, 1),
-                client_cpu_us=result.client_cpu_s * 1e6 / max(result.count, 1),
-                first_error=result.first_error,
-                extra={"upstream_cpu_us": up_us, "postgres_cpu_us": pg_us},
-            ))  # fmt: skip
+        rows += await _replica_rows(upstream, pg, replicas, concurrency, count, "")
+        why_not = cap_available()
+        if why_not is None:
+            with contextlib.ExitStack() as stack:
+                for replica in replicas:
+                    stack.enter_context(cpu_capped(replica.pid, capped_cores))
+                rows += await _replica_rows(upstream, pg, replicas, concurrency, count,
+                                            f"capped at {capped_cores:g} core each")  # fmt: skip
+        else:
+            rows[1].note += f"; capped rows not run: {why_not}"
     finally:
         for replica in replicas:
             await asyncio.to_thread(replica.stop)
+    return rows
+
+
+async def _replica_rows(
+    upstream: ServerProcess, pg: PgBench, replicas: list[ServerProcess], concurrency: int, count: int,
+    capped: str,
+) -> list[Row]:  # fmt: skip
+    from .scenarios import MODEL, TEXT, check_response, warmup_for
+
+    body = orjson.dumps({"model": MODEL, "input": TEXT})
+    suffix = "-capped" if capped else ""
+    rows: list[Row] = []
+    for n in (1, 2):
+        members = replicas[:n]
+
+        async def one(worker: Worker, index: int, members: list[ServerProcess] = members) -> Sample:
+            target = members[worker.index % len(members)]
+            reply = await worker.request("127.0.0.1", target.port, b"POST", "/v1/responses", body)
+            error = check_response(reply)
+            return Sample(reply.t_end - reply.t_start, ok=error is None, error=error)
+
+        def probe(members: list[ServerProcess] = members) -> float:
+            return sum(cpu_seconds(r.pid) for r in members)
+
+        up0, pg0 = cpu_seconds(upstream.pid), pg.cpu_seconds()
+        result = await run_load(one, concurrency=concurrency, count=count,
+                                warmup=warmup_for(concurrency, count), probe=probe)  # fmt: skip
+        up_us = (cpu_seconds(upstream.pid) - up0) * 1e6 / max(result.count, 1)
+        pg_us = (pg.cpu_seconds() - pg0) * 1e6 / max(result.count, 1)
+        lat = result.latency_ms()
+        target = "1 replica" if n == 1 else f"{n} replicas"
+        rows.append(Row(
+            id=f"10/replicas-{n}{suffix}", scenario="10 replicas (PostgreSQL)",
+            target=f"{target}, {capped}" if capped else target, concurrency=concurrency,
+            requests=result.count, errors=result.errors, rps=result.rps,
+            p50_ms=lat["p50"], p90_ms=lat["p90"], p99_ms=lat["p99"],
+            server_cpu_us=None if result.probe_delta is None else result.probe_delta * 1e6 / max(result.count, 1),
+            client_cpu_us=result.client_cpu_s * 1e6 / max(result.count, 1),
+            first_error=result.first_error,
+            extra={"upstream_cpu_us": up_us, "postgres_cpu_us": pg_us},
+        ))  # fmt: skip
     one_rps, two_rps = rows[0].rps or 0.0, rows[1].rps or 0.0
     ratio = two_rps / one_rps if one_rps else None
     rows[1].extra["throughput_ratio"] = ratio

@@ -256,6 +256,14 @@ def evaluate_targets(rows: Sequence[Row], *, quick: bool) -> list[Target]:
         if two and ratio is not None else "not run",
         ratio >= 1.6 if ratio is not None else None,
     ))  # fmt: skip
+    capped = _find(rows, "10/replicas-2-capped")
+    if capped is not None and capped.extra.get("throughput_ratio") is not None:
+        ratio = capped.extra["throughput_ratio"]
+        targets.append(Target(
+            "2 replicas on one PostgreSQL, each capped by a cgroup (own machines, emulated): "
+            "throughput ÷ 1 replica's", "≥ 1.6×",
+            f"{ratio:.2f}× ({capped.target.split(', ', 1)[1]})", ratio >= 1.6,
+        ))  # fmt: skip
     if quick:
         for target in targets:
             if target.met is not None:
