@@ -48,11 +48,14 @@ __all__ = [
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:)[^/@]*@")
+_PASSWORD_PARAM = re.compile(r"((?:^|[?&;\s])password\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^&;\s]*)", re.I)
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages and logs)."""
-    return _PASSWORD.sub(r"\1***@", url)
+    """``url`` with any password replaced by ``***`` (for messages and logs): the user part's
+    (``scheme://user:pw@host``) and a ``password=`` parameter's (``?password=pw``, or a
+    libpq ``key=value`` string's)."""
+    return _PASSWORD_PARAM.sub(r"\1***", _PASSWORD.sub(r"\1***@", url))
 
 
 def open_store(url: str, *, synchronous: str | None = None, **options: Any) -> Store:

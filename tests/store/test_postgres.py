@@ -37,6 +37,18 @@ def test_open_store_picks_the_backend_by_url(tmp_path) -> None:  # type: ignore[
         open_store("sqlite://")
 
 
+def test_redact_url_hides_every_form_of_password() -> None:
+    from store import redact_url
+
+    for url in ("postgresql://u:s3cret@h:5432/db", "postgresql://u@h/db?password=s3cret&sslmode=require",
+                "postgresql://u@h/db?sslmode=require&PASSWORD=s3cret", "host=h password=s3cret dbname=x",
+                "host=h password='s3cret and more' dbname=x"):  # fmt: skip
+        shown = redact_url(url)
+        assert "s3cret" not in shown and "***" in shown, shown
+    assert redact_url("postgresql://u@h/db?sslmode=require") == "postgresql://u@h/db?sslmode=require"
+    assert redact_url("/var/lib/password=x/stepchain.db") == "/var/lib/password=x/stepchain.db"
+
+
 def test_unreachable_server_at_open_names_it_without_the_password() -> None:
     port = _free_port()  # nothing listens there
     store = PostgresStore(f"postgresql://app:s3cret-pw@127.0.0.1:{port}/appdb", connect_timeout_s=2)
