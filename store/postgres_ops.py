@@ -269,7 +269,7 @@ async def create_response(
     events: Events,
 ) -> list[Step]:
     """One statement (one round trip, its own transaction): the response row, its first steps
-    (``processing``) and its first events with their NOTIFY, as CTEs of one INSERT."""
+    (``processing``) and its first events, as CTEs of one INSERT."""
     owner = owner if owner is not None else response.owner
     now = time.time()
     steps: list[Step] = []
@@ -319,7 +319,9 @@ def _create_response_sql(steps: int, with_events: bool) -> str:
     select = "SELECT r.id FROM r"
     if with_events:
         parts.append(f"e AS ({postgres_insert('r.id', 'r')})")
-        select = f"SELECT pg_notify('{EVENTS_CHANNEL}', r.id) FROM r"
+        # No NOTIFY: nobody can be waiting for the events of a response not yet created (a
+        # follower learns its id from this write's answer), and the gateway's own LISTEN
+        # connection would be woken by the echo of every streamed response's creation.
     return "WITH " + ", ".join(parts) + " " + select
 
 
