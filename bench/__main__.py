@@ -89,7 +89,7 @@ SCENARIOS: dict[str, tuple[str, Callable[[Bench], Awaitable[list[Row]]]]] = {
     "10": ("replicas on one PostgreSQL", scenario_10),
 }
 # Scenarios with PostgreSQL rows (a throwaway server starts when one of them runs).
-POSTGRES_SCENARIOS = {"1", "2", "6", "10"}
+POSTGRES_SCENARIOS = {"1", "2", "6", "8", "10"}
 # Run only when named with --only (minutes each, not for a smoke run).
 ON_REQUEST = {"8", "9"}
 DEFAULT_JSON = Path(__file__).resolve().parent / "results-latest.json"
@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="small counts (CI smoke run, < 1 min)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peers (LiteLLM, agentic-api)")
-    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL rows (scenarios 1, 2, 6, 10)")
+    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL rows (scenarios 1, 2, 6, 8, 10)")
     parser.add_argument(
         "--postgres", action="store_true", help="with --quick: all PostgreSQL rows, not only scenario 6's"
     )

@@ -170,6 +170,8 @@ async def scenario_instructions(b) -> list[Row]:  # b: bench.scenarios.Bench
         ))  # fmt: skip
     finally:
         nolog.stop(timeout_s=60)
+    if b.pg is not None:
+        rows += await _postgres_event_log_rows(b, cases[1][1], cases[1][2], warmup, count)
     floor = await asyncio.to_thread(
         start_floor_proxy, upstream_v1, b.work_dir, mode="starlette-httpx",
         wrap=_callgrind(b.work_dir, "floor"), timeout_s=300,
@@ -199,3 +201,36 @@ def _tool_loop_check(reply: HTTPReply) -> str | None:
     from .scenarios import failed_tool_call
 
     return failed_tool_call(body, TOOL_LOOP_STEPS - 2)
+
+
+async def _postgres_event_log_rows(b, body: dict, check: Callable[[HTTPReply], str | None],
+                                   warmup: int, count: int) -> list[Row]:  # fmt: skip
+    """Scenario 2's request counted on gateways on PostgreSQL (each on a database of its own),
+    with and without the event log: the log's cost on PostgreSQL, in the gateway's instructions
+    (the server's own work is not counted)."""
+    per: dict[bool, float] = {}
+    for event_log in (True, False):
+        name = "gateway-pg" if event_log else "gateway-pg-nolog"
+        server = await asyncio.to_thread(
+            start_gateway, b.upstream.url + "/v1", b.work_dir, name=f"{name}-callgrind", db=b.pg.new_database(),
+            wrap=_callgrind(b.work_dir, name), timeout_s=300, event_log=event_log,
+        )  # fmt: skip
+        try:
+            total = await count_instructions(
+                server, name, b.work_dir, _post(server, body, check), warmup=warmup, count=count
+            )
+        finally:
+            server.stop(timeout_s=60)
+        per[event_log] = total / count
+    ratio = per[True] / per[False]
+    return [
+        Row(id="8/gateway-pg/stream", scenario="8 instructions", target="stepchain (PostgreSQL)",
+            concurrency=1, requests=count, note=f"stream: {per[True] / 1e6:.2f} M instructions per response",
+            extra={"instructions": per[True], "unit": "per response"}),
+        Row(id="8/gateway-pg-nolog/stream", scenario="8 instructions", target="stepchain (PostgreSQL), event log off",
+            concurrency=1, requests=count,
+            note=f"stream: {per[False] / 1e6:.2f} M instructions per response (measurement switch); "
+                 f"the event log: ×{ratio:.2f}",
+            extra={"instructions": per[False], "unit": "per response", "event_log_ratio": ratio}),
+    ]  # fmt: skip
+

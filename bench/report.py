@@ -278,6 +278,7 @@ def _event_log_targets(rows: Sequence[Row]) -> list[Target]:
     name = "durable event log: streamed gateway CPU with ÷ without it"
     found = []
     for row_id, what in (("8/gateway-nolog/stream", "instructions, scenario 8"),
+                         ("8/gateway-pg-nolog/stream", "instructions, scenario 8, PostgreSQL"),
                          ("2/ttlb/gateway-nolog/c16", "CPU µs, scenario 2, c=16, SQLite"),
                          ("2/paced/gateway-nolog/c16", "CPU µs, scenario 2, paced stream, c=16, SQLite"),
                          ("2/paced/gateway-pg-nolog/c16", "CPU µs, scenario 2, paced stream, c=16, PostgreSQL"),
