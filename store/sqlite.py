@@ -28,6 +28,7 @@ from .base import Store
 from .migrations import apply_migrations
 from . import sqlite_ops as ops
 from . import sqlite_records as records
+from . import sqlite_tx as tx
 from .notify import Waiters, wait_until
 from .owners import OwnerLocks
 from .validation import (
@@ -123,7 +124,7 @@ class SQLiteStore(Store):
     ) -> list[tuple[bool, Any]] | None:
         # Store calls queued together share one transaction (``run_group``): one commit.
         conn = self._conn
-        return None if conn is None else ops.run_group(conn, calls)
+        return None if conn is None else tx.run_group(conn, calls)
 
     def _on_worker(self, fn: Callable[..., _T], args: tuple[Any, ...]) -> _T:
         conn = self._conn
@@ -131,8 +132,8 @@ class SQLiteStore(Store):
             raise StoreError("the SQLite store is not open")
         try:
             return fn(conn, *args)
-        except ops.FOREIGN_ERRORS as exc:  # as ops.translate_errors, without a generator
-            raise ops.translated(exc) from exc
+        except tx.FOREIGN_ERRORS as exc:  # as tx.translate_errors, without a generator
+            raise tx.translated(exc) from exc
 
     def _connect(self) -> None:
         if sqlite3.sqlite_version_info < ops.MIN_SQLITE_VERSION:
@@ -143,7 +144,7 @@ class SQLiteStore(Store):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the directory of {self.path}: {exc.strerror}") from exc
-        with ops.translate_errors():
+        with tx.translate_errors():
             # Made on the worker thread and kept check_same_thread=True, so any use from
             # another thread (the event loop) raises instead of silently blocking it.
             conn = sqlite3.connect(self.path, isolation_level=None, cached_statements=256)
@@ -161,7 +162,7 @@ class SQLiteStore(Store):
     def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            with ops.translate_errors():
+            with tx.translate_errors():
                 try:
                     conn.execute("PRAGMA optimize")
                 finally:

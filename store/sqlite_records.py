@@ -14,12 +14,8 @@ from typing import Any
 import orjson
 
 from .event_log import events_after
-from .sqlite_ops import (
-    RESPONSE_SELECT,
-    insert_conversation_items,
-    response_from_row,
-    transaction,
-)
+from .sqlite_ops import RESPONSE_SELECT, insert_conversation_items, response_from_row
+from .sqlite_tx import transaction
 from .types import ConversationRecord, StoreNotFoundError, ResponseRecord
 from .validation import UNFINISHED_STATUSES
 
