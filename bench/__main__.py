@@ -53,6 +53,7 @@ from .report import (
     render_targets,
     write_json,
 )
+from .conversation import scenario_conversation
 from .postgres import PostgresUnavailable, check_in_use, scenario_10, start_postgres
 from .resources import scenario_memory, scenario_store
 from .scenarios import (
@@ -63,7 +64,6 @@ from .scenarios import (
     register_tools,
     scenario_ceiling,
     scenario_chat,
-    scenario_conversation,
     scenario_responses,
     scenario_stream,
     scenario_tool_loop,

@@ -43,7 +43,6 @@ from bench.scenarios import (
     Bench,
     check_chat_stream,
     check_response,
-    reported_turns,
     scenario_responses,
 )
 from bench.toolserver import create_tool_app
@@ -327,6 +326,8 @@ def test_check_response_reads_the_top_level_status() -> None:
 
 
 def test_reported_turns() -> None:
+    from bench.conversation import reported_turns
+
     assert reported_turns(100) == [1, 10, 50, 100]
     assert reported_turns(30) == [1, 10, 30]
 
