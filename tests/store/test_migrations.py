@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlite_utils
@@ -182,11 +183,27 @@ def test_sqlite_upgrade_keeps_rows_and_fills_new_columns(tmp_path: Path) -> None
     assert tuple(row) == ("A", 0, 0)
 
 
+async def _check_moved_log(store: Any, old: list[bytes]) -> None:
+    """``store`` (not yet open) holds ``old`` as response ``resp_old``'s events 0… after its
+    migrations: byte-exact, by ``after``/``limit``; a new batch overlapping them is refused,
+    one after them appended."""
+    from store.types import StoreConflictError
+
+    await store.open()
+    try:
+        assert await store.list_events("resp_old") == list(enumerate(old))
+        assert await store.list_events("resp_old", after=0, limit=1) == [(1, b"")]
+        with pytest.raises(StoreConflictError):
+            await store.append_events("resp_old", 2, [b"overlaps the last old event"])
+        await store.append_events("resp_old", 3, [b"new", b"newer"])
+        assert [n for n, _ in await store.list_events("resp_old")] == [0, 1, 2, 3, 4]
+    finally:
+        await store.close()
+
+
 def test_sqlite_upgrade_moves_a_per_event_log_into_batches(tmp_path: Path) -> None:
     """A file with m005's one-row-per-event log: every event comes back byte-exact, at its
     sequence number, and new batches append after them (and cannot overlap them)."""
-    from store.types import StoreConflictError
-
     path = tmp_path / "old.db"
     old = [b"event: a\ndata: {}\n\n", b"", b"\x00\xff binary"]
     with sqlite_utils.Database(path) as db:
@@ -200,20 +217,7 @@ def test_sqlite_upgrade_moves_a_per_event_log_into_batches(tmp_path: Path) -> No
         )
         db.conn.commit()
 
-    async def go() -> None:
-        store = SQLiteStore(path)
-        await store.open()
-        try:
-            assert await store.list_events("resp_old") == list(enumerate(old))
-            assert await store.list_events("resp_old", after=0, limit=1) == [(1, b"")]
-            with pytest.raises(StoreConflictError):
-                await store.append_events("resp_old", 2, [b"overlaps the last old event"])
-            await store.append_events("resp_old", 3, [b"new", b"newer"])
-            assert [n for n, _ in await store.list_events("resp_old")] == [0, 1, 2, 3, 4]
-        finally:
-            await store.close()
-
-    asyncio.run(go())
+    asyncio.run(_check_moved_log(SQLiteStore(path), old))
     assert _applied(path) == NAMES
     with sqlite_utils.Database(path) as db:
         assert "events" not in db.table_names()
@@ -291,7 +295,6 @@ def test_postgres_upgrade_moves_a_per_event_log_into_batches(pg_dsn: str) -> Non
 
     from store.postgres import PostgresStore
     from store.postgres_schema import MIGRATIONS
-    from store.types import StoreConflictError
 
     old = [b"event: a\ndata: {}\n\n", b"", b"\x00\xff binary"]
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
@@ -308,20 +311,7 @@ def test_postgres_upgrade_moves_a_per_event_log_into_batches(pg_dsn: str) -> Non
         for n, data in enumerate(old):
             conn.execute("INSERT INTO events VALUES ('resp_old', %s, %s)", (n, data))
 
-    async def go() -> None:
-        store = PostgresStore(pg_dsn)
-        await store.open()
-        try:
-            assert await store.list_events("resp_old") == list(enumerate(old))
-            assert await store.list_events("resp_old", after=0, limit=1) == [(1, b"")]
-            with pytest.raises(StoreConflictError):
-                await store.append_events("resp_old", 2, [b"overlaps the last old event"])
-            await store.append_events("resp_old", 3, [b"new", b"newer"])
-            assert [n for n, _ in await store.list_events("resp_old")] == [0, 1, 2, 3, 4]
-        finally:
-            await store.close()
-
-    asyncio.run(go())
+    asyncio.run(_check_moved_log(PostgresStore(pg_dsn), old))
     with psycopg.connect(pg_dsn) as conn:
         tables = {r[0] for r in conn.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
