@@ -206,17 +206,24 @@ class LiveStream:
         i = sequence - self.base
         return self.events[i] if 0 <= i < len(self.events) else None
 
-    async def follow(self, start: int = 0, store: Any = None) -> AsyncIterator[bytes]:
+    async def follow(
+        self, start: int = 0, store: Any = None, *, outage_s: float = 300.0
+    ) -> AsyncIterator[bytes]:
         """Yield events from sequence number ``start`` on, as they come, until the log closes
         (then, if the response was handed over to another process, on from the store).
 
         Events already waiting are joined into one chunk: one write instead of many. Events
-        dropped from the cache are read from ``store``.
+        dropped from the cache are read from ``store``, waiting out an outage of up to
+        ``outage_s`` seconds (then StoreUnavailableError ends the stream).
         """
         i = start
         while True:
             if i < self.base and store is not None:
-                rows = await store.list_events(self.response_id, after=i - 1, limit=self.base - i)
+                after, limit = i - 1, self.base - i
+                rows = await retry_unavailable(
+                    lambda: store.list_events(self.response_id, after=after, limit=limit),
+                    until=asyncio.get_running_loop().time() + outage_s,
+                )
                 chunk = []
                 for sequence, event in rows:
                     if sequence != i:

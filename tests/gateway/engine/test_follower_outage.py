@@ -190,3 +190,52 @@ def test_a_follower_on_another_process_pauses_through_a_database_restart(pg_serv
     sequences = [orjson.loads(f.split(b"data: ", 1)[1])["sequence_number"] for f in stored]
     assert sequences == list(range(len(stored)))
     assert SECOND.split()[1].encode() in b"".join(stored)
+
+
+def test_an_in_process_follower_reads_dropped_events_through_an_outage(pg_server, pg_dsn):
+    """A follower in the owner's process whose first events were dropped from the bounded
+    cache reads them from the store; with PostgreSQL stopped it waits, and once the server is
+    back it gets every event once, in order."""
+    from gateway.engine.live import LiveStreams
+    from gateway.engine.writer import ResponseWriter
+
+    _managed(pg_server)
+
+    async def main() -> None:
+        store = open_store(pg_dsn, pool_timeout_s=0.5)
+        await store.open()
+        try:
+            await store.create_response(
+                ResponseRecord(id="resp_cached", model="m", request={"model": "m"}, created_at=1.0),
+                owner="me", lease_s=600,
+            )  # fmt: skip
+            live = LiveStreams(max_bytes_per_response=400)
+            log = live.open("resp_cached")
+            writer = ResponseWriter(store, "resp_cached", Fence("me", 1), log, flush_s=0.001)
+            events = [_event(i) for i in range(20)]
+            for event in events:
+                log.emit(event)
+            await writer.flush()
+            assert log.persisted == 20 and log.base > 0  # the front is only in the store now
+            received: list[bytes] = []
+
+            async def follow() -> None:
+                async for chunk in log.follow(0, store):
+                    received.append(chunk)
+                    if b"".join(received) == b"".join(events):
+                        return
+
+            await asyncio.to_thread(pg_server.stop)
+            try:
+                task = asyncio.ensure_future(follow())
+                await asyncio.sleep(1.5)  # it is waiting for the store, not ended
+                assert not task.done() and received == []
+            finally:
+                await asyncio.to_thread(pg_server.start)
+            await asyncio.wait_for(task, 60)
+            assert b"".join(received) == b"".join(events)
+            await writer.close()
+        finally:
+            await store.close()
+
+    asyncio.run(main())
