@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -127,6 +128,7 @@ class PostgresStore(PostgresRecords, Store):
         self._poll_s = poll_s
         self._pool: psycopg_pool.AsyncConnectionPool | None = None
         self._waiters = Waiters()
+        self._followed: OrderedDict[str, None] = OrderedDict()  # responses marked followed
         self._appends = AppendBatcher(self._run)
         self._listening = False
         self._tasks: list[asyncio.Task[None]] = []

@@ -8,7 +8,8 @@ cost the gateway a pooled connection, a query and its result, and a NOTIFY echoe
 own listener, per response per tick. :class:`AppendBatcher` takes the appends made in one loop
 turn and writes them with one ``INSERT … SELECT FROM unnest(…)`` — each row still fenced
 (``owner``/``owner_epoch``, under a ``FOR SHARE`` lock of its response), overlap-checked
-(:mod:`store.event_log`) and NOTIFYing, as the single append is. Rows the statement could not
+(:mod:`store.event_log`) and NOTIFYing when followed (read under that lock,
+:mod:`store.postgres_ops`), as the single append is. Rows the statement could not
 take (a stale fence, an unknown response) and every row of a statement that failed (an overlap
 is a unique violation, which aborts the whole statement) are retried one by one through the
 single append, which raises the precise error for each; an unreachable database fails them all
@@ -33,13 +34,14 @@ _Run = Callable[..., Awaitable[Any]]
 _APPEND_MANY = (
     "WITH b AS (SELECT * FROM unnest(%b::text[], %b::int8[], %b::int8[], %b::bytea[], %b::bytea[],"
     " %b::text[], %b::int8[]) AS t(rid, first, last, sizes, data, owner, epoch)),"
-    " f AS (SELECT r.id FROM responses r JOIN b ON r.id = b.rid"
+    " f AS (SELECT r.id, r.followed FROM responses r JOIN b ON r.id = b.rid"
     " WHERE b.owner IS NULL OR (r.owner = b.owner AND r.owner_epoch = b.epoch) FOR SHARE OF r),"
     " i AS (INSERT INTO event_batches (response_id, last_sequence_number, first_sequence_number,"
     " sizes, data) SELECT b.rid, coalesce((SELECT max(e.last_sequence_number) FROM event_batches e"
     " WHERE e.response_id = b.rid AND e.last_sequence_number >= b.first), b.last), b.first,"
     " b.sizes, b.data FROM b JOIN f ON f.id = b.rid RETURNING response_id)"
-    f" SELECT response_id, pg_notify('{ops.EVENTS_CHANNEL}', response_id) FROM i"
+    f" SELECT i.response_id, CASE WHEN f.followed THEN pg_notify('{ops.EVENTS_CHANNEL}',"
+    " i.response_id) END FROM i JOIN f ON f.id = i.response_id"
 )
 
 

@@ -6,6 +6,18 @@ Multi-statement writes run in psycopg's pipeline mode inside one transaction: th
 out together (one round trip, plus the COMMIT), and a check that fails after them (a stale fence,
 an illegal transition) raises, which rolls the whole transaction back. Fences are checked in the
 same transaction, against a row lock on the response (``FOR SHARE``, or the UPDATE's own lock).
+
+A write that stores events or changes a response's status wakes ``wait_events`` callers on every
+replica with ``pg_notify('stepchain_events', response_id)``, in its own transaction, but only
+when the response is followed: ``responses.followed``, set by a follower before its first
+readiness check (:meth:`store.postgres_records.PostgresRecords.wait_events`) and read here under
+the write's row lock on the response. Nobody follows most responses, and each NOTIFY is echoed
+to every replica's listener. No event is missed (READ COMMITTED): a write that locks the row
+after the follower's UPDATE committed reads ``followed = true`` (a row changed since the
+statement's snapshot is re-read at its newest version once locked); a write that locked it
+first makes the follower's UPDATE wait for its commit, and the follower's readiness check,
+which comes after that UPDATE, sees its events. A write that does not lock the response (an
+unfenced step write) NOTIFYs unconditionally.
 """
 
 from __future__ import annotations
@@ -147,13 +159,14 @@ RECORD_ATTEMPT_ONCE = (
 )
 SET_UPSTREAM = f"UPDATE steps SET upstream = coalesce(%s, upstream) WHERE id = %s RETURNING {_STEP_RETURNING}"
 
+# Fence reads: (id, followed, owner, owner_epoch); check_fence reads the last two.
 _FENCE_BY_STEP = (
-    "SELECT r.id, r.owner, r.owner_epoch FROM steps s JOIN responses r ON r.id = s.response_id"
-    " WHERE s.id = %s FOR {} OF r"
+    "SELECT r.id, r.followed, r.owner, r.owner_epoch FROM steps s"
+    " JOIN responses r ON r.id = s.response_id WHERE s.id = %s FOR {} OF r"
 )
 _FENCE_BY_STEP_SHARE = _FENCE_BY_STEP.format("SHARE")
 _FENCE_BY_STEP_UPDATE = _FENCE_BY_STEP.format("NO KEY UPDATE")
-_FENCE_BY_RESPONSE = "SELECT id, owner, owner_epoch FROM responses WHERE id = %s FOR {}"
+_FENCE_BY_RESPONSE = "SELECT id, followed, owner, owner_epoch FROM responses WHERE id = %s FOR {}"
 _FENCE_BY_RESPONSE_SHARE = _FENCE_BY_RESPONSE.format("SHARE")
 # Nothing for an unknown response (the caller reports StoreNotFoundError).
 _EVENTS_INSERT = postgres_insert("r.id", "responses r WHERE r.id = %s")
@@ -175,8 +188,9 @@ def _step_statement(sql: str, fenced: bool, with_events: bool, updates: tuple[st
     """``sql`` (a step UPDATE … RETURNING) as one statement with the fence check (params:
     step id, owner, epoch — first), the response's columns ``updates`` set (params: their values,
     after ``sql``'s) and the events insert (params: :func:`postgres_params` — last), with a
-    NOTIFY when events or the response's status are written. Returns the step's columns (and a
-    void NOTIFY column)."""
+    NOTIFY when events or the response's status are written: fenced, only if the response is
+    followed (read under the fence's lock). Returns the step's columns (and a void NOTIFY
+    column)."""
     key = (sql, fenced, with_events, updates)
     statement = _STATEMENTS.get(key)
     if statement is None:
@@ -184,7 +198,7 @@ def _step_statement(sql: str, fenced: bool, with_events: bool, updates: tuple[st
         if fenced:
             lock = "NO KEY UPDATE" if updates else "SHARE"
             parts.append(
-                "f AS (SELECT 1 FROM steps s JOIN responses r ON r.id = s.response_id"
+                "f AS (SELECT r.followed FROM steps s JOIN responses r ON r.id = s.response_id"
                 f" WHERE s.id = %s AND r.owner = %s AND r.owner_epoch = %s FOR {lock} OF r)"
             )
             sql = sql.replace(" RETURNING ", " AND EXISTS (SELECT 1 FROM f) RETURNING ", 1)
@@ -199,7 +213,11 @@ def _step_statement(sql: str, fenced: bool, with_events: bool, updates: tuple[st
         if with_events:
             parts.append(f"e AS ({postgres_insert('u.response_id', 'u')})")
         if with_events or "status" in updates:
-            select = f"SELECT u.*, pg_notify('{EVENTS_CHANNEL}', u.response_id) FROM u"
+            notify = f"pg_notify('{EVENTS_CHANNEL}', u.response_id)"
+            if fenced:  # f read the response under its lock
+                select = f"SELECT u.*, CASE WHEN f.followed THEN {notify} END FROM u, f"
+            else:  # no lock on the response: NOTIFY anyway
+                select = f"SELECT u.*, {notify} FROM u"
         statement = _STATEMENTS[key] = "WITH " + ", ".join(parts) + " " + select
     return statement
 
@@ -230,7 +248,7 @@ async def _queue_events(conn: Conn, response_id: str, events: Events) -> None:
 def _update_sql(fields: dict[str, Any]) -> tuple[str, list[Any]]:
     names = sorted(fields)  # stable SQL text, so prepared statements are reused
     values = [dumps_opt(fields[n]) if n in RESPONSE_JSON_FIELDS else fields[n] for n in names]
-    sql = "UPDATE responses SET {} WHERE id = %s RETURNING id, owner, owner_epoch".format(
+    sql = "UPDATE responses SET {} WHERE id = %s RETURNING id, followed, owner, owner_epoch".format(
         ", ".join(f"{n} = %s" for n in names)
     )
     return sql, values
@@ -378,7 +396,7 @@ def _record_steps_sql(fenced: bool, with_events: bool) -> str:
     fence = " AND owner = %(owner)s AND owner_epoch = %(epoch)s" if fenced else ""
     parts = [
         "r AS (UPDATE responses SET last_sequence = last_sequence + %(n)s"
-        f" WHERE id = %(rid)s{fence} RETURNING last_sequence)",
+        f" WHERE id = %(rid)s{fence} RETURNING last_sequence, followed)",
         "i AS (INSERT INTO steps (id, response_id, scope_parent, prev_step_id, sequence, kind,"
         " state, request_payload, attempt, created_at, started_at)"
         " SELECT t.id, %(rid)s::text, %(scope)s::text, t.prev, r.last_sequence - %(n)s + t.n,"
@@ -389,7 +407,10 @@ def _record_steps_sql(fenced: bool, with_events: bool) -> str:
     select = "SELECT r.last_sequence FROM r"
     if with_events:
         parts.append(f"e AS ({postgres_insert('%(rid)s::text', 'r', named=True)})")
-        select = f"SELECT r.last_sequence, pg_notify('{EVENTS_CHANNEL}', %(rid)s::text) FROM r"
+        select = (
+            "SELECT r.last_sequence, CASE WHEN r.followed"
+            f" THEN pg_notify('{EVENTS_CHANNEL}', %(rid)s::text) END FROM r"
+        )
     return "WITH " + ", ".join(parts) + " " + select
 
 
@@ -444,8 +465,11 @@ async def step_write(
         cursor = await conn.execute(sql, params)
         if events and events[1]:
             await conn.execute(_EVENTS_INSERT_BY_STEP, (*postgres_params(*events), step_id))
+        followed = True  # unfenced: no lock on the response read, so NOTIFY anyway
         if fenced is not None:
-            check_fence(fence, f"step {step_id!r}", await fenced.fetchone())
+            fence_row = await fenced.fetchone()
+            check_fence(fence, f"step {step_id!r}", fence_row)
+            followed = fence_row[1]
         row = await cursor.fetchone()
         if row is None:
             if target is None:
@@ -457,7 +481,8 @@ async def step_write(
             await conn.execute(sql2, (*values, response_id))
         if conversation_items is not None:
             await add_items(conn, *conversation_items)
-        if (events and events[1]) or (response_update and "status" in response_update):
+        notify = (events and events[1]) or (response_update and "status" in response_update)
+        if notify and followed:
             await conn.execute(_NOTIFY, (EVENTS_CHANNEL, response_id))
     return row
 
@@ -471,7 +496,8 @@ async def update_response(
     conversation_items: Items,
 ) -> None:
     """Without conversation items one statement: the UPDATE (or, with no fields, a ``FOR
-    SHARE`` read) with the fence in its WHERE, the events and the NOTIFY as CTEs."""
+    SHARE`` read) with the fence in its WHERE, the events and the NOTIFY (if the row it locked
+    is followed) as CTEs."""
     what = f"response {response_id!r}"
     if conversation_items is not None:
         await _update_with_items(conn, response_id, fields, fence, events, conversation_items)
@@ -487,16 +513,18 @@ async def update_response(
         args["owner"], args["epoch"] = fence.owner, fence.epoch
     if names:
         sets = ", ".join(f"{n} = %(v_{n})s" for n in names)
-        parts = [f"u AS (UPDATE responses SET {sets} WHERE {where} RETURNING id)"]
+        parts = [f"u AS (UPDATE responses SET {sets} WHERE {where} RETURNING id, followed)"]
     else:
-        parts = [f"u AS (SELECT id FROM responses WHERE {where} FOR SHARE)"]
+        parts = [f"u AS (SELECT id, followed FROM responses WHERE {where} FOR SHARE)"]
     if has_events:
         assert events is not None
         args.update(postgres_named(*events))
         parts.append(f"e AS ({postgres_insert('u.id', 'u', named=True)})")
     select = "SELECT u.id FROM u"
     if has_events or "status" in fields:
-        select = f"SELECT u.id, pg_notify('{EVENTS_CHANNEL}', u.id) FROM u"
+        select = (
+            f"SELECT u.id, CASE WHEN u.followed THEN pg_notify('{EVENTS_CHANNEL}', u.id) END FROM u"
+        )
     cursor = await run(conn, "WITH " + ", ".join(parts) + " " + select, args)
     if await cursor.fetchone() is None:
         cursor = await conn.execute(
@@ -523,9 +551,10 @@ async def _update_with_items(
     async with conn.pipeline(), conn.transaction():
         cursor = await conn.execute(sql, params)
         await _queue_events(conn, response_id, events)
-        check_fence(fence, what, await cursor.fetchone())
+        row = await cursor.fetchone()  # (id, followed, owner, owner_epoch), under its lock
+        check_fence(fence, what, row)
         await add_items(conn, *conversation_items)
-        if (events and events[1]) or "status" in fields:
+        if ((events and events[1]) or "status" in fields) and row[1]:
             await conn.execute(_NOTIFY, (EVENTS_CHANNEL, response_id))
 
 

@@ -40,6 +40,8 @@ __all__ = ["PostgresRecords"]
 logger = logging.getLogger(__name__)
 Conn = psycopg.AsyncConnection[Any]
 _LOCK = "hashtextextended(%s, 0)"
+#: How many followed response ids a store remembers (see PostgresRecords._follow).
+_FOLLOWED_KEPT = 10_000
 _CONVERSATION = "SELECT id, tenant, created_at, metadata FROM conversations"
 
 
@@ -120,10 +122,33 @@ class PostgresRecords(_Base):
         return row is None or bool(row[1]) or row[0] is None or row[0] not in UNFINISHED_STATUSES
 
     async def wait_events(self, response_id: str, after: int, timeout_s: float) -> None:
+        """As :meth:`store.base.Store.wait_events`; first marks the response followed, so that
+        writes NOTIFY its events (:mod:`store.postgres_ops`). The mark commits before the first
+        readiness check: a write holding the row's lock delays it until that write commits."""
+        await self._follow(response_id)
         await wait_until(
             self._waiters, "events", response_id,
             lambda: self._events_ready(response_id, after), timeout_s, self._poll,
         )  # fmt: skip
+
+    async def _follow(self, response_id: str) -> None:
+        """Set ``responses.followed`` once per response and store object (the ids marked are
+        remembered, the last :data:`_FOLLOWED_KEPT`); a follower's later waits write nothing.
+        An unknown response is not remembered: it may yet be created."""
+        followed = self._followed
+        if response_id in followed:
+            followed.move_to_end(response_id)
+            return
+        # The statement's snapshot tells whether the row exists (followed already or not).
+        row = await self._fetchone(
+            "WITH u AS (UPDATE responses SET followed = true WHERE id = %s AND NOT followed"
+            " RETURNING id) SELECT 1 FROM responses WHERE id = %s",
+            (response_id, response_id),
+        )
+        if row is not None:
+            followed[response_id] = None
+            if len(followed) > _FOLLOWED_KEPT:
+                followed.popitem(last=False)
 
     # -- liveness ----------------------------------------------------------------------------
 

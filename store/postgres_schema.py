@@ -140,6 +140,12 @@ MIGRATIONS: list[tuple[str, str]] = [
         DROP TABLE events;
         """,
     ),
+    (
+        # Set by a follower's first wait_events; a write NOTIFYs a response's events only when
+        # its row, read under the write's lock, has it (store.postgres_ops). Never cleared.
+        "m006_followed",
+        "ALTER TABLE responses ADD COLUMN followed boolean NOT NULL DEFAULT false;",
+    ),
 ]
 
 

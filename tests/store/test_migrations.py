@@ -318,3 +318,42 @@ def test_postgres_upgrade_moves_a_per_event_log_into_batches(pg_dsn: str) -> Non
         )}  # fmt: skip
     assert "events" not in tables and "event_batches" in tables
 
+
+
+def test_postgres_upgrade_adds_the_followed_flag(pg_dsn: str) -> None:
+    """A database of m005 (before ``responses.followed``): its responses come out unfollowed,
+    and a follower's ``wait_events`` marks them."""
+    import psycopg
+
+    from store.postgres import PostgresStore
+    from store.postgres_schema import MIGRATIONS
+
+    names = [name for name, _ in MIGRATIONS]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (name text PRIMARY KEY, applied_at double precision NOT NULL)"
+        )
+        for name, sql in MIGRATIONS[: names.index("m006_followed")]:
+            conn.execute(sql)  # type: ignore[arg-type]  # constant SQL
+            conn.execute("INSERT INTO schema_migrations VALUES (%s, 1.0)", (name,))
+        for rid in ("resp_old", "resp_followed"):
+            conn.execute(
+                "INSERT INTO responses (id, model, request, status, created_at)"
+                " VALUES (%s, 'm', '{}', 'in_progress', 1.0)",
+                (rid,),
+            )
+
+    async def go() -> None:
+        store = PostgresStore(pg_dsn)
+        await store.open()
+        try:
+            await store.wait_events("resp_followed", -1, 0)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    with psycopg.connect(pg_dsn) as conn:
+        rows = conn.execute("SELECT id, followed FROM responses ORDER BY id").fetchall()
+        applied = [r[0] for r in conn.execute("SELECT name FROM schema_migrations ORDER BY name")]
+    assert rows == [("resp_followed", True), ("resp_old", False)]
+    assert applied == names
