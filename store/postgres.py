@@ -34,7 +34,7 @@ from psycopg.types.json import set_json_loads
 
 from . import postgres_ops as ops
 from .base import Store
-from .notify import Waiters, wait_until
+from .notify import Waiters
 from .postgres_records import PostgresRecords
 from .postgres_appends import AppendBatcher
 from .postgres_schema import apply_migrations
@@ -44,7 +44,6 @@ from .types import (
     FAILED,
     PROCESSING,
     StoreConflictError,
-    ConversationRecord,
     Fence,
     StoreNotFoundError,
     ResponseRecord,

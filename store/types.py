@@ -21,7 +21,6 @@ All timestamps are Unix seconds as floats (UTC). Payloads are plain JSON values 
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
