@@ -437,7 +437,7 @@ async def scenario_stream(b: Bench) -> list[Row]:
             last_rows += [rd_last, a_last]
         if b.gateway_nolog is not None:
             await _event_log_rows(b.gateway_nolog, "gateway-nolog", "stepchain, event log off", c, n, body,
-                            g, d_first, d_last, first_rows, last_rows)  # fmt: skip
+                            (gateway, b.gateway, g), d_first, d_last, first_rows, last_rows)  # fmt: skip
         if b.gateway_pg is not None:
             on_pg = http_request(b.gateway_pg, b"POST", "/v1/responses", body, check_response_stream, GATEWAY_DELTA)
             p = await measure(on_pg, b.gateway_pg, c, n)
@@ -447,7 +447,7 @@ async def scenario_stream(b: Bench) -> list[Row]:
                                       "stepchain (PostgreSQL)", p, base=d_last))  # fmt: skip
             if b.gateway_pg_nolog is not None:
                 await _event_log_rows(b.gateway_pg_nolog, "gateway-pg-nolog", "stepchain (PostgreSQL), event log off",
-                                c, n, body, p, d_first, d_last, first_rows, last_rows)  # fmt: skip
+                                c, n, body, (on_pg, b.gateway_pg, p), d_first, d_last, first_rows, last_rows)  # fmt: skip
     if 16 in b.sizes.stream:
         n = max(32, b.sizes.stream[16] // 6)
         for pair in ((b.gateway, b.gateway_nolog, "gateway", "stepchain"),
@@ -466,39 +466,64 @@ async def _paced_event_log_rows(
     with_log: ServerProcess, without_log: ServerProcess, key: str, target: str, c: int, n: int
 ) -> list[Row]:
     """The event log's cost on a paced stream (:data:`PACED_TEXT`): the gateway CPU per
-    streamed response with it ÷ without it (``extra["event_log_ratio"]``)."""
+    streamed response with it ÷ without it (``extra["event_log_ratio"]``), over blocks in ABBA
+    order (:func:`_cpu_abba`)."""
     body = orjson.dumps({"model": MODEL, "input": PACED_TEXT, "stream": True})
-    rows = []
-    for server, suffix, label in ((with_log, "", target), (without_log, "-nolog", f"{target}, event log off")):
-        request = http_request(server, b"POST", "/v1/responses", body, check_response_stream, GATEWAY_DELTA)
-        result = await measure(request, server, c, n)
-        rows.append(load_row(f"2/paced/{key}{suffix}/c{c}", "2 paced stream (40 × 5 ms)", label, result))
-    on, off = rows[0].server_cpu_us, rows[1].server_cpu_us
+    requests = [http_request(server, b"POST", "/v1/responses", body, check_response_stream, GATEWAY_DELTA)
+                for server in (with_log, without_log)]  # fmt: skip
+    on_first = await measure(requests[0], with_log, c, n)
+    off_first = await measure(requests[1], without_log, c, n)
+    rows = [
+        load_row(f"2/paced/{key}/c{c}", "2 paced stream (40 × 5 ms)", target, on_first),
+        load_row(f"2/paced/{key}-nolog/c{c}", "2 paced stream (40 × 5 ms)", f"{target}, event log off", off_first),
+    ]
+    on, off = await _cpu_abba((requests[0], with_log, on_first), (requests[1], without_log, off_first), c, n)
     if on and off:
         for row in rows:
             row.extra.update(event_log_ratio=on / off, cpu_with_log_us=on, cpu_without_log_us=off)
-        rows[1].note = f"measurement switch; the event log: ×{on / off:.2f} gateway CPU ({on:,.0f} vs {off:,.0f} µs)"
+        rows[1].note = f"measurement switch; the event log: ×{on / off:.2f} gateway CPU ({on:,.0f} vs {off:,.0f} µs, ABBA)"
     return rows
 
 
+async def _cpu_abba(
+    on: tuple[RequestFn, ServerProcess, LoadResult], off: tuple[RequestFn, ServerProcess, LoadResult],
+    c: int, n: int,
+) -> tuple[float | None, float | None]:
+    """Gateway CPU µs per request with and without the event log, each over two blocks of
+    ``n`` measured in the order on, off, off, on (the first two given: ``on[2]``, ``off[2]``):
+    a drift of the machine's speed during the four weighs on both sides alike. Single timed
+    blocks moved the ratio by ±0.1 between runs."""
+    off_again = await measure(off[0], off[1], c, n)
+    on_again = await measure(on[0], on[1], c, n)
+
+    def per_request(*results: LoadResult) -> float | None:
+        deltas = [r.probe_delta for r in results]
+        if any(d is None for d in deltas):
+            return None
+        return sum(d for d in deltas if d is not None) * 1e6 / sum(max(r.count, 1) for r in results)
+
+    return per_request(on[2], on_again), per_request(off[2], off_again)
+
+
 async def _event_log_rows(
-    server: ServerProcess, key: str, target: str, c: int, n: int, body: bytes, with_log: LoadResult,
+    server: ServerProcess, key: str, target: str, c: int, n: int, body: bytes,
+    with_log: tuple[RequestFn, ServerProcess, LoadResult],
     d_first: Row, d_last: Row, first_rows: list[Row], last_rows: list[Row],
 ) -> None:  # fmt: skip
     """Scenario 2's request against ``server`` (:mod:`bench.no_event_log`), measured right
-    after the same gateway with its event log (``with_log``): the event log's cost is the
-    gateway CPU per streamed response with it ÷ without it (``extra["event_log_ratio"]``)."""
+    after the same gateway with its event log (``with_log``: its request, process and result):
+    the event log's cost is the gateway CPU per streamed response with it ÷ without it
+    (``extra["event_log_ratio"]``), over blocks in ABBA order (:func:`_cpu_abba`)."""
     request = http_request(server, b"POST", "/v1/responses", body, check_response_stream, GATEWAY_DELTA)
     result = await measure(request, server, c, n)
     first = load_row(f"2/ttfd/{key}/c{c}", "2 stream: first delta", target, result, base=d_first, first=True)
     last = load_row(f"2/ttlb/{key}/c{c}", "2 stream: last byte", target, result, base=d_last)
-    on = with_log.probe_delta * 1e6 / max(with_log.count, 1) if with_log.probe_delta is not None else None
-    off = last.server_cpu_us
+    on, off = await _cpu_abba(with_log, (request, server, result), c, n)
     if on is not None and off:
         ratio = on / off
         for row in (first, last):
             row.extra.update(event_log_ratio=ratio, cpu_with_log_us=on, cpu_without_log_us=off)
-            row.note = f"measurement switch; the event log: ×{ratio:.2f} gateway CPU ({on:,.0f} vs {off:,.0f} µs)"
+            row.note = f"measurement switch; the event log: ×{ratio:.2f} gateway CPU ({on:,.0f} vs {off:,.0f} µs, ABBA)"
     first_rows.append(first)
     last_rows.append(last)
 
