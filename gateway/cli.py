@@ -209,11 +209,13 @@ def check_database(settings: Settings) -> None:
 
 
 def _configure_logging(settings: Settings) -> dict[str, Any]:
-    """JSON log lines for ``--log-format json`` (uvicorn's own logging config is then skipped)."""
-    if settings.log_format != "json":
-        return {}
-    from gateway.observe.logs import configure_logging
+    """JSON log lines for ``--log-format json`` (uvicorn's own logging config is then skipped);
+    for ``text``, uvicorn's config plus a root handler for every other logger."""
+    from gateway.observe.logs import configure_logging, configure_text_logging
 
+    if settings.log_format != "json":
+        configure_text_logging(settings.log_level)
+        return {}
     configure_logging("json", settings.log_level)
     return {"log_config": None}
 

@@ -24,7 +24,9 @@ from typing import Any
 
 import orjson
 
-__all__ = ["EVENT_LOGGER", "JSONFormatter", "configure_logging", "event_logger"]
+__all__ = [
+    "EVENT_LOGGER", "JSONFormatter", "configure_logging", "configure_text_logging", "event_logger",
+]
 
 EVENT_LOGGER = "stepchain.events"
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
@@ -69,6 +71,28 @@ def configure_logging(log_format: str, level: str = "info") -> None:
     # Text logs keep the per-step events out of an operator's way unless asked for.
     logging.getLogger(EVENT_LOGGER).setLevel(
         logging.INFO if log_format == "json" else max(root.level, logging.INFO)
+    )
+
+
+def configure_text_logging(level: str = "info") -> None:
+    """The default ``--log-format text`` beside uvicorn's own logging config: every other
+    logger's records (the gateway's ``stepchain.*``, libraries' such as ``psycopg.pool``) go to
+    stderr as ``WARNING:  stepchain.writer: message`` at ``level`` — without this they fell to
+    Python's last-resort handler, as bare messages and only from WARNING up. uvicorn's loggers
+    keep their handlers (they do not propagate to the root). The per-step events
+    (:data:`EVENT_LOGGER`) show only at ``debug`` or ``trace``: at ``info`` an operator gets the
+    gateway's warnings and notices, not a line per step (and the hot path skips building them).
+    """
+    from uvicorn.logging import DefaultFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    numeric = logging.getLevelName(level.upper()) if level.upper() != "TRACE" else 5
+    root.setLevel(numeric if isinstance(numeric, int) else logging.INFO)
+    logging.getLogger(EVENT_LOGGER).setLevel(
+        logging.INFO if root.level <= logging.DEBUG else logging.WARNING
     )
 
 
