@@ -62,6 +62,8 @@ class StoreConnection(psycopg.AsyncConnection[Any]):
     the rest of the client side of a round trip."""
 
     _kept: psycopg.AsyncCursor[Any] | None = None
+    #: Whether this session holds the single append's statement (store.postgres_appends).
+    append_prepared = False
 
     async def run(self, query: Any, params: Any = None) -> psycopg.AsyncCursor[Any]:
         cursor = self._kept

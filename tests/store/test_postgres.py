@@ -221,3 +221,39 @@ def test_appends_of_one_loop_turn_share_a_statement_and_keep_their_own_errors(pg
             await store.close()
 
     run(go())
+
+
+def test_a_single_append_survives_its_prepared_statement_being_dropped(pg_dsn: str) -> None:
+    """The single append is prepared once per pooled connection under its own name
+    (store.postgres_appends.append_one); a session that lost it (``DEALLOCATE ALL``, as a
+    pooler's reset does) prepares it again and stores the batch once."""
+    from store.types import Fence
+
+    async def go() -> None:
+        store = PostgresStore(pg_dsn, min_size=1, max_size=1)  # one session for everything
+        await store.open()
+        try:
+            record = _record()
+            await store.create_response(record, owner="A", lease_s=60, events=(0, [b"e0"]))
+            stored = await store.get_response(record.id)
+            assert stored is not None
+            fence = Fence("A", stored.owner_epoch)
+            assert store._pool is not None
+
+            async def prepared() -> list[str]:
+                async with store._pool.connection() as conn:  # type: ignore[union-attr]
+                    cursor = await conn.execute("SELECT name FROM pg_prepared_statements")
+                    return [row[0] for row in await cursor.fetchall()]
+
+            await store.append_events(record.id, 1, [b"e1"], fence=fence)
+            assert "stepchain_append_1" in await prepared()
+            async with store._pool.connection() as conn:
+                await conn.execute("DEALLOCATE ALL")
+            assert "stepchain_append_1" not in await prepared()
+            await store.append_events(record.id, 2, [b"e2", b"e3"], fence=fence)
+            assert "stepchain_append_1" in await prepared()
+            assert await store.list_events(record.id) == [(0, b"e0"), (1, b"e1"), (2, b"e2"), (3, b"e3")]
+        finally:
+            await store.close()
+
+    run(go())

@@ -345,6 +345,9 @@ def test_a_key_holding_nul_names_nothing(store: Store) -> None:
         assert await store.delete_response(nul) is False
         assert await store.list_steps(nul) == []
         assert await store.list_events(nul) == []
+        with pytest.raises(StoreNotFoundError):  # not record's (a C string ends at the NUL)
+            await store.append_events(record.id + "\x00", 0, [b"x"])
+        assert await store.list_events(record.id) == []
         assert await store.request_cancel(nul) is False
         assert await store.get_tool("\x00") is None
         assert await store.delete_tool("\x00") is False
