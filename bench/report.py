@@ -274,7 +274,7 @@ def evaluate_targets(rows: Sequence[Row], *, quick: bool) -> list[Target]:
 def _event_log_targets(rows: Sequence[Row]) -> list[Target]:
     """Issue 11: the durable event log adds ≤ 10 % gateway CPU per streamed response — the
     streamed request with it ÷ without it (bench.no_event_log), counted (scenario 8) and timed
-    (scenario 2, c=16, SQLite and PostgreSQL), each where it ran."""
+    (scenario 2, c=16, SQLite and PostgreSQL, a burst and two pacings), each where it ran."""
     name = "durable event log: streamed gateway CPU with ÷ without it"
     found = []
     for row_id, what in (("8/gateway-nolog/stream", "instructions, scenario 8"),
@@ -282,6 +282,8 @@ def _event_log_targets(rows: Sequence[Row]) -> list[Target]:
                          ("2/ttlb/gateway-nolog/c16", "CPU µs, scenario 2, c=16, SQLite"),
                          ("2/paced/gateway-nolog/c16", "CPU µs, scenario 2, paced stream, c=16, SQLite"),
                          ("2/paced/gateway-pg-nolog/c16", "CPU µs, scenario 2, paced stream, c=16, PostgreSQL"),
+                         ("2/paced20/gateway-nolog/c16", "CPU µs, 20 deltas 20 ms apart, c=16, SQLite"),
+                         ("2/paced20/gateway-pg-nolog/c16", "CPU µs, 20 deltas 20 ms apart, c=16, PostgreSQL"),
                          ("2/ttlb/gateway-pg-nolog/c16", "CPU µs, scenario 2, c=16, PostgreSQL")):  # fmt: skip
         row = _find(rows, row_id)
         ratio = row.extra.get("event_log_ratio") if row else None

@@ -453,29 +453,35 @@ async def scenario_stream(b: Bench) -> list[Row]:
         for pair in ((b.gateway, b.gateway_nolog, "gateway", "stepchain"),
                      (b.gateway_pg, b.gateway_pg_nolog, "gateway-pg", "stepchain (PostgreSQL)")):  # fmt: skip
             if pair[0] is not None and pair[1] is not None:
-                last_rows += await _paced_event_log_rows(*pair, 16, n)
+                for pacing in PACINGS:
+                    last_rows += await _paced_event_log_rows(*pair, 16, n, pacing)
     return first_rows + last_rows
 
 
-# A model streaming 40 deltas 5 ms apart (200 tokens/s, as a fast model does): the log stores
-# them in several writes (``stream_flush_s`` apart), where a burst's share one or two.
-PACED_TEXT = SLOW_PREFIX + "40 5"
+# Paced streams, (deltas, ms apart, row key). 40 deltas 5 ms apart (200 tokens/s, as a fast
+# model does): the log stores them in several writes (``stream_flush_s`` apart), where a
+# burst's share one or two. 20 deltas 20 ms apart (50 tokens/s, a typical hosted model): its
+# deltas come about as far apart as ``stream_flush_s``, so about one write per delta.
+PACINGS = ((40, 5, "paced"), (20, 20, "paced20"))
 
 
 async def _paced_event_log_rows(
-    with_log: ServerProcess, without_log: ServerProcess, key: str, target: str, c: int, n: int
+    with_log: ServerProcess, without_log: ServerProcess, key: str, target: str, c: int, n: int,
+    pacing: tuple[int, int, str] = PACINGS[0],
 ) -> list[Row]:
-    """The event log's cost on a paced stream (:data:`PACED_TEXT`): the gateway CPU per
-    streamed response with it ÷ without it (``extra["event_log_ratio"]``), over blocks in ABBA
-    order (:func:`_cpu_abba`)."""
-    body = orjson.dumps({"model": MODEL, "input": PACED_TEXT, "stream": True})
+    """The event log's cost on a paced stream (``pacing``: deltas, ms apart, row key; one of
+    :data:`PACINGS`): the gateway CPU per streamed response with it ÷ without it
+    (``extra["event_log_ratio"]``), over blocks in ABBA order (:func:`_cpu_abba`)."""
+    deltas, interval_ms, row_key = pacing
+    body = orjson.dumps({"model": MODEL, "input": f"{SLOW_PREFIX}{deltas} {interval_ms}", "stream": True})
+    scenario = f"2 paced stream ({deltas} × {interval_ms} ms)"
     requests = [http_request(server, b"POST", "/v1/responses", body, check_response_stream, GATEWAY_DELTA)
                 for server in (with_log, without_log)]  # fmt: skip
     on_first = await measure(requests[0], with_log, c, n)
     off_first = await measure(requests[1], without_log, c, n)
     rows = [
-        load_row(f"2/paced/{key}/c{c}", "2 paced stream (40 × 5 ms)", target, on_first),
-        load_row(f"2/paced/{key}-nolog/c{c}", "2 paced stream (40 × 5 ms)", f"{target}, event log off", off_first),
+        load_row(f"2/{row_key}/{key}/c{c}", scenario, target, on_first),
+        load_row(f"2/{row_key}/{key}-nolog/c{c}", scenario, f"{target}, event log off", off_first),
     ]
     on, off = await _cpu_abba((requests[0], with_log, on_first), (requests[1], without_log, off_first), c, n)
     if on and off:
