@@ -70,7 +70,7 @@ def test_concurrent_tool_steps_refused_by_the_fence_stop_the_loop_quietly(db_url
     with serve_app(create_scripted_upstream(model)) as upstream, serve_app(tool_app) as tools, \
             gateway_on(db_url, f"{upstream}/v1") as (url, _settings):  # fmt: skip
 
-        async def main() -> tuple[str, dict, dict]:
+        async def main() -> tuple[str, dict, dict, int]:
             replica_b = open_store(db_url)
             await replica_b.open()
             try:
@@ -104,13 +104,16 @@ def test_concurrent_tool_steps_refused_by_the_fence_stop_the_loop_quietly(db_url
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(0.3)  # anything it would still write, it writes now
                 after = await _state(replica_b, response_id)
+                # Counted before B lets go: once B's owner is released, this gateway sees a
+                # dead owner and rightly resumes the response (a second model call).
+                model_calls = len(model.requests)
                 await replica_b.release_owner("replica-b")
-                return response_id, before, after
+                return response_id, before, after, model_calls
             finally:
                 release.set()
                 await replica_b.close()
 
-        response_id, before, after = asyncio.run(main())
+        response_id, before, after, model_calls = asyncio.run(main())
     ours = [r for r in caplog.records if r.name.startswith("stepchain")]
     taken = [r for r in ours if "taken over" in r.getMessage()]
     assert [r.getMessage() for r in taken] == [
@@ -123,7 +126,7 @@ def test_concurrent_tool_steps_refused_by_the_fence_stop_the_loop_quietly(db_url
     assert after == before
     assert after["record"] == ("in_progress", "replica-b", 2)
     assert [state for _kind, state in after["steps"]] == ["completed", "processing", "processing"]
-    assert len(model.requests) == 1  # the loop did not go on to the next model call
+    assert model_calls == 1  # the loop did not go on to the next model call
 
 
 async def _state(store, response_id: str) -> dict:
