@@ -24,11 +24,13 @@ the write's transaction, on SQLite and PostgreSQL alike (:data:`SQLITE_INSERT`,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from struct import Struct, pack, unpack
 
 __all__ = [
     "SQLITE_INSERT", "events_after", "pack_events", "postgres_insert", "postgres_named",
-    "postgres_params", "sqlite_params", "unpack_events",
+    "postgres_params", "sqlite_append_rows", "sqlite_params", "sqlite_rows_params",
+    "unpack_events",
 ]
 
 _ONE = Struct(">I")
@@ -58,6 +60,34 @@ def postgres_insert(response_id: str, source: str, *, named: bool = False) -> st
         f" AND b.last_sequence_number >= {first}::bigint), {last}::bigint),"
         f" {first}::bigint, {sizes}::bytea, {data}::bytea FROM {source}"
     )
+
+
+@lru_cache(maxsize=64)
+def sqlite_append_rows(count: int) -> str:
+    """The SQLite ``INSERT … SELECT`` appending ``count`` batches to ``count`` different
+    responses in one statement (the appends that one SQLite transaction groups). Each batch is
+    inserted only if its response exists and its fence (owner, epoch) holds, or it has no fence
+    (both NULL); the statement's row count says how many were. Parameters:
+    :func:`sqlite_rows_params`, seven per batch. Its overlap check reads only what was stored
+    before the statement (SQLite runs the SELECT to completion first), so the response ids
+    must differ."""
+    rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * count)
+    return (
+        "INSERT INTO event_batches (response_id, last_sequence_number, first_sequence_number,"
+        " sizes, data) SELECT v.column1, coalesce((SELECT max(b.last_sequence_number)"
+        " FROM event_batches b WHERE b.response_id = v.column1"
+        " AND b.last_sequence_number >= v.column2), v.column3), v.column2, v.column4, v.column5"
+        f" FROM (VALUES {rows}) v JOIN responses r ON r.id = v.column1"
+        " WHERE v.column6 IS NULL OR (r.owner = v.column6 AND r.owner_epoch = v.column7)"
+    )
+
+
+def sqlite_rows_params(
+    response_id: str, first: int, events: Sequence[bytes], owner: str | None, epoch: int | None
+) -> tuple[object, ...]:
+    """One batch's seven parameters of :func:`sqlite_append_rows` (non-empty ``events``)."""
+    first, last, sizes, data = pack_events(first, events)
+    return response_id, first, last, sizes, data, owner, epoch
 
 
 def postgres_params(first: int, events: Sequence[bytes]) -> list[object]:

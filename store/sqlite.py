@@ -62,6 +62,9 @@ sqlite3.register_adapter(type(None), {}.get)
 sqlite3.register_adapter(bool, int)
 sqlite3.register_adapter(bytes, bytes)
 
+#: At most this many appends go as one statement (7 parameters each, far below SQLite's 32,766).
+_APPENDS_PER_STATEMENT = 512
+
 #: Each waiter also re-checks on its own this often, whatever the shared poller does.
 _FALLBACK_POLL_S = 5.0
 
@@ -124,7 +127,13 @@ class SQLiteStore(Store):
     ) -> list[tuple[bool, Any]] | None:
         # Store calls queued together share one transaction (``run_group``): one commit.
         conn = self._conn
-        return None if conn is None else tx.run_group(conn, calls)
+        if conn is None:
+            return None
+        appends = _appends_together(calls)
+        if appends is not None:  # concurrent streams' flushes, due on the same tick
+            done = tx.run_group(conn, [(ops.append_events_together, (conn, appends))])
+            return None if done is None else [(True, None)] * len(appends)
+        return tx.run_group(conn, calls)
 
     def _on_worker(self, fn: Callable[..., _T], args: tuple[Any, ...]) -> _T:
         conn = self._conn
@@ -562,3 +571,21 @@ class SQLiteStore(Store):
 
     async def purge_before(self, timestamp: float) -> int:
         return await self._run(records.purge_before, timestamp)
+
+
+def _appends_together(
+    calls: list[tuple[Callable[..., Any], tuple[Any, ...]]],
+) -> list[tuple[str, Any, Fence | None]] | None:
+    """The ``(response_id, events, fence)`` of each call when every call of a group is an
+    :func:`ops.append_events` with events, each of a different response, and there are at most
+    :data:`_APPENDS_PER_STATEMENT`; else None (the group runs call by call in one transaction)."""
+    if len(calls) > _APPENDS_PER_STATEMENT:
+        return None
+    appends = []
+    for _on_worker, (fn, args) in calls:
+        if fn is not ops.append_events or not args[1][1]:
+            return None
+        appends.append(args)
+    if len({args[0] for args in appends}) != len(appends):
+        return None  # one statement cannot check a batch against another of the same response
+    return appends

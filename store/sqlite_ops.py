@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from .event_log import SQLITE_INSERT, sqlite_params
+from .event_log import SQLITE_INSERT, sqlite_append_rows, sqlite_params, sqlite_rows_params
 from .sqlite_tx import transaction
 from .validation import RESPONSE_JSON_FIELDS, check_fence
 from .types import (
@@ -333,6 +333,27 @@ def append_events(
     if not inserted:
         _fence_response(conn, response_id, fence)  # StoreNotFoundError / FencedError
         raise FencedError(f"response {response_id!r}: fence is stale")  # changed in between
+
+
+class _NotAllAppended(Exception):
+    """An append of :func:`append_events_together` would not insert: the group is rolled back."""
+
+
+def append_events_together(
+    conn: sqlite3.Connection, appends: Sequence[tuple[str, Events, Fence | None]]
+) -> None:
+    """The :func:`append_events` calls of one group (``(response_id, events, fence)`` each, all
+    with events, all of different responses) as one statement inside the group's transaction:
+    the per-call statement, Python frames and result of all but one are saved. Raises
+    :class:`_NotAllAppended` (or the ``sqlite3`` error, e.g. an overlap's UNIQUE) if any batch
+    would not be inserted; the caller (:func:`store.sqlite_tx.run_group`) then rolls back and
+    the appends are run one by one, each with its own exact error."""
+    params: list[object] = []
+    for response_id, events, fence in appends:
+        owner, epoch = (None, None) if fence is None else (fence.owner, fence.epoch)
+        params += sqlite_rows_params(response_id, *events, owner, epoch)  # type: ignore[misc]
+    if conn.execute(sqlite_append_rows(len(appends)), params).rowcount != len(appends):
+        raise _NotAllAppended
 
 
 def delete_response(conn: sqlite3.Connection, response_id: str) -> bool:

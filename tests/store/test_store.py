@@ -31,6 +31,7 @@ from store.types import (
     TOOL_CALL,
     StoreConflictError,
     Fence,
+    FencedError,
     StoreNotFoundError,
     ResponseRecord,
     Step,
@@ -682,3 +683,101 @@ def test_calls_queued_together_commit_together_and_fail_alone(tmp_path: Path) ->
     assert isinstance(outcomes[1], StepStateError)
     assert [o.state for o in (outcomes[0], outcomes[2])] == [PROCESSING, PROCESSING]
     assert states == [PROCESSING, PENDING, PROCESSING]
+
+
+def test_appends_queued_together_share_a_statement_and_keep_their_own_errors(
+    tmp_path: Path,
+) -> None:
+    """Appends that pile up while the worker is busy (the flushes of concurrent streams, due on
+    the same tick) go as one multi-row INSERT (sqlite_ops.append_events_together); a stale
+    fence, an overlap and an unknown response each get their own error and write nothing, the
+    good ones are committed; two appends of one response in a group each see the other."""
+    path = tmp_path / "store.db"
+
+    async def main() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        executor = store._executor
+        assert executor is not None
+        statements: list[str] = []
+
+        def trace() -> None:  # the worker's connection: statements are traced on its thread
+            assert store._conn is not None
+            store._conn.set_trace_callback(statements.append)
+
+        release, started = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            started.set()
+            release.wait(10)
+
+        async def queued(*calls: Any) -> list[Any]:
+            """Run ``calls`` queued behind a held worker: one batch, in order."""
+            release.clear()
+            started.clear()
+            executor.submit(hold)
+            await asyncio.to_thread(started.wait, 10)
+            tasks = [asyncio.ensure_future(c) for c in calls]
+            await asyncio.sleep(0.05)
+            statements.clear()
+            release.set()
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            records = [new_response() for _ in range(6)]
+            for record in records:
+                await store.create_response(record, owner="A", lease_s=60, events=(0, [b"e0"]))
+            fence = Fence("A", 1)
+            good, (stale, overlapped) = records[:4], records[4:]
+            await executor.submit(trace)
+
+            results = await queued(
+                *(store.append_events(r.id, 1, [b"e1", f"e2 {r.id}".encode()], fence=fence) for r in good),
+                store.append_events(stale.id, 1, [b"late"], fence=Fence("A", 2)),
+                store.append_events(overlapped.id, 0, [b"again"]),
+                store.append_events("resp_unknown", 0, [b"x"]),
+            )
+            assert results[:4] == [None] * 4
+            assert [type(e) for e in results[4:]] == [FencedError, StoreConflictError, StoreNotFoundError]
+            with sqlite3.connect(path) as conn:  # what the callers were told is committed
+                for record in good:
+                    assert conn.execute(
+                        "SELECT first_sequence_number, last_sequence_number, data FROM event_batches"
+                        " WHERE response_id = ? ORDER BY 2", (record.id,)
+                    ).fetchall() == [(0, 0, b"e0"), (1, 2, b"e1" + f"e2 {record.id}".encode())]
+            for record in (stale, overlapped):
+                assert await store.list_events(record.id) == [(0, b"e0")]
+            # Rows the statement leaves out (no overlap to make it fail): the same.
+            results = await queued(
+                store.append_events(stale.id, 1, [b"late"], fence=Fence("A", 2)),
+                store.append_events(overlapped.id, 1, [b"e1"], fence=fence),
+                store.append_events("resp_unknown", 0, [b"x"]),
+            )
+            assert results[1] is None
+            assert [type(e) for e in results[::2]] == [FencedError, StoreNotFoundError]
+            assert await store.list_events(stale.id) == [(0, b"e0")]
+
+            # Without a bad one, the group is one statement, and still exact.
+            results = await queued(*(store.append_events(r.id, 3, [b"e3"], fence=fence) for r in good))
+            assert results == [None] * 4
+            inserts = [s for s in statements if s.startswith("INSERT INTO event_batches")]
+            assert len(inserts) == 1  # traced with its values bound: all four ids are in it
+            assert all(f"'{r.id}'" in inserts[0] for r in good)
+            for record in good:
+                assert [n for n, _ in await store.list_events(record.id)] == [0, 1, 2, 3]
+
+            # Two of one response in a group: the second sees the first (an overlap fails).
+            one = good[0].id
+            results = await queued(
+                store.append_events(one, 4, [b"e4", b"e5"], fence=fence),
+                store.append_events(one, 5, [b"e5 again", b"e6"], fence=fence),
+                store.append_events(good[1].id, 4, [b"e4"], fence=fence),
+            )
+            assert results[0] is None and results[2] is None
+            assert isinstance(results[1], StoreConflictError)
+            assert await store.list_events(one, after=3) == [(4, b"e4"), (5, b"e5")]
+        finally:
+            release.set()
+            await store.close()
+
+    run(main())
