@@ -335,8 +335,9 @@ def append_events(
         raise FencedError(f"response {response_id!r}: fence is stale")  # changed in between
 
 
-class _NotAllAppended(Exception):
-    """An append of :func:`append_events_together` would not insert: the group is rolled back."""
+class _NotAllAppended(StoreError):
+    """An append of :func:`append_events_together` would not insert: the group is rolled back
+    (never reaches a caller: the appends are then run one by one)."""
 
 
 def append_events_together(
