@@ -62,7 +62,7 @@ def postgres_insert(response_id: str, source: str, *, named: bool = False) -> st
     )
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=128)
 def sqlite_append_rows(count: int) -> str:
     """The SQLite ``INSERT … SELECT`` appending ``count`` batches to ``count`` different
     responses in one statement (the appends that one SQLite transaction groups). Each batch is

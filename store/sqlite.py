@@ -62,9 +62,6 @@ sqlite3.register_adapter(type(None), {}.get)
 sqlite3.register_adapter(bool, int)
 sqlite3.register_adapter(bytes, bytes)
 
-#: At most this many appends go as one statement (7 parameters each, far below SQLite's 32,766).
-_APPENDS_PER_STATEMENT = 512
-
 #: Each waiter also re-checks on its own this often, whatever the shared poller does.
 _FALLBACK_POLL_S = 5.0
 
@@ -577,10 +574,8 @@ def _appends_together(
     calls: list[tuple[Callable[..., Any], tuple[Any, ...]]],
 ) -> list[tuple[str, Any, Fence | None]] | None:
     """The ``(response_id, events, fence)`` of each call when every call of a group is an
-    :func:`ops.append_events` with events, each of a different response, and there are at most
-    :data:`_APPENDS_PER_STATEMENT`; else None (the group runs call by call in one transaction)."""
-    if len(calls) > _APPENDS_PER_STATEMENT:
-        return None
+    :func:`ops.append_events` with events, each of a different response; else None (the group
+    runs call by call in one transaction)."""
     appends = []
     for _on_worker, (fn, args) in calls:
         if fn is not ops.append_events or not args[1][1]:

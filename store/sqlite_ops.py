@@ -335,6 +335,11 @@ def append_events(
         raise FencedError(f"response {response_id!r}: fence is stale")  # changed in between
 
 
+#: Rows per multi-row append: at most this many statement texts (one per row count) take places
+#: in the connection's statement cache (``cached_statements=256``), however large groups get.
+ROWS_PER_STATEMENT = 32
+
+
 class _NotAllAppended(StoreError):
     """An append of :func:`append_events_together` would not insert: the group is rolled back
     (never reaches a caller: the appends are then run one by one)."""
@@ -344,17 +349,20 @@ def append_events_together(
     conn: sqlite3.Connection, appends: Sequence[tuple[str, Events, Fence | None]]
 ) -> None:
     """The :func:`append_events` calls of one group (``(response_id, events, fence)`` each, all
-    with events, all of different responses) as one statement inside the group's transaction:
-    the per-call statement, Python frames and result of all but one are saved. Raises
-    :class:`_NotAllAppended` (or the ``sqlite3`` error, e.g. an overlap's UNIQUE) if any batch
-    would not be inserted; the caller (:func:`store.sqlite_tx.run_group`) then rolls back and
-    the appends are run one by one, each with its own exact error."""
-    params: list[object] = []
-    for response_id, events, fence in appends:
-        owner, epoch = (None, None) if fence is None else (fence.owner, fence.epoch)
-        params += sqlite_rows_params(response_id, *events, owner, epoch)  # type: ignore[misc]
-    if conn.execute(sqlite_append_rows(len(appends)), params).rowcount != len(appends):
-        raise _NotAllAppended
+    with events, all of different responses) as one statement per :data:`ROWS_PER_STATEMENT`
+    inside the group's transaction: the per-call statement, Python frames and result of the
+    others are saved. Raises :class:`_NotAllAppended` (or the ``sqlite3`` error, e.g. an
+    overlap's UNIQUE) if any batch would not be inserted; the caller
+    (:func:`store.sqlite_tx.run_group`) then rolls back and the appends are run one by one, each
+    with its own exact error."""
+    for start in range(0, len(appends), ROWS_PER_STATEMENT):
+        chunk = appends[start : start + ROWS_PER_STATEMENT]
+        params: list[object] = []
+        for response_id, events, fence in chunk:
+            owner, epoch = (None, None) if fence is None else (fence.owner, fence.epoch)
+            params += sqlite_rows_params(response_id, *events, owner, epoch)  # type: ignore[misc]
+        if conn.execute(sqlite_append_rows(len(chunk)), params).rowcount != len(chunk):
+            raise _NotAllAppended
 
 
 def delete_response(conn: sqlite3.Connection, response_id: str) -> bool:

@@ -766,6 +766,23 @@ def test_appends_queued_together_share_a_statement_and_keep_their_own_errors(
             for record in good:
                 assert [n for n, _ in await store.list_events(record.id)] == [0, 1, 2, 3]
 
+            # More than a statement's rows (sqlite_ops.ROWS_PER_STATEMENT): one statement per
+            # chunk, in the one transaction; a bad append in the last chunk undoes the first's.
+            many = [new_response() for _ in range(sqlite_ops.ROWS_PER_STATEMENT + 8)]
+            for record in many:
+                await store.create_response(record, owner="A", lease_s=60)
+            results = await queued(*(store.append_events(r.id, 0, [b"m0"], fence=fence) for r in many))
+            assert results == [None] * len(many)
+            assert len([s for s in statements if s.startswith("INSERT INTO event_batches")]) == 2
+            results = await queued(
+                *(store.append_events(r.id, 1, [b"m1"], fence=fence) for r in many[:-1]),
+                store.append_events(many[-1].id, 1, [b"m1"], fence=Fence("A", 2)),  # stale
+            )
+            assert results[:-1] == [None] * (len(many) - 1) and isinstance(results[-1], FencedError)
+            for record in many:
+                stored = [n for n, _ in await store.list_events(record.id)]
+                assert stored == ([0] if record is many[-1] else [0, 1])
+
             # Two of one response in a group: the second sees the first (an overlap fails).
             one = good[0].id
             results = await queued(
