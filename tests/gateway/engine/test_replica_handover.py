@@ -1,13 +1,16 @@
-"""A replica paused longer than its lease (SIGSTOP) while it runs a response: another replica
-takes the response over and finishes it; when the paused one wakes (SIGCONT) its next write is
-refused and it runs nothing more — the non-idempotent tool runs once, the chain and the event
-log hold only the new owner's work after the take-over (issue 11: "a process paused longer than
-``lease_s`` keeps writing steps while another resumes the same response").
+"""Hand-over between live replicas of one database (issue 11), with real ``stepchain serve``
+processes on SQLite and PostgreSQL and a scripted upstream:
 
-Real ``stepchain serve`` processes on one database (SQLite file and PostgreSQL), a real HTTP
-tool server that logs each call, a scripted upstream. Nothing is simulated: replica A is
-stopped by the kernel with its upstream request in flight, its lease runs out, replica B's
-recovery sweep claims the response as it would in production.
+- A replica paused longer than its lease (SIGSTOP) while it runs a response: another replica
+  takes the response over and finishes it; when the paused one wakes (SIGCONT) its next write
+  is refused and it runs nothing more — the non-idempotent tool runs once, the chain and the
+  event log hold only the new owner's work ("a process paused longer than ``lease_s`` keeps
+  writing steps while another resumes the same response"). Nothing is simulated: replica A is
+  stopped by the kernel with its upstream request in flight, its lease runs out, replica B's
+  recovery sweep claims the response as it would in production.
+- A replica stopped with SIGTERM whose response outlasts ``shutdown_grace_s``: the other
+  replica takes the response at once, not after the lease ("then releases the rest so another
+  replica takes them at once").
 """
 
 from __future__ import annotations
@@ -133,3 +136,41 @@ def test_a_paused_replica_is_fenced_out_by_the_replica_that_took_over(db_url, tm
     last = orjson.loads(from_a[-1].split(b"data: ", 1)[1])
     assert last["type"] == "response.completed"
     assert last["response"]["output"][-1]["content"][0]["text"] == "done"
+
+
+def test_sigterm_past_the_grace_period_hands_the_response_to_the_other_replica(db_url, tmp_path):
+    """A's response is still waiting for the model when its grace period ends: B, already
+    running, resumes it within a couple of its 1 s claim sweeps — long before A's 60 s lease
+    would have run out. (Two things free it at once: A releases its leases at the end of the
+    grace period, and A's owner lock goes with its process; either alone suffices, so this
+    shows the outcome, not which of the two gave it.)"""
+    model = ScriptedModel()
+    model.replies.append(Reply(content="too slow for the grace period", delay_s=5.0))
+    model.replies.append(Reply(content="finished by replica B"))
+    with ExitStack() as stack:
+        upstream = stack.enter_context(serve_app(create_scripted_upstream(model)))
+        url_a, proc_a = stack.enter_context(gateway(
+            db_url, f"{upstream}/v1", tmp_path / "a.log", STEPCHAIN_LEASE_S="60",
+            STEPCHAIN_SHUTDOWN_GRACE_S="0.5",
+        ))  # fmt: skip
+        url_b, _ = stack.enter_context(
+            gateway(db_url, f"{upstream}/v1", tmp_path / "b.log", STEPCHAIN_LEASE_S="60")
+        )
+        posted = httpx.post(f"{url_a}/v1/responses", timeout=30,
+                            json={"model": MODEL, "input": "x", "background": True})  # fmt: skip
+        assert posted.status_code == 200, posted.text
+        response_id = posted.json()["id"]
+        _wait(lambda: len(model.requests) >= 1, "A's model call")
+        proc_a.send_signal(signal.SIGTERM)
+        proc_a.wait(timeout=30)
+        exited = time.time()
+        _wait(lambda: httpx.get(f"{url_b}/v1/responses/{response_id}").json()["status"]
+              == "completed", "B to finish the response", timeout_s=20)  # fmt: skip
+        done = _status(db_url, response_id)
+    record = done["record"]
+    assert record.output[-1]["content"][0]["text"] == "finished by replica B"
+    assert record.owner_epoch == 2  # one take-over: B's
+    assert record.completed_at is not None and record.completed_at - exited < 10  # not 60 s
+    assert [(s.kind, s.state) for s in done["steps"]] == [(MODEL_CALL, COMPLETED)]
+    assert any(a.get("type") == "interrupted" for a in done["steps"][0].attempts)
+    assert len(model.requests) == 2
