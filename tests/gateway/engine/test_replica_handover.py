@@ -8,15 +8,15 @@ processes on SQLite and PostgreSQL and a scripted upstream:
   writing steps while another resumes the same response"). Nothing is simulated: replica A is
   stopped by the kernel with its upstream request in flight, its lease runs out, replica B's
   recovery sweep claims the response as it would in production.
-- A replica stopped with SIGTERM whose response outlasts ``shutdown_grace_s``: the other
-  replica takes the response at once, not after the lease ("then releases the rest so another
-  replica takes them at once").
+- A client streaming from the paused replica keeps its connection: once that replica finds it
+  lost the response, the client gets the new owner's events from the store, then ``[DONE]``.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from contextlib import ExitStack
 
@@ -35,11 +35,18 @@ from gateway.testing.scripted_upstream import (
 )
 from gateway.testing.serving import serve_app
 from store.types import COMPLETED, MODEL_CALL, TOOL_CALL
-from tests.gateway.engine.test_durability import MODEL, _reattach, _status, gateway
+from tests.gateway.engine.test_durability import (
+    DONE,
+    MODEL,
+    _reattach,
+    _status,
+    gateway,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 LEASE_S = 2.0  # replica A's lease: it lapses soon after A is stopped
+FIRST = "Replica A had started on this answer when it was stopped. " * 8
 
 
 def _script(body: dict) -> Reply:
@@ -138,39 +145,61 @@ def test_a_paused_replica_is_fenced_out_by_the_replica_that_took_over(db_url, tm
     assert last["response"]["output"][-1]["content"][0]["text"] == "done"
 
 
-def test_sigterm_past_the_grace_period_hands_the_response_to_the_other_replica(db_url, tmp_path):
-    """A's response is still waiting for the model when its grace period ends: B, already
-    running, resumes it within a couple of its 1 s claim sweeps — long before A's 60 s lease
-    would have run out. (Two things free it at once: A releases its leases at the end of the
-    grace period, and A's owner lock goes with its process; either alone suffices, so this
-    shows the outcome, not which of the two gave it.)"""
+def test_a_client_of_a_paused_replica_gets_the_rest_of_its_stream_from_the_new_owner(
+    db_url, tmp_path
+):
+    """A client streams a response from replica A; A is stopped mid-stream (SIGSTOP) past its
+    lease; B takes the response over, re-runs the interrupted model call and finishes it. When
+    A wakes, its loop is refused at its next write, and the client still connected to A goes
+    on from the store: it receives B's events after the last one A had stored, then ``[DONE]``
+    — its whole stream is the durable log, byte for byte, with no sequence number twice."""
     model = ScriptedModel()
-    model.replies.append(Reply(content="too slow for the grace period", delay_s=5.0))
-    model.replies.append(Reply(content="finished by replica B"))
+    # A's model call streams slowly (the client sees some of it before A is stopped).
+    model.replies.append(Reply(content=FIRST, chunk_size=4, chunk_delay_s=0.03))
+    model.replies.append(Reply(content="Answered by replica B."))
+    frames: list[bytes] = []
     with ExitStack() as stack:
         upstream = stack.enter_context(serve_app(create_scripted_upstream(model)))
-        url_a, proc_a = stack.enter_context(gateway(
-            db_url, f"{upstream}/v1", tmp_path / "a.log", STEPCHAIN_LEASE_S="60",
-            STEPCHAIN_SHUTDOWN_GRACE_S="0.5",
-        ))  # fmt: skip
-        url_b, _ = stack.enter_context(
-            gateway(db_url, f"{upstream}/v1", tmp_path / "b.log", STEPCHAIN_LEASE_S="60")
+        url_a, proc_a = stack.enter_context(
+            gateway(db_url, f"{upstream}/v1", tmp_path / "a.log", STEPCHAIN_LEASE_S=str(LEASE_S))
         )
-        posted = httpx.post(f"{url_a}/v1/responses", timeout=30,
-                            json={"model": MODEL, "input": "x", "background": True})  # fmt: skip
-        assert posted.status_code == 200, posted.text
-        response_id = posted.json()["id"]
-        _wait(lambda: len(model.requests) >= 1, "A's model call")
-        proc_a.send_signal(signal.SIGTERM)
-        proc_a.wait(timeout=30)
-        exited = time.time()
-        _wait(lambda: httpx.get(f"{url_b}/v1/responses/{response_id}").json()["status"]
-              == "completed", "B to finish the response", timeout_s=20)  # fmt: skip
-        done = _status(db_url, response_id)
-    record = done["record"]
-    assert record.output[-1]["content"][0]["text"] == "finished by replica B"
-    assert record.owner_epoch == 2  # one take-over: B's
-    assert record.completed_at is not None and record.completed_at - exited < 10  # not 60 s
-    assert [(s.kind, s.state) for s in done["steps"]] == [(MODEL_CALL, COMPLETED)]
-    assert any(a.get("type") == "interrupted" for a in done["steps"][0].attempts)
-    assert len(model.requests) == 2
+        url_b, _ = stack.enter_context(gateway(db_url, f"{upstream}/v1", tmp_path / "b.log"))
+        stopped = threading.Event()
+
+        def read() -> None:
+            body = {"model": MODEL, "input": "go", "stream": True}
+            with httpx.stream("POST", f"{url_a}/v1/responses", json=body, timeout=60) as reply:
+                assert reply.status_code == 200
+                buffer = b""
+                for chunk in reply.iter_bytes():
+                    buffer += chunk
+                    *complete, buffer = buffer.split(b"\n\n")
+                    frames.extend(f + b"\n\n" for f in complete if f and not f.startswith(b":"))
+                    if len(frames) >= 12 and not stopped.is_set():
+                        proc_a.send_signal(signal.SIGSTOP)
+                        stopped.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            assert stopped.wait(30), "the stream did not get far enough"
+            response_id = orjson.loads(frames[0].split(b"data: ", 1)[1])["response"]["id"]
+            _wait(lambda: httpx.get(f"{url_b}/v1/responses/{response_id}").json()["status"]
+                  == "completed", "B to finish the response")  # fmt: skip
+        finally:
+            proc_a.send_signal(signal.SIGCONT)
+        reader.join(60)
+        assert not reader.is_alive(), "the client of A never got the end of its stream"
+        _wait(lambda: "taken over" in (tmp_path / "a.log").read_text(), "A to find it was taken over")
+        from_b = _reattach(url_b, response_id, -1)
+        stored = _status(db_url, response_id)
+
+    assert frames[-1] == DONE
+    seen = frames[:-1]
+    assert seen == [event for _seq, event in stored["events"]] == from_b
+    numbers = [orjson.loads(f.split(b"data: ", 1)[1])["sequence_number"] for f in seen]
+    assert numbers == list(range(len(seen)))
+    last = orjson.loads(seen[-1].split(b"data: ", 1)[1])
+    assert last["type"] == "response.completed"
+    assert last["response"]["output"][-1]["content"][0]["text"] == "Answered by replica B."
+    assert stored["record"].owner_epoch == 2 and len(model.requests) == 2
