@@ -225,6 +225,7 @@ def start_gateway(
     timeout_s: float = 60.0,
     event_log: bool = True,
     root: Path | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> ServerProcess:
     """``python -m gateway.cli serve`` on a free port with a fresh SQLite file in ``log_dir``
     (WAL; default ``synchronous=NORMAL``) or on ``db`` (a path or a ``postgresql://`` URL), one
@@ -232,16 +233,18 @@ def start_gateway(
     ``wrap`` prefixes the command (e.g. valgrind). ``event_log=False``: the same through
     :mod:`bench.no_event_log` (the measurement switch: no streamed event is stored). ``root``:
     another checkout whose packages the gateway runs (first on its ``PYTHONPATH``; default
-    this one's, :data:`REPO_ROOT`)."""
+    this one's, :data:`REPO_ROOT`). ``settings``: ``STEPCHAIN_*`` environment variables for
+    the gateway (e.g. ``{"STEPCHAIN_STREAM_FLUSH_S": "0.04"}``; :func:`start_server` drops the
+    caller's own)."""
     port = free_port()
     db = db or log_dir / f"{name}.db"
     argv = python_module(
         "gateway.cli" if event_log else "bench.no_event_log", "serve", "--host", "127.0.0.1", "--port", str(port),
         "--upstream-base-url", upstream_base_url, "--db", str(db), "--log-level", "warning",
     )  # fmt: skip
-    env = None
+    env = dict(settings or {})
     if root is not None:
-        env = {"PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
     return start_server(
         name, [*wrap, *argv], port=port, log_dir=log_dir, ready_path="/healthz", env=env, timeout_s=timeout_s
     )

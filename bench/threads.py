@@ -6,7 +6,8 @@ checkout's (``after``) and this checkout's with the durable event log switched o
 :mod:`bench.no_event_log`) — and
 drives each in turn with ``--streams`` paced streams (``slow DELTAS MS``: DELTAS text deltas MS
 milliseconds apart) at ``--concurrency``, in the order before, after, off, off, after, before
-(``--rounds`` times), so drift in the machine falls on all three alike.
+(``--rounds`` times), so drift in the machine falls on all three alike. ``--stream-flush-s S``
+runs all three with that ``stream_flush_s`` (the interval between a stream's log writes).
 
 For each block it reads every thread's CPU time from ``/proc/<pid>/task/*/stat`` (user +
 system, in clock ticks) before and after, and prints µs of CPU per response for the gateway's
@@ -86,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deltas", type=int, default=40, help="text deltas per stream (40)")
     parser.add_argument("--ms", type=int, default=5, help="milliseconds between deltas (5)")
     parser.add_argument("--rounds", type=int, default=2, help="times through the six blocks (2)")
+    parser.add_argument("--stream-flush-s", type=float, default=None,
+                        help="every gateway's stream_flush_s (default: the setting's default)")
     args = parser.parse_args(argv)
     baseline = args.baseline.resolve()
     if not (baseline / "gateway" / "cli.py").is_file():
@@ -94,9 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="stepchain-threads-"))
     upstream = processes.start_upstream(log_dir)
     base = f"http://127.0.0.1:{upstream.port}/v1"
-    gateways = {"before": processes.start_gateway(base, log_dir, name="before", root=baseline)}
-    gateways["after"] = processes.start_gateway(base, log_dir, name="after")
-    gateways["off"] = processes.start_gateway(base, log_dir, name="off", event_log=False)
+    settings = {} if args.stream_flush_s is None else {"STEPCHAIN_STREAM_FLUSH_S": str(args.stream_flush_s)}
+    gateways = {"before": processes.start_gateway(base, log_dir, name="before", root=baseline, settings=settings)}
+    gateways["after"] = processes.start_gateway(base, log_dir, name="after", settings=settings)
+    gateways["off"] = processes.start_gateway(base, log_dir, name="off", event_log=False, settings=settings)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in gateways}
     try:
         for gateway in gateways.values():  # warm-up: imports, caches, the first pages
@@ -119,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, blocks in results.items()
     }
     off = sum(means["off"].values())
-    print(f"µs of CPU per paced response ({args.deltas} × {args.ms} ms, c={args.concurrency}), means:")
+    flush = "default" if args.stream_flush_s is None else f"{args.stream_flush_s:g} s"
+    print(f"µs of CPU per paced response ({args.deltas} × {args.ms} ms, c={args.concurrency},"
+          f" stream_flush_s {flush}), means:")
     for name, mean in means.items():
         total = sum(mean.values())
         print(f"{name:>6}  " + "  ".join(f"{k} {v:,.0f}" for k, v in mean.items())

@@ -47,3 +47,14 @@ def test_the_baseline_gateway_runs_the_baseline_checkout(
 def test_thread_cpu_counts_this_process_threads() -> None:
     cpu = threads.thread_cpu_s(os.getpid())
     assert os.getpid() in cpu and all(seconds >= 0 for seconds in cpu.values())
+
+
+def test_settings_reach_the_benchmarked_gateway(tmp_path: Path) -> None:
+    """``start_gateway(settings=…)`` (how ``--stream-flush-s`` reaches all three gateways): the
+    gateway reads them — an invalid one stops it at start-up, naming the setting — although
+    ``start_server`` drops the caller's own ``STEPCHAIN_*`` variables."""
+    from bench.processes import ServerError, start_gateway
+
+    with pytest.raises(ServerError, match="stream_flush_s"):
+        start_gateway("http://127.0.0.1:9/v1", tmp_path, name="g", timeout_s=30,
+                      settings={"STEPCHAIN_STREAM_FLUSH_S": "-1"})  # fmt: skip
