@@ -292,7 +292,7 @@ class Store(abc.ABC):
         :meth:`get_response`) and decides. Wake-up latency after another replica's commit:
         PostgreSQL ``LISTEN/NOTIFY`` (milliseconds; a poll every ``poll_s`` while the listening
         connection is down); SQLite: at once for writes of the same store object, else a poll
-        (every 25 ms by default)."""
+        (every 10 ms by default)."""
 
     # -- liveness and cancellation -----------------------------------------------------------
 

@@ -64,6 +64,8 @@ sqlite3.register_adapter(bytes, bytes)
 
 #: Each waiter also re-checks on its own this often, whatever the shared poller does.
 _FALLBACK_POLL_S = 5.0
+#: How long the shared poller goes on without waiters before it stops (woken ones re-arm).
+_POLLER_LINGER_S = 1.0
 
 
 class SQLiteStore(Store):
@@ -75,7 +77,7 @@ class SQLiteStore(Store):
     ValueError. Call :meth:`open` before use and :meth:`close` after; a method called while
     the store is not open raises StoreError.
 
-    ``poll_s`` (25 ms) and ``cancel_poll_s`` (250 ms) are how often :meth:`wait_events` and
+    ``poll_s`` (10 ms) and ``cancel_poll_s`` (250 ms) are how often :meth:`wait_events` and
     :meth:`wait_cancel` look for other processes' writes on the same file (this store's own
     writes wake them at once): one shared poller per store, running only while someone waits,
     one ``PRAGMA data_version`` per tick and a query only when another process committed. Owner liveness uses lock files in ``<path>-owners/``
@@ -89,7 +91,7 @@ class SQLiteStore(Store):
         path: str | os.PathLike[str],
         *,
         synchronous: str = "NORMAL",
-        poll_s: float = 0.025,
+        poll_s: float = 0.01,
         cancel_poll_s: float = 0.25,
     ) -> None:
         mode = synchronous.upper()
@@ -104,6 +106,11 @@ class SQLiteStore(Store):
         self._poll_s, self._cancel_poll_s = poll_s, cancel_poll_s
         self._waiters = Waiters()
         self._poller: asyncio.Task[None] | None = None
+        # The connection's PRAGMA data_version as the poller last read it (first: at connect).
+        # Kept here, not in the poller: a poller started again (it stops while nobody waits)
+        # must compare with what was last seen, or a commit made before its first read goes
+        # unnoticed, and its followers sleep until their fallback re-check (seconds).
+        self._data_version: int | None = None
         self._owners = OwnerLocks(self.path)
 
     def __repr__(self) -> str:
@@ -160,6 +167,7 @@ class SQLiteStore(Store):
                 conn.execute(f"PRAGMA synchronous = {self._synchronous}")
                 conn.execute("PRAGMA foreign_keys = ON")
                 apply_migrations(sqlite_utils.Database(conn, execute_plugins=False))
+                self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
             except BaseException:
                 conn.close()
                 raise
@@ -433,7 +441,7 @@ class SQLiteStore(Store):
 
     async def wait_events(self, response_id: str, after: int, timeout_s: float) -> None:
         """See :meth:`Store.wait_events`. Writes of this store wake waiters at once; writes of
-        other processes on the same file are seen by a poll every ``poll_s`` (25 ms)."""
+        other processes on the same file are seen by a poll every ``poll_s`` (10 ms)."""
         self._ensure_poller()
         await wait_until(
             self._waiters, "events", response_id,
@@ -449,25 +457,41 @@ class SQLiteStore(Store):
         """While anyone waits: every ``poll_s``, one ``PRAGMA data_version`` (it changes when
         another connection committed); on a change, wake the event followers (each re-checks)
         and, every ``cancel_poll_s``, look up which watched responses have a cancel request —
-        one query for all of them. Cost with nothing happening elsewhere: one pragma per tick."""
-        version: int | None = None
+        one query for all of them. Cost with nothing happening elsewhere: one pragma per tick.
+
+        It stops once nobody has waited for :data:`_POLLER_LINGER_S` (1 s). Waking a follower
+        takes it off the waiters until it re-arms, a few loop turns later: a poller that
+        stopped at the first tick without waiters would leave a follower woken by another
+        response's commit (finding nothing, it re-arms) without wake-ups until its fallback
+        re-check, 5 s. A follower that comes back after the poller stopped starts a new one
+        (:meth:`wait_events`), which compares with the version last seen, so that what was
+        committed meanwhile wakes its followers at the new poller's first tick."""
         last_cancel_check, dirty = 0.0, True
         loop = asyncio.get_running_loop()
-        while self._waiters and self._executor is not None:
+        idle_since: float | None = None
+        while True:
             await asyncio.sleep(self._poll_s)
             executor = self._executor
             if executor is None:
                 return
             now = loop.time()
+            if not self._waiters:
+                if idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= _POLLER_LINGER_S:
+                    return
+                continue
+            idle_since = None
             watched: list[str] = []
             if dirty and now - last_cancel_check >= self._cancel_poll_s:
                 watched = self._waiters.keys("cancel")
             try:
                 version, changed, cancelled = await executor.submit(
-                    self._on_worker, records.poll_changes, (version, watched)
+                    self._on_worker, records.poll_changes, (self._data_version, watched)
                 )
             except (StoreError, RuntimeError):
                 continue
+            self._data_version = version
             if watched:
                 last_cancel_check, dirty = now, False
             dirty = dirty or changed
