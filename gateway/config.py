@@ -263,10 +263,10 @@ class Settings(BaseSettings):
     stream_events_stored_first: bool = Field(
         True,
         description="a streamed event reaches clients only once it is in the store, so a stream "
-        "re-attached anywhere after a crash is exact (off: sent first, stored within ~25 ms)",
+        "re-attached anywhere after a crash is exact (off: sent first, stored within ~40 ms)",
     )
     stream_flush_s: float = Field(
-        0.025,
+        0.04,
         ge=0,
         description="streamed events are stored (and, stored-first, sent) in writes at most this "
         "many seconds apart after a model call's first delta, which is stored at once",

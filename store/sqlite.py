@@ -79,7 +79,8 @@ class SQLiteStore(Store):
 
     ``poll_s`` (10 ms) and ``cancel_poll_s`` (250 ms) are how often :meth:`wait_events` and
     :meth:`wait_cancel` look for other processes' writes on the same file (this store's own
-    writes wake them at once): one shared poller per store, running only while someone waits,
+    writes wake them at once): one shared poller per store, running while someone waits (and a
+    second after),
     one ``PRAGMA data_version`` per tick and a query only when another process committed. Owner liveness uses lock files in ``<path>-owners/``
     (:mod:`store.owners`).
 

@@ -86,7 +86,7 @@ class ResponseWriter:
         fence: Fence | None,
         log: LiveStream | None = None,
         *,
-        flush_s: float = 0.025,
+        flush_s: float = 0.04,
         retry_max_s: float = 2.0,
     ) -> None:
         self.store = store
