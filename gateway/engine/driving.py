@@ -110,10 +110,15 @@ class DrivingMixin:
     flush_s: float
     _cancel_requested: set[str]
 
-    async def replay_chain(self, response_id: str, builder: ResponseBuilder) -> None:
-        """Feed the finished steps of a response to ``builder`` as the loop reported them:
-        top-level steps in order (same item ids as the live stream), sub-agents' usage."""
-        for step in await self.store.list_steps(response_id):
+    async def replay_chain(
+        self, response_id: str, builder: ResponseBuilder, steps: list[Step] | None = None
+    ) -> None:
+        """Feed the finished steps of a response (``steps``, its whole chain; read from the
+        store when None) to ``builder`` as the loop reported them: top-level steps in order
+        (same item ids as the live stream), sub-agents' usage."""
+        if steps is None:
+            steps = await self.store.list_steps(response_id)
+        for step in steps:
             if not step.finished:
                 continue
             if step.scope_parent is not None or is_compaction_request(step.request_payload):

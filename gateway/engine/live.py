@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from gateway.protocol.events import ResponseBuilder
@@ -424,20 +424,28 @@ async def stored_events(
         record = await patiently(lambda: store.get_response(record.id))
         if record is None:
             return
+    try:  # the chain is read here, patiently like every read above, not inside the replay
+        steps = await patiently(lambda: store.list_steps(record.id))
+    except StoreUnavailableError:
+        yield _gave_up(starting_after, outage_s)
+        return
     index = 0
-    async for event in replay_events(service, record):
+    async for event in replay_events(service, record, steps):
         if index > starting_after:
             yield event
         index += 1
 
 
-async def replay_events(service: Any, record: Any) -> AsyncIterator[bytes]:
-    """The events of a finished response without a stored log, rebuilt from its chain (one
-    delta per content part, so sequence numbers are those of this replay)."""
+async def replay_events(
+    service: Any, record: Any, steps: Sequence[Any] | None = None
+) -> AsyncIterator[bytes]:
+    """The events of a finished response without a stored log, rebuilt from its chain
+    (``steps``, read from the store when None; one delta per content part, so sequence
+    numbers are those of this replay)."""
     events: list[bytes] = []
     builder: ResponseBuilder = service.builder_for_record(record, emit=events.append)
     builder.start()
-    await service.replay_chain(record.id, builder)
+    await service.replay_chain(record.id, builder, steps)
     builder.finish(
         record.status,
         error=record.error,

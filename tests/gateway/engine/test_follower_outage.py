@@ -239,3 +239,48 @@ def test_an_in_process_follower_reads_dropped_events_through_an_outage(pg_server
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_replay_from_the_chain_waits_out_a_lost_connection(pg_dsn, tmp_path):
+    """``GET ?stream=true`` of a finished response that was not streamed has no event log: its
+    events are rebuilt from its chain. The chain's read loses its connection (a proxy cuts the
+    answer) and the database then refuses new connections for a second: the stream waits, then
+    delivers the whole replay and ``[DONE]``, identical to a replay when nothing failed. (Before,
+    that read was the one store read of the path without the outage retry: the stream broke.)"""
+    from tests.chaos.commit_cut import proxy_in_thread
+    from tests.gateway.engine.test_durability import MODEL, _reattach
+    from tests.gateway.engine.test_retried_writes import _target, _via
+
+    model = ScriptedModel(default=lambda body: Reply(content=SECOND))
+    with ExitStack() as stack:
+        proxy = stack.enter_context(proxy_in_thread(*_target(pg_dsn)))
+        upstream = stack.enter_context(serve_app(create_scripted_upstream(model)))
+        url, _ = stack.enter_context(gateway(_via(pg_dsn, proxy.port), f"{upstream}/v1", tmp_path / "gw.log"))
+        posted = httpx.post(f"{url}/v1/responses", timeout=30, json={"model": MODEL, "input": "hi"})
+        assert posted.status_code == 200 and posted.json()["status"] == "completed", posted.text
+        response_id = posted.json()["id"]
+        expected = _reattach(url, response_id, -1)  # nothing failing
+        # The next read of its chain loses its answer; then the database looks down.
+        proxy.cut_after(b"FROM steps WHERE response_id", response_id.encode(), then_refuse=True)
+        result: dict = {}
+
+        def replay() -> None:
+            try:
+                result["events"] = _reattach(url, response_id, -1)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                result["error"] = exc
+
+        reader = threading.Thread(target=replay)
+        reader.start()
+        deadline = time.monotonic() + 30
+        while proxy.cuts < 1:
+            assert time.monotonic() < deadline, "the chain was not read"
+            time.sleep(0.02)
+        time.sleep(1.0)  # refused meanwhile: the replay's read keeps retrying
+        proxy.accept()
+        reader.join(60)
+    assert "error" not in result, result.get("error")
+    assert result["events"] == expected
+    last = orjson.loads(expected[-1].split(b"data: ", 1)[1])
+    assert last["type"] == "response.completed"
+    assert last["response"]["output"][-1]["content"][0]["text"] == SECOND
